@@ -1,0 +1,355 @@
+"""The user-facing model: hosts, workloads, volumes and their constraints.
+
+These are plain frozen dataclasses. They check what they can on their own
+(types, signs, enumerations); checks that need the cluster (dimension names,
+unknown groups or topology keys) happen in `Cluster` when the object is
+compiled into arrays.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from .errors import ValidationError
+
+DEFAULT_DIMENSIONS = ("cpu", "memory", "ssd", "net", "gpu")
+KINDS = ("container", "vm")
+HOST_STATES = ("ready", "cordoned", "draining", "down")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule")
+LABEL_OPS = ("In", "NotIn", "Exists", "DoesNotExist")
+ISOLATIONS = ("shared", "dedicated")
+
+
+def _check_id(kind: str, value) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValidationError(f"{kind} id must be a non-empty string, got {value!r}")
+
+
+def check_quantity(field_name: str, value) -> int:
+    """Return `value` as an int, or raise naming the field.
+
+    Quantities are integers in the base unit (millicores, MiB, GiB, Mbit/s,
+    count): floats are accepted only when integral, NaN and negatives never.
+    """
+    if isinstance(value, bool):
+        raise ValidationError(f"{field_name} must be an integer, got bool {value!r}")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            raise ValidationError(f"{field_name} must be a finite integer, got {value!r}")
+        if not value.is_integer():
+            raise ValidationError(f"{field_name} must be an integer, got {value!r}")
+        result = int(value)
+    else:
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                result = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise ValidationError(
+                f"{field_name} must be an integer, got {type(value).__name__} {value!r}"
+            ) from None
+    if result < 0:
+        raise ValidationError(f"{field_name} must be >= 0, got {result}")
+    if result >= 2**62:
+        raise ValidationError(f"{field_name} is too large: {result}")
+    return result
+
+
+def _check_mapping(field_name: str, value) -> None:
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"{field_name} must be a mapping, got {type(value).__name__}")
+
+
+def _check_str_map(field_name: str, value) -> None:
+    _check_mapping(field_name, value)
+    for k, v in value.items():
+        if not isinstance(k, str) or not k or not isinstance(v, str):
+            raise ValidationError(f"{field_name} must map non-empty strings to strings, got {k!r}: {v!r}")
+
+
+@dataclass(frozen=True)
+class Taint:
+    """Keeps workloads off a host unless they tolerate it."""
+
+    key: str
+    value: str = ""
+    effect: str = "NoSchedule"
+
+    def __post_init__(self):
+        if not isinstance(self.key, str) or not self.key:
+            raise ValidationError(f"taint key must be a non-empty string, got {self.key!r}")
+        if not isinstance(self.value, str):
+            raise ValidationError(f"taint value must be a string, got {self.value!r}")
+        if self.effect not in TAINT_EFFECTS:
+            raise ValidationError(f"taint effect must be one of {TAINT_EFFECTS}, got {self.effect!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Taint":
+        """Parse `key=value:Effect` (value optional)."""
+        try:
+            kv, effect = text.rsplit(":", 1)
+        except ValueError:
+            raise ValidationError(f"taint must look like key=value:Effect, got {text!r}") from None
+        key, _, value = kv.partition("=")
+        return cls(key, value, effect)
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value}:{self.effect}"
+
+
+@dataclass(frozen=True)
+class Toleration:
+    """Lets a workload onto hosts with a matching taint. value=None matches any value,
+    effect=None matches any effect."""
+
+    key: str
+    value: str | None = None
+    effect: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.key, str) or not self.key:
+            raise ValidationError(f"toleration key must be a non-empty string, got {self.key!r}")
+        if self.value is not None and not isinstance(self.value, str):
+            raise ValidationError(f"toleration value must be a string or None, got {self.value!r}")
+        if self.effect is not None and self.effect not in TAINT_EFFECTS:
+            raise ValidationError(
+                f"toleration effect must be one of {TAINT_EFFECTS} or None, got {self.effect!r}"
+            )
+
+    def tolerates(self, taint: Taint) -> bool:
+        return (
+            self.key == taint.key
+            and (self.value is None or self.value == taint.value)
+            and (self.effect is None or self.effect == taint.effect)
+        )
+
+
+@dataclass(frozen=True)
+class LabelExpr:
+    """A label selector term: key In/NotIn values, Exists, DoesNotExist."""
+
+    key: str
+    op: str
+    values: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.key, str) or not self.key:
+            raise ValidationError(f"selector key must be a non-empty string, got {self.key!r}")
+        if self.op not in LABEL_OPS:
+            raise ValidationError(f"selector operator must be one of {LABEL_OPS}, got {self.op!r}")
+        values = tuple(self.values) if not isinstance(self.values, str) else (self.values,)
+        object.__setattr__(self, "values", values)
+        if self.op in ("In", "NotIn") and not values:
+            raise ValidationError(f"selector {self.key} {self.op} needs at least one value")
+        if self.op in ("Exists", "DoesNotExist") and values:
+            raise ValidationError(f"selector {self.key} {self.op} takes no values, got {values!r}")
+        if not all(isinstance(v, str) for v in values):
+            raise ValidationError(f"selector {self.key} values must be strings, got {values!r}")
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.op == "In":
+            return labels.get(self.key) in self.values
+        if self.op == "NotIn":
+            return labels.get(self.key) not in self.values
+        if self.op == "Exists":
+            return self.key in labels
+        return self.key not in labels
+
+    def __str__(self) -> str:
+        if self.op in ("In", "NotIn"):
+            return f"{self.key} {self.op} ({', '.join(self.values)})"
+        return f"{self.key} {self.op}"
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """Attraction (in `affinity`) or repulsion (in `anti_affinity`) to the workloads
+    of `group` within one domain of the `topology` key ("host", or a host label)."""
+
+    group: str
+    topology: str = "host"
+    hard: bool = True
+    weight: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.group, str) or not self.group:
+            raise ValidationError(f"affinity group must be a non-empty string, got {self.group!r}")
+        if not isinstance(self.topology, str) or not self.topology:
+            raise ValidationError(f"affinity topology must be a non-empty string, got {self.topology!r}")
+        if not isinstance(self.weight, int) or isinstance(self.weight, bool) or not 1 <= self.weight <= 100:
+            raise ValidationError(f"affinity weight must be an integer in 1..100, got {self.weight!r}")
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Keep the workloads of the same group within `max_skew` of each other across
+    the domains of `topology`."""
+
+    topology: str
+    max_skew: int = 1
+    hard: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.topology, str) or not self.topology:
+            raise ValidationError(f"spread topology must be a non-empty string, got {self.topology!r}")
+        if not isinstance(self.max_skew, int) or isinstance(self.max_skew, bool) or self.max_skew < 1:
+            raise ValidationError(f"spread max_skew must be an integer >= 1, got {self.max_skew!r}")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A replicated volume on host SSDs; replicas sit on distinct hosts or racks."""
+
+    id: str
+    size_gib: int
+    replicas: int = 1
+    spread: str = "host"
+
+    def __post_init__(self):
+        _check_id("volume", self.id)
+        object.__setattr__(self, "size_gib", check_quantity(f"volume {self.id} size_gib", self.size_gib))
+        if self.size_gib == 0:
+            raise ValidationError(f"volume {self.id} size_gib must be > 0")
+        if not isinstance(self.replicas, int) or isinstance(self.replicas, bool) or self.replicas < 1:
+            raise ValidationError(f"volume {self.id} replicas must be an integer >= 1, got {self.replicas!r}")
+        if not isinstance(self.spread, str) or not self.spread:
+            raise ValidationError(f"volume {self.id} spread must be 'host' or a host label, got {self.spread!r}")
+
+
+@dataclass(frozen=True)
+class Host:
+    """A server (or cloud instance) that runs workloads.
+
+    capacity and reserved are integers in each dimension's base unit; allocatable
+    = capacity - reserved. allocation_ratio overcommits a dimension for
+    containers only (VMs are counted at 1.0). numa lists the NUMA nodes as
+    resource maps (cpu and memory per node) for VMs that ask for NUMA fit.
+    """
+
+    id: str
+    capacity: Mapping[str, int]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: Sequence[Taint] = ()
+    allocation_ratio: Mapping[str, float] = field(default_factory=dict)
+    reserved: Mapping[str, int] = field(default_factory=dict)
+    numa: Sequence[Mapping[str, int]] = ()
+    pool: str = "onprem"
+    state: str = "ready"
+
+    def __post_init__(self):
+        _check_id("host", self.id)
+        _check_mapping(f"host {self.id} capacity", self.capacity)
+        _check_mapping(f"host {self.id} reserved", self.reserved)
+        _check_str_map(f"host {self.id} labels", self.labels)
+        _check_mapping(f"host {self.id} allocation_ratio", self.allocation_ratio)
+        for name, ratio in self.allocation_ratio.items():
+            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (1.0 <= ratio <= 64.0):
+                raise ValidationError(
+                    f"host {self.id} allocation_ratio[{name!r}] must be a number in [1, 64], got {ratio!r}"
+                )
+        taints = tuple(Taint.parse(t) if isinstance(t, str) else t for t in self.taints)
+        for t in taints:
+            if not isinstance(t, Taint):
+                raise ValidationError(f"host {self.id} taints must be Taint objects, got {t!r}")
+        object.__setattr__(self, "taints", taints)
+        object.__setattr__(self, "numa", tuple(dict(n) for n in self.numa))
+        if self.state not in HOST_STATES:
+            raise ValidationError(f"host {self.id} state must be one of {HOST_STATES}, got {self.state!r}")
+        if not isinstance(self.pool, str) or not self.pool:
+            raise ValidationError(f"host {self.id} pool must be a non-empty string, got {self.pool!r}")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A container or KVM guest to place.
+
+    requests are integers in each dimension's base unit (missing dimensions are 0).
+    """
+
+    id: str
+    requests: Mapping[str, int] = field(default_factory=dict)
+    kind: str = "container"
+    tenant: str | None = None
+    isolation: str = "shared"
+    group: str | None = None
+    selector: Mapping[str, str] | Sequence[LabelExpr] = field(default_factory=dict)
+    tolerations: Sequence[Toleration] = ()
+    affinity: Sequence[Affinity] = ()
+    anti_affinity: Sequence[Affinity] = ()
+    spread: Sequence[Spread] = ()
+    volumes: Sequence[str | Volume] = ()
+    gang: str | None = None
+    priority: int = 0
+    numa: bool = False
+    per_host: bool = False
+
+    def __post_init__(self):
+        _check_id("workload", self.id)
+        _check_mapping(f"workload {self.id} requests", self.requests)
+        if self.kind not in KINDS:
+            raise ValidationError(f"workload {self.id} kind must be one of {KINDS}, got {self.kind!r}")
+        if self.isolation not in ISOLATIONS:
+            raise ValidationError(
+                f"workload {self.id} isolation must be one of {ISOLATIONS}, got {self.isolation!r}"
+            )
+        if self.isolation == "dedicated" and not self.tenant:
+            raise ValidationError(f"workload {self.id} isolation 'dedicated' needs a tenant")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            raise ValidationError(f"workload {self.id} priority must be an integer, got {self.priority!r}")
+        for name in ("tenant", "group", "gang"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValidationError(f"workload {self.id} {name} must be a non-empty string or None, got {value!r}")
+        selector = self.selector
+        if isinstance(selector, Mapping):
+            _check_str_map(f"workload {self.id} selector", selector)
+            selector = tuple(LabelExpr(k, "In", (v,)) for k, v in sorted(selector.items()))
+        else:
+            selector = tuple(selector)
+            for s in selector:
+                if not isinstance(s, LabelExpr):
+                    raise ValidationError(f"workload {self.id} selector terms must be LabelExpr, got {s!r}")
+        object.__setattr__(self, "selector", selector)
+        for name, cls in (("tolerations", Toleration), ("affinity", Affinity),
+                          ("anti_affinity", Affinity), ("spread", Spread)):
+            items = tuple(getattr(self, name))
+            for item in items:
+                if not isinstance(item, cls):
+                    raise ValidationError(f"workload {self.id} {name} must hold {cls.__name__}, got {item!r}")
+            object.__setattr__(self, name, items)
+        volumes = tuple(self.volumes)
+        for v in volumes:
+            if not isinstance(v, (str, Volume)) or (isinstance(v, str) and not v):
+                raise ValidationError(f"workload {self.id} volumes must be volume ids or Volume, got {v!r}")
+        object.__setattr__(self, "volumes", volumes)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a workload landed (host_id None when it did not fit)."""
+
+    workload_id: str
+    host_id: str | None
+    evicted: tuple[str, ...] = ()
+    explanation: object = None
+
+
+@dataclass
+class BatchResult:
+    """Outcome of `place_batch`: assignments for what fit, a reason for what did not."""
+
+    placements: dict[str, str]
+    unplaced: dict[str, object]
+
+    @property
+    def all_placed(self) -> bool:
+        return not self.unplaced
+
+    def __len__(self) -> int:
+        return len(self.placements) + len(self.unplaced)

@@ -1,0 +1,293 @@
+"""Build and run the gRPC server.
+
+`create_server(address, ...)` builds a ready-to-start server bound to
+`address` and returns it with the bound port (bind "127.0.0.1:0" in tests);
+`serve(server)` starts it and blocks until SIGTERM/SIGINT, then stops
+gracefully: health goes NOT_SERVING, in-flight calls get `grace` seconds, the
+writer drains its queue and the store is closed.
+
+Security: TLS (and mutual TLS with a client CA) by certificate files, and
+optional bearer tokens read from a file (never logged). Without any
+credential the server refuses a non-loopback address unless
+`allow_insecure_remote=True`, and logs that it listens on loopback only.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..v1 import scheduler_pb2 as pb
+from ..v1 import scheduler_pb2_grpc as pb_grpc
+from .metrics import Metrics
+from .service import SchedulerServicer
+from .state import SchedulerState
+
+log = logging.getLogger("hci_scheduler.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class TLSConfig:
+    """Certificate files (PEM). client_ca set means mutual TLS: clients must
+    present a certificate signed by it."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass
+class ServerOptions:
+    data_dir: str | None = None
+    dimensions: Sequence[str] | None = None
+    tls: TLSConfig | None = None
+    token_file: str | None = None
+    allow_insecure_remote: bool = False
+    max_workers: int = 128
+    grace_s: float = 5.0
+    metrics: Metrics | None = field(default=None, repr=False)
+
+
+def read_tokens(path: str) -> frozenset[str]:
+    """Bearer tokens, one per line; blank lines and '#' comments are skipped."""
+    with open(path, encoding="utf-8") as f:
+        tokens = frozenset(ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#"))
+    if not tokens:
+        raise ValueError(f"token file {path} holds no token")
+    return tokens
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Refuse calls without `authorization: Bearer <token>` from the token file
+    (health checks are exempt so that probes work without secrets)."""
+
+    def __init__(self, tokens: frozenset[str]):
+        self._tokens = tuple(t.encode() for t in tokens)
+
+    def _ok(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                v = value.encode() if isinstance(value, str) else value
+                if not v.startswith(b"Bearer "):
+                    return False
+                given = v[7:].strip()
+                # Compare against every token so timing says nothing about which matched.
+                ok = False
+                for t in self._tokens:
+                    ok |= hmac.compare_digest(given, t)
+                return ok
+        return False
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_HEALTH_PREFIX):
+            return handler
+        if self._ok(handler_call_details.invocation_metadata):
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler):
+    def abort(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen address must look like HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Server:
+    """A started-or-not gRPC server with its state, health and metrics."""
+
+    def __init__(self, grpc_server, port, state, servicer, health_servicer, metrics):
+        self.grpc = grpc_server
+        self.port = port
+        self.state = state
+        self.servicer = servicer
+        self.health = health_servicer
+        self.metrics = metrics
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.grpc.start()
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop taking calls, give in-flight calls `grace` seconds, drain the writer,
+        close the store. Safe to call twice."""
+        if self._stopping.is_set():
+            self._stopped.wait()
+            return
+        self._stopping.set()
+        try:
+            self.health.enter_graceful_shutdown()
+            self.servicer.stopping = True
+            self.grpc.stop(grace).wait()
+            self.state.close()
+            log.info("server stopped", extra={"fields": {"sequence": self.state.sequence}})
+        finally:
+            self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+
+def create_server(address: str, options: ServerOptions | None = None, **kwargs) -> tuple[Server, int]:
+    """Build the server bound to `address`; returns (server, bound port). Not started.
+
+    Keyword arguments override fields of `options` (see ServerOptions).
+    """
+    from ..store import open_store
+
+    opts = options or ServerOptions()
+    for k, v in kwargs.items():
+        if not hasattr(opts, k):
+            raise TypeError(f"create_server got an unknown option {k!r}")
+        setattr(opts, k, v)
+    host, _ = split_address(address)
+    tokens = read_tokens(opts.token_file) if opts.token_file else None
+    secured = opts.tls is not None or tokens is not None
+    if not secured and not is_loopback(host) and not opts.allow_insecure_remote:
+        raise ValueError(
+            f"refusing to listen on {address} without TLS or tokens; use a loopback address, "
+            "configure credentials, or allow_insecure_remote")
+
+    metrics = opts.metrics or Metrics()
+    store = open_store(opts.data_dir)
+    try:
+        state = SchedulerState(store, opts.dimensions, metrics=metrics)
+    except BaseException:
+        store.close()
+        raise
+    metrics.bind_state(state)
+
+    interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=opts.max_workers, thread_name_prefix="grpc"),
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=None,
+    )
+    servicer = SchedulerServicer(state, metrics)
+    pb_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+
+    try:
+        if opts.tls is not None:
+            creds = _server_credentials(opts.tls)
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        state.close()
+        raise ValueError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        state.close()
+        raise ValueError(f"cannot listen on {address}")
+    log.info("server created", extra={"fields": {
+        "address": address, "port": port, "tls": opts.tls is not None,
+        "mtls": bool(opts.tls and opts.tls.client_ca_file), "token_auth": tokens is not None,
+        "data_dir": opts.data_dir, "durable": opts.data_dir is not None,
+        "dimensions": list(state.dimensions)}})
+    if not secured:
+        if is_loopback(host):
+            log.warning("no TLS and no tokens configured: listening on loopback only",
+                        extra={"fields": {"address": address}})
+        else:
+            log.warning("no TLS and no tokens configured: listening on a non-loopback address "
+                        "because allow_insecure_remote is set", extra={"fields": {"address": address}})
+    if opts.data_dir is None:
+        log.warning("no data dir: state lives in memory and is lost on exit")
+    srv = Server(server, port, state, servicer, health_servicer, metrics)
+    state.on_fatal = lambda exc: threading.Thread(target=srv.stop, args=(0,), daemon=True).start()
+    return srv, port
+
+
+def _server_credentials(tls: TLSConfig):
+    with open(tls.key_file, "rb") as f:
+        key = f.read()
+    with open(tls.cert_file, "rb") as f:
+        cert = f.read()
+    ca = None
+    if tls.client_ca_file:
+        with open(tls.client_ca_file, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def start_metrics_http(metrics: Metrics, address: str):
+    """Serve /metrics for Prometheus on HOST:PORT; returns (http server, port)."""
+    from prometheus_client import start_http_server
+
+    host, port = split_address(address)
+    httpd, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return httpd, httpd.server_address[1]
+
+
+def serve(server: Server, *, metrics_address: str | None = None, port_file: str | None = None,
+          grace: float = 5.0) -> None:
+    """Start `server`, block until SIGTERM or SIGINT, then stop it gracefully."""
+    httpd = None
+    if metrics_address:
+        httpd, mport = start_metrics_http(server.metrics, metrics_address)
+        log.info("metrics endpoint", extra={"fields": {"address": metrics_address, "port": mport}})
+    server.start()
+    log.info("serving", extra={"fields": {"port": server.port, "pid": os.getpid()}})
+    if port_file:
+        tmp = port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{server.port}\n")
+        os.replace(tmp, port_file)  # readers never see a half-written file
+
+    def on_signal(signum, frame):
+        log.info("signal received, stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+        threading.Thread(target=server.stop, args=(grace,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not server.wait(1.0):
+        pass
+    if httpd is not None:
+        httpd.shutdown()

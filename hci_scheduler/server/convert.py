@@ -1,0 +1,200 @@
+"""Conversions between the wire messages (hci_scheduler.v1) and the model.
+
+Every function here is a plain mapping: no scheduling logic. Malformed input
+(unknown enum numbers, bad quantities, empty ids) raises ValidationError,
+which the servicer maps to INVALID_ARGUMENT.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..errors import ValidationError
+from ..model import Affinity, Host, LabelExpr, Spread, Taint, Toleration, Volume, Workload
+from ..v1 import scheduler_pb2 as pb
+
+HOST_STATES = {
+    pb.HOST_STATE_READY: "ready",
+    pb.HOST_STATE_CORDONED: "cordoned",
+    pb.HOST_STATE_DRAINING: "draining",
+    pb.HOST_STATE_DOWN: "down",
+}
+HOST_STATE_NUMBERS = {v: k for k, v in HOST_STATES.items()}
+KINDS = {pb.WORKLOAD_KIND_CONTAINER: "container", pb.WORKLOAD_KIND_VM: "vm"}
+KIND_NUMBERS = {v: k for k, v in KINDS.items()}
+EFFECTS = {pb.TAINT_EFFECT_NO_SCHEDULE: "NoSchedule", pb.TAINT_EFFECT_PREFER_NO_SCHEDULE: "PreferNoSchedule"}
+EFFECT_NUMBERS = {v: k for k, v in EFFECTS.items()}
+OPERATORS = {
+    pb.LABEL_OPERATOR_IN: "In",
+    pb.LABEL_OPERATOR_NOT_IN: "NotIn",
+    pb.LABEL_OPERATOR_EXISTS: "Exists",
+    pb.LABEL_OPERATOR_DOES_NOT_EXIST: "DoesNotExist",
+}
+OPERATOR_NUMBERS = {v: k for k, v in OPERATORS.items()}
+ISOLATIONS = {pb.ISOLATION_SHARED: "shared", pb.ISOLATION_DEDICATED: "dedicated"}
+STRATEGIES = {
+    pb.STRATEGY_UNSPECIFIED: "binpack",
+    pb.STRATEGY_BINPACK: "binpack",
+    pb.STRATEGY_SPREAD: "spread",
+    pb.STRATEGY_BALANCED: "balanced",
+    pb.STRATEGY_DOT: "dot",
+}
+EVENT_TYPES = {
+    pb.EVENT_TYPE_HOST_ADDED: "host_added",
+    pb.EVENT_TYPE_HOST_UPDATED: "host_updated",
+    pb.EVENT_TYPE_HOST_REMOVED: "host_removed",
+    pb.EVENT_TYPE_PLACED: "placed",
+    pb.EVENT_TYPE_RELEASED: "released",
+    pb.EVENT_TYPE_EVICTED: "evicted",
+}
+
+
+def _enum(field: str, table: Mapping[int, str], value: int) -> str:
+    try:
+        return table[value]
+    except KeyError:
+        raise ValidationError(f"{field} must be one of {sorted(table)}, got {value}") from None
+
+
+def strategy(value: int) -> str:
+    return _enum("strategy", STRATEGIES, value)
+
+
+# -- hosts -------------------------------------------------------------------
+
+
+def taint_to_model(t: pb.Taint, where: str) -> Taint:
+    effect = "NoSchedule" if t.effect == pb.TAINT_EFFECT_UNSPECIFIED else _enum(f"{where} taint effect", EFFECTS, t.effect)
+    return Taint(t.key, t.value, effect)
+
+
+def host_state(value: int, where: str) -> str:
+    return _enum(f"{where} state", HOST_STATES, value)
+
+
+def normalize_host(h: pb.Host) -> pb.Host:
+    """A copy of `h` with defaults made explicit and output-only fields cleared."""
+    out = pb.Host()
+    out.CopyFrom(h)
+    out.ClearField("used")
+    out.workload_count = 0
+    if out.state == pb.HOST_STATE_UNSPECIFIED:
+        out.state = pb.HOST_STATE_READY
+    if not out.pool:
+        out.pool = "onprem"
+    for t in out.taints:
+        if t.effect == pb.TAINT_EFFECT_UNSPECIFIED:
+            t.effect = pb.TAINT_EFFECT_NO_SCHEDULE
+    return out
+
+
+def host_to_model(h: pb.Host) -> Host:
+    where = f"host {h.id!r}"
+    return Host(
+        id=h.id,
+        capacity=dict(h.capacity),
+        labels=dict(h.labels),
+        taints=tuple(taint_to_model(t, where) for t in h.taints),
+        allocation_ratio=dict(h.allocation_ratios),
+        reserved=dict(h.reserved),
+        numa=tuple(dict(n.resources) for n in h.numa_nodes),
+        pool=h.pool or "onprem",
+        state="ready" if h.state == pb.HOST_STATE_UNSPECIFIED else host_state(h.state, where),
+    )
+
+
+def taint_to_proto(t: Taint) -> pb.Taint:
+    return pb.Taint(key=t.key, value=t.value, effect=EFFECT_NUMBERS[t.effect])
+
+
+# -- workloads ----------------------------------------------------------------
+
+
+def normalize_workload(w: pb.Workload) -> pb.Workload:
+    """A copy of `w` with defaults made explicit, so equal specs serialize equally."""
+    out = pb.Workload()
+    out.CopyFrom(w)
+    if out.kind == pb.WORKLOAD_KIND_UNSPECIFIED:
+        out.kind = pb.WORKLOAD_KIND_CONTAINER
+    if out.isolation == pb.ISOLATION_UNSPECIFIED:
+        out.isolation = pb.ISOLATION_SHARED
+    for term in list(out.affinities) + list(out.anti_affinities):
+        term.topology = term.topology or "host"
+        term.weight = term.weight or 1
+    for s in out.spreads:
+        s.max_skew = s.max_skew or 1
+    for v in out.new_volumes:
+        v.replicas = v.replicas or 1
+        v.spread = v.spread or "host"
+    for k in [k for k, v in out.requests.items() if v == 0]:
+        del out.requests[k]
+    return out
+
+
+def spec_bytes(w: pb.Workload) -> bytes:
+    """The canonical bytes of a normalized workload (idempotency key)."""
+    return w.SerializeToString(deterministic=True)
+
+
+def _affinity(term: pb.AffinityTerm) -> Affinity:
+    return Affinity(term.group, term.topology or "host", term.hard, term.weight or 1)
+
+
+def workload_to_model(w: pb.Workload) -> Workload:
+    where = f"workload {w.id!r}"
+    selector = [LabelExpr(k, "In", (v,)) for k, v in sorted(w.node_selector.items())]
+    selector += [
+        LabelExpr(e.key, _enum(f"{where} selector operator", OPERATORS, e.operator), tuple(e.values))
+        for e in w.selector_expressions
+    ]
+    tolerations = tuple(
+        Toleration(
+            t.key,
+            t.value if t.HasField("value") else None,
+            None if t.effect == pb.TAINT_EFFECT_UNSPECIFIED else _enum(f"{where} toleration effect", EFFECTS, t.effect),
+        )
+        for t in w.tolerations
+    )
+    volumes: list = list(w.volume_ids)
+    volumes += [Volume(v.id, v.size_gib, v.replicas or 1, v.spread or "host") for v in w.new_volumes]
+    return Workload(
+        id=w.id,
+        requests=dict(w.requests),
+        kind="container" if w.kind == pb.WORKLOAD_KIND_UNSPECIFIED else _enum(f"{where} kind", KINDS, w.kind),
+        tenant=w.tenant or None,
+        isolation="shared" if w.isolation == pb.ISOLATION_UNSPECIFIED else _enum(f"{where} isolation", ISOLATIONS, w.isolation),
+        group=w.group or None,
+        selector=tuple(selector),
+        tolerations=tolerations,
+        affinity=tuple(_affinity(a) for a in w.affinities),
+        anti_affinity=tuple(_affinity(a) for a in w.anti_affinities),
+        spread=tuple(Spread(s.topology, s.max_skew or 1, s.hard) for s in w.spreads),
+        volumes=tuple(volumes),
+        gang=w.gang or None,
+        priority=w.priority,
+        numa=w.numa,
+        per_host=w.per_host,
+    )
+
+
+# -- explanations -------------------------------------------------------------
+
+
+def explanation_to_proto(expl) -> pb.Explanation:
+    """Map a core Explanation (str(), .filters, .nearest_miss) onto the wire."""
+    if expl is None:
+        return pb.Explanation()
+    out = pb.Explanation(message=str(expl))
+    filters = getattr(expl, "filters", None) or {}
+    for reason, hosts in filters.items():
+        out.filters.add(reason=str(reason), hosts=int(hosts))
+    nearest = getattr(expl, "nearest_miss", None)
+    if nearest is not None:
+        out.nearest_miss = str(nearest)
+    return out
+
+
+def top_reason(expl: pb.Explanation) -> str:
+    """The filter that removed the most hosts (metrics label), or "unknown"."""
+    if not expl.filters:
+        return "unknown"
+    return max(expl.filters, key=lambda f: f.hosts).reason

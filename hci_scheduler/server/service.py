@@ -1,0 +1,259 @@
+"""The SchedulerService servicer: proto -> model, call the state, model -> proto.
+
+No scheduling logic lives here. Every error is mapped to a status code by the
+one table `ERROR_CODES`; an unschedulable workload is a normal answer.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import grpc
+
+from ..errors import (DuplicateId, NotFound, SchedulerError, StateConflict, Unschedulable,
+                      ValidationError)
+from ..store import StoreError
+from ..v1 import scheduler_pb2 as pb
+from ..v1 import scheduler_pb2_grpc as pb_grpc
+from . import convert
+from .state import DeadlineExpired, PlaceItem, SchedulerState, StoreFailed
+
+log = logging.getLogger("hci_scheduler.server")
+
+#: The one table from typed errors to status codes; the first match wins, so
+#: subclasses come before their bases.
+ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (DuplicateId, grpc.StatusCode.ALREADY_EXISTS),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (StateConflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unschedulable, grpc.StatusCode.FAILED_PRECONDITION),
+    (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (StoreFailed, grpc.StatusCode.UNAVAILABLE),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+    (SchedulerError, grpc.StatusCode.INTERNAL),
+)
+
+#: Bounds that keep one call from monopolising the writer or memory.
+MAX_WORKLOADS_PER_CALL = 100_000
+MAX_HOSTS_PER_CALL = 100_000
+MAX_ID_LENGTH = 253
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    for cls, code in ERROR_CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _rpc(method):
+    """Map SchedulerError to a status, and record the call in metrics."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return method(self, request, context)
+        except SchedulerError as exc:
+            code = status_code(exc)
+            context.abort(code, str(exc))
+        except (ValueError, TypeError, OverflowError) as exc:
+            # Conversions from wire values (e.g. a NaN ratio) that the model rejects untyped.
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(code, f"invalid request: {exc}")
+        finally:
+            if self.metrics is not None:
+                self.metrics.rpc(name, code.name, time.perf_counter() - t0)
+
+    return wrapper
+
+
+def _check_id(field: str, value: str) -> None:
+    if not value:
+        raise ValidationError(f"{field} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValidationError(f"{field} is longer than {MAX_ID_LENGTH} characters: {value[:40]!r}...")
+
+
+class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
+    """Implements hci_scheduler.v1.SchedulerService over a SchedulerState."""
+
+    def __init__(self, state: SchedulerState, metrics=None, watch_poll_s: float = 0.5):
+        self.state = state
+        self.metrics = metrics
+        self.watch_poll_s = watch_poll_s
+        self.stopping = False
+
+    # -- helpers -------------------------------------------------------------
+
+    def _deadline(self, context) -> float | None:
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 1e8:
+            return None
+        return time.monotonic() + remaining
+
+    def _wait(self, future, context):
+        remaining = context.time_remaining()
+        timeout = None if remaining is None or remaining > 1e8 else max(remaining, 0.0)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            raise DeadlineExpired("deadline passed while the operation waited for the writer") from None
+
+    def _check_dims(self, field: str, mapping) -> None:
+        dims = self.state.dimensions
+        for k in mapping:
+            if k not in dims:
+                raise ValidationError(f"{field}: unknown dimension {k!r}, the cluster has {dims}")
+
+    # -- hosts ---------------------------------------------------------------
+
+    @_rpc
+    def RegisterHosts(self, request, context):
+        if not request.hosts:
+            raise ValidationError("hosts must not be empty")
+        if len(request.hosts) > MAX_HOSTS_PER_CALL:
+            raise ValidationError(f"hosts: at most {MAX_HOSTS_PER_CALL} per call, got {len(request.hosts)}")
+        hosts, models, seen = [], [], set()
+        for h in request.hosts:
+            _check_id("host id", h.id)
+            if h.id in seen:
+                raise ValidationError(f"host id {h.id!r} appears twice in hosts")
+            seen.add(h.id)
+            self._check_dims(f"host {h.id!r} capacity", h.capacity)
+            self._check_dims(f"host {h.id!r} reserved", h.reserved)
+            n = convert.normalize_host(h)
+            hosts.append(n)
+            models.append(convert.host_to_model(n))
+        fut = self.state.submit("register", (hosts, models), self._deadline(context))
+        return pb.RegisterHostsResponse(hosts=self._wait(fut, context))
+
+    @_rpc
+    def UpdateHost(self, request, context):
+        _check_id("host_id", request.host_id)
+        paths = set(request.update_mask.paths)
+        unknown = paths - {"labels", "taints", "state"}
+        if unknown:
+            raise ValidationError(f"update_mask: unknown paths {sorted(unknown)}, allowed labels, taints, state")
+        if not paths:
+            paths = {p for p, present in (("labels", bool(request.labels)), ("taints", bool(request.taints)),
+                                          ("state", request.state != pb.HOST_STATE_UNSPECIFIED)) if present}
+        if not paths:
+            raise ValidationError("nothing to update: set labels, taints, state or update_mask")
+        labels = dict(request.labels) if "labels" in paths else None
+        taints = None
+        if "taints" in paths:
+            taints = [pb.Taint(key=t.key, value=t.value, effect=t.effect or pb.TAINT_EFFECT_NO_SCHEDULE)
+                      for t in request.taints]
+            for t in request.taints:
+                convert.taint_to_model(t, f"host {request.host_id!r}")
+        state = None
+        if "state" in paths:
+            convert.host_state(request.state, "state")
+            state = request.state
+        fut = self.state.submit("update", (request.host_id, labels, taints, state), self._deadline(context))
+        return pb.UpdateHostResponse(host=self._wait(fut, context))
+
+    @_rpc
+    def RemoveHost(self, request, context):
+        _check_id("host_id", request.host_id)
+        fut = self.state.submit("remove", (request.host_id,), self._deadline(context))
+        return pb.RemoveHostResponse(sequence=self._wait(fut, context))
+
+    @_rpc
+    def ListHosts(self, request, context):
+        if request.state:
+            convert.host_state(request.state, "state")
+        return pb.ListHostsResponse(hosts=self.state.list_hosts(request.state))
+
+    # -- workloads -----------------------------------------------------------
+
+    def _items(self, workloads) -> list[PlaceItem]:
+        items, seen = [], set()
+        for w in workloads:
+            _check_id("workload id", w.id)
+            if w.id in seen:
+                raise ValidationError(f"workload id {w.id!r} appears twice in workloads")
+            seen.add(w.id)
+            self._check_dims(f"workload {w.id!r} requests", w.requests)
+            n = convert.normalize_workload(w)
+            items.append(PlaceItem(n, convert.spec_bytes(n), convert.workload_to_model(n)))
+        return items
+
+    @_rpc
+    def Place(self, request, context):
+        n = len(request.workloads)
+        if not n:
+            raise ValidationError("workloads must not be empty")
+        if n > MAX_WORKLOADS_PER_CALL:
+            raise ValidationError(f"workloads: at most {MAX_WORKLOADS_PER_CALL} per call, got {n}")
+        if request.gang and request.preempt:
+            raise ValidationError("gang and preempt cannot be combined")
+        strategy = convert.strategy(request.strategy)
+        items = self._items(request.workloads)
+        fut = self.state.submit("place", (items, request.gang, strategy, request.preempt),
+                                self._deadline(context), n=n)
+        return pb.PlaceResponse(placements=self._wait(fut, context))
+
+    @_rpc
+    def Release(self, request, context):
+        if not request.workload_ids:
+            raise ValidationError("workload_ids must not be empty")
+        if len(request.workload_ids) > MAX_WORKLOADS_PER_CALL:
+            raise ValidationError(f"workload_ids: at most {MAX_WORKLOADS_PER_CALL} per call")
+        for wid in request.workload_ids:
+            _check_id("workload id", wid)
+        fut = self.state.submit("release", (list(request.workload_ids), request.allow_missing),
+                                self._deadline(context), n=len(request.workload_ids))
+        return pb.ReleaseResponse(released_workload_ids=self._wait(fut, context))
+
+    @_rpc
+    def ListAllocations(self, request, context):
+        return pb.ListAllocationsResponse(
+            allocations=self.state.list_allocations(request.host_id, request.include_workloads))
+
+    @_rpc
+    def Explain(self, request, context):
+        if not request.HasField("workload"):
+            raise ValidationError("workload must be set")
+        w = request.workload
+        _check_id("workload id", w.id)
+        self._check_dims(f"workload {w.id!r} requests", w.requests)
+        model = convert.workload_to_model(convert.normalize_workload(w))
+        return pb.ExplainResponse(explanation=self.state.explain(model))
+
+    @_rpc
+    def GetStatus(self, request, context):
+        return self.state.status()
+
+    # -- events --------------------------------------------------------------
+
+    def WatchEvents(self, request, context):
+        types = set(request.types)
+        bad = types - set(convert.EVENT_TYPES)
+        if bad:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"types must be among {sorted(convert.EVENT_TYPES)}, got {sorted(bad)}")
+        after = request.after_sequence
+        last = self.state.store.last_sequence()
+        if after > last:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                          f"after_sequence {after} is beyond the last sequence {last}")
+        store = self.state.store
+        while context.is_active() and not self.stopping:
+            try:
+                records = store.read(after, 1000)
+            except StoreError as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            if not records:
+                self.state.wait_events(after, self.watch_poll_s)
+                continue
+            for rec in records:
+                after = rec.sequence
+                if types and rec.kind not in types:
+                    continue
+                yield pb.WatchEventsResponse(event=pb.Event.FromString(rec.body))

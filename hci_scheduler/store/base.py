@@ -1,0 +1,84 @@
+"""The Store interface: an append-only, gap-free, durable log of events."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from ..errors import SchedulerError
+
+
+class StoreError(SchedulerError):
+    """The store cannot honour a request (gap in the sequence, closed, I/O failure)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One event as stored: its sequence number, type code and opaque body.
+
+    sequence starts at 1 and has no gaps; kind is the `EventType` number of the
+    wire contract; body is the serialized `hci_scheduler.v1.Event`.
+    """
+
+    sequence: int
+    kind: int
+    body: bytes
+
+
+class Store(abc.ABC):
+    """An append-only log with a few metadata keys.
+
+    Implementations must make `append` atomic (all records of one call or none
+    survive a crash) and durable (they survive a crash once `append` returns),
+    and must be safe to call from several threads: concurrent `append` calls may
+    share one commit (group commit).
+    """
+
+    @abc.abstractmethod
+    def append(self, records: Sequence[Record]) -> None:
+        """Durably append records whose sequence numbers continue the log."""
+
+    @abc.abstractmethod
+    def read(self, after: int = 0, limit: int | None = None) -> list[Record]:
+        """Records with sequence > after, in order, at most `limit` of them."""
+
+    @abc.abstractmethod
+    def last_sequence(self) -> int:
+        """The sequence number of the last durable record (0 when empty)."""
+
+    @abc.abstractmethod
+    def get_meta(self, key: str) -> str | None:
+        """A metadata value (cluster dimensions, schema version), or None."""
+
+    @abc.abstractmethod
+    def set_meta(self, key: str, value: str) -> None:
+        """Durably set a metadata value."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release files and connections; later calls raise StoreError."""
+
+    def iter_all(self, chunk: int = 10_000) -> Iterable[Record]:
+        """Every record in order, read in chunks (for replay on restart)."""
+        after = 0
+        while True:
+            batch = self.read(after, chunk)
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1].sequence
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def check_contiguous(last: int, records: Sequence[Record]) -> None:
+    """Raise StoreError unless records number last+1, last+2, ..."""
+    expected = last + 1
+    for r in records:
+        if r.sequence != expected:
+            raise StoreError(f"record sequence must be {expected}, got {r.sequence}")
+        expected += 1

@@ -1,0 +1,202 @@
+"""The embedded default Store: one SQLite file in WAL mode with synchronous=FULL.
+
+With `journal_mode=WAL` and `synchronous=FULL` SQLite fsyncs the WAL on every
+commit, so a committed transaction survives a process kill and a power loss,
+and a transaction that did not commit leaves no trace (atomic batches).
+
+Group commit: `append` may be called from many threads at once. The first
+caller to find no commit in flight becomes the leader: it takes every pending
+batch, writes them in one transaction and one fsync, and wakes the followers
+whose batches it carried. A follower waits for the commit that carries its
+records, so `append` still returns only once its records are durable.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from typing import Sequence
+
+from .base import Record, Store, StoreError, check_contiguous
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq  INTEGER PRIMARY KEY,   -- 1, 2, ... without gaps
+    kind INTEGER NOT NULL,      -- hci_scheduler.v1.EventType number
+    body BLOB    NOT NULL       -- serialized hci_scheduler.v1.Event
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one append is
+    # exactly one transaction.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+class _Batch:
+    __slots__ = ("records", "done", "error")
+
+    def __init__(self, records: Sequence[Record]):
+        self.records = records
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class SQLiteStore(Store):
+    """An event log in one SQLite database file (created when missing).
+
+    Parameters
+    ----------
+    path : str
+        The database file. The WAL (`-wal`) and shared-memory (`-shm`) files sit beside it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._wconn = _connect(path)
+        self._cond = threading.Condition()
+        self._pending: list[_Batch] = []
+        self._committing = False
+        self._closed = False
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self.commits = 0  # transactions committed (group commit shares them)
+        mode = self._wconn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{path}: could not switch to WAL mode (got {mode!r})")
+        self._wconn.executescript(_SCHEMA)
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", SCHEMA_VERSION)
+        elif version != SCHEMA_VERSION:
+            raise StoreError(f"{path}: schema_version {version!r}, this build reads {SCHEMA_VERSION!r}")
+        row = self._wconn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        self._last = int(row[0])
+
+    # -- writing -------------------------------------------------------------
+
+    def append(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        batch = _Batch(records)
+        with self._cond:
+            if self._closed:
+                raise StoreError("store is closed")
+            self._pending.append(batch)
+            while self._committing and not batch.done:
+                self._cond.wait()
+            if batch.done:
+                if batch.error is not None:
+                    raise batch.error
+                return
+            # Leader: carry every batch pending now, ours included.
+            group, self._pending = self._pending, []
+            self._committing = True
+        try:
+            self._commit_group(group)
+        finally:
+            with self._cond:
+                self._committing = False
+                for b in group:
+                    b.done = True
+                self._cond.notify_all()
+        if batch.error is not None:
+            raise batch.error
+
+    def _commit_group(self, group: list[_Batch]) -> None:
+        # Batches that do not continue the log fail alone; the rest commit together.
+        good: list[_Batch] = []
+        last = self._last
+        for b in group:
+            try:
+                check_contiguous(last, b.records)
+            except StoreError as exc:
+                b.error = exc
+                continue
+            good.append(b)
+            last = b.records[-1].sequence
+        if not good:
+            return
+        rows = [(r.sequence, r.kind, r.body) for b in good for r in b.records]
+        try:
+            self._wconn.execute("BEGIN IMMEDIATE")
+            try:
+                self._wconn.executemany("INSERT INTO events (seq, kind, body) VALUES (?, ?, ?)", rows)
+                self._wconn.execute("COMMIT")
+            except BaseException:
+                self._wconn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            err = StoreError(f"{self.path}: commit failed: {exc}")
+            for b in good:
+                b.error = err
+            return
+        self._last = last
+        self.commits += 1
+
+    # -- reading -------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise StoreError("store is closed")
+            conn = _connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def read(self, after: int = 0, limit: int | None = None) -> list[Record]:
+        if self._closed:
+            raise StoreError("store is closed")
+        sql = "SELECT seq, kind, body FROM events WHERE seq > ? ORDER BY seq"
+        args: tuple = (after,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            args = (after, limit)
+        rows = self._reader().execute(sql, args).fetchall()
+        return [Record(int(s), int(k), bytes(b)) for s, k, b in rows]
+
+    def last_sequence(self) -> int:
+        return self._last
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._wconn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._cond:
+            while self._committing:
+                self._cond.wait()
+            self._wconn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def close(self) -> None:
+        with self._cond:
+            while self._committing:
+                self._cond.wait()
+            if self._closed:
+                return
+            self._closed = True
+        with self._readers_lock:
+            for conn in self._readers:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._readers.clear()
+        self._wconn.close()

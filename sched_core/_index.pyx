@@ -1,0 +1,338 @@
+# cython: language_level=3
+"""FitIndex: the schedulable hosts kept sorted by (free_key, row).
+
+Best fit needs the feasible host with the smallest free_key (see _score.pyx);
+a full scan costs n_hosts * n_dims per placement. The index keeps the hosts
+in key order, split into blocks of at most BLOCK rows, and each block keeps an
+upper bound of its rows' free capacity per dimension. A query walks the blocks
+in key order, skips every block whose bound cannot hold the request, and stops
+at the first row that fits: by construction that row is exactly what the full
+scan would choose (smallest key, then lowest row), so results never differ.
+
+Updates are O(log n_blocks + BLOCK): a placement removes the host with its
+old key and inserts it with the new one. Blocks split when full and merge
+with a neighbour when they fall below a quarter, so no two adjacent blocks
+are both small and the number of blocks stays under 8 * n_rows / BLOCK + 1.
+"""
+import numpy as np
+cimport numpy as cnp
+from libc.string cimport memmove, memcpy
+
+from ._typedefs cimport int64_t, intp_t, uint8_t, float64_t
+from ._filter cimport fits
+from ._score cimport free_key
+
+cnp.import_array()
+
+
+cdef inline bint before(float64_t ka, intp_t a, float64_t kb, intp_t b) noexcept nogil:
+    """(ka, a) sorts strictly before (kb, b)."""
+    return ka < kb or (ka == kb and a < b)
+
+
+cdef class FitIndex:
+    """Schedulable hosts ordered by (free_key, row).
+
+    Parameters
+    ----------
+    free : int64 (n_rows, n_dims), C-contiguous
+        The cluster's free-capacity matrix. The index keeps a view of it: the
+        caller updates a row only between `remove` and `insert` of that row
+        (or calls `rekey` after the update).
+    inv_ref : float64 (n_dims,)
+        Weight divided by the reference capacity of each dimension.
+    """
+
+    def __init__(self, int64_t[:, ::1] free, float64_t[::1] inv_ref):
+        cdef intp_t n_rows = free.shape[0]
+        cdef intp_t n_slots = 8 * (n_rows // BLOCK) + 16
+        if inv_ref.shape[0] != free.shape[1]:
+            raise ValueError("FitIndex: inv_ref must have one entry per column of free")
+        self.free = free
+        self.inv_ref = inv_ref
+        self.n_dims = free.shape[1]
+        self.key = np.zeros(n_rows, dtype=np.float64)
+        self.member = np.zeros(n_rows, dtype=np.uint8)
+        self.items = np.zeros((n_slots, BLOCK), dtype=np.intp)
+        self.count = np.zeros(n_slots, dtype=np.intp)
+        self.maxfree = np.zeros((n_slots, max(self.n_dims, 1)), dtype=np.int64)
+        self.order = np.zeros(n_slots, dtype=np.intp)
+        self.spare = np.arange(n_slots - 1, -1, -1, dtype=np.intp)
+        self.n_spare = n_slots
+        self.n_blocks = 0
+        self.n_members = 0
+
+    # -- Python-facing helpers (setup and tests; the hot paths are the cdef methods) --
+
+    def add(self, intp_t h):
+        """Insert host row `h` (no-op if it is already a member)."""
+        if h < 0 or h >= self.member.shape[0]:
+            raise IndexError(f"host row {h} out of range")
+        if not self.member[h]:
+            self.insert(h)
+
+    def discard(self, intp_t h):
+        """Remove host row `h` (no-op if it is not a member)."""
+        if h < 0 or h >= self.member.shape[0]:
+            raise IndexError(f"host row {h} out of range")
+        if self.member[h]:
+            self.remove(h)
+
+    def refresh(self, intp_t h):
+        """Re-sort host row `h` after its free row changed outside the index."""
+        if self.member[h]:
+            self.rekey(h)
+
+    def is_member(self, intp_t h):
+        return bool(self.member[h])
+
+    def rows_in_order(self):
+        """Member rows in (key, row) order. Used by tests."""
+        out = []
+        cdef intp_t i, j, b
+        for i in range(self.n_blocks):
+            b = self.order[i]
+            for j in range(self.count[b]):
+                out.append(self.items[b, j])
+        return out
+
+    def _py_first_fit(self, const int64_t[::1] request):
+        """Python wrapper used for testing."""
+        return self.first_fit(&request[0])
+
+    def _py_last_fit(self, const int64_t[::1] request):
+        """Python wrapper used for testing."""
+        return self.last_fit(&request[0])
+
+    def check(self):
+        """Verify every invariant; raise AssertionError on the first broken one. Used by tests."""
+        cdef intp_t i, j, b, h, d, n = 0, prev = -1
+        cdef float64_t prev_key = 0.0
+        for i in range(self.n_blocks):
+            b = self.order[i]
+            assert 0 < self.count[b] < BLOCK, f"block {b} has {self.count[b]} rows"
+            for j in range(self.count[b]):
+                h = self.items[b, j]
+                assert self.member[h], f"row {h} indexed but not a member"
+                assert self.key[h] == free_key(&self.free[h, 0], &self.inv_ref[0], self.n_dims), \
+                    f"row {h} has a stale key"
+                if prev >= 0:
+                    assert before(prev_key, prev, self.key[h], h), f"rows {prev} and {h} out of order"
+                for d in range(self.n_dims):
+                    assert self.free[h, d] <= self.maxfree[b, d], f"block {b} bound below row {h}"
+                prev, prev_key = h, self.key[h]
+                n += 1
+            if i > 0:
+                assert self.count[b] >= BLOCK // 4 or self.count[self.order[i - 1]] >= BLOCK // 4, \
+                    f"adjacent small blocks at {i - 1}, {i}"
+        assert n == self.n_members == int(np.asarray(self.member).sum()), "member count mismatch"
+
+    # -- the core --
+
+    cdef intp_t _locate(self, float64_t k, intp_t h) noexcept nogil:
+        """Position in `order` of the first block whose last row is not before (k, h);
+        the last block when (k, h) sorts after everything."""
+        cdef intp_t lo = 0, hi = self.n_blocks - 1, mid, b, last
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            b = self.order[mid]
+            last = self.items[b, self.count[b] - 1]
+            if before(self.key[last], last, k, h):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    cdef intp_t _position(self, intp_t b, float64_t k, intp_t h) noexcept nogil:
+        """Index in block b of the first row not before (k, h)."""
+        cdef intp_t lo = 0, hi = self.count[b], mid, r
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            r = self.items[b, mid]
+            if before(self.key[r], r, k, h):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    cdef void _recompute_max(self, intp_t b) noexcept nogil:
+        cdef intp_t j, d, h
+        for d in range(self.n_dims):
+            self.maxfree[b, d] = -1
+        for j in range(self.count[b]):
+            h = self.items[b, j]
+            for d in range(self.n_dims):
+                if self.free[h, d] > self.maxfree[b, d]:
+                    self.maxfree[b, d] = self.free[h, d]
+
+    cdef void insert(self, intp_t h) noexcept nogil:
+        cdef intp_t pos, b, i, d, n
+        cdef float64_t k = free_key(&self.free[h, 0], &self.inv_ref[0], self.n_dims)
+        self.key[h] = k
+        self.member[h] = 1
+        self.n_members += 1
+        if self.n_blocks == 0:
+            self.n_spare -= 1
+            b = self.spare[self.n_spare]
+            self.order[0] = b
+            self.n_blocks = 1
+            self.items[b, 0] = h
+            self.count[b] = 1
+            for d in range(self.n_dims):
+                self.maxfree[b, d] = self.free[h, d]
+            return
+        pos = self._locate(k, h)
+        b = self.order[pos]
+        i = self._position(b, k, h)
+        n = self.count[b]
+        if i < n:
+            memmove(&self.items[b, i + 1], &self.items[b, i], (n - i) * sizeof(intp_t))
+        self.items[b, i] = h
+        self.count[b] = n + 1
+        for d in range(self.n_dims):
+            if self.free[h, d] > self.maxfree[b, d]:
+                self.maxfree[b, d] = self.free[h, d]
+        if self.count[b] == BLOCK:
+            self._split(pos)
+
+    cdef void _split(self, intp_t pos) noexcept nogil:
+        cdef intp_t b = self.order[pos], s, half = BLOCK // 2
+        self.n_spare -= 1
+        s = self.spare[self.n_spare]
+        memcpy(&self.items[s, 0], &self.items[b, half], (BLOCK - half) * sizeof(intp_t))
+        self.count[s] = BLOCK - half
+        self.count[b] = half
+        self._recompute_max(b)
+        self._recompute_max(s)
+        memmove(&self.order[pos + 2], &self.order[pos + 1], (self.n_blocks - pos - 1) * sizeof(intp_t))
+        self.order[pos + 1] = s
+        self.n_blocks += 1
+
+    cdef void _drop_block(self, intp_t pos) noexcept nogil:
+        """Return the (now empty or merged) block at `pos` to the spare stack."""
+        cdef intp_t b = self.order[pos]
+        self.count[b] = 0
+        memmove(&self.order[pos], &self.order[pos + 1], (self.n_blocks - pos - 1) * sizeof(intp_t))
+        self.n_blocks -= 1
+        self.spare[self.n_spare] = b
+        self.n_spare += 1
+
+    cdef void _merge_small(self, intp_t pos) noexcept nogil:
+        """Merge the small block at `pos` into a neighbour when both fit in 3/4 of a block.
+
+        The block just fell to BLOCK // 4 - 1 rows or below while its neighbours were not
+        small (the invariant), so either merge leaves a block of at least BLOCK // 4 rows
+        and no two adjacent blocks end up small.
+        """
+        cdef intp_t b = self.order[pos], other, d, limit = (3 * BLOCK) // 4
+        if pos > 0:
+            other = self.order[pos - 1]
+            if self.count[other] + self.count[b] <= limit:
+                memcpy(&self.items[other, self.count[other]], &self.items[b, 0], self.count[b] * sizeof(intp_t))
+                self.count[other] += self.count[b]
+                for d in range(self.n_dims):
+                    if self.maxfree[b, d] > self.maxfree[other, d]:
+                        self.maxfree[other, d] = self.maxfree[b, d]
+                self._drop_block(pos)
+                return
+        if pos + 1 < self.n_blocks:
+            other = self.order[pos + 1]
+            if self.count[other] + self.count[b] <= limit:
+                memcpy(&self.items[b, self.count[b]], &self.items[other, 0], self.count[other] * sizeof(intp_t))
+                self.count[b] += self.count[other]
+                for d in range(self.n_dims):
+                    if self.maxfree[other, d] > self.maxfree[b, d]:
+                        self.maxfree[b, d] = self.maxfree[other, d]
+                self._drop_block(pos + 1)
+
+    cdef void remove(self, intp_t h) noexcept nogil:
+        """Remove member h; its free row must still be the one it was inserted with."""
+        cdef float64_t k = self.key[h]
+        cdef intp_t pos = self._locate(k, h), b, i, n, d
+        b = self.order[pos]
+        i = self._position(b, k, h)
+        n = self.count[b]
+        memmove(&self.items[b, i], &self.items[b, i + 1], (n - i - 1) * sizeof(intp_t))
+        self.count[b] = n - 1
+        self.member[h] = 0
+        self.n_members -= 1
+        if n == 1:
+            self._drop_block(pos)
+            return
+        # h may have held the block's maximum in some dimension; only then rescan.
+        for d in range(self.n_dims):
+            if self.free[h, d] >= self.maxfree[b, d]:
+                self._recompute_max(b)
+                break
+        if n - 1 < BLOCK // 4:
+            self._merge_small(pos)
+
+    cdef void rekey(self, intp_t h) noexcept nogil:
+        """Re-sort member h after its free row changed (the key it was filed under is kept
+        in `key`, so it can still be found)."""
+        cdef float64_t k = self.key[h]
+        cdef intp_t pos = self._locate(k, h), b, i, n
+        b = self.order[pos]
+        i = self._position(b, k, h)
+        n = self.count[b]
+        memmove(&self.items[b, i], &self.items[b, i + 1], (n - i - 1) * sizeof(intp_t))
+        self.count[b] = n - 1
+        self.member[h] = 0
+        self.n_members -= 1
+        if n == 1:
+            self._drop_block(pos)
+        else:
+            # The row's new free values are unknown to the old bound: rescan the block.
+            self._recompute_max(b)
+            if n - 1 < BLOCK // 4:
+                self._merge_small(pos)
+        self.insert(h)
+
+    cdef intp_t first_fit(self, const int64_t* request) noexcept nogil:
+        """The member with the smallest (key, row) that fits `request`, or -1."""
+        cdef intp_t i, j, b, h, d
+        cdef bint blocked
+        for i in range(self.n_blocks):
+            b = self.order[i]
+            blocked = False
+            for d in range(self.n_dims):
+                if self.maxfree[b, d] < request[d]:
+                    blocked = True
+                    break
+            if blocked:
+                continue
+            for j in range(self.count[b]):
+                h = self.items[b, j]
+                if fits(&self.free[h, 0], request, self.n_dims):
+                    return h
+        return -1
+
+    cdef intp_t last_fit(self, const int64_t* request) noexcept nogil:
+        """The member with the largest key that fits `request` (lowest row among equal keys), or -1."""
+        cdef intp_t i, j, b, h, d, best = -1
+        cdef float64_t best_key = 0.0
+        cdef bint blocked
+        i = self.n_blocks - 1
+        while i >= 0:
+            b = self.order[i]
+            i -= 1
+            if best >= 0 and self.key[self.items[b, self.count[b] - 1]] < best_key:
+                break
+            blocked = False
+            for d in range(self.n_dims):
+                if self.maxfree[b, d] < request[d]:
+                    blocked = True
+                    break
+            if blocked:
+                continue
+            j = self.count[b] - 1
+            while j >= 0:
+                h = self.items[b, j]
+                j -= 1
+                if best >= 0 and self.key[h] < best_key:
+                    return best
+                if fits(&self.free[h, 0], request, self.n_dims):
+                    # Walking down, equal keys come in decreasing row order: keep the last.
+                    best = h
+                    best_key = self.key[h]
+        return best

@@ -1,0 +1,506 @@
+"""`hci-scheduler`: run the service, talk to it, run the benchmarks and the demo.
+
+    hci-scheduler serve --listen 127.0.0.1:50051 --data-dir ./data [--config serve.yaml]
+    hci-scheduler hosts add --id h1 -r cpu=32000 -r memory=131072 --label zone=a
+    hci-scheduler hosts list | update | remove
+    hci-scheduler place --id web-1 -r cpu=500 -r memory=512 [--kind vm] | --file workloads.yaml
+    hci-scheduler release web-1 ...
+    hci-scheduler allocations | explain | watch | status
+    hci-scheduler bench ...        (forwarded to bench.main)
+    hci-scheduler demo             (the main job through gRPC)
+
+Client commands print tables for people and JSON with --json. The server
+address comes from --server or $HCI_SCHEDULER_SERVER (default 127.0.0.1:50051).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+# -- parsing helpers ------------------------------------------------------------
+
+
+def _kv(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _quantity(text: str) -> tuple[str, int]:
+    key, value = _kv(text)
+    try:
+        return key, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: expected an integer, got {value!r}") from None
+
+
+def _pairs(items) -> dict:
+    out = {}
+    for item in items or ():
+        if isinstance(item, tuple):
+            out[item[0]] = item[1]
+        else:
+            for part in item.split(","):
+                k, v = _kv(part)
+                out[k] = v
+    return out
+
+
+def _quantities(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k, v in items or ():
+        out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hci-scheduler", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the gRPC service")
+    s.add_argument("--config", help="YAML file with any of the options below (flags win)")
+    s.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:50051)")
+    s.add_argument("--data-dir", help="directory of the SQLite store (omit: memory only, lost on exit)")
+    s.add_argument("--metrics", help="HOST:PORT of the Prometheus endpoint, e.g. 127.0.0.1:9464")
+    s.add_argument("--dimensions", help="comma-separated resource dimensions for a new store")
+    s.add_argument("--tls-cert", help="server certificate (PEM)")
+    s.add_argument("--tls-key", help="server private key (PEM)")
+    s.add_argument("--tls-client-ca", help="CA that signs client certificates (turns on mutual TLS)")
+    s.add_argument("--token-file", help="bearer tokens, one per line (never logged)")
+    s.add_argument("--allow-insecure-remote", action="store_true", default=None,
+                   help="listen on a non-loopback address without TLS or tokens")
+    s.add_argument("--max-workers", type=int, help="RPC worker threads (default 128)")
+    s.add_argument("--grace", type=float, help="seconds in-flight calls get on SIGTERM (default 5)")
+    s.add_argument("--port-file", help="write the bound port here once serving")
+    s.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
+
+    def client(sp):
+        sp.add_argument("--server", default=os.environ.get("HCI_SCHEDULER_SERVER", DEFAULT_SERVER),
+                        help="HOST:PORT of the service (env HCI_SCHEDULER_SERVER)")
+        sp.add_argument("--tls-ca", help="CA certificate to verify the server (turns on TLS)")
+        sp.add_argument("--tls-cert", help="client certificate for mutual TLS")
+        sp.add_argument("--tls-key", help="client key for mutual TLS")
+        sp.add_argument("--tls-server-name", help="override the name checked in the server certificate")
+        sp.add_argument("--token-file", default=os.environ.get("HCI_SCHEDULER_TOKEN_FILE"),
+                        help="file whose first token is sent as a bearer token")
+        sp.add_argument("--timeout", type=float, default=30.0, help="deadline per call in seconds")
+        sp.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return sp
+
+    hosts = sub.add_parser("hosts", help="register, list, update, remove hosts")
+    hsub = hosts.add_subparsers(dest="hosts_command", required=True, metavar="ACTION")
+    ha = client(hsub.add_parser("add", help="register hosts from flags or a file"))
+    ha.add_argument("--id", help="host id")
+    ha.add_argument("-c", "--capacity", "-r", action="append", type=_quantity, metavar="DIM=N",
+                    help="capacity per dimension, repeatable: -c cpu=32000 -c memory=131072")
+    ha.add_argument("--reserved", action="append", type=_quantity, metavar="DIM=N")
+    ha.add_argument("--label", action="append", metavar="KEY=VALUE")
+    ha.add_argument("--taint", action="append", metavar="KEY=VALUE:EFFECT")
+    ha.add_argument("--ratio", action="append", metavar="DIM=RATIO", help="container overcommit ratio")
+    ha.add_argument("--pool", default="")
+    ha.add_argument("--file", help="YAML or JSON list of hosts (or {hosts: [...]})")
+    client(hsub.add_parser("list", help="list hosts")).add_argument(
+        "--state", choices=["ready", "cordoned", "draining", "down"])
+    hu = client(hsub.add_parser("update", help="change labels, taints or state"))
+    hu.add_argument("host_id")
+    hu.add_argument("--label", action="append", metavar="KEY=VALUE", help="replaces all labels")
+    hu.add_argument("--clear-labels", action="store_true")
+    hu.add_argument("--taint", action="append", metavar="KEY=VALUE:EFFECT", help="replaces all taints")
+    hu.add_argument("--clear-taints", action="store_true")
+    hu.add_argument("--state", choices=["ready", "cordoned", "draining", "down"])
+    client(hsub.add_parser("remove", help="remove a host without workloads")).add_argument("host_id")
+
+    def workload_flags(sp):
+        sp.add_argument("--id", help="workload id")
+        sp.add_argument("-r", "--request", action="append", type=_quantity, metavar="DIM=N",
+                        help="request per dimension, repeatable: -r cpu=500 -r memory=512")
+        sp.add_argument("--kind", choices=["container", "vm"], default="container")
+        sp.add_argument("--group", default="")
+        sp.add_argument("--tenant", default="")
+        sp.add_argument("--selector", action="append", metavar="KEY=VALUE", help="label equality")
+        sp.add_argument("--tolerate", action="append", metavar="KEY[=VALUE]")
+        sp.add_argument("--anti-affinity", action="append", metavar="GROUP[@TOPOLOGY]")
+        sp.add_argument("--priority", type=int, default=0)
+        sp.add_argument("--file", help="YAML or JSON list of workloads (or {workloads: [...]})")
+        return sp
+
+    pl = workload_flags(client(sub.add_parser("place", help="place workloads")))
+    pl.add_argument("--gang", action="store_true", help="all or nothing")
+    pl.add_argument("--strategy", choices=["binpack", "spread", "balanced", "dot"], default="binpack")
+    pl.add_argument("--preempt", action="store_true", help="may evict lower-priority workloads")
+    rl = client(sub.add_parser("release", help="release workloads"))
+    rl.add_argument("workload_ids", nargs="+")
+    rl.add_argument("--allow-missing", action="store_true")
+    al = client(sub.add_parser("allocations", help="list placed workloads"))
+    al.add_argument("--host", default="")
+    al.add_argument("--workloads", action="store_true", help="include each workload's spec")
+    workload_flags(client(sub.add_parser("explain", help="why a workload would (not) fit")))
+    wa = client(sub.add_parser("watch", help="stream events"))
+    wa.add_argument("--after", type=int, default=0, help="start after this sequence number")
+    wa.add_argument("--count", type=int, default=0, help="stop after N events (0: never)")
+    client(sub.add_parser("status", help="utilisation table"))
+
+    b = sub.add_parser("bench", help="run the benchmark suite (arguments go to bench.main)", add_help=False)
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    d = sub.add_parser("demo", help="the main job through gRPC", add_help=False)
+    d.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+# -- building messages --------------------------------------------------------
+
+
+def _enum_name(prefix: str, value):
+    if isinstance(value, str) and not value.upper().startswith(prefix):
+        return prefix + value.upper().replace("-", "_")
+    return value
+
+
+def host_from_dict(d: dict):
+    """A pb.Host from a friendly dict (YAML/JSON): {id, capacity, labels, taints: ["k=v:NoSchedule"], state}."""
+    from google.protobuf import json_format
+
+    from .v1 import scheduler_pb2 as pb
+
+    d = dict(d)
+    if "state" in d:
+        d["state"] = _enum_name("HOST_STATE_", d["state"])
+    taints = d.pop("taints", [])
+    h = json_format.ParseDict(d, pb.Host())
+    for t in taints:
+        h.taints.append(_taint(t) if isinstance(t, str) else json_format.ParseDict(t, pb.Taint()))
+    return h
+
+
+def workload_from_dict(d: dict):
+    """A pb.Workload from a friendly dict: {id, requests, kind: vm, group, node_selector, ...}."""
+    from google.protobuf import json_format
+
+    from .v1 import scheduler_pb2 as pb
+
+    d = dict(d)
+    if "kind" in d:
+        d["kind"] = _enum_name("WORKLOAD_KIND_", d["kind"])
+    if "isolation" in d:
+        d["isolation"] = _enum_name("ISOLATION_", d["isolation"])
+    if "selector" in d and isinstance(d["selector"], dict):
+        d["node_selector"] = d.pop("selector")
+    return json_format.ParseDict(d, pb.Workload())
+
+
+def _taint(text: str):
+    from .v1 import scheduler_pb2 as pb
+
+    kv, sep, effect = text.rpartition(":")
+    if not sep:
+        kv, effect = text, "NoSchedule"
+    key, _, value = kv.partition("=")
+    effects = {"NoSchedule": pb.TAINT_EFFECT_NO_SCHEDULE, "PreferNoSchedule": pb.TAINT_EFFECT_PREFER_NO_SCHEDULE}
+    if effect not in effects:
+        raise SystemExit(f"taint effect must be NoSchedule or PreferNoSchedule, got {effect!r}")
+    return pb.Taint(key=key, value=value, effect=effects[effect])
+
+
+def _load_file(path: str, key: str) -> list[dict]:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if isinstance(data, dict):
+        data = data.get(key, [])
+    if not isinstance(data, list):
+        raise SystemExit(f"{path}: expected a list of {key} or a mapping with key {key!r}")
+    return data
+
+
+def _workloads_from_args(args) -> list:
+    from .v1 import scheduler_pb2 as pb
+
+    if args.file:
+        return [workload_from_dict(d) for d in _load_file(args.file, "workloads")]
+    if not args.id:
+        raise SystemExit("give --id and --request flags, or --file")
+    w = pb.Workload(id=args.id, requests=_quantities(args.request),
+                    kind=pb.WORKLOAD_KIND_VM if args.kind == "vm" else pb.WORKLOAD_KIND_CONTAINER,
+                    group=args.group, tenant=args.tenant, priority=args.priority,
+                    node_selector=_pairs(args.selector))
+    for t in args.tolerate or ():
+        key, sep, value = t.partition("=")
+        tol = w.tolerations.add(key=key)
+        if sep:
+            tol.value = value
+    for a in args.anti_affinity or ():
+        group, _, topo = a.partition("@")
+        w.anti_affinities.add(group=group, topology=topo or "host", hard=True)
+    return [w]
+
+
+# -- client ---------------------------------------------------------------------
+
+
+class Client:
+    """A channel, a stub and the call options (deadline, token) of the CLI."""
+
+    def __init__(self, args):
+        import grpc
+
+        from .v1 import scheduler_pb2_grpc as pb_grpc
+
+        self.timeout = args.timeout
+        self.metadata = ()
+        if args.token_file:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = next((ln.strip() for ln in f if ln.strip() and not ln.startswith("#")), "")
+            self.metadata = (("authorization", f"Bearer {token}"),)
+        if args.tls_ca or args.tls_cert:
+            def read(path):
+                if not path:
+                    return None
+                with open(path, "rb") as f:
+                    return f.read()
+
+            creds = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+            options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+            self.channel = grpc.secure_channel(args.server, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(args.server)
+        self.stub = pb_grpc.SchedulerServiceStub(self.channel)
+
+    def call(self, method: str, request):
+        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+
+
+def _print_json(msg) -> None:
+    from google.protobuf import json_format
+
+    print(json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+
+
+def _fmt_map(m) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(m.items()))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _table(title: str, columns: Sequence[str], rows) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    _console().print(t)
+
+
+def _print_placements(placements) -> None:
+    rows = []
+    for p in placements:
+        reason = "" if p.host_id else (p.explanation.message or "unschedulable")
+        rows.append((p.workload_id, p.host_id or "-", p.sequence or "", reason))
+    _table("placements", ("workload", "host", "seq", "refusal"), rows)
+
+
+def run_client(args) -> int:
+    from .v1 import scheduler_pb2 as pb
+
+    c = Client(args)
+    states = {"ready": pb.HOST_STATE_READY, "cordoned": pb.HOST_STATE_CORDONED,
+              "draining": pb.HOST_STATE_DRAINING, "down": pb.HOST_STATE_DOWN}
+    state_names = {v: k for k, v in states.items()}
+    cmd = args.command
+    if cmd == "hosts":
+        action = args.hosts_command
+        if action == "add":
+            if args.file:
+                hosts = [host_from_dict(d) for d in _load_file(args.file, "hosts")]
+            else:
+                if not args.id:
+                    raise SystemExit("give --id and --capacity flags, or --file")
+                h = pb.Host(id=args.id, capacity=_quantities(args.capacity),
+                            reserved=_quantities(args.reserved), labels=_pairs(args.label), pool=args.pool)
+                h.taints.extend(_taint(t) for t in args.taint or ())
+                for k, v in _pairs(args.ratio).items():
+                    h.allocation_ratios[k] = float(v)
+                hosts = [h]
+            resp = c.call("RegisterHosts", pb.RegisterHostsRequest(hosts=hosts))
+            if args.json:
+                _print_json(resp)
+            else:
+                print(f"registered {len(resp.hosts)} host(s)")
+        elif action == "list":
+            resp = c.call("ListHosts", pb.ListHostsRequest(state=states.get(args.state, 0)))
+            if args.json:
+                _print_json(resp)
+            else:
+                _table("hosts", ("id", "state", "capacity", "used", "workloads", "labels", "taints"),
+                       [(h.id, state_names.get(h.state, "?"), _fmt_map(h.capacity), _fmt_map(h.used),
+                         h.workload_count, _fmt_map(h.labels),
+                         " ".join(f"{t.key}={t.value}" for t in h.taints)) for h in resp.hosts])
+        elif action == "update":
+            req = pb.UpdateHostRequest(host_id=args.host_id)
+            if args.label or args.clear_labels:
+                req.labels.update(_pairs(args.label))
+                req.update_mask.paths.append("labels")
+            if args.taint or args.clear_taints:
+                req.taints.extend(_taint(t) for t in args.taint or ())
+                req.update_mask.paths.append("taints")
+            if args.state:
+                req.state = states[args.state]
+                req.update_mask.paths.append("state")
+            resp = c.call("UpdateHost", req)
+            _print_json(resp) if args.json else print(f"updated {resp.host.id}")
+        elif action == "remove":
+            resp = c.call("RemoveHost", pb.RemoveHostRequest(host_id=args.host_id))
+            _print_json(resp) if args.json else print(f"removed {args.host_id}")
+    elif cmd == "place":
+        strategies = {"binpack": pb.STRATEGY_BINPACK, "spread": pb.STRATEGY_SPREAD,
+                      "balanced": pb.STRATEGY_BALANCED, "dot": pb.STRATEGY_DOT}
+        resp = c.call("Place", pb.PlaceRequest(workloads=_workloads_from_args(args), gang=args.gang,
+                                               strategy=strategies[args.strategy], preempt=args.preempt))
+        _print_json(resp) if args.json else _print_placements(resp.placements)
+        return 0 if all(p.host_id for p in resp.placements) else 3
+    elif cmd == "release":
+        resp = c.call("Release", pb.ReleaseRequest(workload_ids=args.workload_ids,
+                                                   allow_missing=args.allow_missing))
+        _print_json(resp) if args.json else print(f"released {len(resp.released_workload_ids)} workload(s)")
+    elif cmd == "allocations":
+        resp = c.call("ListAllocations", pb.ListAllocationsRequest(host_id=args.host,
+                                                                   include_workloads=args.workloads))
+        if args.json:
+            _print_json(resp)
+        else:
+            _table("allocations", ("workload", "host", "seq", "requests"),
+                   [(p.workload_id, p.host_id, p.sequence, _fmt_map(p.workload.requests))
+                    for p in resp.allocations])
+    elif cmd == "explain":
+        ws = _workloads_from_args(args)
+        for w in ws:
+            resp = c.call("Explain", pb.ExplainRequest(workload=w))
+            if args.json:
+                _print_json(resp)
+            else:
+                e = resp.explanation
+                print(f"{w.id}: {e.message}")
+                for f in e.filters:
+                    print(f"  {f.reason}: {f.hosts} hosts")
+                if e.nearest_miss:
+                    print(f"  nearest miss: {e.nearest_miss}")
+    elif cmd == "watch":
+        from google.protobuf import json_format
+
+        n = 0
+        stream = c.stub.WatchEvents(pb.WatchEventsRequest(after_sequence=args.after), metadata=c.metadata)
+        try:
+            for resp in stream:
+                e = resp.event
+                if args.json:
+                    print(json.dumps(json_format.MessageToDict(e, preserving_proto_field_name=True)), flush=True)
+                else:
+                    print(f"{e.sequence:>8} {pb.EventType.Name(e.type)[11:].lower():<13} "
+                          f"host={e.host_id} workload={e.workload_id}", flush=True)
+                n += 1
+                if args.count and n >= args.count:
+                    break
+        finally:
+            stream.cancel()
+    elif cmd == "status":
+        st = c.call("GetStatus", pb.GetStatusRequest())
+        if args.json:
+            _print_json(st)
+        else:
+            _table("utilisation", ("dimension", "used", "allocatable", "utilisation"),
+                   [(d, st.used[d], st.allocatable[d], f"{100 * st.utilization.get(d, 0.0):.1f}%")
+                    for d in st.dimensions])
+            print(f"hosts: {_fmt_map(st.hosts_by_state)}; used: {st.hosts_used}; "
+                  f"allocations: {st.allocations}; last sequence: {st.last_sequence}")
+    return 0
+
+
+# -- serve ----------------------------------------------------------------------
+
+
+def run_serve(args) -> int:
+    import yaml
+
+    from .server.app import ServerOptions, TLSConfig, create_server, serve
+    from .server.logs import setup_logging
+
+    conf: dict = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            conf = yaml.safe_load(f) or {}
+        if not isinstance(conf, dict):
+            raise SystemExit(f"{args.config}: expected a mapping of options")
+        conf = {k.replace("-", "_"): v for k, v in conf.items()}
+        known = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions}
+        unknown = set(conf) - known
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown options {sorted(unknown)}")
+
+    def opt(name, default=None):
+        v = getattr(args, name)
+        return v if v is not None else conf.get(name, default)
+
+    setup_logging(opt("log_level", "info"))
+    cert, key = opt("tls_cert"), opt("tls_key")
+    if bool(cert) != bool(key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    tls = TLSConfig(cert, key, opt("tls_client_ca")) if cert else None
+    if opt("tls_client_ca") and not tls:
+        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+    dims = opt("dimensions")
+    if isinstance(dims, str):
+        dims = tuple(d.strip() for d in dims.split(",") if d.strip())
+    try:
+        server, _ = create_server(
+            opt("listen", DEFAULT_SERVER),
+            ServerOptions(data_dir=opt("data_dir"), dimensions=dims, tls=tls, token_file=opt("token_file"),
+                          allow_insecure_remote=bool(opt("allow_insecure_remote", False)),
+                          max_workers=int(opt("max_workers", 128))))
+    except (ValueError, OSError) as exc:
+        print(f"hci-scheduler serve: {exc}", file=sys.stderr)
+        return 2
+    serve(server, metrics_address=opt("metrics"), port_file=opt("port_file"), grace=float(opt("grace", 5.0)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # bench and demo take their own arguments verbatim.
+    if argv and argv[0] == "bench":
+        import bench
+
+        return bench.main(argv[1:]) or 0
+    if argv and argv[0] == "demo":
+        from . import demo
+
+        return demo.main(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
+    import grpc
+
+    try:
+        return run_client(args)
+    except grpc.RpcError as exc:
+        print(f"hci-scheduler {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"hci-scheduler {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

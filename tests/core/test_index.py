@@ -150,3 +150,13 @@ def test_grown_state_keeps_rows_and_index():
     np.testing.assert_array_equal(bigger.used_array[:2], [[3, 3], [0, 0]])
     bigger.index.check()
     assert bigger.index.n_members == 2
+
+
+def test_debug_build_is_the_one_loaded():
+    """CI sets SCHED_CORE_DEBUG_DIR when it runs these tests on the bounds-checked build."""
+    import os
+
+    debug_dir = os.environ.get("SCHED_CORE_DEBUG_DIR")
+    if not debug_dir:
+        pytest.skip("not the debug-build run (SCHED_CORE_DEBUG_DIR unset)")
+    assert sched_core.__file__.startswith(debug_dir), sched_core.__file__

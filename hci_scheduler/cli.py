@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML file with any of the options below (flags win)")
     s.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:50051)")
     s.add_argument("--data-dir", help="directory of the SQLite store (omit: memory only, lost on exit)")
+    s.add_argument("--fsync", choices=["full", "normal"], help="SQLite synchronous mode: full (default, "
+                   "a reply survives power loss) or normal (survives a crash, not a power loss)")
     s.add_argument("--metrics", help="HOST:PORT of the Prometheus endpoint, e.g. 127.0.0.1:9464")
     s.add_argument("--dimensions", help="comma-separated resource dimensions for a new store")
     s.add_argument("--tls-cert", help="server certificate (PEM)")
@@ -466,7 +468,7 @@ def run_serve(args) -> int:
     try:
         server, _ = create_server(
             opt("listen", DEFAULT_SERVER),
-            ServerOptions(data_dir=opt("data_dir"), dimensions=dims, tls=tls, token_file=opt("token_file"),
+            ServerOptions(data_dir=opt("data_dir"), fsync=str(opt("fsync", "full")).upper(), dimensions=dims, tls=tls, token_file=opt("token_file"),
                           allow_insecure_remote=bool(opt("allow_insecure_remote", False)),
                           max_workers=int(opt("max_workers", 128))))
     except (ValueError, OSError) as exc:

@@ -53,6 +53,7 @@ class TLSConfig:
 @dataclass
 class ServerOptions:
     data_dir: str | None = None
+    fsync: str = "FULL"  # SQLite synchronous mode: FULL (durable on power loss) or NORMAL
     dimensions: Sequence[str] | None = None
     tls: TLSConfig | None = None
     token_file: str | None = None
@@ -189,7 +190,7 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
             "configure credentials, or allow_insecure_remote")
 
     metrics = opts.metrics or Metrics()
-    store = open_store(opts.data_dir)
+    store = open_store(opts.data_dir, opts.fsync)
     try:
         state = SchedulerState(store, opts.dimensions, metrics=metrics)
     except BaseException:
@@ -229,7 +230,7 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     log.info("server created", extra={"fields": {
         "address": address, "port": port, "tls": opts.tls is not None,
         "mtls": bool(opts.tls and opts.tls.client_ca_file), "token_auth": tokens is not None,
-        "data_dir": opts.data_dir, "durable": opts.data_dir is not None,
+        "data_dir": opts.data_dir, "durable": opts.data_dir is not None, "fsync": opts.fsync,
         "dimensions": list(state.dimensions)}})
     if not secured:
         if is_loopback(host):

@@ -17,7 +17,7 @@ from ..store import StoreError
 from ..v1 import scheduler_pb2 as pb
 from ..v1 import scheduler_pb2_grpc as pb_grpc
 from . import convert
-from .state import DeadlineExpired, PlaceItem, SchedulerState, StoreFailed
+from .state import DeadlineExpired, PlaceItem, SchedulerState, StoreFailed, Unsupported
 
 log = logging.getLogger("hci_scheduler.server")
 
@@ -31,6 +31,7 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Unschedulable, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StoreFailed, grpc.StatusCode.UNAVAILABLE),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
     (StoreError, grpc.StatusCode.UNAVAILABLE),
     (SchedulerError, grpc.StatusCode.INTERNAL),
 )

@@ -16,6 +16,7 @@ in the same order, same allocations, same sequence number.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import threading
 import time
@@ -43,6 +44,10 @@ class DeadlineExpired(SchedulerError):
 
 class StoreFailed(SchedulerError):
     """The store could not commit; the server stops taking mutations."""
+
+
+class Unsupported(SchedulerError):
+    """The request needs a Cluster feature this build of the core does not have."""
 
 
 @dataclass(slots=True)
@@ -182,7 +187,13 @@ class SchedulerState:
 
     def _apply_host_update(self, host: pb.Host) -> None:
         model = convert.host_to_model(host)
-        self.cluster.update_host(host.id, labels=dict(model.labels), taints=list(model.taints))
+        old = self.hosts.get(host.id)
+        if old is None or old.labels != host.labels or list(old.taints) != list(host.taints):
+            update = getattr(self.cluster, "update_host", None)
+            if update is None:
+                raise Unsupported("changing labels or taints needs Cluster.update_host, "
+                                  "which this core does not provide yet")
+            update(host.id, labels=dict(model.labels), taints=list(model.taints))
         self.cluster.set_host_state(host.id, model.state)
 
     # -- submitting ----------------------------------------------------------
@@ -374,6 +385,9 @@ class SchedulerState:
         # Gang and preempting calls are never coalesced.
         answers, fresh = self._idempotent(items)
         if preempt:
+            if "preempt" not in inspect.signature(self.cluster.place).parameters:
+                raise Unsupported("preempt needs Cluster.place(preempt=True), "
+                                  "which this core does not provide yet")
             for it in fresh:
                 try:
                     p = self.cluster.place(it.model, strategy=strategy, preempt=True)

@@ -17,11 +17,11 @@ from .sqlite import SQLiteStore
 __all__ = ["Record", "Store", "StoreError", "MemoryStore", "SQLiteStore", "open_store"]
 
 
-def open_store(data_dir: str | None) -> Store:
+def open_store(data_dir: str | None, synchronous: str = "FULL") -> Store:
     """The SQLite store under `data_dir`, or a memory store when it is None."""
     if data_dir is None:
         return MemoryStore()
     import os
 
     os.makedirs(data_dir, exist_ok=True)
-    return SQLiteStore(os.path.join(data_dir, "scheduler.db"))
+    return SQLiteStore(os.path.join(data_dir, "scheduler.db"), synchronous)

@@ -33,12 +33,15 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
-def _connect(path: str) -> sqlite3.Connection:
+SYNC_MODES = ("FULL", "NORMAL")
+
+
+def _connect(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one append is
     # exactly one transaction.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
     return conn
 
 
@@ -58,11 +61,20 @@ class SQLiteStore(Store):
     ----------
     path : str
         The database file. The WAL (`-wal`) and shared-memory (`-shm`) files sit beside it.
+    synchronous : {"FULL", "NORMAL"}
+        FULL (the default) fsyncs the WAL on every commit: a reply means the
+        mutation survives a power loss. NORMAL fsyncs only at checkpoints: a
+        commit still survives a process crash (SIGKILL) but the last ones may
+        be lost on power loss. NORMAL exists for benchmarks on slow disks.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, synchronous: str = "FULL") -> None:
+        synchronous = synchronous.upper()
+        if synchronous not in SYNC_MODES:
+            raise StoreError(f"synchronous must be one of {SYNC_MODES}, got {synchronous!r}")
         self.path = path
-        self._wconn = _connect(path)
+        self.synchronous = synchronous
+        self._wconn = _connect(path, synchronous)
         self._cond = threading.Condition()
         self._pending: list[_Batch] = []
         self._committing = False
@@ -151,7 +163,7 @@ class SQLiteStore(Store):
         if conn is None:
             if self._closed:
                 raise StoreError("store is closed")
-            conn = _connect(self.path)
+            conn = _connect(self.path, self.synchronous)
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)

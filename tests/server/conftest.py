@@ -1,0 +1,102 @@
+"""Fixtures: the real server in a subprocess on a free loopback port, and stubs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hci_scheduler.v1 import scheduler_pb2 as pb
+from hci_scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    """`hci-scheduler serve` in a subprocess; the port comes back through --port-file."""
+
+    def __init__(self, tmp: Path, data_dir: Path | None = None, extra: list[str] | None = None,
+                 listen: str = "127.0.0.1:0"):
+        self.tmp = tmp
+        self.data_dir = data_dir
+        self.extra = list(extra or [])
+        self.listen = listen
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = tmp / f"server-{time.monotonic_ns()}.log"
+
+    def start(self, timeout: float = 60.0) -> "ServerProcess":
+        port_file = self.tmp / f"port-{time.monotonic_ns()}"
+        cmd = [sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", self.listen,
+               "--port-file", str(port_file)] + self.extra
+        if self.data_dir is not None:
+            cmd += ["--data-dir", str(self.data_dir)]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server did not start:\n{self.log()}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._log.close()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._log.close()
+
+
+def stub_for(address: str, credentials=None, options=None):
+    if credentials is None:
+        channel = grpc.insecure_channel(address, options=options or [])
+    else:
+        channel = grpc.secure_channel(address, credentials, options=options or [])
+    grpc.channel_ready_future(channel).result(timeout=30) if credentials is None else None
+    return channel, pb_grpc.SchedulerServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("srv")
+    srv = ServerProcess(tmp, data_dir=tmp / "data").start()
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel, s = stub_for(server.address)
+    yield s
+    channel.close()
+
+
+def make_host(id: str, cpu: int = 4000, memory: int = 8192, **kw) -> pb.Host:
+    return pb.Host(id=id, capacity={"cpu": cpu, "memory": memory}, **kw)
+
+
+def make_workload(id: str, cpu: int = 1000, memory: int = 1024, **kw) -> pb.Workload:
+    return pb.Workload(id=id, requests={"cpu": cpu, "memory": memory}, **kw)

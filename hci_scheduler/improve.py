@@ -1,0 +1,429 @@
+"""Bounded, deterministic improvement of a greedy batch packing.
+
+`improve_assignment` takes the greedy result of a batch placement and tries
+to empty hosts, one at a time, by moving their workloads onto the other hosts
+the greedy used. It never touches a host the greedy did not use, so the
+number of hosts in use can only go down, and every row the greedy placed
+stays placed.
+
+Method
+------
+A consistent-neighbourhood tabu search in the style of Buljubašić & Vasquez,
+"Consistent neighborhood search for one-dimensional bin packing and
+two-dimensional vector packing", Computers & Operations Research 76 (2016),
+which the vector bin packing survey cited in ``shared/data/vbp/README.md``
+(Mommessin, Erlebach, Shakhlevich 2024) lists among the strongest methods:
+
+1. Close the least-filled used host; its items become *pending*.
+2. Repeat: insert pending items into hosts where they fit (tightest fit
+   first); otherwise swap a pending item with one or two placed items of a
+   host where that fits, taking the move that lowers the total *weight* of
+   the pending set most (weight = size summed over dimensions, each
+   normalised by the largest capacity). Small items left pending are easy to
+   re-insert later. When no move lowers the weight, take the least bad one;
+   recently moved (item, host) pairs are tabu so the search does not cycle.
+3. When the pending set empties, the closed host is freed: keep the packing
+   and close the next one. When the attempt stalls, restore the last
+   complete packing and try the next least-filled host.
+
+Effort is counted in *work units* (array elements examined plus a fixed
+cost per step), never in seconds, so the result is the same on every
+machine for a given budget. ``budget_s`` converts to work units at
+``WORK_UNITS_PER_SECOND`` (calibrated so that the work fits well inside the
+wall time on a 2024 laptop core); the wall clock is only a safety cap.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .errors import ValidationError
+
+__all__ = ["improve_assignment", "WORK_UNITS_PER_SECOND"]
+
+# Work units per second of budget. One unit is roughly one int64 element
+# compared in a vectorised feasibility test; each search step also pays
+# STEP_UNITS for its Python overhead. Calibrated on a 2.x GHz core so that
+# a budget of T seconds takes at most about 0.6 T of wall time.
+WORK_UNITS_PER_SECOND = 35_000_000
+STEP_UNITS = 8_000
+# Steps without a new lowest pending weight before an attempt gives up.
+STALL_STEPS = 150
+# Steps during which a moved item may not return to the host it left.
+TABU_TENURE = 12
+# Heaviest candidates considered for the pair of a min-slack bin fill.
+PAIR_CANDIDATES = 160
+
+
+def _check_inputs(free, requests, assignment, budget_s):
+    for name, arr, ndim in (("free", free, 2), ("requests", requests, 2),
+                            ("assignment", assignment, 1)):
+        if not isinstance(arr, np.ndarray):
+            raise ValidationError(f"{name} must be a numpy ndarray, got {type(arr).__name__}")
+        if arr.dtype != np.int64:
+            raise ValidationError(f"{name} must have dtype int64, got {arr.dtype}")
+        if arr.ndim != ndim:
+            raise ValidationError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    if free.shape[1] != requests.shape[1]:
+        raise ValidationError(
+            f"requests has {requests.shape[1]} dimensions, free has {free.shape[1]}"
+        )
+    if assignment.shape[0] != requests.shape[0]:
+        raise ValidationError(
+            f"assignment has {assignment.shape[0]} rows, requests has {requests.shape[0]}"
+        )
+    if (free < 0).any():
+        raise ValidationError("free must be >= 0 everywhere")
+    if (requests < 0).any():
+        raise ValidationError("requests must be >= 0 everywhere")
+    if assignment.size and (assignment.min() < -1 or assignment.max() >= free.shape[0]):
+        raise ValidationError(
+            f"assignment values must be -1 or a host index in [0, {free.shape[0]})"
+        )
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float, np.floating)):
+        raise ValidationError(f"budget_s must be a number, got {budget_s!r}")
+    if not math.isfinite(budget_s) or budget_s < 0:
+        raise ValidationError(f"budget_s must be finite and >= 0, got {budget_s!r}")
+
+
+def _fits(room: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """fits[i, j] = sizes[i] <= room[j] in every dimension.
+
+    room (a, d), sizes (b, d) -> (b, a) bool. One 2-D comparison per
+    dimension: for d <= 10 this is several times faster than broadcasting to
+    (b, a, d) and reducing over the last axis.
+    """
+    out = sizes[:, 0][:, None] <= room[:, 0][None, :]
+    for k in range(1, sizes.shape[1]):
+        out &= sizes[:, k][:, None] <= room[:, k][None, :]
+    return out
+
+
+def _usage(n_hosts: int, requests: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    used = np.zeros((n_hosts, requests.shape[1]), dtype=np.int64)
+    placed = assignment >= 0
+    np.add.at(used, assignment[placed], requests[placed])
+    return used
+
+
+def improve_assignment(free, requests, assignment, budget_s, *, seed=0):
+    """Improve a greedy packing within a bounded, deterministic effort.
+
+    Parameters
+    ----------
+    free : ndarray of int64, shape (n_hosts, n_dims)
+        Free capacity of every host before the batch (all-zero rows for
+        hosts that cannot take anything).
+    requests : ndarray of int64, shape (n, n_dims)
+        The batch's requests.
+    assignment : ndarray of int64, shape (n,)
+        The greedy result: a host index per row, or -1 for unplaced rows.
+        Must be feasible against ``free``.
+    budget_s : float
+        Effort budget in seconds (0 returns a copy of ``assignment``). It is
+        converted to work units, so the result does not depend on the
+        machine unless the wall-time safety cap of ``budget_s`` is hit.
+    seed : int, keyword-only
+        Seed of the tie-breaking random generator.
+
+    Returns
+    -------
+    ndarray of int64, shape (n,)
+        A feasible assignment that places exactly the rows the greedy placed,
+        only on hosts the greedy used, and so never uses more hosts.
+
+    Raises
+    ------
+    ValidationError
+        On wrong types, dtypes, shapes, negative values, or an input
+        assignment that overcommits a host.
+    """
+    _check_inputs(free, requests, assignment, budget_s)
+    out = assignment.copy()
+    if budget_s == 0 or requests.shape[0] < 2:
+        return out
+    if (_usage(free.shape[0], requests, assignment) > free).any():
+        raise ValidationError("assignment overcommits a host: it is not a feasible greedy result")
+    placed_rows = np.flatnonzero(assignment >= 0)
+    hosts, local_bin = np.unique(assignment[placed_rows], return_inverse=True)
+    if hosts.size < 2:
+        return out
+    search = _BinEmptier(
+        np.ascontiguousarray(free[hosts]),
+        np.ascontiguousarray(requests[placed_rows]),
+        local_bin.astype(np.int64),
+        work_budget=int(budget_s * WORK_UNITS_PER_SECOND),
+        wall_deadline=time.perf_counter() + float(budget_s),
+        seed=seed,
+    )
+    best_bin = search.run()
+    out[placed_rows] = hosts[best_bin]
+    # Defensive re-check, independent of the search's own bookkeeping.
+    if (
+        (_usage(free.shape[0], requests, out) > free).any()
+        or np.unique(out[placed_rows]).size > hosts.size
+        or (out[placed_rows] < 0).any()
+    ):
+        return assignment.copy()
+    return out
+
+
+class _BinEmptier:
+    """Tabu search state over the greedy's hosts (local indices 0..n_bins-1).
+
+    Attributes
+    ----------
+    cap : (n_bins, n_dims) int64, capacity of each bin
+    sizes : (n_items, n_dims) int64
+    weight : (n_items,) float64, normalised size used as the pending cost
+    bin_of : (n_items,) int64, current bin of each item, -1 while pending
+    """
+
+    def __init__(self, cap, sizes, bin_of, *, work_budget, wall_deadline, seed):
+        self.cap = cap
+        self.sizes = sizes
+        self.n_bins, self.n_dims = cap.shape
+        self.n_items = sizes.shape[0]
+        ref = cap.max(axis=0).astype(np.float64)
+        ref[ref == 0] = 1.0  # a zero-capacity dimension carries no request either
+        self.scaled = sizes / ref
+        self.cap_scaled = cap / ref
+        self.weight = self.scaled.sum(axis=1)
+        self.bin_of = bin_of.copy()
+        self.work_left = work_budget
+        self.deadline = wall_deadline
+        self.rng = np.random.default_rng(seed)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _spend(self, units: int) -> bool:
+        self.work_left -= units + STEP_UNITS
+        return self.work_left > 0 and time.perf_counter() < self.deadline
+
+    def _loads(self, bin_of: np.ndarray) -> np.ndarray:
+        load = np.zeros_like(self.cap)
+        placed = bin_of >= 0
+        np.add.at(load, bin_of[placed], self.sizes[placed])
+        return load
+
+    # -- outer loop: close one bin at a time ---------------------------------
+
+    def run(self) -> np.ndarray:
+        best = self.bin_of.copy()
+        alt = self._min_slack_start()
+        if alt is not None and np.unique(alt).size < np.unique(best).size:
+            best = alt
+        failed: set[int] = set()
+        while self.work_left > 0 and time.perf_counter() < self.deadline:
+            used = np.bincount(best, minlength=self.n_bins) > 0
+            fill = np.bincount(best, weights=self.weight, minlength=self.n_bins)
+            candidates = [b for b in np.flatnonzero(used)[np.argsort(fill[used], kind="stable")]
+                          if b not in failed]
+            if len(candidates) == 0 or used.sum() < 2:
+                break
+            target = int(candidates[0])
+            result = self._empty_bin(best, target, used)
+            if result is None:
+                failed.add(target)
+            else:
+                best = result
+                failed.clear()
+        return best
+
+    def _empty_bin(self, start: np.ndarray, target: int, used: np.ndarray):
+        """Pack every item onto the used bins other than `target`, or None."""
+        bin_of = start.copy()
+        open_bin = used.copy()
+        open_bin[target] = False
+        # Closed bins get capacity -1 so no feasibility test ever accepts them.
+        cap = np.where(open_bin[:, None], self.cap, -1)
+        load = self._loads(np.where(bin_of == target, -1, bin_of))
+        bin_of[bin_of == target] = -1
+        tabu = np.zeros((self.n_items, self.n_bins), dtype=np.int64)
+        locked = np.zeros(self.n_items, dtype=np.int64)
+        sizes, weight = self.sizes, self.weight
+        best_pending = math.inf
+        stall = 0
+        step = 0
+        while True:
+            step += 1
+            self._insert_fitting(bin_of, load, cap)
+            pending = np.flatnonzero(bin_of < 0)
+            if pending.size == 0:
+                return bin_of
+            pending_weight = float(weight[pending].sum())
+            if pending_weight < best_pending - 1e-12:
+                best_pending, stall = pending_weight, 0
+            else:
+                stall += 1
+            if stall > STALL_STEPS:
+                return None
+            move = self._best_swap(pending, bin_of, load, cap, tabu, locked, step)
+            if move is None:
+                return None
+            p, b, out_items = move
+            for j in out_items:
+                bin_of[j] = -1
+                load[b] -= sizes[j]
+                tabu[j, b] = step + TABU_TENURE
+            bin_of[p] = b
+            load[b] += sizes[p]
+            locked[p] = step + TABU_TENURE
+            if not self._spend(0):
+                return None
+
+    # -- alternative start ----------------------------------------------------
+
+    def _min_slack_start(self):
+        """Minimum-bin-slack construction over the same bins, or None.
+
+        Fills one bin at a time: the heaviest remaining item plus the one or
+        two other items that leave the least normalised slack, then tops the
+        bin up first-fit. This is MBS' of Gupta & Ho (1999), "A new heuristic
+        algorithm for the one-dimensional bin-packing problem", restricted to
+        subsets of size three and extended to vectors; it finds the exact
+        fills that a one-item-at-a-time greedy misses. Candidates are capped
+        at the PAIR_CANDIDATES heaviest so the cost stays O(n) per bin.
+        """
+        sizes, weight = self.sizes, self.weight
+        remaining = list(np.argsort(-weight, kind="stable"))
+        bin_of = np.full(self.n_items, -1, dtype=np.int64)
+        # Largest bins first, as the greedy's hosts may differ in size.
+        for b in np.argsort(-self.cap_scaled.sum(axis=1), kind="stable"):
+            if not remaining:
+                break
+            rest = np.array(remaining, dtype=np.int64)
+            slack = self.cap[b] - sizes[rest[0]]
+            if (slack < 0).any():
+                return None
+            chosen = [rest[0]]
+            others = rest[1:]
+            cand = others[(sizes[others] <= slack).all(axis=1)][:PAIR_CANDIDATES]
+            if cand.size:
+                after = slack - sizes[cand]                     # (c, d)
+                pair_ok = _fits(after, sizes[cand]).T  # [j, k]: k fits beside j
+                pair_ok &= np.triu(np.ones((cand.size, cand.size), dtype=bool), 1)
+                if not self._spend(pair_ok.size * self.n_dims):
+                    return None
+                value = np.where(pair_ok, weight[cand][:, None] + weight[cand][None, :], -1.0)
+                j, k = np.unravel_index(int(np.argmax(value)), value.shape)
+                if value[j, k] > weight[cand[0]]:
+                    chosen += [cand[j], cand[k]]
+                else:
+                    chosen.append(cand[0])
+                slack = slack - sizes[chosen[1:]].sum(axis=0)
+            taken = set(int(c) for c in chosen)
+            # Top up, heaviest first; only items that fit the slack now can.
+            fit_now = others[(sizes[others] <= slack).all(axis=1)]
+            self._spend(others.size * self.n_dims)
+            for i in fit_now:
+                if int(i) not in taken and (sizes[i] <= slack).all():
+                    slack = slack - sizes[i]
+                    taken.add(int(i))
+            for i in taken:
+                bin_of[i] = b
+            remaining = [i for i in remaining if int(i) not in taken]
+        return None if remaining else bin_of
+
+    # -- moves ----------------------------------------------------------------
+
+    def _insert_fitting(self, bin_of, load, cap) -> None:
+        """Insert pending items, heaviest first, each into its tightest fitting bin."""
+        pending = np.flatnonzero(bin_of < 0)
+        if pending.size == 0:
+            return
+        pending = pending[np.argsort(-self.weight[pending], kind="stable")]
+        slack = cap - load  # (n_bins, n_dims)
+        self._spend(pending.size * slack.size)
+        for p in pending:
+            fits = (slack >= self.sizes[p]).all(axis=1)
+            if not fits.any():
+                continue
+            # Tightest fit: least normalised room left after the insertion
+            # (best fit, the rule the greedy's binpack strategy also uses).
+            room = ((slack - self.sizes[p]) / np.maximum(self.cap, 1)).sum(axis=1)
+            room[~fits] = np.inf
+            b = int(np.argmin(room))
+            bin_of[p] = b
+            load[b] += self.sizes[p]
+            slack[b] -= self.sizes[p]
+
+    def _best_swap(self, pending, bin_of, load, cap, tabu, locked, step):
+        """The best (pending item in, one or two placed items out) move, or None.
+
+        Returns ``(p, b, out_items)``. Improving moves (pending weight goes
+        down) are preferred; otherwise the least worsening non-tabu move.
+        """
+        sizes, weight = self.sizes, self.weight
+        placed = np.flatnonzero((bin_of >= 0) & (locked <= step))
+        best = None
+        best_delta = math.inf
+        if placed.size:
+            pb = bin_of[placed]
+            # room_j = slack of j's bin once j leaves it: (n_placed, n_dims)
+            room = cap[pb] - load[pb] + sizes[placed]
+            # feasible[p, j]: pending p fits in place of j.
+            feasible = _fits(room, sizes[pending])
+            feasible &= tabu[pending][:, pb] <= step
+            self._spend(feasible.size * self.n_dims)
+            if feasible.any():
+                # An ejected item that fits directly into another open bin
+                # costs nothing: the swap is then a two-step ejection chain.
+                out_cost = weight[placed].copy()
+                cand = np.flatnonzero(feasible.any(axis=0))
+                slack = cap - load
+                elsewhere = _fits(slack, sizes[placed[cand]])
+                elsewhere[np.arange(cand.size), pb[cand]] = False
+                self._spend(elsewhere.size * self.n_dims)
+                out_cost[cand[elsewhere.any(axis=1)]] = 0.0
+                delta = out_cost[None, :] - weight[pending][:, None]
+                delta = np.where(feasible, delta, np.inf)
+                best_delta = float(delta.min())
+                pi, ji = self._pick(delta, best_delta)
+                best = (int(pending[pi]), int(pb[ji]), (int(placed[ji]),))
+        if best_delta < -1e-12:
+            return best
+        pair = self._best_pair_swap(pending, placed, bin_of, load, cap, tabu, step)
+        if pair is not None and pair[0] < best_delta:
+            return pair[1]
+        return best
+
+    def _best_pair_swap(self, pending, placed, bin_of, load, cap, tabu, step):
+        """Best move putting one pending item in place of two items of one bin."""
+        if placed.size < 2:
+            return None
+        order = placed[np.argsort(bin_of[placed], kind="stable")]
+        ob = bin_of[order]
+        first, second = [], []
+        for offset in range(1, order.size):
+            same = ob[:-offset] == ob[offset:]
+            if not same.any():
+                break
+            first.append(order[:-offset][same])
+            second.append(order[offset:][same])
+        if not first:
+            return None
+        j = np.concatenate(first)
+        k = np.concatenate(second)
+        b = bin_of[j]
+        sizes, weight = self.sizes, self.weight
+        room = cap[b] - load[b] + sizes[j] + sizes[k]
+        feasible = _fits(room, sizes[pending])
+        allowed = tabu[pending][:, b] <= step
+        feasible &= allowed
+        self._spend(feasible.size * self.n_dims)
+        if not feasible.any():
+            return None
+        delta = (weight[j] + weight[k])[None, :] - weight[pending][:, None]
+        delta = np.where(feasible, delta, np.inf)
+        best_delta = float(delta.min())
+        pi, qi = self._pick(delta, best_delta)
+        return best_delta, (int(pending[pi]), int(b[qi]), (int(j[qi]), int(k[qi])))
+
+    def _pick(self, delta: np.ndarray, value: float) -> tuple[int, int]:
+        """Seeded choice among the entries equal to the minimum."""
+        rows, cols = np.nonzero(delta <= value + 1e-12)
+        i = int(self.rng.integers(rows.size)) if rows.size > 1 else 0
+        return int(rows[i]), int(cols[i])

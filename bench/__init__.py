@@ -1,0 +1,122 @@
+"""hci-scheduler benchmarks: density and latency suites, peers, report, CI gate.
+
+Run ``python -m bench [--suite density|latency|all] [--quick] [--out DIR]``;
+``hci-scheduler bench`` forwards its arguments to :func:`main`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=("density", "latency", "all"), default="all")
+    p.add_argument("--quick", action="store_true", help="a subset that finishes in a few minutes")
+    p.add_argument("--out", default="bench-out", help="directory for results.json, report.md, plots")
+    p.add_argument("--improve-s", type=float, default=0.5,
+                   help="improve_s for the improved density run (default 0.5)")
+    p.add_argument("--no-gate", action="store_true", help="report density without failing on regressions")
+    p.add_argument("--update-baseline", action="store_true",
+                   help="record improvements (and new instances) in bench/baseline_density.json")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _progress(disabled: bool):
+    if disabled:
+        return None
+    from tqdm import tqdm
+
+    return lambda **kw: tqdm(leave=False, file=sys.stderr, **kw)
+
+
+def main(argv=None) -> int:
+    """Run the selected suites; returns the exit code (1 when the density gate fails)."""
+    args = _parser().parse_args(argv)
+    from hci_scheduler import datasets
+
+    from . import report
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = _progress(args.no_progress)
+    results: dict = {"machine": report.machine(),
+                     "config": {"suite": args.suite, "quick": args.quick, "improve_s": args.improve_s}}
+    status = 0
+    heat = None
+    t_start = time.perf_counter()
+    try:
+        datasets.data_dir()
+        have_data = True
+    except datasets.DatasetUnavailable as exc:
+        have_data = False
+        print(f"note: {exc}; density and compaction suites skipped, latency uses synthetic data",
+              file=sys.stderr)
+    if args.suite in ("density", "all") and have_data:
+        status |= _density(args, results, progress)
+    if args.suite in ("latency", "all"):
+        heat = _latency(args, results, progress, have_data)
+    results["seconds"] = time.perf_counter() - t_start
+    results["plots"] = report.plots(results, out, heat)
+    report.write_json(results, out)
+    text = report.markdown(results)
+    (out / "report.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and {len(results['plots'])} plots "
+          f"in {results['seconds']:.0f} s")
+    return status
+
+
+def _density(args, results, progress) -> int:
+    from . import density, gate
+
+    if args.quick:
+        cfg = density.DensityConfig(improve_s=args.improve_s, improve_stride=8, peer_stride=8,
+                                    cpsat_max_items=20, cpsat_time_s=2.0, cpsat_stride=12)
+    else:
+        cfg = density.DensityConfig(improve_s=args.improve_s, improve_stride=1, peer_stride=1,
+                                    cpsat_max_items=40, cpsat_time_s=5.0, cpsat_stride=4)
+    rows = density.run(cfg, progress)
+    gate_cfg = {"improve_s": cfg.improve_s, "improve_stride": cfg.improve_stride}
+    section = {"config": asdict(cfg), "rows": rows, "summary": density.summarise(rows)}
+    baseline = gate.load_baseline()
+    regressions, notes = gate.check(rows, baseline, gate_cfg)
+    checked = sum(1 for r in rows if r["optimum"] is not None and r["instance"] in baseline["instances"])
+    section["gate"] = {"status": "FAIL" if regressions else "pass", "checked": checked,
+                       "regressions": [str(r) for r in regressions], "notes": notes}
+    results["density"] = section
+    if args.update_baseline:
+        gate.save_baseline(gate.updated(rows, baseline, gate_cfg))
+    if regressions and not args.no_gate:
+        print(f"density gate FAILED: {len(regressions)} instances regressed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _latency(args, results, progress, have_data):
+    from . import compaction, latency
+
+    if args.quick:
+        cfg = latency.LatencyConfig(n_batch=20_000, n_single=500, n_peer=500)
+        n_google, n_azure = 3_000, 3_000
+    else:
+        cfg = latency.LatencyConfig()
+        n_google, n_azure = 20_000, 20_000
+    results["latency"] = {"config": asdict(cfg), **latency.run(cfg, progress)}
+    if not have_data:
+        return None
+    comps = []
+    heat = None
+    for replay in (compaction.google_replay(n_google), compaction.azure_replay(n_azure)):
+        res = compaction.run(replay, ("binpack", "dot", "balanced", "spread"), progress=progress)
+        comps.append(res)
+        if heat is None and res["policies"]["ours/binpack"]["hosts"]:
+            heat = compaction.utilisation_after(replay, res["policies"]["ours/binpack"]["hosts"])
+    results["compaction"] = comps
+    return heat

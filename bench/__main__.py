@@ -1,0 +1,6 @@
+"""`python -m bench`: see bench.main."""
+import sys
+
+from . import main
+
+sys.exit(main())

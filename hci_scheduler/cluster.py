@@ -2,26 +2,37 @@
 
 The Cluster compiles hosts and workloads into integer arrays once (on
 registration), keeps ids <-> rows, validates every input before it touches
-the state, and calls sched_core for filter -> score -> select -> commit.
+the state, and calls sched_core for filter -> score -> select -> commit:
+
+  compile   Workload -> request vector + Terms (cached per spec)     constraints.py
+  filter    hard constraints, cheapest first, per host               sched_core/_constraint.pyx
+  score     strategy cost + soft-term penalties                      sched_core/_place.pyx
+  select    lowest cost, then key order, then lowest host row        sched_core/_place.pyx
+  commit    used/free/load, group and tenant counters                sched_core/_state.pyx
+
 Any call that raises leaves the state exactly as it was.
 """
 from __future__ import annotations
 
 import heapq
 import threading
-from dataclasses import replace
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
 
 import numpy as np
 
 import sched_core
 
 from . import explain as _explain
+from .constraints import CompiledTerms, ConstraintIndex, spec_key
 from .errors import DuplicateId, NotFound, StateConflict, UnknownDimension, Unschedulable, ValidationError
-from .model import DEFAULT_DIMENSIONS, HOST_STATES, BatchResult, Host, Placement, Workload, check_quantity
+from .model import (
+    DEFAULT_DIMENSIONS, HOST_STATES, BatchResult, Host, Placement, Volume, Workload, check_quantity,
+)
 from .policy import Policy, check_order, largest_first, strategy_code
 
 _INITIAL_ROWS = 64
+_MAX_NUMA = 8
 
 
 def _as_request_matrix(requests, n_dims: int, name: str = "requests") -> np.ndarray:
@@ -36,7 +47,27 @@ def _as_request_matrix(requests, n_dims: int, name: str = "requests") -> np.ndar
     if out.size and out.min() < 0:
         row, col = np.argwhere(out < 0)[0]
         raise ValidationError(f"{name}[{row}, {col}] must be >= 0, got {out[row, col]}")
+    if out.size and out.max() >= 2**46:
+        raise ValidationError(f"{name} holds a value >= 2**46: {out.max()}")
     return out
+
+
+@dataclass
+class _Record:
+    """A placed named workload: what it costs its host, and the terms it was counted under."""
+
+    workload: Workload
+    row: int
+    charge: np.ndarray
+    numa: int
+    terms: CompiledTerms
+
+
+@dataclass
+class _VolumeRecord:
+    volume: Volume
+    rows: list[int]
+    charge: np.ndarray
 
 
 class Cluster:
@@ -47,6 +78,7 @@ class Cluster:
     dimensions : sequence of str
         Resource dimensions, fixed for the cluster's life. Default: cpu
         (millicores), memory (MiB), ssd (GiB), net (Mbit/s), gpu (count).
+        Add e.g. "hugepages" for VMs that ask for them.
     policy : Policy, optional
         Per-dimension weights of the scores.
     """
@@ -67,16 +99,24 @@ class Cluster:
         self._state = sched_core.HostState(_INITIAL_ROWS, self._inv_ref(self._ref))
         self._allocatable = np.zeros((_INITIAL_ROWS, n_dims), dtype=np.int64)
         self._capacity = np.zeros((_INITIAL_ROWS, n_dims), dtype=np.int64)
+        self._ratio_milli = np.full((_INITIAL_ROWS, n_dims), 1000, dtype=np.int64)
         self._live = np.zeros(_INITIAL_ROWS, dtype=bool)
         self._n_rows = 0                      # high-water mark of rows ever used
         self._spare_rows: list[int] = []      # removed rows, reused lowest first
         self._host_rows: dict[str, int] = {}
         self._row_hosts: list[Host | None] = []
-        # Named workloads: id -> (workload, host row, request vector).
-        self._workloads: dict[str, tuple[Workload, int, np.ndarray]] = {}
+        self._cons = ConstraintIndex(dims)
+        self._cons.rebuild(self._row_hosts, _INITIAL_ROWS, self._ratio_milli)
+        self._terms_cache: dict[tuple, CompiledTerms] = {}
+        self._workloads: dict[str, _Record] = {}
+        self._daemons: dict[str, Workload] = {}          # per-host services by id
+        self._volumes: dict[str, _VolumeRecord] = {}
         # Array workloads (place_array): rows numbered across calls.
-        self._arr_requests = np.zeros((0, n_dims), dtype=np.int64)
+        self._arr_charge = np.zeros((0, n_dims), dtype=np.int64)
         self._arr_hosts = np.zeros(0, dtype=np.int64)
+        self._arr_numa = np.zeros(0, dtype=np.int64)
+        self._arr_terms = np.zeros(0, dtype=np.int32)
+        self._arr_terms_list: list[CompiledTerms] = []
         self._arr_n = 0
 
     # ------------------------------------------------------------------ construction
@@ -124,19 +164,20 @@ class Cluster:
             return
         new = max(n_rows, 2 * old)
         self._state = self._state.grown(new)
-        for name in ("_allocatable", "_capacity"):
+        for name, fill in (("_allocatable", 0), ("_capacity", 0), ("_ratio_milli", 1000)):
             arr = getattr(self, name)
-            grown = np.zeros((new, arr.shape[1]), dtype=arr.dtype)
+            grown = np.full((new, arr.shape[1]), fill, dtype=arr.dtype)
             grown[:old] = arr
             setattr(self, name, grown)
         live = np.zeros(new, dtype=bool)
         live[:old] = self._live
         self._live = live
+        self._cons.rebuild(self._row_hosts, new, self._ratio_milli)
 
     # ------------------------------------------------------------------ hosts
 
-    def _compile_host(self, host: Host) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """capacity, allocatable, limit rows of `host` (validated)."""
+    def _compile_host(self, host: Host):
+        """capacity, allocatable, limit, ratio x 1000 and NUMA rows of `host` (validated)."""
         n = len(self.dimensions)
         cap = np.zeros(n, dtype=np.int64)
         reserved = np.zeros(n, dtype=np.int64)
@@ -156,16 +197,30 @@ class Cluster:
             d = int(np.argmax(reserved > cap))
             raise ValidationError(
                 f"host {host.id} reserved[{self.dimensions[d]!r}] = {reserved[d]} exceeds its capacity {cap[d]}")
+        if len(host.numa) > _MAX_NUMA:
+            raise ValidationError(f"host {host.id} numa: at most {_MAX_NUMA} NUMA nodes, got {len(host.numa)}")
+        numa = np.zeros((len(host.numa), 2), dtype=np.int64)
+        for k, node in enumerate(host.numa):
+            unknown = set(node) - {"cpu", "memory"}
+            if unknown:
+                raise ValidationError(f"host {host.id} numa[{k}] has unknown keys {sorted(unknown)} (cpu, memory)")
+            numa[k] = [check_quantity(f"host {host.id} numa[{k}]['cpu']", node.get("cpu", 0)),
+                       check_quantity(f"host {host.id} numa[{k}]['memory']", node.get("memory", 0))]
         allocatable = cap - reserved
         limit = np.floor(allocatable * ratio).astype(np.int64)
-        return cap, allocatable, limit
+        ratio_milli = np.round(ratio * 1000).astype(np.int64)
+        return cap, allocatable, limit, ratio_milli, numa
 
     def add_host(self, host: Host) -> int:
         """Register one host; returns its row index."""
         return self.add_hosts([host])[0]
 
     def add_hosts(self, hosts: Iterable[Host]) -> list[int]:
-        """Register hosts, all or nothing; returns their row indices."""
+        """Register hosts, all or nothing; returns their row indices.
+
+        Per-host services already registered get a replica on every new host
+        that matches them, before the host takes any other work.
+        """
         hosts = list(hosts)
         compiled = []
         seen = set()
@@ -186,22 +241,28 @@ class Cluster:
                 else:
                     rows.append(next_row)
                     next_row += 1
+            while len(self._row_hosts) < next_row:
+                self._row_hosts.append(None)
             self._grow(next_row)
             self._spare_rows = spare
             self._n_rows = next_row
-            while len(self._row_hosts) < next_row:
-                self._row_hosts.append(None)
-            for host, row, (cap, alloc, limit) in zip(hosts, rows, compiled):
+            numa = {}
+            for host, row, (cap, alloc, limit, ratio_milli, numa_nodes) in zip(hosts, rows, compiled):
                 self._capacity[row] = cap
                 self._allocatable[row] = alloc
+                self._ratio_milli[row] = ratio_milli
                 self._live[row] = True
                 self._host_rows[host.id] = row
                 self._row_hosts[row] = host
                 self._state.set_limit(row, limit)
+                numa[row] = numa_nodes
+            self._cons.add_rows(rows, self._row_hosts, self._ratio_milli, numa)
             self._refresh_reference()
             for host, row in zip(hosts, rows):
                 if host.state == "ready":
                     self._state.set_schedulable(row, True)
+            for daemon in self._daemons.values():
+                self._place_daemon_on(daemon, rows)
             return rows
 
     def _refresh_reference(self) -> None:
@@ -210,7 +271,7 @@ class Cluster:
         ref = limits.max(axis=0) if len(limits) else np.zeros(len(self.dimensions), dtype=np.int64)
         if not np.array_equal(ref, self._ref):
             self._ref = ref
-            self._state.set_inv_ref(self._inv_ref(ref))
+            self._state.set_reference(self._inv_ref(ref), ref.astype(np.float64))
 
     def _row(self, host_id: str) -> int:
         try:
@@ -219,19 +280,28 @@ class Cluster:
             raise NotFound(f"unknown host id {host_id!r}") from None
 
     def remove_host(self, host_id: str) -> None:
-        """Forget a host. Refused (StateConflict) while workloads remain on it."""
+        """Forget a host. Refused (StateConflict) while workloads or volume replicas remain on it."""
         with self._lock:
             row = self._row(host_id)
-            load = int(self._state.load_array[row])
+            # Per-host services follow their host out.
+            daemon_ids = [wid for wid, rec in self._workloads.items()
+                          if rec.row == row and rec.workload.per_host]
+            load = int(self._state.load_array[row]) - len(daemon_ids)
             if load:
-                raise StateConflict(f"host {host_id!r} still runs {load} workloads; release or drain them first")
+                raise StateConflict(f"host {host_id!r} still runs {load} workloads or volume replicas; "
+                                    f"release or drain them first")
+            for wid in daemon_ids:
+                self._release_record(wid)
             self._state.clear_row(row)
             self._capacity[row] = 0
             self._allocatable[row] = 0
+            self._ratio_milli[row] = 1000
             self._live[row] = False
             del self._host_rows[host_id]
             self._row_hosts[row] = None
+            self._cons.forget_row(row)
             heapq.heappush(self._spare_rows, row)
+            self._cons.rebuild(self._row_hosts, self._state.n_rows, self._ratio_milli)
             self._refresh_reference()
 
     def set_host_state(self, host_id: str, state: str) -> None:
@@ -248,6 +318,21 @@ class Cluster:
 
     def uncordon(self, host_id: str) -> None:
         self.set_host_state(host_id, "ready")
+
+    def update_host(self, host_id: str, labels=None, taints=None) -> Host:
+        """Replace a host's labels and/or taints. Placed workloads stay where they are;
+        counters per topology domain follow the new labels."""
+        with self._lock:
+            row = self._row(host_id)
+            changes = {}
+            if labels is not None:
+                changes["labels"] = dict(labels)
+            if taints is not None:
+                changes["taints"] = tuple(taints)
+            updated = replace(self._row_hosts[row], **changes)  # validates
+            self._row_hosts[row] = updated
+            self._cons.rebuild(self._row_hosts, self._state.n_rows, self._ratio_milli)
+            return updated
 
     def host(self, host_id: str) -> Host:
         return self._row_hosts[self._row(host_id)]
@@ -271,7 +356,7 @@ class Cluster:
     def n_hosts(self) -> int:
         return len(self._host_rows)
 
-    # ------------------------------------------------------------------ named workloads
+    # ------------------------------------------------------------------ compiling workloads
 
     def _compile_request(self, workload: Workload) -> np.ndarray:
         vec = np.zeros(len(self.dimensions), dtype=np.int64)
@@ -285,28 +370,89 @@ class Cluster:
     def _check_new_workload(self, workload: Workload) -> np.ndarray:
         if not isinstance(workload, Workload):
             raise ValidationError(f"expected a Workload, got {type(workload).__name__}")
-        if workload.id in self._workloads:
+        if workload.id in self._workloads or workload.id in self._daemons:
             raise DuplicateId(f"workload id {workload.id!r} is already placed")
         return self._compile_request(workload)
 
-    def place(self, workload: Workload, strategy: str = "binpack") -> Placement:
-        """Place one workload; raises Unschedulable (with the explanation) when nothing fits."""
+    def _volume_mask(self, workload: Workload) -> np.ndarray | None:
+        """Rows holding a replica of every (existing) volume the workload mounts."""
+        names = [v for v in workload.volumes if isinstance(v, str)]
+        if not names:
+            return None
+        mask = np.ones(self._state.n_rows, dtype=np.uint8)
+        for name in names:
+            if name not in self._volumes:
+                raise NotFound(f"workload {workload.id} volumes: unknown volume {name!r}")
+            holds = np.zeros(self._state.n_rows, dtype=np.uint8)
+            holds[self._volumes[name].rows] = 1
+            mask &= holds
+        return mask
+
+    def _terms(self, workload: Workload, allowed: np.ndarray | None = None) -> CompiledTerms:
+        """Compiled constraints of a workload, cached per spec while the host layout is unchanged."""
+        if allowed is None:
+            allowed = self._volume_mask(workload)
+        if allowed is not None:
+            return self._cons.compile(workload, allowed)
+        key = spec_key(workload)
+        cached = self._terms_cache.get(key)
+        if cached is not None and cached.version == self._cons.version:
+            return cached
+        terms = self._cons.compile(workload)
+        if len(self._terms_cache) > 4096:
+            self._terms_cache.clear()
+        self._terms_cache[key] = terms
+        return terms
+
+    # ------------------------------------------------------------------ named workloads
+
+    def _select_and_commit(self, workload: Workload, request: np.ndarray, terms: CompiledTerms,
+                           code: int) -> int:
+        """Run the constrained kernel for one workload; record it and return the row, or -1."""
+        hosts = np.full(1, -1, dtype=np.int64)
+        charge = np.zeros((1, len(self.dimensions)), dtype=np.int64)
+        numa = np.full(1, -1, dtype=np.int64)
+        sched_core.place_rows_constrained(self._state, self._cons.state, terms.core, request[None, :],
+                                          np.zeros(1, dtype=np.intp), code, hosts, charge, numa)
+        row = int(hosts[0])
+        if row >= 0:
+            self._cons.record(terms, [row], +1)
+            self._workloads[workload.id] = _Record(workload, row, charge[0], int(numa[0]), terms)
+        return row
+
+    def place(self, workload: Workload, strategy: str = "binpack", preempt: bool = False) -> Placement:
+        """Place one workload; raises Unschedulable (with the explanation) when nothing fits.
+
+        With preempt=True a workload that fits nowhere may evict lower-priority
+        workloads from one host (fewest victims, then lowest priority); the
+        Placement lists them in `evicted` so the caller can reschedule them.
+        Per-host services (per_host=True) get a replica on every matching host.
+        """
         code = strategy_code(strategy)
         with self._lock:
             request = self._check_new_workload(workload)
-            row = sched_core.place_one(self._state, request, code)
-            if row < 0:
-                raise Unschedulable(workload.id, self._explain_request(workload.id, request))
-            self._workloads[workload.id] = (workload, row, request)
-            return Placement(workload.id, self._row_hosts[row].id)
+            if workload.per_host:
+                return self._place_daemon(workload, request)
+            if any(isinstance(v, Volume) for v in workload.volumes):
+                return self._place_with_new_volumes(workload, request, code)
+            terms = self._terms(workload)
+            row = self._select_and_commit(workload, request, terms, code)
+            if row >= 0:
+                return Placement(workload.id, self._row_hosts[row].id)
+            if preempt:
+                placement = self._preempt(workload, request, terms)
+                if placement is not None:
+                    return placement
+            raise Unschedulable(workload.id, self._explain_request(workload, request, terms))
 
     def place_batch(self, workloads: Iterable[Workload], strategy: str = "binpack",
                     order: str = "largest_first", gang: bool = False) -> BatchResult:
         """Place many workloads in one pass.
 
         order="largest_first" places by dominant share, largest first (denser);
-        "arrival" keeps the given order. With gang=True either every workload is
-        placed or none is and the state is unchanged.
+        "arrival" keeps the given order. gang=True makes the whole batch one
+        gang; workloads with the same `gang` id form a gang too. A gang is
+        placed whole or not at all (its members are then listed as unplaced).
         """
         code = strategy_code(strategy)
         check_order(order)
@@ -319,69 +465,328 @@ class Cluster:
                 if w.id in seen:
                     raise DuplicateId(f"workload id {w.id!r} appears twice in the batch")
                 seen.add(w.id)
+            plain = [w for w in workloads if not w.per_host and not any(isinstance(v, Volume) for v in w.volumes)]
+            if len(plain) != len(workloads) and gang:
+                raise ValidationError("a gang may not hold per-host services or workloads that create volumes")
+            # Compile every spec before placing anything, so a bad constraint changes nothing.
+            terms = [self._terms(w) if not w.per_host and not any(isinstance(v, Volume) for v in w.volumes)
+                     else None for w in workloads]
             rows = self._batch_order(requests, order)
-            hosts = np.full(len(workloads), -1, dtype=np.int64)
-            sched_core.place_rows(self._state, requests, rows, code, hosts)
-            placed = hosts >= 0
-            if gang and not placed.all():
-                sched_core.release_rows(self._state, requests, hosts, np.flatnonzero(placed).astype(np.intp))
-                unplaced = {}
-                for i, w in enumerate(workloads):
-                    reason = self._explain_request(w.id, requests[i])
-                    if placed[i]:
-                        reason = replace(reason, note="gang not placed: other members did not fit")
-                    unplaced[w.id] = reason
-                return BatchResult({}, unplaced)
             result = BatchResult({}, {})
-            for i, w in enumerate(workloads):
-                if placed[i]:
-                    self._workloads[w.id] = (w, int(hosts[i]), requests[i].copy())
-                    result.placements[w.id] = self._row_hosts[hosts[i]].id
-            for i, w in enumerate(workloads):
-                if not placed[i]:
-                    result.unplaced[w.id] = self._explain_request(w.id, requests[i])
+            placed_ids: list[str] = []
+            for i in rows:
+                w = workloads[i]
+                try:
+                    if terms[i] is None:
+                        p = self.place(w, strategy)
+                        result.placements[w.id] = p.host_id
+                        placed_ids.append(w.id)
+                        continue
+                    t = terms[i] if terms[i].version == self._cons.version else self._terms(w)
+                    row = self._select_and_commit(w, requests[i], t, code)
+                except Unschedulable as exc:
+                    result.unplaced[w.id] = exc.explanation
+                    continue
+                if row >= 0:
+                    result.placements[w.id] = self._row_hosts[row].id
+                    placed_ids.append(w.id)
+                else:
+                    result.unplaced[w.id] = self._explain_request(w, requests[i], t)
+            self._enforce_gangs(workloads, requests, result, placed_ids, gang)
             return result
 
+    def _enforce_gangs(self, workloads, requests, result: BatchResult, placed_ids: list[str], gang: bool) -> None:
+        """Roll back every gang with a member left unplaced (in reverse placement order)."""
+        members: dict[str, list[int]] = {}
+        for i, w in enumerate(workloads):
+            name = "<batch>" if gang else w.gang
+            if name is not None:
+                members.setdefault(name, []).append(i)
+        broken = {name for name, idx in members.items() if any(workloads[i].id in result.unplaced for i in idx)}
+        if not broken:
+            return
+        doomed = {workloads[i].id for name in broken for i in members[name]}
+        for wid in reversed(placed_ids):
+            if wid in doomed:
+                self._release_record(wid)
+                del result.placements[wid]
+        for name in broken:
+            for i in members[name]:
+                w = workloads[i]
+                if w.id not in result.unplaced:
+                    expl = self._explain_request(w, requests[i], self._terms(w))
+                    result.unplaced[w.id] = replace(expl, note=f"gang {name} not placed: other members did not fit")
+
     def bind(self, workload: Workload, host_id: str) -> Placement:
-        """Place a workload on a named host, after checking that it fits there.
+        """Place a workload on a named host, after checking every constraint there.
 
         For callers that decided the host themselves (a store rebuilding its
         state, an operator pinning a workload). Raises Unschedulable when the
-        host is not schedulable or lacks room.
+        host is not schedulable, lacks room or breaks a hard constraint.
         """
         with self._lock:
             request = self._check_new_workload(workload)
+            if workload.per_host:
+                raise ValidationError(f"workload {workload.id}: per-host services cannot be bound to one host")
             row = self._row(host_id)
-            free = self._state.free_array[row]
-            schedulable = bool(self._state.schedulable_array()[row])
-            if not schedulable or (free < request).any():
-                raise Unschedulable(workload.id, self._explain_request(workload.id, request, only_row=row))
-            self._state.commit_row(row, request)
-            self._workloads[workload.id] = (workload, row, request)
+            terms = self._terms(workload)
+            charge = np.zeros(len(self.dimensions), dtype=np.int64)
+            code = sched_core.check_host(self._state, self._cons.state, terms.core, request, row, charge)
+            if code != 0:
+                raise Unschedulable(workload.id, self._explain_request(workload, request, terms, only_row=row))
+            numa = sched_core.commit_host(self._state, self._cons.state, terms.core, row, charge)
+            self._cons.record(terms, [row], +1)
+            self._workloads[workload.id] = _Record(workload, row, charge, int(numa), terms)
             return Placement(workload.id, host_id)
 
+    def _release_record(self, workload_id: str) -> _Record:
+        rec = self._workloads.pop(workload_id)
+        sched_core.release_constrained(self._state, self._cons.state, rec.terms.core, rec.row, rec.charge, rec.numa)
+        self._cons.record(rec.terms, [rec.row], -1)
+        return rec
+
     def release(self, workload_id: str) -> None:
-        """Remove a placed workload and give its resources back."""
+        """Remove a placed workload (or every replica of a per-host service) and give its resources back."""
         with self._lock:
-            try:
-                _, row, request = self._workloads.pop(workload_id)
-            except (KeyError, TypeError):
-                raise NotFound(f"unknown workload id {workload_id!r}") from None
-            self._state.release_row(row, request)
+            if workload_id in self._daemons:
+                for wid in self._daemon_replicas(workload_id):
+                    self._release_record(wid)
+                del self._daemons[workload_id]
+                return
+            if workload_id not in self._workloads:
+                raise NotFound(f"unknown workload id {workload_id!r}")
+            self._release_record(workload_id)
 
     def workload(self, workload_id: str) -> Workload:
+        if workload_id in self._daemons:
+            return self._daemons[workload_id]
         try:
-            return self._workloads[workload_id][0]
+            return self._workloads[workload_id].workload
         except (KeyError, TypeError):
             raise NotFound(f"unknown workload id {workload_id!r}") from None
 
     def assignments(self) -> dict[str, str]:
-        """workload id -> host id for every named workload."""
-        return {wid: self._row_hosts[row].id for wid, (_, row, _) in self._workloads.items()}
+        """workload id -> host id for every named workload (per-host service replicas as "id@host")."""
+        return {wid: self._row_hosts[rec.row].id for wid, rec in self._workloads.items()}
 
     def workloads_on(self, host_id: str) -> list[str]:
         row = self._row(host_id)
-        return [wid for wid, (_, r, _) in self._workloads.items() if r == row]
+        return [wid for wid, rec in self._workloads.items() if rec.row == row]
+
+    # ------------------------------------------------------------------ per-host services
+
+    def _daemon_replicas(self, daemon_id: str) -> list[str]:
+        prefix = daemon_id + "@"
+        return [wid for wid, rec in self._workloads.items()
+                if rec.workload.per_host and wid.startswith(prefix) and rec.workload.id == wid]
+
+    def _place_daemon(self, workload: Workload, request: np.ndarray) -> Placement:
+        if workload.volumes or workload.gang:
+            raise ValidationError(f"workload {workload.id}: per-host services take no volumes and no gang")
+        self._terms(workload)  # validates the constraints before anything is placed
+        self._daemons[workload.id] = workload
+        rows = [r for r in range(self._n_rows) if self._live[r]]
+        placed, missed = self._place_daemon_on(workload, rows)
+        note = ""
+        if missed:
+            note = "no room on " + ", ".join(missed[:10]) + (" ..." if len(missed) > 10 else "")
+        return Placement(workload.id, None, replicas=tuple(placed), explanation=note or None)
+
+    def _place_daemon_on(self, daemon: Workload, rows: Sequence[int]) -> tuple[list[str], list[str]]:
+        """One replica on each row that matches the service's selector and tolerations."""
+        request = self._compile_request(daemon)
+        placed, missed = [], []
+        for row in rows:
+            host = self._row_hosts[row]
+            replica = replace(daemon, id=f"{daemon.id}@{host.id}")
+            terms = self._terms(replica)
+            charge = np.zeros(len(self.dimensions), dtype=np.int64)
+            code = sched_core.check_host(self._state, self._cons.state, terms.core, request, row, charge)
+            if code == 0:
+                numa = sched_core.commit_host(self._state, self._cons.state, terms.core, row, charge)
+                self._cons.record(terms, [row], +1)
+                self._workloads[replica.id] = _Record(replica, row, charge, int(numa), terms)
+                placed.append(host.id)
+            elif code >= sched_core.REASON_DIM and code < sched_core.REASON_AFFINITY:
+                missed.append(host.id)
+        return placed, missed
+
+    # ------------------------------------------------------------------ volumes
+
+    def add_volume(self, volume: Volume) -> list[str]:
+        """Place a volume's replicas on distinct hosts (or distinct values of the `spread`
+        label) with free SSD; returns the replica hosts. Unschedulable when too few fit."""
+        if not isinstance(volume, Volume):
+            raise ValidationError(f"add_volume expects a Volume, got {type(volume).__name__}")
+        with self._lock:
+            rows = self._volume_rows(volume, exclude_domain=None)
+            self._commit_volume(volume, rows)
+            return [self._row_hosts[r].id for r in rows]
+
+    def _volume_rows(self, volume: Volume, exclude_domain, first_row: int | None = None) -> list[int]:
+        if volume.id in self._volumes:
+            raise DuplicateId(f"volume id {volume.id!r} already exists")
+        if "ssd" not in self._dim_index:
+            raise ValidationError(f"volume {volume.id}: the cluster has no 'ssd' dimension")
+        key = volume.spread
+        n = self._n_rows
+        if key != "host" and not any(h is not None and key in h.labels for h in self._row_hosts):
+            raise ValidationError(f"volume {volume.id} spread: topology key {key!r} is not a label of any host")
+        ssd = self._dim_index["ssd"]
+        free = self._state.free_array[:n, ssd]
+        ok = self._state.schedulable_array()[:n] & (free >= volume.size_gib)
+        domains = [(r if key == "host" else (h.labels.get(key) if h else None)) for r, h in
+                   enumerate(self._row_hosts[:n])]
+        chosen = [] if first_row is None else [first_row]
+        used = {domains[first_row]} if first_row is not None else set()
+        # Tightest SSD first (best fit), lowest row on ties.
+        for r in sorted(np.flatnonzero(ok).tolist(), key=lambda r: (free[r], r)):
+            if len(chosen) == volume.replicas:
+                break
+            if r in chosen or domains[r] is None or domains[r] in used:
+                continue
+            chosen.append(r)
+            used.add(domains[r])
+        if len(chosen) < volume.replicas:
+            expl = _explain.Explanation(volume.id, int(self._live[:n].sum()), len(chosen), {
+                f"volume needs {volume.replicas} replicas on distinct {key} domains with {volume.size_gib} GiB "
+                f"free ssd; found": len(chosen)})
+            raise Unschedulable(volume.id, expl)
+        return chosen
+
+    def _commit_volume(self, volume: Volume, rows: list[int]) -> None:
+        charge = np.zeros(len(self.dimensions), dtype=np.int64)
+        charge[self._dim_index["ssd"]] = volume.size_gib
+        for r in rows:
+            self._state.commit_row(r, charge)
+        self._volumes[volume.id] = _VolumeRecord(volume, rows, charge)
+
+    def remove_volume(self, volume_id: str) -> None:
+        """Delete a volume's replicas. Refused while a placed workload mounts it."""
+        with self._lock:
+            if volume_id not in self._volumes:
+                raise NotFound(f"unknown volume id {volume_id!r}")
+            users = [wid for wid, rec in self._workloads.items()
+                     if any((v if isinstance(v, str) else v.id) == volume_id for v in rec.workload.volumes)]
+            if users:
+                raise StateConflict(f"volume {volume_id!r} is mounted by {', '.join(sorted(users)[:5])}")
+            rec = self._volumes.pop(volume_id)
+            for r in rec.rows:
+                self._state.release_row(r, rec.charge)
+
+    def volumes(self) -> dict[str, list[str]]:
+        """volume id -> replica host ids."""
+        return {vid: [self._row_hosts[r].id for r in rec.rows] for vid, rec in self._volumes.items()}
+
+    def _place_with_new_volumes(self, workload: Workload, request: np.ndarray, code: int) -> Placement:
+        """A workload and the volumes it creates, in one decision: the workload goes on a
+        host that also takes one replica of each new volume, and the other replicas
+        must fit elsewhere, or nothing is placed."""
+        new = [v for v in workload.volumes if isinstance(v, Volume)]
+        for v in new:
+            if v.id in self._volumes:
+                raise DuplicateId(f"workload {workload.id} volumes: volume {v.id!r} already exists")
+        if len({v.id for v in new}) != len(new):
+            raise ValidationError(f"workload {workload.id} volumes: the same volume id appears twice")
+        if "ssd" not in self._dim_index:
+            raise ValidationError(f"workload {workload.id} volumes: the cluster has no 'ssd' dimension")
+        existing = replace(workload, volumes=tuple(v for v in workload.volumes if isinstance(v, str)))
+        combined = request.copy()
+        combined[self._dim_index["ssd"]] += sum(v.size_gib for v in new)
+        terms = self._terms(existing)
+        n = self._state.n_rows
+        reasons = np.zeros(n, dtype=np.int32)
+        sched_core.filter_constrained(self._state, self._cons.state, terms.core, combined, reasons)
+        candidates = np.flatnonzero(reasons[: self._n_rows] == 0)
+        # Keep the candidates whose other replicas would fit; the kernel then picks among them.
+        allowed = np.zeros(n, dtype=np.uint8)
+        for r in candidates.tolist():
+            try:
+                for v in new:
+                    self._volume_rows(v, None, first_row=r)
+                allowed[r] = 1
+            except Unschedulable:
+                continue
+        if allowed.any():
+            mask_terms = self._cons.compile(existing, allowed & (self._volume_mask(existing)
+                                                                if existing.volumes else 1))
+            row = self._select_and_commit(existing, combined, mask_terms, code)
+            if row >= 0:
+                rec = self._workloads.pop(existing.id)
+                self._workloads[workload.id] = replace(rec, workload=workload)
+                # The workload's own charge holds the first replica of each volume; the
+                # volume record charges only the other replicas.
+                hosts = {}
+                for v in new:
+                    others = self._volume_rows(v, None, first_row=row)[1:]
+                    self._commit_volume(v, others)
+                    self._volumes[v.id] = replace(self._volumes[v.id], rows=[row] + others)
+                    hosts[v.id] = [self._row_hosts[r].id for r in [row] + others]
+                return Placement(workload.id, self._row_hosts[row].id, volumes=hosts)
+        expl = self._explain_request(existing, combined, terms)
+        raise Unschedulable(workload.id, replace(
+            expl, note="no host takes the workload plus one replica of each new volume with the other replicas "
+                       "fitting on distinct domains"))
+
+    # ------------------------------------------------------------------ preemption
+
+    def _preempt(self, workload: Workload, request: np.ndarray, terms: CompiledTerms) -> Placement | None:
+        """Evict the fewest lower-priority workloads (then the lowest priorities) from one host
+        so that `workload` fits there; None when no host can be freed that way."""
+        n = self._state.n_rows
+        reasons = np.zeros(n, dtype=np.int32)
+        sched_core.filter_constrained(self._state, self._cons.state, terms.core, request, reasons)
+        # Only hosts refused for resources alone can be helped by evicting.
+        rows = np.flatnonzero((reasons >= sched_core.REASON_DIM) & (reasons < sched_core.REASON_AFFINITY))
+        by_row: dict[int, list[str]] = {}
+        for wid, rec in self._workloads.items():
+            if rec.workload.priority < workload.priority and not rec.workload.per_host:
+                by_row.setdefault(rec.row, []).append(wid)
+        best = None
+        scale = self._state.inv_ref_array
+        for row in rows.tolist():
+            candidates = by_row.get(row, [])
+            if not candidates:
+                continue
+            free = self._state.free_array[row].copy()
+            charge_est = np.maximum(request, 0)
+            deficit = np.maximum(charge_est - free, 0)
+            # Fewest victims: take the ones that cover most of the deficit first.
+            ranked = sorted(candidates, key=lambda wid: (
+                -float((np.minimum(self._workloads[wid].charge, deficit) * scale).sum()),
+                self._workloads[wid].workload.priority, wid))
+            victims = []
+            for wid in ranked:
+                if (free >= charge_est).all():
+                    break
+                free += self._workloads[wid].charge
+                victims.append(wid)
+            if not victims or not (free >= charge_est).all():
+                continue
+            rank = (len(victims), max(self._workloads[v].workload.priority for v in victims),
+                    sum(self._workloads[v].workload.priority for v in victims), row)
+            if best is None or rank < best[0]:
+                best = (rank, row, victims)
+        if best is None:
+            return None
+        _, row, victims = best
+        saved = [self._release_record(v) for v in victims]
+        charge = np.zeros(len(self.dimensions), dtype=np.int64)
+        code = sched_core.check_host(self._state, self._cons.state, terms.core, request, row, charge)
+        if code != 0:  # e.g. a VM's ratio charge or NUMA fit still fails: put everything back
+            for rec in saved:
+                self._restore(rec)
+            return None
+        numa = sched_core.commit_host(self._state, self._cons.state, terms.core, row, charge)
+        self._cons.record(terms, [row], +1)
+        self._workloads[workload.id] = _Record(workload, row, charge, int(numa), terms)
+        return Placement(workload.id, self._row_hosts[row].id, evicted=tuple(victims))
+
+    def _restore(self, rec: _Record) -> None:
+        terms = self._terms(rec.workload) if rec.terms.version != self._cons.version else rec.terms
+        sched_core.commit_host(self._state, self._cons.state, terms.core, rec.row, rec.charge)
+        self._cons.record(terms, [rec.row], +1)
+        self._workloads[rec.workload.id] = replace(rec, terms=terms)
 
     # ------------------------------------------------------------------ explanations
 
@@ -390,26 +795,30 @@ class Cluster:
         if not isinstance(workload, Workload):
             raise ValidationError(f"expected a Workload, got {type(workload).__name__}")
         with self._lock:
-            return self._explain_request(workload.id, self._compile_request(workload))
+            request = self._compile_request(workload)
+            plain = replace(workload, volumes=tuple(v for v in workload.volumes if isinstance(v, str)))
+            return self._explain_request(plain, request, self._terms(plain))
 
-    def _explain_request(self, workload_id: str, request: np.ndarray, only_row: int | None = None):
+    def _explain_request(self, workload: Workload, request: np.ndarray, terms: CompiledTerms,
+                         only_row: int | None = None):
         n = self._n_rows
+        reasons = np.zeros(self._state.n_rows, dtype=np.int32)
+        sched_core.filter_constrained(self._state, self._cons.state, terms.core, request, reasons)
+        reasons = reasons[:n]
         free = self._state.free_array[:n]
-        schedulable = self._state.schedulable_array()[:n].astype(np.uint8)
-        reasons = np.zeros(n, dtype=np.int32)
-        sched_core.filter_hosts(np.ascontiguousarray(free), request, np.ascontiguousarray(schedulable), reasons)
         live = self._live[:n].copy()
         if only_row is not None:
             live[:] = False
             live[only_row] = True
-        filters = _explain.count_reasons(reasons, live, self.dimensions)
-        resource_only = np.flatnonzero(live & (reasons >= sched_core.REASON_DIM))
+        filters = _explain.count_reasons(reasons, live, self.dimensions, terms.labels)
+        resource_only = np.flatnonzero(live & (reasons >= sched_core.REASON_DIM)
+                                       & (reasons < sched_core.REASON_AFFINITY))
         miss = _explain.nearest_miss(free, request, resource_only, self._state.inv_ref_array,
                                      self.host_ids(), self.dimensions)
         alloc = self._state.limit_array[:n][self._live[:n]]
         unresolvable = bool(len(alloc)) and not (alloc >= request).all(axis=1).any()
         return _explain.Explanation(
-            workload_id=workload_id, n_hosts=int(live.sum()), feasible=int(((reasons == 0) & live).sum()),
+            workload_id=workload.id, n_hosts=int(live.sum()), feasible=int(((reasons == 0) & live).sum()),
             filters=filters, nearest_miss=miss, unresolvable=unresolvable)
 
     # ------------------------------------------------------------------ array fast path
@@ -422,7 +831,7 @@ class Cluster:
         return largest_first(requests, total)
 
     def place_array(self, requests, strategy: str = "binpack", order: str = "arrival",
-                    improve_s: float = 0.0) -> np.ndarray:
+                    improve_s: float = 0.0, template: Workload | None = None) -> np.ndarray:
         """Place a matrix of requests; the fast path for orchestrators and benchmarks.
 
         Parameters
@@ -431,7 +840,12 @@ class Cluster:
         strategy : {"binpack", "spread", "balanced", "dot"}
         order : {"arrival", "largest_first"}
         improve_s : float
-            Seconds the batch may spend improving the greedy packing (0: greedy only).
+            Seconds the batch may spend improving the greedy packing (0: greedy
+            only). Unconstrained batches only.
+        template : Workload, optional
+            Constraints every row shares, as the replicas of one service do
+            (selector, tolerations, group, affinity, anti-affinity, spread,
+            tenant, kind). Its id and requests are ignored.
 
         Returns
         -------
@@ -446,13 +860,35 @@ class Cluster:
             raise ValidationError(f"improve_s must be a number >= 0, got {improve_s!r}")
         req = _as_request_matrix(requests, len(self.dimensions))
         with self._lock:
+            terms = None
+            if template is not None:
+                if not isinstance(template, Workload):
+                    raise ValidationError(f"template must be a Workload, got {type(template).__name__}")
+                if template.per_host or template.volumes or template.gang:
+                    raise ValidationError("template: per-host services, volumes and gangs need named workloads")
+                if improve_s > 0:
+                    raise ValidationError("improve_s applies to batches without a template")
+                terms = self._terms(template)
+            elif self._cons.has_hard_taints:
+                terms = self._terms(Workload("<array>"))  # taints still apply to plain rows
             rows = self._batch_order(req, order)
             hosts = np.full(len(req), -1, dtype=np.int64)
-            free_before = self._schedulable_free() if improve_s > 0 else None
-            sched_core.place_rows(self._state, req, rows, code, hosts)
-            if improve_s > 0 and (hosts >= 0).any():
-                hosts = self._apply_improvement(free_before, req, hosts, float(improve_s))
-            self._append_array_rows(req, hosts)
+            numa = np.full(len(req), -1, dtype=np.int64)
+            if terms is None:
+                free_before = self._schedulable_free() if improve_s > 0 else None
+                sched_core.place_rows(self._state, req, rows, code, hosts)
+                if improve_s > 0 and (hosts >= 0).any():
+                    hosts = self._apply_improvement(free_before, req, hosts, float(improve_s))
+                charge = req
+                terms_id = -1
+            else:
+                charge = np.zeros_like(req)
+                sched_core.place_rows_constrained(self._state, self._cons.state, terms.core, req, rows, code,
+                                                  hosts, charge, numa)
+                self._cons.record(terms, hosts[hosts >= 0], +1)
+                self._arr_terms_list.append(terms)
+                terms_id = len(self._arr_terms_list) - 1
+            self._append_array_rows(charge, hosts, numa, terms_id)
             return hosts
 
     def _schedulable_free(self) -> np.ndarray:
@@ -487,18 +923,26 @@ class Cluster:
             return False
         return len(np.unique(other[placed])) <= len(np.unique(greedy[greedy >= 0]))
 
-    def _append_array_rows(self, req: np.ndarray, hosts: np.ndarray) -> None:
-        n = len(req)
+    def _append_array_rows(self, charge: np.ndarray, hosts: np.ndarray, numa: np.ndarray, terms_id: int) -> None:
+        n = len(charge)
         need = self._arr_n + n
         if need > len(self._arr_hosts):
             size = max(need, 2 * len(self._arr_hosts), 1024)
-            grown_req = np.zeros((size, req.shape[1]), dtype=np.int64)
-            grown_req[: self._arr_n] = self._arr_requests[: self._arr_n]
-            grown_hosts = np.full(size, -1, dtype=np.int64)
-            grown_hosts[: self._arr_n] = self._arr_hosts[: self._arr_n]
-            self._arr_requests, self._arr_hosts = grown_req, grown_hosts
-        self._arr_requests[self._arr_n: need] = req
-        self._arr_hosts[self._arr_n: need] = hosts
+
+            def grow(arr, fill):
+                out = np.full((size,) + arr.shape[1:], fill, dtype=arr.dtype)
+                out[: self._arr_n] = arr[: self._arr_n]
+                return out
+
+            self._arr_charge = grow(self._arr_charge, 0)
+            self._arr_hosts = grow(self._arr_hosts, -1)
+            self._arr_numa = grow(self._arr_numa, -1)
+            self._arr_terms = grow(self._arr_terms, -1)
+        sl = slice(self._arr_n, need)
+        self._arr_charge[sl] = charge
+        self._arr_hosts[sl] = hosts
+        self._arr_numa[sl] = numa
+        self._arr_terms[sl] = terms_id
         self._arr_n = need
 
     def release_array(self, indices) -> None:
@@ -517,14 +961,25 @@ class Cluster:
                 unplaced = self._arr_hosts[idx] < 0
                 if unplaced.any():
                     raise NotFound(f"array row {int(idx[unplaced][0])} is not placed (never fit, or released)")
-            view_hosts = self._arr_hosts[: self._arr_n]
-            sched_core.release_rows(self._state, self._arr_requests[: self._arr_n], view_hosts, idx)
+            tid = self._arr_terms[idx]
+            plain = idx[tid < 0]
+            sched_core.release_rows(self._state, self._arr_charge[: self._arr_n], self._arr_hosts[: self._arr_n],
+                                    plain)
+            for t in np.unique(tid[tid >= 0]).tolist():
+                terms = self._arr_terms_list[t]
+                sel = idx[tid == t]
+                for r in sel.tolist():
+                    sched_core.release_constrained(self._state, self._cons.state, terms.core,
+                                                   int(self._arr_hosts[r]), self._arr_charge[r],
+                                                   int(self._arr_numa[r]))
+                self._cons.record(terms, self._arr_hosts[sel], -1)
             self._arr_hosts[idx] = -1
 
     # ------------------------------------------------------------------ read-outs
 
     def usage(self) -> np.ndarray:
-        """int64 (n_rows, n_dims): resources in use per host row (a copy)."""
+        """int64 (n_rows, n_dims): resources charged per host row (a copy). VMs are
+        charged request x allocation ratio; volume replicas their size in ssd."""
         return self._state.used_array[: self._n_rows].copy()
 
     def allocatable(self) -> np.ndarray:
@@ -540,16 +995,16 @@ class Cluster:
         return self._state.free_array[: self._n_rows].copy()
 
     def hosts_used(self) -> int:
-        """Hosts that run at least one workload."""
+        """Hosts that run at least one workload or volume replica."""
         return int((self._state.load_array[: self._n_rows] > 0).sum())
 
     def utilization(self) -> dict[str, float]:
-        """Used / allocatable per dimension, over live hosts (0 where nothing is allocatable)."""
+        """Used / limit per dimension, over live hosts (0 where nothing is allocatable)."""
         n = self._n_rows
         live = self._live[:n]
         used = self._state.used_array[:n][live].sum(axis=0)
-        alloc = self._allocatable[:n][live].sum(axis=0)
-        return {d: (float(u) / float(a) if a else 0.0) for d, u, a in zip(self.dimensions, used, alloc)}
+        limit = self._state.limit_array[:n][live].sum(axis=0)
+        return {d: (float(u) / float(a) if a else 0.0) for d, u, a in zip(self.dimensions, used, limit)}
 
     def __repr__(self) -> str:
         return (f"Cluster({self.n_hosts} hosts, {len(self._workloads)} workloads, "

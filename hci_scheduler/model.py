@@ -56,8 +56,8 @@ def check_quantity(field_name: str, value) -> int:
             ) from None
     if result < 0:
         raise ValidationError(f"{field_name} must be >= 0, got {result}")
-    if result >= 2**62:
-        raise ValidationError(f"{field_name} is too large: {result}")
+    if result >= 2**46:
+        raise ValidationError(f"{field_name} is too large: {result} (at most 2**46 - 1)")
     return result
 
 
@@ -338,6 +338,8 @@ class Placement:
     host_id: str | None
     evicted: tuple[str, ...] = ()
     explanation: object = None
+    replicas: tuple[str, ...] = ()   # per-host services: every host that got a replica
+    volumes: dict = field(default_factory=dict)  # inline volumes created with the workload: id -> host ids
 
 
 @dataclass

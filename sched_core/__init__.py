@@ -3,16 +3,23 @@
 Only hci_scheduler calls these; they trust their inputs (hci_scheduler
 validates dtype, shape and contiguity once).
 """
+from ._constraint import (
+    MAX_TERMS, REASON_AFFINITY, REASON_ANTI_AFFINITY, REASON_KVM, REASON_NUMA, REASON_SELECTOR, REASON_SPREAD,
+    REASON_TAINT, REASON_TENANT, REASON_VOLUME, ConstraintState, Terms,
+)
 from ._filter import REASON_DIM, REASON_NOT_SCHEDULABLE, REASON_OK, filter_hosts
 from ._index import FitIndex
 from ._place import (
     BALANCED, BINPACK, DOT, SPREAD,
-    commit_rows, place_one, place_rows, release_rows, select_host,
+    check_host, commit_host, commit_rows, filter_constrained, penalties, place_one, place_rows,
+    place_rows_constrained, release_constrained, release_rows, select_host,
 )
 from ._state import HostState
 
 __all__ = [
-    "BALANCED", "BINPACK", "DOT", "SPREAD", "REASON_DIM", "REASON_NOT_SCHEDULABLE", "REASON_OK",
-    "FitIndex", "HostState", "commit_rows", "filter_hosts", "place_one", "place_rows",
-    "release_rows", "select_host",
+    "BALANCED", "BINPACK", "DOT", "SPREAD", "MAX_TERMS", "REASON_AFFINITY", "REASON_ANTI_AFFINITY", "REASON_DIM",
+    "REASON_KVM", "REASON_NOT_SCHEDULABLE", "REASON_NUMA", "REASON_OK", "REASON_SELECTOR", "REASON_SPREAD",
+    "REASON_TAINT", "REASON_TENANT", "REASON_VOLUME", "ConstraintState", "FitIndex", "HostState", "Terms",
+    "check_host", "commit_host", "commit_rows", "filter_constrained", "filter_hosts", "penalties", "place_one",
+    "place_rows", "place_rows_constrained", "release_constrained", "release_rows", "select_host",
 ]

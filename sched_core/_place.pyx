@@ -16,7 +16,7 @@ The stages, in the order they run for each request:
 import numpy as np
 cimport numpy as cnp
 
-from ._typedefs cimport int64_t, intp_t, uint8_t, float64_t
+from ._typedefs cimport int64_t, intp_t, uint8_t, float64_t, int32_t
 from ._filter cimport fits
 from ._score cimport imbalance, alignment
 from ._state cimport HostState
@@ -170,3 +170,205 @@ def release_rows(HostState s, const int64_t[:, ::1] requests, const int64_t[::1]
         for i in range(rows.shape[0]):
             r = rows[i]
             s.uncommit(hosts[r], &requests[r, 0])
+
+
+# ---------------------------------------------------------------------------
+# Placement under constraints (see _constraint.pyx). The cost of a host is the
+# strategy's base cost in [0, 100] (binpack: normalised free capacity; spread:
+# 100 minus it; balanced: 400 x variance; dot: 100 x (1 - normalised alignment),
+# plus 200 for a host not yet in use) plus the soft-term penalty. The lowest
+# cost wins, then the key order, then the lowest row. binpack and spread walk
+# the index in key order and stop as soon as no later host can cost less
+# (penalties are never negative), so the result equals a full scan.
+
+from libc.math cimport INFINITY
+from libc.string cimport memcpy
+from ._constraint cimport ConstraintState, Terms, reject, penalty, prepare, count_in, numa_node
+
+
+cdef intp_t walk_index(HostState s, ConstraintState cs, Terms t, const int64_t* request, bint ascending,
+                       int64_t* charge, int64_t* tmp) noexcept nogil:
+    cdef intp_t i, j, b, h, d, best = -1, n_dims = s.n_dims
+    cdef float64_t k, base, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
+    cdef bint blocked
+    i = 0 if ascending else s.index.n_blocks - 1
+    while 0 <= i < s.index.n_blocks:
+        b = s.index.order[i]
+        i = i + 1 if ascending else i - 1
+        blocked = False
+        for d in range(n_dims):
+            if s.index.maxfree[b, d] < request[d]:
+                blocked = True
+                break
+        if blocked:
+            continue
+        j = 0 if ascending else s.index.count[b] - 1
+        while 0 <= j < s.index.count[b]:
+            h = s.index.items[b, j]
+            j = j + 1 if ascending else j - 1
+            k = s.index.key[h]
+            base = k * scale if ascending else 100.0 - k * scale
+            if best >= 0:
+                if ascending and base >= best_cost:
+                    return best
+                if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
+                    return best
+            if reject(s, cs, t, h, request, tmp) != 0:
+                continue
+            cost = base + penalty(cs, t, h)
+            if (best < 0 or cost < best_cost
+                    or (not ascending and cost == best_cost and (k > best_key or (k == best_key and h < best)))):
+                best, best_cost, best_key = h, cost, k
+                memcpy(charge, tmp, n_dims * sizeof(int64_t))
+    return best
+
+
+cdef intp_t scan_constrained(HostState s, ConstraintState cs, Terms t, const int64_t* request, int strategy,
+                             int64_t* charge, int64_t* tmp) noexcept nogil:
+    cdef intp_t h, d, best = -1, n_dims = s.n_dims
+    cdef float64_t cost, best_cost = INFINITY, align_max = 0.0
+    cdef uint8_t[::1] member = s.index.member
+    for d in range(n_dims):
+        align_max += (<float64_t>request[d] * s.inv_ref[d]) * (s.ref[d] * s.inv_ref[d])
+    for h in range(s.n_rows):
+        if not member[h] or reject(s, cs, t, h, request, tmp) != 0:
+            continue
+        if strategy == 2:
+            cost = 400.0 * imbalance(&s.used[h, 0], &s.limit[h, 0], tmp, n_dims)
+        else:
+            cost = 0.0 if s.load[h] > 0 else 200.0
+            if align_max > 0:
+                cost += 100.0 * (1.0 - alignment(&s.free[h, 0], tmp, &s.inv_ref[0], n_dims) / align_max)
+        cost += penalty(cs, t, h)
+        if best < 0 or cost < best_cost:
+            best, best_cost = h, cost
+            memcpy(charge, tmp, n_dims * sizeof(int64_t))
+    return best
+
+
+cdef intp_t select_constrained(HostState s, ConstraintState cs, Terms t, const int64_t* request, int strategy,
+                               int64_t* charge, int64_t* tmp) noexcept nogil:
+    prepare(cs, t)
+    if strategy == 0 or strategy == 1:
+        return walk_index(s, cs, t, request, strategy == 0, charge, tmp)
+    return scan_constrained(s, cs, t, request, strategy, charge, tmp)
+
+
+cdef int64_t commit_constrained(HostState s, ConstraintState cs, Terms t, intp_t h,
+                                const int64_t* charge) noexcept nogil:
+    """Charge host h, count the workload in its group and tenant; return its NUMA node or -1."""
+    cdef intp_t node = -1
+    s.commit(h, charge)
+    count_in(cs, t, h, 1)
+    if t.numa:
+        node = numa_node(cs, h, charge)
+        if cs.cpu_dim >= 0:
+            cs.numa_free[h, node, 0] -= charge[cs.cpu_dim]
+        if cs.mem_dim >= 0:
+            cs.numa_free[h, node, 1] -= charge[cs.mem_dim]
+    return node
+
+
+def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64_t[:, ::1] requests,
+                           const intp_t[::1] order, int strategy, int64_t[::1] host_out,
+                           int64_t[:, ::1] charge_out, int64_t[::1] numa_out):
+    """Place requests[order[i]] under the constraints `t`, committing each before the next.
+
+    Parameters
+    ----------
+    s, cs : HostState, ConstraintState
+    t : Terms
+        The constraints every request shares (one workload spec, many replicas).
+    requests : int64 (n, n_dims)
+    order : intp (n_order,)
+    strategy : int
+    host_out : int64 (n,)
+        Output: host row or -1.
+    charge_out : int64 (n, n_dims)
+        Output: what each placed request costs its host (VMs: request x ratio).
+    numa_out : int64 (n,)
+        Output: NUMA node used, -1 when none.
+
+    Returns
+    -------
+    int
+        Requests placed.
+    """
+    cdef intp_t n_dims = s.n_dims, i, r, h, n_placed = 0
+    if requests.shape[1] != n_dims or host_out.shape[0] != requests.shape[0] \
+            or charge_out.shape[0] != requests.shape[0] or charge_out.shape[1] != n_dims \
+            or numa_out.shape[0] != requests.shape[0]:
+        raise ValueError("place_rows_constrained: shapes disagree")
+    tmp = np.zeros(n_dims, dtype=np.int64)
+    cdef int64_t[::1] tmp_v = tmp
+    with nogil:
+        for i in range(order.shape[0]):
+            r = order[i]
+            h = select_constrained(s, cs, t, &requests[r, 0], strategy, &charge_out[r, 0], &tmp_v[0])
+            host_out[r] = h
+            numa_out[r] = -1
+            if h >= 0:
+                numa_out[r] = commit_constrained(s, cs, t, h, &charge_out[r, 0])
+                n_placed += 1
+    return n_placed
+
+
+def check_host(HostState s, ConstraintState cs, Terms t, const int64_t[::1] request, intp_t h,
+               int64_t[::1] charge_out):
+    """Reason code for placing `request` on host row h (0: it may go there; charge_out filled)."""
+    tmp = np.zeros(s.n_dims, dtype=np.int64)
+    cdef int64_t[::1] tmp_v = tmp
+    cdef int32_t code
+    with nogil:
+        prepare(cs, t)
+        code = reject(s, cs, t, h, &request[0], &charge_out[0])
+    return code
+
+
+def commit_host(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t[::1] charge):
+    """Commit a checked placement (see check_host); returns the NUMA node or -1."""
+    cdef int64_t node
+    with nogil:
+        node = commit_constrained(s, cs, t, h, &charge[0])
+    return node
+
+
+def release_constrained(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t[::1] charge,
+                        int64_t numa):
+    """Undo commit_constrained (tenant marks are recomputed by the Python layer)."""
+    with nogil:
+        s.uncommit(h, &charge[0])
+        count_in(cs, t, h, -1)
+        if numa >= 0:
+            if cs.cpu_dim >= 0:
+                cs.numa_free[h, numa, 0] += charge[cs.cpu_dim]
+            if cs.mem_dim >= 0:
+                cs.numa_free[h, numa, 1] += charge[cs.mem_dim]
+
+
+def filter_constrained(HostState s, ConstraintState cs, Terms t, const int64_t[::1] request,
+                       int32_t[::1] reason_out):
+    """First failing reason per host row under the constraints (0: feasible); returns the feasible count."""
+    cdef intp_t h, n = 0
+    cdef int32_t code
+    if reason_out.shape[0] != s.n_rows:
+        raise ValueError("filter_constrained: reason_out must have one entry per host row")
+    tmp = np.zeros(s.n_dims, dtype=np.int64)
+    cdef int64_t[::1] tmp_v = tmp
+    with nogil:
+        prepare(cs, t)
+        for h in range(s.n_rows):
+            code = reject(s, cs, t, h, &request[0], &tmp_v[0])
+            reason_out[h] = code
+            if code == 0:
+                n += 1
+    return n
+
+
+def penalties(HostState s, ConstraintState cs, Terms t, float64_t[::1] out):
+    """Soft-term penalty per host row (for explanations and tests)."""
+    cdef intp_t h
+    with nogil:
+        prepare(cs, t)
+        for h in range(s.n_rows):
+            out[h] = penalty(cs, t, h)

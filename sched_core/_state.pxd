@@ -10,6 +10,8 @@ cdef class HostState:
     cdef int64_t[:, ::1] free        # (n_rows, n_dims) limit - used, kept in step with used
     cdef int64_t[::1] load           # (n_rows,) number of workloads on the host
     cdef float64_t[::1] inv_ref      # (n_dims,) weight / reference capacity per dimension
+    cdef float64_t[::1] ref          # (n_dims,) reference capacity (largest host limit) per dimension
+    cdef float64_t key_scale         # sum_d inv_ref[d] * ref[d]: free_key of an empty largest host
     cdef readonly FitIndex index     # schedulable hosts ordered by free_key
 
     cdef void commit(self, intp_t h, const int64_t* request) noexcept nogil

@@ -30,6 +30,8 @@ cdef class HostState:
         self.n_rows = n_rows
         self.n_dims = inv_ref.shape[0]
         self.inv_ref = np.array(inv_ref, dtype=np.float64)
+        self.ref = np.zeros(self.n_dims, dtype=np.float64)
+        self.key_scale = 1.0
         self.limit = np.zeros((n_rows, self.n_dims), dtype=np.int64)
         self.used = np.zeros((n_rows, self.n_dims), dtype=np.int64)
         self.free = np.zeros((n_rows, self.n_dims), dtype=np.int64)
@@ -87,12 +89,15 @@ cdef class HostState:
         else:
             self.index.discard(h)
 
-    def set_inv_ref(self, float64_t[::1] inv_ref):
-        """Change the dimension weights/reference; re-sorts every member."""
+    def set_reference(self, float64_t[::1] inv_ref, float64_t[::1] ref):
+        """Change the dimension weights/reference capacities; re-sorts every member."""
         members = np.flatnonzero(np.asarray(self.index.member))
         for h in members:
             self.index.discard(h)
         self.inv_ref[:] = inv_ref
+        self.ref[:] = ref
+        scale = float(np.dot(np.asarray(inv_ref), np.asarray(ref)))
+        self.key_scale = scale if scale > 0 else 1.0
         for h in members:
             self.index.add(h)
 
@@ -101,6 +106,8 @@ cdef class HostState:
         if n_rows < self.n_rows:
             raise ValueError("grown: cannot shrink")
         other = HostState(n_rows, self.inv_ref)
+        other.ref[:] = self.ref
+        other.key_scale = self.key_scale
         cdef intp_t n = self.n_rows
         np.asarray(other.limit)[:n] = np.asarray(self.limit)
         np.asarray(other.used)[:n] = np.asarray(self.used)

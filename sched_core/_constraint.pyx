@@ -1,0 +1,302 @@
+# cython: language_level=3
+"""Hard and soft placement constraints, evaluated per host in a few integer operations.
+
+The Python layer compiles everything with strings into integers once:
+label pairs and keys that selectors reference become bits (ConstraintState.labels),
+taints become bits, topology keys map each host to a domain id, groups and
+tenants become small integers. A workload's constraints become a Terms object,
+compiled once per workload spec and reused for every host and every replica.
+
+Filter order in `reject`, cheapest first (each host reports the first failure):
+  state bit -> label bits (selector, kvm) -> taint bits -> tenant ids ->
+  resources (charge per host: VMs pay request x allocation ratio) -> volume
+  locality -> affinity / anti-affinity / spread counters -> NUMA nodes.
+
+Soft terms (soft affinity, soft anti-affinity, soft spread, PreferNoSchedule)
+never remove a host; `penalty` adds their weights to the strategy's cost.
+"""
+import numpy as np
+cimport numpy as cnp
+
+from ._typedefs cimport int64_t, intp_t, uint8_t, uint64_t, int32_t, float64_t
+from ._state cimport HostState
+
+cnp.import_array()
+
+REASON_SELECTOR = 2
+REASON_KVM = 3
+REASON_TAINT = 4
+REASON_TENANT = 5
+REASON_VOLUME = 6
+REASON_NUMA = 7
+REASON_AFFINITY = 64
+REASON_ANTI_AFFINITY = 96
+REASON_SPREAD = 128
+MAX_TERMS = 32
+cdef enum:
+    SPREAD_SOFT_WEIGHT = 10   # penalty per unit of soft-spread skew above max_skew
+
+
+cdef inline int popcount64(uint64_t x) noexcept nogil:
+    cdef int n = 0
+    while x:
+        x &= x - 1
+        n += 1
+    return n
+
+
+cdef class ConstraintState:
+    """Per-host constraint arrays; the Python layer (hci_scheduler.constraints) owns and rebuilds them."""
+
+    def __init__(self):
+        self.n_rows = 0
+        self.cpu_dim = -1
+        self.mem_dim = -1
+
+    def bind(self, *, labels, taint_hard, taint_soft, domain, ratio_milli, host_tenant, ded_tenant,
+             pair_counts, pair_offset, pair_topo, pair_ndom, pair_total, group_ptr, group_pairs,
+             numa_free, numa_n, cpu_dim, mem_dim):
+        """Point the state at the Python layer's arrays (shapes documented in _constraint.pxd)."""
+        n = labels.shape[0]
+        for name, arr in (("taint_hard", taint_hard), ("taint_soft", taint_soft), ("ratio_milli", ratio_milli),
+                          ("host_tenant", host_tenant), ("ded_tenant", ded_tenant), ("numa_free", numa_free),
+                          ("numa_n", numa_n)):
+            if arr.shape[0] != n:
+                raise ValueError(f"ConstraintState.bind: {name} has {arr.shape[0]} rows, labels has {n}")
+        if domain.shape[1] != n:
+            raise ValueError("ConstraintState.bind: domain must be (n_topologies, n_rows)")
+        self.n_rows = n
+        self.labels = labels
+        self.taint_hard = taint_hard
+        self.taint_soft = taint_soft
+        self.domain = domain
+        self.ratio_milli = ratio_milli
+        self.host_tenant = host_tenant
+        self.ded_tenant = ded_tenant
+        self.pair_counts = pair_counts
+        self.pair_offset = pair_offset
+        self.pair_topo = pair_topo
+        self.pair_ndom = pair_ndom
+        self.pair_total = pair_total
+        self.group_ptr = group_ptr
+        self.group_pairs = group_pairs
+        self.numa_free = numa_free
+        self.numa_n = numa_n
+        self.cpu_dim = cpu_dim
+        self.mem_dim = mem_dim
+
+
+cdef class Terms:
+    """A workload's compiled constraints (see _constraint.pxd for the fields)."""
+
+    def __init__(self, *, all_mask, none_mask, any_masks, kvm_mask, tol_hard, tol_soft, group, tenant,
+                 dedicated, is_vm, numa, aff_pair, aff_hard, aff_weight, aff_self, anti_pair, anti_hard,
+                 anti_weight, spread_pair, spread_skew, spread_hard, spread_dom_ptr, spread_doms, allowed,
+                 prefer_weight):
+        self.all_mask = all_mask
+        self.none_mask = none_mask
+        self.any_masks = any_masks
+        self.kvm_mask = kvm_mask
+        self.tol_hard = tol_hard
+        self.tol_soft = tol_soft
+        self.group = group
+        self.tenant = tenant
+        self.dedicated = dedicated
+        self.is_vm = is_vm
+        self.numa = numa
+        self.aff_pair = aff_pair
+        self.aff_hard = aff_hard
+        self.aff_weight = aff_weight
+        self.aff_self = aff_self
+        self.anti_pair = anti_pair
+        self.anti_hard = anti_hard
+        self.anti_weight = anti_weight
+        self.spread_pair = spread_pair
+        self.spread_skew = spread_skew
+        self.spread_hard = spread_hard
+        self.spread_min = np.zeros(len(spread_pair), dtype=np.int64)
+        self.spread_dom_ptr = spread_dom_ptr
+        self.spread_doms = spread_doms
+        self.has_allowed = allowed is not None
+        self.allowed = allowed if allowed is not None else np.zeros(0, dtype=np.uint8)
+        self.prefer_weight = prefer_weight
+        self.has_soft = (
+            bool(np.any(np.asarray(aff_hard) == 0)) or bool(np.any(np.asarray(anti_hard) == 0))
+            or bool(np.any(np.asarray(spread_hard) == 0)) or prefer_weight > 0
+        )
+
+    @property
+    def group_id(self):
+        return self.group
+
+    @property
+    def tenant_id(self):
+        return self.tenant
+
+    @property
+    def dedicated_flag(self):
+        return self.dedicated
+
+    @property
+    def vm(self):
+        return self.is_vm
+
+    @property
+    def wants_numa(self):
+        return self.numa
+
+
+cdef void prepare(ConstraintState cs, Terms t) noexcept nogil:
+    """Per placement: the least-loaded domain count of every spread term, over the
+    domains that hold a host matching the workload's selector (as Kubernetes'
+    topology spread does with nodeAffinityPolicy=Honor)."""
+    cdef intp_t i, p
+    cdef int64_t m, off, j, c
+    for i in range(t.spread_pair.shape[0]):
+        p = t.spread_pair[i]
+        off = cs.pair_offset[p]
+        m = 0
+        for j in range(t.spread_dom_ptr[i], t.spread_dom_ptr[i + 1]):
+            c = cs.pair_counts[off + t.spread_doms[j]]
+            if j == t.spread_dom_ptr[i] or c < m:
+                m = c
+        t.spread_min[i] = m
+
+
+cdef inline int32_t pair_count(ConstraintState cs, intp_t p, intp_t h) noexcept nogil:
+    """Workloads of the pair's group in host h's domain; -1 when h lacks the topology label."""
+    cdef int32_t dom = cs.domain[cs.pair_topo[p], h]
+    if dom < 0:
+        return -1
+    return cs.pair_counts[cs.pair_offset[p] + dom]
+
+
+cdef intp_t numa_node(ConstraintState cs, intp_t h, const int64_t* request) noexcept nogil:
+    """The NUMA node of host h that fits the request's cpu and memory most tightly, or -1."""
+    cdef intp_t k, best = -1
+    cdef int64_t need_cpu = request[cs.cpu_dim] if cs.cpu_dim >= 0 else 0
+    cdef int64_t need_mem = request[cs.mem_dim] if cs.mem_dim >= 0 else 0
+    for k in range(cs.numa_n[h]):
+        if cs.numa_free[h, k, 0] >= need_cpu and cs.numa_free[h, k, 1] >= need_mem:
+            if best < 0 or cs.numa_free[h, k, 0] < cs.numa_free[h, best, 0]:
+                best = k
+    return best
+
+
+cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
+                    int64_t* charge) noexcept nogil:
+    """0 when host h passes every hard constraint (charge then holds what h must give),
+    else the reason code of the first filter it fails."""
+    cdef intp_t w, i, d, n_words = t.all_mask.shape[0], n_tw = t.tol_hard.shape[0]
+    cdef uint64_t bits
+    cdef bint any_hit
+    cdef int32_t c
+    if not s.index.member[h]:
+        return 1
+    # Label bits: selector (all / none / any-of) then the kvm label for VMs.
+    for w in range(n_words):
+        bits = cs.labels[h, w]
+        if (bits & t.all_mask[w]) != t.all_mask[w] or (bits & t.none_mask[w]) != 0:
+            return 2
+    for i in range(t.any_masks.shape[0]):
+        any_hit = False
+        for w in range(n_words):
+            if cs.labels[h, w] & t.any_masks[i, w]:
+                any_hit = True
+                break
+        if not any_hit:
+            return 2
+    if t.is_vm:
+        for w in range(n_words):
+            if (cs.labels[h, w] & t.kvm_mask[w]) != t.kvm_mask[w]:
+                return 3
+    for w in range(n_tw):
+        if cs.taint_hard[h, w] & ~t.tol_hard[w]:
+            return 4
+    # Tenants: a dedicated workload needs a host without other tenants' work,
+    # and a host held dedicated takes only its own tenant's work.
+    if t.dedicated and cs.host_tenant[h] != -1 and cs.host_tenant[h] != t.tenant:
+        return 5
+    if cs.ded_tenant[h] >= 0 and cs.ded_tenant[h] != t.tenant:
+        return 5
+    # Resources: containers pay the request; VMs pay request x allocation ratio so
+    # that they are never overcommitted.
+    for d in range(s.n_dims):
+        if t.is_vm:
+            charge[d] = (request[d] * cs.ratio_milli[h, d] + 999) // 1000
+        else:
+            charge[d] = request[d]
+        if s.free[h, d] < charge[d]:
+            return 16 + <int32_t>d
+    if t.has_allowed and not t.allowed[h]:
+        return 6
+    for i in range(t.aff_pair.shape[0]):
+        if t.aff_hard[i]:
+            c = pair_count(cs, t.aff_pair[i], h)
+            if c == 0 and t.aff_self[i] and cs.pair_total[t.aff_pair[i]] == 0:
+                continue  # the first of a self-affine group may go anywhere
+            if c <= 0:
+                return 64 + <int32_t>i
+    for i in range(t.anti_pair.shape[0]):
+        if t.anti_hard[i] and pair_count(cs, t.anti_pair[i], h) > 0:
+            return 96 + <int32_t>i
+    for i in range(t.spread_pair.shape[0]):
+        if t.spread_hard[i]:
+            c = pair_count(cs, t.spread_pair[i], h)
+            if c < 0 or c + 1 - t.spread_min[i] > t.spread_skew[i]:
+                return 128 + <int32_t>i
+    if t.numa and numa_node(cs, h, charge) < 0:
+        return 7
+    return 0
+
+
+cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
+    """Sum of the weights of the soft terms host h would break (0 when none)."""
+    cdef float64_t p = 0.0
+    cdef intp_t i, w
+    cdef int32_t c
+    cdef int64_t excess
+    if not t.has_soft:
+        return 0.0
+    for i in range(t.aff_pair.shape[0]):
+        if not t.aff_hard[i]:
+            c = pair_count(cs, t.aff_pair[i], h)
+            if c <= 0 and not (c == 0 and t.aff_self[i] and cs.pair_total[t.aff_pair[i]] == 0):
+                p += t.aff_weight[i]
+    for i in range(t.anti_pair.shape[0]):
+        if not t.anti_hard[i] and pair_count(cs, t.anti_pair[i], h) > 0:
+            p += t.anti_weight[i]
+    for i in range(t.spread_pair.shape[0]):
+        if not t.spread_hard[i]:
+            c = pair_count(cs, t.spread_pair[i], h)
+            if c < 0:
+                p += SPREAD_SOFT_WEIGHT * (t.spread_skew[i] + 1)
+            else:
+                excess = c + 1 - t.spread_min[i] - t.spread_skew[i]
+                if excess > 0:
+                    p += SPREAD_SOFT_WEIGHT * excess
+    if t.prefer_weight > 0:
+        for w in range(t.tol_soft.shape[0]):
+            p += t.prefer_weight * popcount64(cs.taint_soft[h, w] & ~t.tol_soft[w])
+    return p
+
+
+cdef void count_in(ConstraintState cs, Terms t, intp_t h, int delta) noexcept nogil:
+    """Add (delta=1) or remove (delta=-1) one workload of t's group on host h in every
+    counted topology; on add, record its tenant on the host."""
+    cdef int64_t j
+    cdef int32_t p, dom
+    if t.group >= 0 and t.group + 1 < cs.group_ptr.shape[0]:
+        for j in range(cs.group_ptr[t.group], cs.group_ptr[t.group + 1]):
+            p = cs.group_pairs[j]
+            dom = cs.domain[cs.pair_topo[p], h]
+            if dom >= 0:
+                cs.pair_counts[cs.pair_offset[p] + dom] += delta
+            cs.pair_total[p] += delta
+    if delta > 0 and t.tenant >= 0:
+        if cs.host_tenant[h] == -1:
+            cs.host_tenant[h] = t.tenant
+        elif cs.host_tenant[h] != t.tenant:
+            cs.host_tenant[h] = -2
+        if t.dedicated:
+            cs.ded_tenant[h] = t.tenant

@@ -474,29 +474,40 @@ class Cluster:
             rows = self._batch_order(requests, order)
             result = BatchResult({}, {})
             placed_ids: list[str] = []
-            for i in rows:
-                w = workloads[i]
-                try:
-                    if terms[i] is None:
-                        p = self.place(w, strategy)
-                        result.placements[w.id] = p.host_id
-                        placed_ids.append(w.id)
-                        continue
-                    t = terms[i] if terms[i].version == self._cons.version else self._terms(w)
-                    row = self._select_and_commit(w, requests[i], t, code)
-                except Unschedulable as exc:
-                    result.unplaced[w.id] = exc.explanation
-                    continue
-                if row >= 0:
-                    result.placements[w.id] = self._row_hosts[row].id
-                    placed_ids.append(w.id)
-                else:
-                    result.unplaced[w.id] = self._explain_request(w, requests[i], t)
-            self._enforce_gangs(workloads, requests, result, placed_ids, gang)
+            self._place_rows_named(workloads, requests, terms, rows, code, strategy, result, placed_ids)
+            doomed = self._enforce_gangs(workloads, requests, result, placed_ids, gang)
+            if doomed:
+                # Rolling a gang back frees room: give the others that missed out a second pass.
+                retry = [i for i in rows if workloads[i].id in result.unplaced and workloads[i].id not in doomed]
+                for i in retry:
+                    del result.unplaced[workloads[i].id]
+                self._place_rows_named(workloads, requests, terms, retry, code, strategy, result, placed_ids)
             return result
 
-    def _enforce_gangs(self, workloads, requests, result: BatchResult, placed_ids: list[str], gang: bool) -> None:
-        """Roll back every gang with a member left unplaced (in reverse placement order)."""
+    def _place_rows_named(self, workloads, requests, terms, rows, code, strategy, result, placed_ids) -> None:
+        for i in rows:
+            w = workloads[i]
+            try:
+                if terms[i] is None:
+                    p = self.place(w, strategy)
+                    result.placements[w.id] = p.host_id
+                    placed_ids.append(w.id)
+                    continue
+                t = terms[i] if terms[i].version == self._cons.version else self._terms(w)
+                row = self._select_and_commit(w, requests[i], t, code)
+            except Unschedulable as exc:
+                result.unplaced[w.id] = exc.explanation
+                continue
+            if row >= 0:
+                result.placements[w.id] = self._row_hosts[row].id
+                placed_ids.append(w.id)
+            else:
+                result.unplaced[w.id] = self._explain_request(w, requests[i], t)
+
+    def _enforce_gangs(self, workloads, requests, result: BatchResult, placed_ids: list[str],
+                       gang: bool) -> set[str]:
+        """Roll back every gang with a member left unplaced (in reverse placement order);
+        returns the ids of the rolled-back gangs' members."""
         members: dict[str, list[int]] = {}
         for i, w in enumerate(workloads):
             name = "<batch>" if gang else w.gang
@@ -504,7 +515,7 @@ class Cluster:
                 members.setdefault(name, []).append(i)
         broken = {name for name, idx in members.items() if any(workloads[i].id in result.unplaced for i in idx)}
         if not broken:
-            return
+            return set()
         doomed = {workloads[i].id for name in broken for i in members[name]}
         for wid in reversed(placed_ids):
             if wid in doomed:
@@ -516,6 +527,7 @@ class Cluster:
                 if w.id not in result.unplaced:
                     expl = self._explain_request(w, requests[i], self._terms(w))
                     result.unplaced[w.id] = replace(expl, note=f"gang {name} not placed: other members did not fit")
+        return doomed
 
     def bind(self, workload: Workload, host_id: str) -> Placement:
         """Place a workload on a named host, after checking every constraint there.

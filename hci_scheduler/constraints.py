@@ -26,6 +26,8 @@ from .model import Host, LabelExpr, Taint, Workload
 #: (half a host's normalised capacity: avoided unless it saves a lot).
 PREFER_NO_SCHEDULE_WEIGHT = 50
 KVM_LABEL = ("kvm", "true")
+#: Prefix of the hidden group of workloads that hold hard anti-affinity against a group.
+ANTI_HOLDER = "\0anti:"
 
 
 def _words(n_bits: int) -> int:
@@ -253,8 +255,8 @@ class ConstraintIndex:
         if len(rows) == 0:
             return
         counts = Counter(rows.tolist()) if isinstance(rows, np.ndarray) else Counter(rows)
-        if terms.group >= 0:
-            gc = self.group_rows.setdefault(terms.group, Counter())
+        for group in terms.groups:
+            gc = self.group_rows.setdefault(group, Counter())
             for row, c in counts.items():
                 gc[row] += delta * c
                 if gc[row] <= 0:
@@ -299,6 +301,7 @@ class ConstraintIndex:
         if w.numa and w.kind != "vm":
             raise ValidationError(f"workload {w.id} numa: NUMA fit applies to kind='vm' only")
         group = self.group_id(w.group) if w.group else -1
+        groups = [group] if group >= 0 else []
         terms = {"aff": [], "anti": [], "spread": []}
         for field, items in (("affinity", w.affinity), ("anti_affinity", w.anti_affinity)):
             if len(items) > sched_core.MAX_TERMS:
@@ -307,6 +310,21 @@ class ConstraintIndex:
                 t = self._topology_id(a.topology, f"workload {w.id} {field}")
                 p = self._pair_id(self.group_id(a.group), t)
                 terms["aff" if field == "affinity" else "anti"].append((p, a.hard, a.weight, a.group == w.group))
+                if field == "anti_affinity" and a.hard:
+                    # Hard anti-affinity is symmetric: the workload also counts in a group
+                    # "holds anti-affinity against a.group", which that group's members avoid.
+                    holder = self.group_id(ANTI_HOLDER + a.group)
+                    self._pair_id(holder, t)
+                    if holder not in groups:
+                        groups.append(holder)
+        if w.group and ANTI_HOLDER + w.group in self.groups:
+            holder = self.groups[ANTI_HOLDER + w.group]
+            for (g, t), p in sorted(self.pairs.items(), key=lambda kv: kv[1]):
+                if g == holder:
+                    terms["anti"].append((p, True, 1, False))
+        if len(terms["anti"]) > sched_core.MAX_TERMS:
+            raise ValidationError(f"workload {w.id} anti_affinity: at most {sched_core.MAX_TERMS} terms "
+                                  f"including those of placed workloads against its group")
         if len(w.spread) > sched_core.MAX_TERMS:
             raise ValidationError(f"workload {w.id} spread: at most {sched_core.MAX_TERMS} terms")
         for s in w.spread:
@@ -361,7 +379,8 @@ class ConstraintIndex:
         aff, anti, spread = terms["aff"], terms["anti"], terms["spread"]
         core = sched_core.Terms(
             all_mask=all_mask, none_mask=none_mask, any_masks=any_masks, kvm_mask=kvm_mask,
-            tol_hard=tol_hard, tol_soft=tol_soft, group=group, tenant=self.tenant_id(w.tenant),
+            tol_hard=tol_hard, tol_soft=tol_soft, groups=np.array(groups, dtype=np.int32),
+            tenant=self.tenant_id(w.tenant),
             dedicated=w.isolation == "dedicated", is_vm=w.kind == "vm", numa=bool(w.numa),
             aff_pair=col(aff, 0, np.int32), aff_hard=col(aff, 1, np.uint8), aff_weight=col(aff, 2, np.int64),
             aff_self=col(aff, 3, np.uint8), anti_pair=col(anti, 0, np.int32), anti_hard=col(anti, 1, np.uint8),
@@ -370,18 +389,25 @@ class ConstraintIndex:
             spread_dom_ptr=np.array(dom_ptr, dtype=np.int64), spread_doms=np.array(doms, dtype=np.int32),
             allowed=allowed, prefer_weight=PREFER_NO_SCHEDULE_WEIGHT if has_soft_taint else 0,
         )
-        return CompiledTerms(core, group, self.tenant_id(w.tenant), w.isolation == "dedicated", self.version,
-                             describe_terms(w))
+        labels = describe_terms(w)
+        topo_names = {t: k for k, t in self.topologies.items()}
+        for i in range(len(w.anti_affinity), len(terms["anti"])):
+            t = int(self._arrays["pair_topo"][terms["anti"][i][0]])
+            labels[sched_core.REASON_ANTI_AFFINITY + i] = (
+                f"anti-affinity of placed workloads against group {w.group} on {topo_names[t]}")
+        return CompiledTerms(core, groups, self.tenant_id(w.tenant), w.isolation == "dedicated", self.version,
+                             labels)
 
 
 class CompiledTerms:
     """A workload spec's core Terms plus what the Python layer needs to account for it."""
 
-    __slots__ = ("core", "group", "tenant", "dedicated", "version", "labels")
+    __slots__ = ("core", "groups", "tenant", "dedicated", "version", "labels")
 
-    def __init__(self, core, group: int, tenant: int, dedicated: bool, version: int, labels: dict[int, str]):
+    def __init__(self, core, groups: list[int], tenant: int, dedicated: bool, version: int,
+                 labels: dict[int, str]):
         self.core = core
-        self.group = group
+        self.groups = groups
         self.tenant = tenant
         self.dedicated = dedicated
         self.version = version

@@ -32,7 +32,8 @@ cdef class Terms:
     cdef uint64_t[::1] kvm_mask       # (n_label_words,) the kvm=true bit for VMs (zeros otherwise)
     cdef uint64_t[::1] tol_hard       # (n_taint_words,) NoSchedule taints tolerated
     cdef uint64_t[::1] tol_soft       # (n_taint_words,) PreferNoSchedule taints tolerated
-    cdef int32_t group                # group id, -1 none
+    cdef int32_t[::1] groups          # (n_groups,) groups the workload counts in: its own, and one
+                                      # "holds anti-affinity against G" group per hard anti term
     cdef int32_t tenant               # tenant id, -1 none
     cdef bint dedicated               # isolation="dedicated"
     cdef bint is_vm                   # charged at ratio 1.0

@@ -89,7 +89,7 @@ cdef class ConstraintState:
 cdef class Terms:
     """A workload's compiled constraints (see _constraint.pxd for the fields)."""
 
-    def __init__(self, *, all_mask, none_mask, any_masks, kvm_mask, tol_hard, tol_soft, group, tenant,
+    def __init__(self, *, all_mask, none_mask, any_masks, kvm_mask, tol_hard, tol_soft, groups, tenant,
                  dedicated, is_vm, numa, aff_pair, aff_hard, aff_weight, aff_self, anti_pair, anti_hard,
                  anti_weight, spread_pair, spread_skew, spread_hard, spread_dom_ptr, spread_doms, allowed,
                  prefer_weight):
@@ -99,7 +99,7 @@ cdef class Terms:
         self.kvm_mask = kvm_mask
         self.tol_hard = tol_hard
         self.tol_soft = tol_soft
-        self.group = group
+        self.groups = groups
         self.tenant = tenant
         self.dedicated = dedicated
         self.is_vm = is_vm
@@ -126,8 +126,8 @@ cdef class Terms:
         )
 
     @property
-    def group_id(self):
-        return self.group
+    def group_ids(self):
+        return np.asarray(self.groups).tolist()
 
     @property
     def tenant_id(self):
@@ -282,12 +282,16 @@ cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
 
 
 cdef void count_in(ConstraintState cs, Terms t, intp_t h, int delta) noexcept nogil:
-    """Add (delta=1) or remove (delta=-1) one workload of t's group on host h in every
+    """Add (delta=1) or remove (delta=-1) one workload of t's groups on host h in every
     counted topology; on add, record its tenant on the host."""
     cdef int64_t j
-    cdef int32_t p, dom
-    if t.group >= 0 and t.group + 1 < cs.group_ptr.shape[0]:
-        for j in range(cs.group_ptr[t.group], cs.group_ptr[t.group + 1]):
+    cdef int32_t p, dom, g
+    cdef intp_t k
+    for k in range(t.groups.shape[0]):
+        g = t.groups[k]
+        if g + 1 >= cs.group_ptr.shape[0]:
+            continue  # no term counts this group yet
+        for j in range(cs.group_ptr[g], cs.group_ptr[g + 1]):
             p = cs.group_pairs[j]
             dom = cs.domain[cs.pair_topo[p], h]
             if dom >= 0:

@@ -1,0 +1,147 @@
+"""Every hard constraint, recomputed independently from the placements, on random clusters.
+
+The checker below knows only the hosts, the workloads and where they went; it
+re-derives selectors, taints, VM charging, tenant isolation, affinity,
+symmetric anti-affinity and spread skew at each placement, and capacity at
+every step.
+"""
+import math
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from hci_scheduler import (
+    Affinity, Cluster, Host, LabelExpr, Spread, Taint, Toleration, Unschedulable, Workload,
+)
+
+DIMS = ("cpu", "memory")
+
+
+def labels_of(h: Host, key: str):
+    return h.id if key == "host" else h.labels.get(key)
+
+
+def selector_ok(w: Workload, h: Host) -> bool:
+    if not all(e.matches(h.labels) for e in w.selector):
+        return False
+    return w.kind != "vm" or h.labels.get("kvm") == "true"
+
+
+def charge(w: Workload, h: Host) -> np.ndarray:
+    req = np.array([w.requests.get(d, 0) for d in DIMS], dtype=np.int64)
+    if w.kind != "vm":
+        return req
+    ratio = [h.allocation_ratio.get(d, 1.0) for d in DIMS]
+    return np.array([math.ceil(r * round(q * 1000) / 1000) for r, q in zip(req, ratio)], dtype=np.int64)
+
+
+def check_placement(w: Workload, h: Host, hosts: dict, live: dict) -> None:
+    """live: workload id -> (Workload, host id) before w was placed."""
+    assert selector_ok(w, h), f"{w.id} on {h.id} breaks its selector"
+    for t in h.taints:
+        if t.effect == "NoSchedule":
+            assert any(tol.tolerates(t) for tol in w.tolerations), f"{w.id} on {h.id} ignores taint {t}"
+    others = [(ow, hosts[hid]) for ow, hid in live.values()]
+    on_host = [ow for ow, oh in others if oh.id == h.id]
+    if w.isolation == "dedicated":
+        assert all(ow.tenant in (None, w.tenant) for ow in on_host), f"{w.id} dedicated on a shared host"
+    for ow in on_host:
+        if ow.isolation == "dedicated":
+            assert w.tenant == ow.tenant, f"{w.id} on {h.id} held dedicated by {ow.tenant}"
+    for a in w.anti_affinity:
+        if a.hard:
+            dom = labels_of(h, a.topology)
+            if dom is not None:
+                assert not any(ow.group == a.group and labels_of(oh, a.topology) == dom for ow, oh in others), \
+                    f"{w.id} breaks anti-affinity {a}"
+    for ow, oh in others:  # symmetric: their hard anti-affinity against w's group
+        for a in ow.anti_affinity:
+            if a.hard and w.group == a.group:
+                dom = labels_of(h, a.topology)
+                assert dom is None or labels_of(oh, a.topology) != dom, f"{w.id} next to {ow.id} that avoids it"
+    for a in w.affinity:
+        if a.hard:
+            members = [(ow, oh) for ow, oh in others if ow.group == a.group]
+            if not members and w.group == a.group:
+                continue
+            dom = labels_of(h, a.topology)
+            assert dom is not None and any(labels_of(oh, a.topology) == dom for _, oh in members), \
+                f"{w.id} breaks affinity {a}"
+    for s in w.spread:
+        if s.hard:
+            eligible = {labels_of(x, s.topology) for x in hosts.values() if selector_ok(w, x)} - {None}
+            counts = {d: 0 for d in eligible}
+            for ow, oh in others:
+                d = labels_of(oh, s.topology)
+                if ow.group == w.group and d in counts:
+                    counts[d] += 1
+            dom = labels_of(h, s.topology)
+            assert dom is not None
+            assert counts.get(dom, 0) + 1 - min(counts.values()) <= s.max_skew, f"{w.id} breaks spread {s}"
+
+
+def make_host(i: int, rng) -> Host:
+    labels = {"zone": "ab"[i % 2], "rack": f"r{i % 4}"}
+    if rng.random() < 0.5:
+        labels["kvm"] = "true"
+    taints = [Taint("dedicated", "x", "NoSchedule")] if rng.random() < 0.2 else []
+    return Host(f"h{i}", {"cpu": int(rng.integers(2000, 9000)), "memory": int(rng.integers(2000, 9000))},
+                labels=labels, taints=taints, allocation_ratio={"cpu": float(rng.choice([1.0, 2.0, 1.5]))})
+
+
+def make_workload(i: int, rng) -> Workload:
+    group = rng.choice([None, "g1", "g2"])
+    tenant = rng.choice([None, "t1", "t2"])
+    kw = {}
+    if rng.random() < 0.3:
+        kw["selector"] = [LabelExpr("zone", "In", ("a",))] if rng.random() < 0.5 else {"rack": f"r{rng.integers(4)}"}
+    if rng.random() < 0.3:
+        kw["tolerations"] = [Toleration("dedicated")]
+    if rng.random() < 0.3:
+        kw["anti_affinity"] = [Affinity(str(rng.choice(["g1", "g2"])), str(rng.choice(["host", "rack"])),
+                                        hard=bool(rng.random() < 0.8))]
+    if rng.random() < 0.15:
+        kw["affinity"] = [Affinity(str(rng.choice(["g1", "g2"])), "zone")]
+    if group and rng.random() < 0.3:
+        kw["spread"] = [Spread("zone", max_skew=int(rng.integers(1, 3)))]
+    return Workload(
+        f"w{i}", {"cpu": int(rng.integers(0, 2500)), "memory": int(rng.integers(0, 2500))},
+        kind="vm" if rng.random() < 0.25 else "container", tenant=tenant,
+        isolation="dedicated" if tenant and rng.random() < 0.3 else "shared",
+        group=group, **kw)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), strategy=st.sampled_from(["binpack", "spread", "balanced", "dot"]))
+def test_random_constrained_placements_keep_every_hard_constraint(seed, strategy):
+    rng = np.random.default_rng(seed)
+    c = Cluster(dimensions=DIMS)
+    hosts = {}
+    for i in range(int(rng.integers(2, 12))):
+        h = make_host(i, rng)
+        c.add_host(h)
+        hosts[h.id] = h
+    live: dict[str, tuple[Workload, str]] = {}
+    for i in range(int(rng.integers(5, 60))):
+        if live and rng.random() < 0.25:
+            wid = list(live)[int(rng.integers(len(live)))]
+            c.release(wid)
+            del live[wid]
+        else:
+            w = make_workload(i, rng)
+            try:
+                p = c.place(w, strategy=strategy)
+            except Unschedulable as exc:
+                assert exc.explanation.feasible == 0
+                continue
+            check_placement(w, hosts[p.host_id], hosts, live)
+            live[w.id] = (w, p.host_id)
+        # capacity, recomputed from scratch
+        usage = {hid: np.zeros(2, dtype=np.int64) for hid in hosts}
+        for w, hid in live.values():
+            usage[hid] += charge(w, hosts[hid])
+        for hid, h in hosts.items():
+            limit = np.array([math.floor(h.capacity[d] * h.allocation_ratio.get(d, 1.0)) for d in DIMS])
+            assert (usage[hid] <= limit).all(), f"{hid} overcommitted: {usage[hid]} > {limit}"
+            np.testing.assert_array_equal(usage[hid], c.usage()[c.host_index(hid)])
+        assert c.assignments() == {wid: hid for wid, (_, hid) in live.items()}

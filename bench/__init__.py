@@ -103,7 +103,7 @@ def _latency(args, results, progress, have_data):
     from . import compaction, latency
 
     if args.quick:
-        cfg = latency.LatencyConfig(n_batch=20_000, n_single=500, n_peer=500)
+        cfg = latency.LatencyConfig(n_batch=10_000, n_single=500, n_peer=500)
         n_google, n_azure = 3_000, 3_000
     else:
         cfg = latency.LatencyConfig()

@@ -46,11 +46,13 @@ __all__ = ["improve_assignment", "WORK_UNITS_PER_SECOND"]
 # Work units per second of budget. One unit is roughly one int64 element
 # compared in a vectorised feasibility test; each search step also pays
 # STEP_UNITS for its Python overhead. Calibrated on a 2.x GHz core so that
-# a budget of T seconds takes at most about 0.6 T of wall time.
-WORK_UNITS_PER_SECOND = 35_000_000
+# a budget of T seconds takes at most about half of T of wall time, leaving room
+# for a loaded machine before the wall-clock cap (which breaks determinism) bites.
+WORK_UNITS_PER_SECOND = 25_000_000
 STEP_UNITS = 8_000
 # Steps without a new lowest pending weight before an attempt gives up.
 STALL_STEPS = 150
+MAX_STALL_STEPS = 8 * STALL_STEPS
 # Steps during which a moved item may not return to the host it left.
 TABU_TENURE = 12
 # Heaviest candidates considered for the pair of a min-slack bin fill.
@@ -195,6 +197,7 @@ class _BinEmptier:
         self.work_left = work_budget
         self.deadline = wall_deadline
         self.rng = np.random.default_rng(seed)
+        self.stall_limit = STALL_STEPS
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -212,17 +215,28 @@ class _BinEmptier:
 
     def run(self) -> np.ndarray:
         best = self.bin_of.copy()
-        alt = self._min_slack_start()
-        if alt is not None and np.unique(alt).size < np.unique(best).size:
-            best = alt
+        # Two size measures for the min-slack construction: the sum of the
+        # normalised sizes, and the largest normalised size (dominant share).
+        for measure in (self.weight, self.scaled.max(axis=1)):
+            alt = self._min_slack_start(measure)
+            if alt is not None and np.unique(alt).size < np.unique(best).size:
+                best = alt
         failed: set[int] = set()
         while self.work_left > 0 and time.perf_counter() < self.deadline:
             used = np.bincount(best, minlength=self.n_bins) > 0
             fill = np.bincount(best, weights=self.weight, minlength=self.n_bins)
             candidates = [b for b in np.flatnonzero(used)[np.argsort(fill[used], kind="stable")]
                           if b not in failed]
-            if len(candidates) == 0 or used.sum() < 2:
+            if used.sum() < 2:
                 break
+            if len(candidates) == 0:
+                # Every bin failed at this persistence: retry all of them with
+                # twice the patience while work remains.
+                if self.stall_limit >= MAX_STALL_STEPS:
+                    break
+                self.stall_limit *= 2
+                failed.clear()
+                continue
             target = int(candidates[0])
             result = self._empty_bin(best, target, used)
             if result is None:
@@ -258,7 +272,7 @@ class _BinEmptier:
                 best_pending, stall = pending_weight, 0
             else:
                 stall += 1
-            if stall > STALL_STEPS:
+            if stall > self.stall_limit:
                 return None
             move = self._best_swap(pending, bin_of, load, cap, tabu, locked, step)
             if move is None:
@@ -276,7 +290,7 @@ class _BinEmptier:
 
     # -- alternative start ----------------------------------------------------
 
-    def _min_slack_start(self):
+    def _min_slack_start(self, weight: np.ndarray):
         """Minimum-bin-slack construction over the same bins, or None.
 
         Fills one bin at a time: the heaviest remaining item plus the one or
@@ -287,7 +301,7 @@ class _BinEmptier:
         fills that a one-item-at-a-time greedy misses. Candidates are capped
         at the PAIR_CANDIDATES heaviest so the cost stays O(n) per bin.
         """
-        sizes, weight = self.sizes, self.weight
+        sizes = self.sizes
         remaining = list(np.argsort(-weight, kind="stable"))
         bin_of = np.full(self.n_items, -1, dtype=np.int64)
         # Largest bins first, as the greedy's hosts may differ in size.

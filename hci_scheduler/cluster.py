@@ -409,15 +409,11 @@ class Cluster:
     def _select_and_commit(self, workload: Workload, request: np.ndarray, terms: CompiledTerms,
                            code: int) -> int:
         """Run the constrained kernel for one workload; record it and return the row, or -1."""
-        hosts = np.full(1, -1, dtype=np.int64)
-        charge = np.zeros((1, len(self.dimensions)), dtype=np.int64)
-        numa = np.full(1, -1, dtype=np.int64)
-        sched_core.place_rows_constrained(self._state, self._cons.state, terms.core, request[None, :],
-                                          np.zeros(1, dtype=np.intp), code, hosts, charge, numa)
-        row = int(hosts[0])
+        charge = np.empty(len(self.dimensions), dtype=np.int64)
+        row, numa = sched_core.place_single(self._state, self._cons.state, terms.core, request, code, charge)
         if row >= 0:
-            self._cons.record(terms, [row], +1)
-            self._workloads[workload.id] = _Record(workload, row, charge[0], int(numa[0]), terms)
+            self._cons.record(terms, (row,), +1)
+            self._workloads[workload.id] = _Record(workload, row, charge, numa, terms)
         return row
 
     def place(self, workload: Workload, strategy: str = "binpack", preempt: bool = False) -> Placement:

@@ -66,7 +66,9 @@ class ConstraintIndex:
     def group_id(self, name: str) -> int:
         if name not in self.groups:
             self.groups[name] = len(self.groups)
-            self.version += 1
+            if self._arrays:
+                self._group_csr()
+                self._bind()
         return self.groups[name]
 
     def tenant_id(self, name: str | None) -> int:
@@ -81,23 +83,79 @@ class ConstraintIndex:
             return self.topologies[key]
         if not any(h is not None and key in h.labels for h in self.hosts):
             raise ValidationError(f"{field}: topology key {key!r} is not a label of any host")
-        self.topologies[key] = len(self.topologies)
-        self.domain_ids.append({})
-        self.rebuild(self.hosts)
-        return self.topologies[key]
+        t = self.topologies[key] = len(self.topologies)
+        ids: dict[str, int] = {}
+        self.domain_ids.append(ids)
+        a = self._arrays
+        row_dom = np.full(a["domain"].shape[1], -1, dtype=np.int32)
+        for row, host in enumerate(self.hosts):
+            if host is not None and key in host.labels:
+                row_dom[row] = ids.setdefault(host.labels[key], len(ids))
+        a["domain"] = np.ascontiguousarray(np.vstack([a["domain"], row_dom[None, :]]))
+        a["topo_live_doms"] = np.append(a["topo_live_doms"], 0)
+        a["topo_missing"] = np.append(a["topo_missing"], 0)
+        self._recount_live_domains()
+        self._bind()
+        return t
 
     def _label_bit(self, kind: str, key: str, value: str | None = None) -> int:
         token = (kind, key, value) if kind == "pair" else (kind, key)
-        if token not in self.label_bits:
-            self.label_bits[token] = len(self.label_bits)
-            self.rebuild(self.hosts)
-        return self.label_bits[token]
+        if token in self.label_bits:
+            return self.label_bits[token]
+        bit = self.label_bits[token] = len(self.label_bits)
+        a = self._arrays
+        if bit // 64 >= a["labels"].shape[1]:
+            a["labels"] = np.ascontiguousarray(
+                np.hstack([a["labels"], np.zeros((len(a["labels"]), 1), dtype=np.uint64)]))
+        word, flag = bit // 64, np.uint64(1) << np.uint64(bit % 64)
+        for row, host in enumerate(self.hosts):
+            if host is not None and (host.labels.get(key) == value if kind == "pair" else key in host.labels):
+                a["labels"][row, word] |= flag
+        self._bind()
+        return bit
 
     def _pair_id(self, group: int, topology: int) -> int:
-        if (group, topology) not in self.pairs:
-            self.pairs[(group, topology)] = len(self.pairs)
-            self.rebuild(self.hosts)
-        return self.pairs[(group, topology)]
+        if (group, topology) in self.pairs:
+            return self.pairs[(group, topology)]
+        p = self.pairs[(group, topology)] = len(self.pairs)
+        a = self._arrays
+        n_dom = a["domain"].shape[1] if topology == 0 else len(self.domain_ids[topology])
+        counts = np.zeros(n_dom, dtype=np.int32)
+        total = 0
+        for row, count in self.group_rows.get(group, {}).items():
+            total += count
+            d = a["domain"][topology, row]
+            if d >= 0:
+                counts[d] += count
+        offset = int(a["pair_offset"][-1] + a["pair_ndom"][-1]) if p else 0
+        a["pair_counts"] = np.concatenate([a["pair_counts"][:offset], counts, np.zeros(1, dtype=np.int32)])
+        a["pair_offset"] = np.append(a["pair_offset"], offset)
+        a["pair_topo"] = np.append(a["pair_topo"], np.int32(topology)).astype(np.int32)
+        a["pair_ndom"] = np.append(a["pair_ndom"], np.int32(n_dom)).astype(np.int32)
+        a["pair_total"] = np.append(a["pair_total"], total)
+        a["pair_nonzero"] = np.append(a["pair_nonzero"], int((counts > 0).sum()))
+        self._group_csr()
+        self._bind()
+        return p
+
+    def _group_csr(self) -> None:
+        """group id -> the pairs that count it, as CSR."""
+        by_group: dict[int, list[int]] = {}
+        for (g, t), p in self.pairs.items():
+            by_group.setdefault(g, []).append(p)
+        group_ptr = np.zeros(len(self.groups) + 1, dtype=np.int64)
+        group_pairs: list[int] = []
+        for g in range(len(self.groups)):
+            group_pairs.extend(sorted(by_group.get(g, [])))
+            group_ptr[g + 1] = len(group_pairs)
+        self._arrays["group_ptr"] = group_ptr
+        self._arrays["group_pairs"] = np.array(group_pairs, dtype=np.int32)
+
+    def _bind(self) -> None:
+        self.state.bind(**self._arrays,
+                        cpu_dim=self.dimensions.index("cpu") if "cpu" in self.dimensions else -1,
+                        mem_dim=self.dimensions.index("memory") if "memory" in self.dimensions else -1)
+        self.version += 1
 
     # ---------------------------------------------------------------- host arrays
 
@@ -145,7 +203,16 @@ class ConstraintIndex:
             a["numa_n"][row] = len(nodes)
             a["host_tenant"][row] = -1
             a["ded_tenant"][row] = -1
+        self._recount_live_domains()
         self.version += 1
+
+    def _recount_live_domains(self) -> None:
+        a = self._arrays
+        live_rows = [r for r, h in enumerate(self.hosts) if h is not None]
+        for t in range(len(self.topologies)):
+            d = a["domain"][t, live_rows] if live_rows else np.zeros(0, dtype=np.int32)
+            a["topo_live_doms"][t] = len(np.unique(d[d >= 0]))
+            a["topo_missing"][t] = int((d < 0).sum())
 
     def rebuild(self, hosts: list[Host | None], n_rows: int | None = None, ratio_milli: np.ndarray | None = None,
                 numa: dict[int, np.ndarray] | None = None) -> None:
@@ -193,19 +260,20 @@ class ConstraintIndex:
             pair_topo[p], pair_ndom[p], pair_offset[p] = t, n_dom[t], offset
             offset += n_dom[t]
         pair_counts = np.zeros(max(offset, 1), dtype=np.int32)
+        pair_nonzero = np.zeros(n_pairs, dtype=np.int64)
         for (g, t), p in self.pairs.items():
             for row, count in self.group_rows.get(g, {}).items():
                 pair_total[p] += count
                 if domain[t, row] >= 0:
                     pair_counts[pair_offset[p] + domain[t, row]] += count
-        by_group: dict[int, list[int]] = {}
-        for (g, t), p in self.pairs.items():
-            by_group.setdefault(g, []).append(p)
-        group_ptr = np.zeros(len(self.groups) + 1, dtype=np.int64)
-        group_pairs: list[int] = []
-        for g in range(len(self.groups)):
-            group_pairs.extend(sorted(by_group.get(g, [])))
-            group_ptr[g + 1] = len(group_pairs)
+            pair_nonzero[p] = int((pair_counts[pair_offset[p]: pair_offset[p] + n_dom[t]] > 0).sum())
+        live_rows = [r for r, h in enumerate(hosts) if h is not None]
+        topo_live_doms = np.zeros(len(self.topologies), dtype=np.int64)
+        topo_missing = np.zeros(len(self.topologies), dtype=np.int64)
+        for t in range(len(self.topologies)):
+            d = domain[t, live_rows] if live_rows else np.zeros(0, dtype=np.int32)
+            topo_live_doms[t] = len(np.unique(d[d >= 0]))
+            topo_missing[t] = int((d < 0).sum())
         host_tenant = np.full(n, -1, dtype=np.int32)
         ded_tenant = np.full(n, -1, dtype=np.int32)
         for row in set(self.tenant_rows) | set(self.dedicated_rows):
@@ -229,14 +297,12 @@ class ConstraintIndex:
         self._arrays = dict(
             labels=labels, taint_hard=taint_hard, taint_soft=taint_soft, domain=domain, ratio_milli=ratio,
             host_tenant=host_tenant, ded_tenant=ded_tenant, pair_counts=pair_counts, pair_offset=pair_offset,
-            pair_topo=pair_topo, pair_ndom=pair_ndom, pair_total=pair_total, group_ptr=group_ptr,
-            group_pairs=np.array(group_pairs, dtype=np.int32), numa_free=numa_free, numa_n=numa_n,
+            pair_topo=pair_topo, pair_ndom=pair_ndom, pair_total=pair_total, pair_nonzero=pair_nonzero,
+            topo_live_doms=topo_live_doms, topo_missing=topo_missing, numa_free=numa_free, numa_n=numa_n,
         )
-        self.state.bind(**self._arrays,
-                        cpu_dim=self.dimensions.index("cpu") if "cpu" in self.dimensions else -1,
-                        mem_dim=self.dimensions.index("memory") if "memory" in self.dimensions else -1)
+        self._group_csr()
         self.n_rows = n
-        self.version += 1
+        self._bind()
 
     def array(self, name: str) -> np.ndarray:
         return self._arrays[name]
@@ -252,7 +318,7 @@ class ConstraintIndex:
     def record(self, terms: "CompiledTerms", rows: np.ndarray, delta: int) -> None:
         """Keep the Python-side counters in step after the core counted (delta=+1) or
         uncounted (delta=-1) workloads of `terms` on `rows`."""
-        if len(rows) == 0:
+        if len(rows) == 0 or (not terms.groups and terms.tenant < 0):
             return
         counts = Counter(rows.tolist()) if isinstance(rows, np.ndarray) else Counter(rows)
         for group in terms.groups:

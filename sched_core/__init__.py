@@ -12,7 +12,7 @@ from ._index import FitIndex
 from ._place import (
     BALANCED, BINPACK, DOT, SPREAD,
     check_host, commit_host, commit_rows, filter_constrained, penalties, place_one, place_rows,
-    place_rows_constrained, release_constrained, release_rows, select_host,
+    place_rows_constrained, place_single, release_constrained, release_rows, select_host,
 )
 from ._state import HostState
 
@@ -21,5 +21,5 @@ __all__ = [
     "REASON_KVM", "REASON_NOT_SCHEDULABLE", "REASON_NUMA", "REASON_OK", "REASON_SELECTOR", "REASON_SPREAD",
     "REASON_TAINT", "REASON_TENANT", "REASON_VOLUME", "ConstraintState", "FitIndex", "HostState", "Terms",
     "check_host", "commit_host", "commit_rows", "filter_constrained", "filter_hosts", "penalties", "place_one",
-    "place_rows", "place_rows_constrained", "release_constrained", "release_rows", "select_host",
+    "place_rows", "place_rows_constrained", "place_single", "release_constrained", "release_rows", "select_host",
 ]

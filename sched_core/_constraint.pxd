@@ -19,6 +19,9 @@ cdef class ConstraintState:
     cdef int32_t[::1] pair_topo       # (n_pairs,) topology of each pair
     cdef int32_t[::1] pair_ndom       # (n_pairs,) domains of each pair
     cdef int64_t[::1] pair_total      # (n_pairs,) workloads of the group in all domains
+    cdef int64_t[::1] pair_nonzero    # (n_pairs,) domains holding at least one workload of the group
+    cdef int64_t[::1] topo_live_doms  # (n_topologies,) domains that hold a live host
+    cdef int64_t[::1] topo_missing    # (n_topologies,) live hosts without the topology label
     cdef int64_t[::1] group_ptr       # (n_groups + 1,) CSR: pairs counted for each group
     cdef int32_t[::1] group_pairs     # (group_ptr[-1],) pair ids
     cdef int64_t[:, :, ::1] numa_free # (n_rows, MAX_NUMA, 2) free cpu and memory per NUMA node
@@ -55,10 +58,12 @@ cdef class Terms:
     cdef bint has_allowed
     cdef bint has_soft                # some term can add a penalty
     cdef int64_t prefer_weight        # penalty per untolerated PreferNoSchedule taint
+    cdef float64_t penalty_lb         # scratch: a penalty every host pays, per placement (see prepare)
 
 cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
                     int64_t* charge) noexcept nogil
 cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef void prepare(ConstraintState cs, Terms t) noexcept nogil
+cdef float64_t penalty_floor(Terms t) noexcept nogil
 cdef void count_in(ConstraintState cs, Terms t, intp_t h, int delta) noexcept nogil
 cdef intp_t numa_node(ConstraintState cs, intp_t h, const int64_t* request) noexcept nogil

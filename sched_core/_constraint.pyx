@@ -54,8 +54,8 @@ cdef class ConstraintState:
         self.mem_dim = -1
 
     def bind(self, *, labels, taint_hard, taint_soft, domain, ratio_milli, host_tenant, ded_tenant,
-             pair_counts, pair_offset, pair_topo, pair_ndom, pair_total, group_ptr, group_pairs,
-             numa_free, numa_n, cpu_dim, mem_dim):
+             pair_counts, pair_offset, pair_topo, pair_ndom, pair_total, pair_nonzero, topo_live_doms,
+             topo_missing, group_ptr, group_pairs, numa_free, numa_n, cpu_dim, mem_dim):
         """Point the state at the Python layer's arrays (shapes documented in _constraint.pxd)."""
         n = labels.shape[0]
         for name, arr in (("taint_hard", taint_hard), ("taint_soft", taint_soft), ("ratio_milli", ratio_milli),
@@ -78,6 +78,9 @@ cdef class ConstraintState:
         self.pair_topo = pair_topo
         self.pair_ndom = pair_ndom
         self.pair_total = pair_total
+        self.pair_nonzero = pair_nonzero
+        self.topo_live_doms = topo_live_doms
+        self.topo_missing = topo_missing
         self.group_ptr = group_ptr
         self.group_pairs = group_pairs
         self.numa_free = numa_free
@@ -120,6 +123,7 @@ cdef class Terms:
         self.has_allowed = allowed is not None
         self.allowed = allowed if allowed is not None else np.zeros(0, dtype=np.uint8)
         self.prefer_weight = prefer_weight
+        self.penalty_lb = 0.0
         self.has_soft = (
             bool(np.any(np.asarray(aff_hard) == 0)) or bool(np.any(np.asarray(anti_hard) == 0))
             or bool(np.any(np.asarray(spread_hard) == 0)) or prefer_weight > 0
@@ -161,6 +165,26 @@ cdef void prepare(ConstraintState cs, Terms t) noexcept nogil:
             if j == t.spread_dom_ptr[i] or c < m:
                 m = c
         t.spread_min[i] = m
+    # A soft anti-affinity term costs every host once its group sits in every live domain
+    # (and every live host has the label); a soft affinity term costs every host while
+    # its group sits nowhere. Their sum bounds every host's penalty from below, which
+    # lets the index walk stop early (see _place.walk_index).
+    cdef float64_t lb = 0.0
+    cdef int32_t tp
+    for i in range(t.anti_pair.shape[0]):
+        if not t.anti_hard[i]:
+            p = t.anti_pair[i]
+            tp = cs.pair_topo[p]
+            if cs.topo_missing[tp] == 0 and cs.pair_nonzero[p] >= cs.topo_live_doms[tp]:
+                lb += t.anti_weight[i]
+    for i in range(t.aff_pair.shape[0]):
+        if not t.aff_hard[i] and cs.pair_total[t.aff_pair[i]] == 0 and not t.aff_self[i]:
+            lb += t.aff_weight[i]
+    t.penalty_lb = lb
+
+
+cdef float64_t penalty_floor(Terms t) noexcept nogil:
+    return t.penalty_lb
 
 
 cdef inline int32_t pair_count(ConstraintState cs, intp_t p, intp_t h) noexcept nogil:
@@ -296,6 +320,10 @@ cdef void count_in(ConstraintState cs, Terms t, intp_t h, int delta) noexcept no
             dom = cs.domain[cs.pair_topo[p], h]
             if dom >= 0:
                 cs.pair_counts[cs.pair_offset[p] + dom] += delta
+                if delta > 0 and cs.pair_counts[cs.pair_offset[p] + dom] == 1:
+                    cs.pair_nonzero[p] += 1
+                elif delta < 0 and cs.pair_counts[cs.pair_offset[p] + dom] == 0:
+                    cs.pair_nonzero[p] -= 1
             cs.pair_total[p] += delta
     if delta > 0 and t.tenant >= 0:
         if cs.host_tenant[h] == -1:

@@ -183,13 +183,14 @@ def release_rows(HostState s, const int64_t[:, ::1] requests, const int64_t[::1]
 
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
-from ._constraint cimport ConstraintState, Terms, reject, penalty, prepare, count_in, numa_node
+from ._constraint cimport ConstraintState, Terms, reject, penalty, prepare, count_in, numa_node, penalty_floor
 
 
 cdef intp_t walk_index(HostState s, ConstraintState cs, Terms t, const int64_t* request, bint ascending,
                        int64_t* charge, int64_t* tmp) noexcept nogil:
     cdef intp_t i, j, b, h, d, best = -1, n_dims = s.n_dims
     cdef float64_t k, base, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
+    cdef float64_t floor = penalty_floor(t)
     cdef bint blocked
     i = 0 if ascending else s.index.n_blocks - 1
     while 0 <= i < s.index.n_blocks:
@@ -207,15 +208,17 @@ cdef intp_t walk_index(HostState s, ConstraintState cs, Terms t, const int64_t* 
             h = s.index.items[b, j]
             j = j + 1 if ascending else j - 1
             k = s.index.key[h]
-            base = k * scale if ascending else 100.0 - k * scale
+            base = (k * scale if ascending else 100.0 - k * scale) + floor
             if best >= 0:
                 if ascending and base >= best_cost:
                     return best
                 if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
                     return best
-            if reject(s, cs, t, h, request, tmp) != 0:
+            # Most hosts walked past are too full: the raw request is a necessary
+            # condition (VMs pay at least it), and two loads cost less than the bitmasks.
+            if not fits(&s.free[h, 0], request, n_dims) or reject(s, cs, t, h, request, tmp) != 0:
                 continue
-            cost = base + penalty(cs, t, h)
+            cost = base - floor + penalty(cs, t, h)
             if (best < 0 or cost < best_cost
                     or (not ascending and cost == best_cost and (k > best_key or (k == best_key and h < best)))):
                 best, best_cost, best_key = h, cost, k
@@ -372,3 +375,24 @@ def penalties(HostState s, ConstraintState cs, Terms t, float64_t[::1] out):
         prepare(cs, t)
         for h in range(s.n_rows):
             out[h] = penalty(cs, t, h)
+
+
+def place_single(HostState s, ConstraintState cs, Terms t, const int64_t[::1] request, int strategy,
+                 int64_t[::1] charge_out):
+    """Place one request under `t`; returns (host row or -1, NUMA node or -1).
+
+    The per-workload entry point of hci_scheduler's `place`: no temporary
+    matrices, one call. charge_out (n_dims,) receives what the host is charged.
+    """
+    if request.shape[0] != s.n_dims or charge_out.shape[0] != s.n_dims:
+        raise ValueError("place_single: request and charge_out need one entry per dimension")
+    cdef int64_t tmp[64]
+    cdef intp_t h
+    cdef int64_t node = -1
+    if s.n_dims > 64:
+        raise ValueError("place_single: at most 64 dimensions")
+    with nogil:
+        h = select_constrained(s, cs, t, &request[0], strategy, &charge_out[0], tmp)
+        if h >= 0:
+            node = commit_constrained(s, cs, t, h, &charge_out[0])
+    return h, node

@@ -132,7 +132,7 @@ def test_list_hosts_filters_by_state_and_reports_usage(stub):
 
 
 def test_place_then_allocations_list_it(stub):
-    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("pl-h", cpu=64000, memory=65536)]))
+    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("pl-h", cpu=64000, memory=65536, labels={"kvm": "true"})]))
     resp = stub.Place(pb.PlaceRequest(workloads=[make_workload("pl-1"), make_workload("pl-2", kind=pb.WORKLOAD_KIND_VM)]))
     got = {p.workload_id: p for p in resp.placements}
     assert all(p.host_id and p.sequence > 0 for p in got.values())
@@ -144,7 +144,7 @@ def test_place_then_allocations_list_it(stub):
 
 
 def test_unschedulable_is_an_answer_with_explanation(stub):
-    resp = stub.Place(pb.PlaceRequest(workloads=[make_workload("never", cpu=10**15)]))
+    resp = stub.Place(pb.PlaceRequest(workloads=[make_workload("never", cpu=10**13)]))
     p = resp.placements[0]
     assert p.host_id == "" and p.sequence == 0
     assert "cpu" in p.explanation.message
@@ -185,7 +185,7 @@ def test_place_malformed_is_invalid_argument(stub, request_):
 
 
 def test_gang_is_all_or_nothing(stub):
-    members = [make_workload("gang-1"), make_workload("gang-2"), make_workload("gang-3", cpu=10**15)]
+    members = [make_workload("gang-1"), make_workload("gang-2"), make_workload("gang-3", cpu=10**13)]
     resp = stub.Place(pb.PlaceRequest(workloads=members, gang=True))
     assert [p.host_id for p in resp.placements] == ["", "", ""]
     assert all(p.explanation.message for p in resp.placements)
@@ -215,7 +215,7 @@ def test_list_allocations_unknown_host_is_not_found(stub):
 
 
 def test_explain_places_nothing(stub):
-    e = stub.Explain(pb.ExplainRequest(workload=make_workload("expl", cpu=10**15))).explanation
+    e = stub.Explain(pb.ExplainRequest(workload=make_workload("expl", cpu=10**13))).explanation
     assert "cpu" in e.message and e.filters
     assert "expl" not in allocations(stub)
     assert code_of(lambda: stub.Explain(pb.ExplainRequest())) == grpc.StatusCode.INVALID_ARGUMENT

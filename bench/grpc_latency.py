@@ -1,0 +1,250 @@
+"""gRPC latency and throughput of the scheduler service.
+
+    python -m bench.grpc_latency [--hosts 10000] [--fsync full|normal] [--quick] [--out DIR]
+
+Starts `hci-scheduler serve` in a subprocess (its own interpreter, so client
+and server do not share a GIL) on a free loopback port with a fresh SQLite
+store, registers `--hosts` hosts (64 cores, 256 GiB, 2 TB ssd, 25 Gbit/s),
+then measures:
+
+* unary Place latency p50/p99 with 1, 8 and 64 concurrent clients (threads
+  of this process, one channel each), every call durable before its reply;
+* placements per second with batched Place calls of 1,000 workloads.
+
+Targets (issue 5, on the 2-core machine): unary p99 < 2 ms with one client;
+>= 20,000 placements/s in batches of 1,000. The figures are printed, with the
+machine they came from, and written to OUT/grpc_latency.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _machine() -> dict:
+    disk_fsync_ms = _fsync_probe()
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "fsync_p50_ms": disk_fsync_ms[0], "fsync_p99_ms": disk_fsync_ms[1]}
+
+
+def _fsync_probe(n: int = 100) -> tuple[float, float]:
+    """p50/p99 of write+fsync of 4 KiB on the temp dir's disk: the floor of a durable reply."""
+    d = tempfile.mkdtemp()
+    try:
+        fd = os.open(os.path.join(d, "probe"), os.O_WRONLY | os.O_CREAT)
+        ts = []
+        for _ in range(n):
+            os.write(fd, b"x" * 4096)
+            t = time.perf_counter()
+            os.fsync(fd)
+            ts.append(time.perf_counter() - t)
+        os.close(fd)
+        return round(1e3 * float(np.percentile(ts, 50)), 3), round(1e3 * float(np.percentile(ts, 99)), 3)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class _Server:
+    def __init__(self, fsync: str):
+        self.tmp = tempfile.mkdtemp(prefix="hci-bench-")
+        port_file = os.path.join(self.tmp, "port")
+        self.log = open(os.path.join(self.tmp, "server.log"), "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", "127.0.0.1:0",
+             "--data-dir", os.path.join(self.tmp, "data"), "--fsync", fsync, "--port-file", port_file,
+             "--log-level", "warning"],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(port_file):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server did not start; see " + self.log.name)
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{int(open(port_file).read())}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _stub(address: str):
+    import grpc
+
+    from hci_scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+    ch = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20),
+                                                 ("grpc.max_receive_message_length", 256 << 20)])
+    grpc.channel_ready_future(ch).result(timeout=60)
+    return ch, pb_grpc.SchedulerServiceStub(ch)
+
+
+def _workload(pb, wid: str, i: int):
+    # Small containers (0.1-1 core, 128-1024 MiB): 10,000 hosts never fill up,
+    # so every call is a successful placement.
+    return pb.Workload(id=wid, requests={"cpu": 100 + 90 * (i % 11), "memory": 128 * (1 + i % 8)})
+
+
+def unary(address: str, clients: int, calls_per_client: int, tag: str) -> dict:
+    from hci_scheduler.v1 import scheduler_pb2 as pb
+
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors = []
+    start = threading.Barrier(clients + 1)
+
+    def run(c: int) -> None:
+        ch, stub = _stub(address)
+        reqs = [pb.PlaceRequest(workloads=[_workload(pb, f"{tag}-{c}-{i}", i)]) for i in range(calls_per_client)]
+        start.wait()
+        try:
+            for r in reqs:
+                t = time.perf_counter()
+                resp = stub.Place(r, timeout=30)
+                lat[c].append(time.perf_counter() - t)
+                if not resp.placements[0].host_id:
+                    errors.append("unplaced")
+        except Exception as exc:  # noqa: BLE001 - reported, not hidden
+            errors.append(repr(exc))
+        finally:
+            ch.close()
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    all_lat = np.array([x for xs in lat for x in xs])
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed calls, first: {errors[0]}")
+    return {"clients": clients, "calls": int(all_lat.size),
+            "p50_ms": round(1e3 * float(np.percentile(all_lat, 50)), 3),
+            "p99_ms": round(1e3 * float(np.percentile(all_lat, 99)), 3),
+            "calls_per_s": round(all_lat.size / wall, 1)}
+
+
+def batched(address: str, calls: int, batch: int, clients: int = 1) -> dict:
+    from hci_scheduler.v1 import scheduler_pb2 as pb
+
+    per = [[pb.PlaceRequest(workloads=[_workload(pb, f"b{c}-{k}-{i}", i) for i in range(batch)])
+            for k in range(calls)] for c in range(clients)]
+    lat: list[float] = []
+    errors = []
+    start = threading.Barrier(clients + 1)
+
+    def run(c: int) -> None:
+        ch, stub = _stub(address)
+        start.wait()
+        try:
+            for r in per[c]:
+                t = time.perf_counter()
+                resp = stub.Place(r, timeout=120)
+                lat.append(time.perf_counter() - t)
+                if not all(p.host_id for p in resp.placements):
+                    errors.append("unplaced")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+        finally:
+            ch.close()
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed calls, first: {errors[0]}")
+    n = calls * batch * clients
+    return {"batch": batch, "clients": clients, "placements": n, "seconds": round(wall, 3),
+            "placements_per_s": round(n / wall, 1),
+            "call_p50_ms": round(1e3 * float(np.percentile(lat, 50)), 2)}
+
+
+def run(hosts: int = 10_000, fsync: str = "full", quick: bool = False) -> dict:
+    from hci_scheduler.v1 import scheduler_pb2 as pb
+
+    server = _Server(fsync)
+    try:
+        ch, stub = _stub(server.address)
+        for i in range(0, hosts, 2000):
+            stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[
+                pb.Host(id=f"h{j}", capacity={"cpu": 64_000, "memory": 262_144, "ssd": 2_000, "net": 25_000},
+                        labels={"zone": f"z{j % 3}", "rack": f"r{j // 40}"})
+                for j in range(i, min(hosts, i + 2000))]), timeout=120)
+        # Setup succeeded: the cluster has every host before anything is timed.
+        assert stub.GetStatus(pb.GetStatusRequest(), timeout=60).hosts_by_state["ready"] == hosts
+        ch.close()
+        scale = 4 if quick else 1
+        out = {"hosts": hosts, "fsync": fsync, "machine": _machine(), "unary": [], "batched": None}
+        unary(server.address, 1, 50, "warm")  # warm-up: connections, code paths
+        for clients, calls in ((1, 2000), (8, 400), (64, 60)):
+            out["unary"].append(unary(server.address, clients, max(10, calls // scale), f"u{clients}"))
+        out["batched"] = batched(server.address, calls=max(3, 20 // scale), batch=1000)
+        out["batched_2_clients"] = batched(server.address, calls=max(2, 10 // scale), batch=1000, clients=2)
+        return out
+    finally:
+        server.stop()
+
+
+def report(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"gRPC Place on {res['hosts']:,} hosts, store fsync={res['fsync']} "
+             f"(python {m['python']}, {m['cpus']} cpus, disk fsync p50 {m['fsync_p50_ms']} ms "
+             f"p99 {m['fsync_p99_ms']} ms)",
+             "| clients | calls | p50 ms | p99 ms | calls/s |", "|---:|---:|---:|---:|---:|"]
+    for u in res["unary"]:
+        lines.append(f"| {u['clients']} | {u['calls']} | {u['p50_ms']} | {u['p99_ms']} | {u['calls_per_s']} |")
+    for key in ("batched", "batched_2_clients"):
+        b = res[key]
+        lines.append(f"batched ({b['batch']} per call, {b['clients']} client(s)): "
+                     f"{b['placements_per_s']:,.0f} placements/s ({b['placements']:,} in {b['seconds']} s, "
+                     f"call p50 {b['call_p50_ms']} ms)")
+    one = res["unary"][0]
+    lines.append(f"targets: unary p99 < 2 ms with 1 client: {'met' if one['p99_ms'] < 2 else 'NOT met'}; "
+                 f">= 20,000 placements/s batched: "
+                 f"{'met' if res['batched']['placements_per_s'] >= 20_000 else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.grpc_latency", description=__doc__.splitlines()[0])
+    p.add_argument("--hosts", type=int, default=10_000)
+    p.add_argument("--fsync", choices=["full", "normal"], default="full",
+                   help="full: every reply survives power loss (default); normal: survives a crash")
+    p.add_argument("--quick", action="store_true", help="a quarter of the calls")
+    p.add_argument("--out", default="bench-out")
+    a = p.parse_args(argv)
+    res = run(a.hosts, a.fsync, a.quick)
+    text = report(res)
+    print(text)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"grpc_latency_{a.fsync}.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

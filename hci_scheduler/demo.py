@@ -104,7 +104,7 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def run(n_hosts: int = 600, n_containers: int = 8000, n_vms: int = 3000, unary: int = 300,
+def run(n_hosts: int = 400, n_containers: int = 8000, n_vms: int = 3000, unary: int = 300,
         batch: int = 1000, seed: int = 0, data_dir: str | None = None, console=None) -> dict:
     """Run the main job; returns the figures it printed."""
     import grpc
@@ -237,7 +237,7 @@ def run(n_hosts: int = 600, n_containers: int = 8000, n_vms: int = 3000, unary: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hci-scheduler demo", description=__doc__.splitlines()[0])
-    p.add_argument("--hosts", type=int, default=600)
+    p.add_argument("--hosts", type=int, default=400)
     p.add_argument("--containers", type=int, default=8000)
     p.add_argument("--vms", type=int, default=3000)
     p.add_argument("--unary", type=int, default=300, help="containers placed one call each")

@@ -207,6 +207,30 @@ cdef intp_t numa_node(ConstraintState cs, intp_t h, const int64_t* request) noex
     return best
 
 
+cdef bint static_ok(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
+    """The filters that only placements on other hosts cannot change: label bits (selector,
+    kvm), NoSchedule taints and volume locality."""
+    cdef intp_t w, i, n_words = t.all_mask.shape[0]
+    cdef bint any_hit
+    for w in range(n_words):
+        if (cs.labels[h, w] & t.all_mask[w]) != t.all_mask[w] or (cs.labels[h, w] & t.none_mask[w]) != 0:
+            return False
+        if t.is_vm and (cs.labels[h, w] & t.kvm_mask[w]) != t.kvm_mask[w]:
+            return False
+    for i in range(t.any_masks.shape[0]):
+        any_hit = False
+        for w in range(n_words):
+            if cs.labels[h, w] & t.any_masks[i, w]:
+                any_hit = True
+                break
+        if not any_hit:
+            return False
+    for w in range(t.tol_hard.shape[0]):
+        if cs.taint_hard[h, w] & ~t.tol_hard[w]:
+            return False
+    return not (t.has_allowed and not t.allowed[h])
+
+
 cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
                     int64_t* charge) noexcept nogil:
     """0 when host h passes every hard constraint (charge then holds what h must give),

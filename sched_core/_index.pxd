@@ -26,6 +26,7 @@ cdef class FitIndex:
     cdef intp_t last_fit(self, const int64_t* request) noexcept nogil
     cdef intp_t _locate(self, float64_t k, intp_t h) noexcept nogil
     cdef intp_t _position(self, intp_t b, float64_t k, intp_t h) noexcept nogil
+    cdef void tighten(self, intp_t b) noexcept nogil
     cdef void _recompute_max(self, intp_t b) noexcept nogil
     cdef void _split(self, intp_t pos) noexcept nogil
     cdef void _drop_block(self, intp_t pos) noexcept nogil

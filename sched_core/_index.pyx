@@ -155,6 +155,11 @@ cdef class FitIndex:
                 hi = mid
         return lo
 
+    cdef void tighten(self, intp_t b) noexcept nogil:
+        """Recompute block b's bound after a query scanned it in vain: bounds go stale when
+        rows lose capacity, and a tight bound lets the next query skip the block."""
+        self._recompute_max(b)
+
     cdef void _recompute_max(self, intp_t b) noexcept nogil:
         cdef intp_t j, d, h
         for d in range(self.n_dims):
@@ -259,11 +264,9 @@ cdef class FitIndex:
         if n == 1:
             self._drop_block(pos)
             return
-        # h may have held the block's maximum in some dimension; only then rescan.
-        for d in range(self.n_dims):
-            if self.free[h, d] >= self.maxfree[b, d]:
-                self._recompute_max(b)
-                break
+        # The block's bound stays an upper bound without h, so it is not rescanned here
+        # (that was the most expensive step of a commit); queries tighten it when they
+        # scan the block without finding a fit (see tighten).
         if n - 1 < BLOCK // 4:
             self._merge_small(pos)
 
@@ -305,6 +308,7 @@ cdef class FitIndex:
                 h = self.items[b, j]
                 if fits(&self.free[h, 0], request, self.n_dims):
                     return h
+            self.tighten(b)
         return -1
 
     cdef intp_t last_fit(self, const int64_t* request) noexcept nogil:

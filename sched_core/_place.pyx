@@ -183,31 +183,33 @@ def release_rows(HostState s, const int64_t[:, ::1] requests, const int64_t[::1]
 
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
-from ._constraint cimport ConstraintState, Terms, reject, penalty, prepare, count_in, numa_node, penalty_floor
+from ._constraint cimport (ConstraintState, Terms, reject, penalty, prepare, count_in, numa_node, penalty_floor,
+                          static_ok)
 
 
-cdef intp_t walk_index(HostState s, ConstraintState cs, Terms t, const int64_t* request, bint ascending,
-                       int64_t* charge, int64_t* tmp) noexcept nogil:
+cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, const int64_t* request,
+                       bint ascending, int64_t* charge, int64_t* tmp) noexcept nogil:
     cdef intp_t i, j, b, h, d, best = -1, n_dims = s.n_dims
     cdef float64_t k, base, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
     cdef float64_t floor = penalty_floor(t)
-    cdef bint blocked
-    i = 0 if ascending else s.index.n_blocks - 1
-    while 0 <= i < s.index.n_blocks:
-        b = s.index.order[i]
+    cdef bint blocked, found
+    i = 0 if ascending else ix.n_blocks - 1
+    while 0 <= i < ix.n_blocks:
+        b = ix.order[i]
         i = i + 1 if ascending else i - 1
         blocked = False
         for d in range(n_dims):
-            if s.index.maxfree[b, d] < request[d]:
+            if ix.maxfree[b, d] < request[d]:
                 blocked = True
                 break
         if blocked:
             continue
-        j = 0 if ascending else s.index.count[b] - 1
-        while 0 <= j < s.index.count[b]:
-            h = s.index.items[b, j]
+        found = False
+        j = 0 if ascending else ix.count[b] - 1
+        while 0 <= j < ix.count[b]:
+            h = ix.items[b, j]
             j = j + 1 if ascending else j - 1
-            k = s.index.key[h]
+            k = ix.key[h]
             base = (k * scale if ascending else 100.0 - k * scale) + floor
             if best >= 0:
                 if ascending and base >= best_cost:
@@ -216,13 +218,18 @@ cdef intp_t walk_index(HostState s, ConstraintState cs, Terms t, const int64_t* 
                     return best
             # Most hosts walked past are too full: the raw request is a necessary
             # condition (VMs pay at least it), and two loads cost less than the bitmasks.
-            if not fits(&s.free[h, 0], request, n_dims) or reject(s, cs, t, h, request, tmp) != 0:
+            if not fits(&s.free[h, 0], request, n_dims):
+                continue
+            found = True
+            if reject(s, cs, t, h, request, tmp) != 0:
                 continue
             cost = base - floor + penalty(cs, t, h)
             if (best < 0 or cost < best_cost
                     or (not ascending and cost == best_cost and (k > best_key or (k == best_key and h < best)))):
                 best, best_cost, best_key = h, cost, k
                 memcpy(charge, tmp, n_dims * sizeof(int64_t))
+        if not found:
+            ix.tighten(b)  # scanned in vain: its bound was stale
     return best
 
 
@@ -249,12 +256,39 @@ cdef intp_t scan_constrained(HostState s, ConstraintState cs, Terms t, const int
     return best
 
 
-cdef intp_t select_constrained(HostState s, ConstraintState cs, Terms t, const int64_t* request, int strategy,
-                               int64_t* charge, int64_t* tmp) noexcept nogil:
+cdef intp_t select_constrained(HostState s, FitIndex ix, ConstraintState cs, Terms t, const int64_t* request,
+                               int strategy, int64_t* charge, int64_t* tmp) noexcept nogil:
+    """ix is the index to walk: s.index, or a sub-index of the hosts that pass t's static filters."""
     prepare(cs, t)
     if strategy == 0 or strategy == 1:
-        return walk_index(s, cs, t, request, strategy == 0, charge, tmp)
+        return walk_index(s, ix, cs, t, request, strategy == 0, charge, tmp)
     return scan_constrained(s, cs, t, request, strategy, charge, tmp)
+
+
+# A batch whose static filters (labels, kvm, taints, volume locality) turn many hosts
+# away would walk past those hosts on every placement. Above this batch size the
+# batch first files the hosts that pass them in a private FitIndex (O(n_hosts log n)
+# once) and walks that, keeping it in step on every commit.
+SUB_INDEX_MIN_BATCH = 64
+
+
+def _static_sub_index(HostState s, ConstraintState cs, Terms t):
+    """A FitIndex of the schedulable hosts that pass t's static filters, or None when all do."""
+    cdef intp_t h, n_in = 0
+    cdef uint8_t[::1] member = s.index.member
+    keep = np.zeros(s.n_rows, dtype=np.uint8)
+    cdef uint8_t[::1] keep_v = keep
+    with nogil:
+        for h in range(s.n_rows):
+            if member[h] and static_ok(cs, t, h):
+                keep_v[h] = 1
+                n_in += 1
+    if n_in == s.index.n_members:
+        return None
+    sub = FitIndex(s.free, s.inv_ref)
+    for h in np.flatnonzero(keep):
+        sub.add(h)
+    return sub
 
 
 cdef int64_t commit_constrained(HostState s, ConstraintState cs, Terms t, intp_t h,
@@ -304,14 +338,25 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
         raise ValueError("place_rows_constrained: shapes disagree")
     tmp = np.zeros(n_dims, dtype=np.int64)
     cdef int64_t[::1] tmp_v = tmp
+    cdef FitIndex ix = s.index
+    cdef bint use_sub = False
+    if (strategy == 0 or strategy == 1) and order.shape[0] >= SUB_INDEX_MIN_BATCH:
+        sub = _static_sub_index(s, cs, t)
+        if sub is not None:
+            ix = sub
+            use_sub = True
     with nogil:
         for i in range(order.shape[0]):
             r = order[i]
-            h = select_constrained(s, cs, t, &requests[r, 0], strategy, &charge_out[r, 0], &tmp_v[0])
+            h = select_constrained(s, ix, cs, t, &requests[r, 0], strategy, &charge_out[r, 0], &tmp_v[0])
             host_out[r] = h
             numa_out[r] = -1
             if h >= 0:
+                if use_sub:
+                    ix.remove(h)  # filed under its old key: take it out before free changes
                 numa_out[r] = commit_constrained(s, cs, t, h, &charge_out[r, 0])
+                if use_sub:
+                    ix.insert(h)
                 n_placed += 1
     return n_placed
 
@@ -392,7 +437,7 @@ def place_single(HostState s, ConstraintState cs, Terms t, const int64_t[::1] re
     if s.n_dims > 64:
         raise ValueError("place_single: at most 64 dimensions")
     with nogil:
-        h = select_constrained(s, cs, t, &request[0], strategy, &charge_out[0], tmp)
+        h = select_constrained(s, s.index, cs, t, &request[0], strategy, &charge_out[0], tmp)
         if h >= 0:
             node = commit_constrained(s, cs, t, h, &charge_out[0])
     return h, node

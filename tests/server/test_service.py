@@ -336,3 +336,23 @@ def test_metrics_endpoint_exports_placements_and_refusals(tmp_path):
         assert 'hci_scheduler_rpc_duration_seconds_count{method="Place"} 1.0' in text
     finally:
         srv.kill()
+
+
+def test_preempt_evicts_lower_priority_and_reports_it(stub):
+    # "pre-h" is the only host with 20,000,000 millicores: the high-priority
+    # workload fits only after the low-priority one leaves it.
+    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("pre-h", cpu=20_000_000, memory=10**6)]))
+    low = stub.Place(pb.PlaceRequest(workloads=[make_workload("pre-low", cpu=15_000_000, priority=1)]))
+    assert low.placements[0].host_id == "pre-h"
+    start = stub.GetStatus(pb.GetStatusRequest()).last_sequence
+    high = stub.Place(pb.PlaceRequest(workloads=[make_workload("pre-high", cpu=10_000_000, priority=10)],
+                                      preempt=True)).placements[0]
+    assert (high.host_id, list(high.evicted_workload_ids)) == ("pre-h", ["pre-low"])
+    listed = allocations(stub)
+    assert listed["pre-high"] == "pre-h" and "pre-low" not in listed
+    stream = stub.WatchEvents(pb.WatchEventsRequest(after_sequence=start), timeout=30)
+    events = [next(stream).event for _ in range(2)]
+    stream.cancel()
+    # The eviction is logged before the placement, so a replay frees the room first.
+    assert [(e.type, e.workload_id) for e in events] == [(pb.EVENT_TYPE_EVICTED, "pre-low"),
+                                                          (pb.EVENT_TYPE_PLACED, "pre-high")]

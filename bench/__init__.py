@@ -81,7 +81,7 @@ def _density(args, results, progress) -> int:
                                     cpsat_max_items=20, cpsat_time_s=2.0, cpsat_stride=12)
     else:
         cfg = density.DensityConfig(improve_s=args.improve_s, improve_stride=1, peer_stride=1,
-                                    cpsat_max_items=40, cpsat_time_s=5.0, cpsat_stride=4)
+                                    cpsat_max_items=40, cpsat_time_s=3.0, cpsat_stride=8)
     rows = density.run(cfg, progress)
     gate_cfg = {"improve_s": cfg.improve_s, "improve_stride": cfg.improve_stride}
     section = {"config": asdict(cfg), "rows": rows, "summary": density.summarise(rows)}

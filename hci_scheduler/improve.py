@@ -57,6 +57,9 @@ MAX_STALL_STEPS = 8 * STALL_STEPS
 TABU_TENURE = 12
 # Heaviest candidates considered for the pair of a min-slack bin fill.
 PAIR_CANDIDATES = 160
+# Largest temporary (rows x columns) matrix a move evaluation may build, so
+# that batches of 10^5 rows on 10^4 hosts stay within memory.
+MAX_MATRIX = 4_000_000
 
 
 def _check_inputs(free, requests, assignment, budget_s):
@@ -101,6 +104,12 @@ def _fits(room: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     for k in range(1, sizes.shape[1]):
         out &= sizes[:, k][:, None] <= room[:, k][None, :]
     return out
+
+
+def _is_tabu(tabu, pending: np.ndarray, bins: np.ndarray, step: int) -> np.ndarray:
+    """(n_pending, n_bins_listed) bool: pending item p may not enter bins[j] yet."""
+    last_bin, until = tabu
+    return (last_bin[pending][:, None] == bins[None, :]) & (until[pending][:, None] > step)
 
 
 def _usage(n_hosts: int, requests: np.ndarray, assignment: np.ndarray) -> np.ndarray:
@@ -255,7 +264,9 @@ class _BinEmptier:
         cap = np.where(open_bin[:, None], self.cap, -1)
         load = self._loads(np.where(bin_of == target, -1, bin_of))
         bin_of[bin_of == target] = -1
-        tabu = np.zeros((self.n_items, self.n_bins), dtype=np.int64)
+        # Tabu: an ejected item may not re-enter the bin it left (the last
+        # one per item) until step tabu_until; O(n_items) memory.
+        tabu = (np.full(self.n_items, -1, dtype=np.int64), np.zeros(self.n_items, dtype=np.int64))
         locked = np.zeros(self.n_items, dtype=np.int64)
         sizes, weight = self.sizes, self.weight
         best_pending = math.inf
@@ -281,7 +292,8 @@ class _BinEmptier:
             for j in out_items:
                 bin_of[j] = -1
                 load[b] -= sizes[j]
-                tabu[j, b] = step + TABU_TENURE
+                tabu[0][j] = b
+                tabu[1][j] = step + TABU_TENURE
             bin_of[p] = b
             load[b] += sizes[p]
             locked[p] = step + TABU_TENURE
@@ -331,7 +343,8 @@ class _BinEmptier:
             taken = set(int(c) for c in chosen)
             # Top up, heaviest first; only items that fit the slack now can.
             fit_now = others[(sizes[others] <= slack).all(axis=1)]
-            self._spend(others.size * self.n_dims)
+            if not self._spend(others.size * self.n_dims):
+                return None
             for i in fit_now:
                 if int(i) not in taken and (sizes[i] <= slack).all():
                     slack = slack - sizes[i]
@@ -380,13 +393,16 @@ class _BinEmptier:
             room = cap[pb] - load[pb] + sizes[placed]
             # feasible[p, j]: pending p fits in place of j.
             feasible = _fits(room, sizes[pending])
-            feasible &= tabu[pending][:, pb] <= step
+            feasible &= ~_is_tabu(tabu, pending, pb, step)
             self._spend(feasible.size * self.n_dims)
             if feasible.any():
                 # An ejected item that fits directly into another open bin
                 # costs nothing: the swap is then a two-step ejection chain.
                 out_cost = weight[placed].copy()
                 cand = np.flatnonzero(feasible.any(axis=0))
+                if cand.size * self.n_bins > MAX_MATRIX:  # keep the heaviest
+                    keep = max(1, MAX_MATRIX // self.n_bins)
+                    cand = cand[np.argsort(-weight[placed[cand]], kind="stable")[:keep]]
                 slack = cap - load
                 elsewhere = _fits(slack, sizes[placed[cand]])
                 elsewhere[np.arange(cand.size), pb[cand]] = False
@@ -411,12 +427,16 @@ class _BinEmptier:
         order = placed[np.argsort(bin_of[placed], kind="stable")]
         ob = bin_of[order]
         first, second = [], []
+        total, limit = 0, MAX_MATRIX // max(pending.size, 1)
         for offset in range(1, order.size):
             same = ob[:-offset] == ob[offset:]
             if not same.any():
                 break
             first.append(order[:-offset][same])
             second.append(order[offset:][same])
+            total += first[-1].size
+            if total > limit:  # too many pairs to evaluate at once: skip this move
+                return None
         if not first:
             return None
         j = np.concatenate(first)
@@ -425,8 +445,7 @@ class _BinEmptier:
         sizes, weight = self.sizes, self.weight
         room = cap[b] - load[b] + sizes[j] + sizes[k]
         feasible = _fits(room, sizes[pending])
-        allowed = tabu[pending][:, b] <= step
-        feasible &= allowed
+        feasible &= ~_is_tabu(tabu, pending, b, step)
         self._spend(feasible.size * self.n_dims)
         if not feasible.any():
             return None

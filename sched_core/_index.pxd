@@ -12,6 +12,7 @@ cdef class FitIndex:
     cdef intp_t[:, ::1] items       # (n_slots, BLOCK) member rows per block, sorted by (key, row)
     cdef intp_t[::1] count          # (n_slots,) rows used in each block
     cdef int64_t[:, ::1] maxfree    # (n_slots, n_dims) upper bound of free over a block's rows
+    cdef uint8_t[::1] stale         # (n_slots,) 1 when a row left or lost capacity since the bound was computed
     cdef intp_t[::1] order          # (n_slots,) block slots in key order; the first n_blocks are live
     cdef intp_t[::1] spare          # (n_slots,) stack of unused block slots
     cdef intp_t n_blocks            # live blocks

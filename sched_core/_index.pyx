@@ -55,6 +55,7 @@ cdef class FitIndex:
         self.member = np.zeros(n_rows, dtype=np.uint8)
         self.items = np.zeros((n_slots, BLOCK), dtype=np.intp)
         self.count = np.zeros(n_slots, dtype=np.intp)
+        self.stale = np.zeros(n_slots, dtype=np.uint8)
         self.maxfree = np.zeros((n_slots, max(self.n_dims, 1)), dtype=np.int64)
         self.order = np.zeros(n_slots, dtype=np.intp)
         self.spare = np.arange(n_slots - 1, -1, -1, dtype=np.intp)
@@ -156,12 +157,14 @@ cdef class FitIndex:
         return lo
 
     cdef void tighten(self, intp_t b) noexcept nogil:
-        """Recompute block b's bound after a query scanned it in vain: bounds go stale when
-        rows lose capacity, and a tight bound lets the next query skip the block."""
-        self._recompute_max(b)
+        """Recompute block b's bound after a query scanned it in vain, if a row left or lost
+        capacity since the last recompute: stale bounds let queries into blocks they could skip."""
+        if self.stale[b]:
+            self._recompute_max(b)
 
     cdef void _recompute_max(self, intp_t b) noexcept nogil:
         cdef intp_t j, d, h
+        self.stale[b] = 0
         for d in range(self.n_dims):
             self.maxfree[b, d] = -1
         for j in range(self.count[b]):
@@ -238,6 +241,7 @@ cdef class FitIndex:
                 for d in range(self.n_dims):
                     if self.maxfree[b, d] > self.maxfree[other, d]:
                         self.maxfree[other, d] = self.maxfree[b, d]
+                self.stale[other] |= self.stale[b]
                 self._drop_block(pos)
                 return
         if pos + 1 < self.n_blocks:
@@ -248,6 +252,7 @@ cdef class FitIndex:
                 for d in range(self.n_dims):
                     if self.maxfree[other, d] > self.maxfree[b, d]:
                         self.maxfree[b, d] = self.maxfree[other, d]
+                self.stale[b] |= self.stale[other]
                 self._drop_block(pos + 1)
 
     cdef void remove(self, intp_t h) noexcept nogil:
@@ -267,6 +272,7 @@ cdef class FitIndex:
         # The block's bound stays an upper bound without h, so it is not rescanned here
         # (that was the most expensive step of a commit); queries tighten it when they
         # scan the block without finding a fit (see tighten).
+        self.stale[b] = 1
         if n - 1 < BLOCK // 4:
             self._merge_small(pos)
 
@@ -293,20 +299,23 @@ cdef class FitIndex:
 
     cdef intp_t first_fit(self, const int64_t* request) noexcept nogil:
         """The member with the smallest (key, row) that fits `request`, or -1."""
-        cdef intp_t i, j, b, h, d
+        cdef intp_t i, j, b, h, d, n_dims = self.n_dims
+        cdef const int64_t* free0 = &self.free[0, 0]
+        cdef const intp_t* row
         cdef bint blocked
         for i in range(self.n_blocks):
             b = self.order[i]
             blocked = False
-            for d in range(self.n_dims):
+            for d in range(n_dims):
                 if self.maxfree[b, d] < request[d]:
                     blocked = True
                     break
             if blocked:
                 continue
+            row = &self.items[b, 0]
             for j in range(self.count[b]):
-                h = self.items[b, j]
-                if fits(&self.free[h, 0], request, self.n_dims):
+                h = row[j]
+                if fits(free0 + h * n_dims, request, n_dims):
                     return h
             self.tighten(b)
         return -1

@@ -193,10 +193,21 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
     cdef float64_t k, base, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
     cdef float64_t floor = penalty_floor(t)
     cdef bint blocked, found
+    cdef const int64_t* free0 = &s.free[0, 0]
+    cdef const float64_t* keys = &ix.key[0]
+    cdef const intp_t* row
     i = 0 if ascending else ix.n_blocks - 1
     while 0 <= i < ix.n_blocks:
         b = ix.order[i]
         i = i + 1 if ascending else i - 1
+        if best >= 0:
+            # Stop before the bound test too: the block's nearest key bounds all its costs.
+            k = keys[ix.items[b, 0 if ascending else ix.count[b] - 1]]
+            base = (k * scale if ascending else 100.0 - k * scale) + floor
+            if ascending and base >= best_cost:
+                return best
+            if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
+                return best
         blocked = False
         for d in range(n_dims):
             if ix.maxfree[b, d] < request[d]:
@@ -205,25 +216,29 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
         if blocked:
             continue
         found = False
+        row = &ix.items[b, 0]
         j = 0 if ascending else ix.count[b] - 1
         while 0 <= j < ix.count[b]:
-            h = ix.items[b, j]
+            h = row[j]
             j = j + 1 if ascending else j - 1
-            k = ix.key[h]
-            base = (k * scale if ascending else 100.0 - k * scale) + floor
+            k = keys[h]
             if best >= 0:
+                base = (k * scale if ascending else 100.0 - k * scale) + floor
                 if ascending and base >= best_cost:
                     return best
                 if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
                     return best
             # Most hosts walked past are too full: the raw request is a necessary
             # condition (VMs pay at least it), and two loads cost less than the bitmasks.
-            if not fits(&s.free[h, 0], request, n_dims):
+            if not fits(free0 + h * n_dims, request, n_dims):
                 continue
             found = True
             if reject(s, cs, t, h, request, tmp) != 0:
                 continue
-            cost = base - floor + penalty(cs, t, h)
+            if ascending and floor == 0.0 and not t.has_soft:
+                memcpy(charge, tmp, n_dims * sizeof(int64_t))
+                return h  # no penalties: the first fit in key order is the best fit
+            cost = (k * scale if ascending else 100.0 - k * scale) + penalty(cs, t, h)
             if (best < 0 or cost < best_cost
                     or (not ascending and cost == best_cost and (k > best_key or (k == best_key and h < best)))):
                 best, best_cost, best_key = h, cost, k

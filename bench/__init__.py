@@ -116,7 +116,10 @@ def _latency(args, results, progress, have_data):
     for replay in (compaction.google_replay(n_google), compaction.azure_replay(n_azure)):
         res = compaction.run(replay, ("binpack", "dot", "balanced", "spread"), progress=progress)
         comps.append(res)
-        if heat is None and res["policies"]["ours/binpack"]["hosts"]:
-            heat = compaction.utilisation_after(replay, res["policies"]["ours/binpack"]["hosts"])
+        n_best = res["policies"]["ours/binpack"]["hosts"]
+        if n_best:
+            util, res["stranded_binpack"] = compaction.final_state(replay, n_best)
+            if heat is None:
+                heat = util
     results["compaction"] = comps
     return heat

@@ -167,14 +167,29 @@ def run(replay: Replay, strategies, include_peers=True, progress=None) -> dict:
     return out
 
 
-def utilisation_after(replay: Replay, n_hosts: int, strategy: str = "binpack") -> np.ndarray:
-    """used / allocatable per host and dimension after replaying on `n_hosts` hosts.
+def final_state(replay: Replay, n_hosts: int, strategy: str = "binpack") -> tuple[np.ndarray, float]:
+    """Utilisation and stranded capacity after replaying on ``n_hosts`` hosts.
 
     Returns
     -------
-    ndarray of float64, shape (n_hosts, n_dims)
+    utilisation : ndarray of float64, shape (n_hosts, n_dims)
+        used / allocatable per host and dimension.
+    stranded : float
+        Free capacity on used hosts into which no request of the replay fits,
+        over the used hosts' capacity (mean over dimensions with capacity).
     """
     _ok, cluster = replay_ours(replay, n_hosts, strategy)
-    alloc = cluster.allocatable().astype(np.float64)
+    alloc = cluster.allocatable()
+    used = cluster.usage()
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(alloc > 0, cluster.usage() / alloc, 0.0)
+        util = np.where(alloc > 0, used / alloc, 0.0)
+    busy = used.any(axis=1)
+    free = (alloc - used)[busy]
+    probe = np.unique(replay.requests, axis=0)
+    fits_any = np.zeros(free.shape[0], dtype=bool)
+    for chunk in np.array_split(probe, max(1, probe.shape[0] // 256)):
+        fits_any |= (free[:, None, :] >= chunk[None, :, :]).all(axis=2).any(axis=1)
+    total = alloc[busy].sum(axis=0).astype(np.float64)
+    dims = total > 0
+    stranded = free[~fits_any].sum(axis=0)
+    return util, float(np.mean(stranded[dims] / total[dims])) if dims.any() else 0.0

@@ -60,7 +60,7 @@ def _ours(capacity, items, strategy, improve_s):
         raise RuntimeError("a vbp item did not fit on an empty host: the cluster refused it")
     if not peers.check_feasible(capacity, items, hosts):
         raise RuntimeError(f"{strategy}: infeasible packing returned by place_array")
-    return peers.hosts_used(hosts), seconds
+    return peers.hosts_used(hosts), seconds, peers.stranded_fraction(capacity, items, hosts)
 
 
 def run_instance(inst: datasets.VbpInstance, cfg: DensityConfig, *, improve: bool,
@@ -75,13 +75,16 @@ def run_instance(inst: datasets.VbpInstance, cfg: DensityConfig, *, improve: boo
         "clipped": inst.n_clipped > 0, "greedy": {}, "greedy_s": {},
     }
     for strategy in STRATEGIES:
-        hosts, seconds = _ours(capacity, items, strategy, 0.0)
+        hosts, seconds, stranded = _ours(capacity, items, strategy, 0.0)
         row["greedy"][strategy] = hosts
         row["greedy_s"][strategy] = seconds
+        if strategy == "binpack":
+            row["stranded_greedy_binpack"] = stranded
     if improve:
-        hosts, seconds = _ours(capacity, items, "binpack", cfg.improve_s)
+        hosts, seconds, stranded = _ours(capacity, items, "binpack", cfg.improve_s)
         row["improved"] = hosts
         row["improved_s"] = seconds
+        row["stranded_improved"] = stranded
     row["best"] = min([row["greedy"][s] for s in GREEDY_STRATEGIES]
                       + ([row["improved"]] if improve else []))
     if run_peers:
@@ -166,6 +169,8 @@ def summarise(rows: list[dict]) -> dict:
         "improved_mean_s": mean([r["improved_s"] for r in improved]),
         "improved_max_s": float(max([r["improved_s"] for r in improved])) if improved else None,
         "greedy_binpack_mean_s": mean([r["greedy_s"]["binpack"] for r in known]),
+        "stranded_greedy_binpack": mean([r["stranded_greedy_binpack"] for r in improved]),
+        "stranded_improved": mean([r["stranded_improved"] for r in improved]),
         "small_max_over_opt": max([r["best"] - r["optimum"] for r in known if r["n_items"] < 100],
                                   default=None),
         "small_over_by_more_than_one": sum(1 for r in known if r["n_items"] < 100

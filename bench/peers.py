@@ -20,6 +20,7 @@ __all__ = [
     "binpacking_1d",
     "hosts_used",
     "check_feasible",
+    "stranded_fraction",
 ]
 
 
@@ -35,6 +36,39 @@ def check_feasible(capacity: np.ndarray, requests: np.ndarray, assignment: np.nd
     placed = assignment >= 0
     np.add.at(used, assignment[placed], requests[placed])
     return bool((used <= capacity).all())
+
+
+def stranded_fraction(capacity: np.ndarray, requests: np.ndarray, assignment: np.ndarray,
+                      pending: np.ndarray | None = None) -> float:
+    """Share of the used hosts' capacity that is free but stranded (DESIGN.md).
+
+    A used host's free vector is stranded when no request of ``pending``
+    (default: every row of ``requests``) fits into it. Returns the sum of
+    stranded free capacity divided by the used hosts' capacity, averaged over
+    the dimensions that have capacity; 0.0 when nothing is placed.
+
+    Parameters
+    ----------
+    capacity : ndarray of int64, shape (n_hosts, n_dims)
+    requests : ndarray of int64, shape (n, n_dims)
+    assignment : ndarray of int64, shape (n,)
+    pending : ndarray of int64, shape (m, n_dims), optional
+    """
+    placed = assignment >= 0
+    used_hosts = np.unique(assignment[placed])
+    if used_hosts.size == 0:
+        return 0.0
+    load = np.zeros_like(capacity)
+    np.add.at(load, assignment[placed], requests[placed])
+    free = (capacity - load)[used_hosts]
+    probe = np.unique(requests if pending is None else pending, axis=0)
+    fits_any = np.zeros(used_hosts.size, dtype=bool)
+    for chunk in np.array_split(probe, max(1, probe.shape[0] // 256)):
+        fits_any |= (free[:, None, :] >= chunk[None, :, :]).all(axis=2).any(axis=1)
+    total = capacity[used_hosts].sum(axis=0).astype(np.float64)
+    stranded = free[~fits_any].sum(axis=0)
+    dims = total > 0
+    return float(np.mean(stranded[dims] / total[dims])) if dims.any() else 0.0
 
 
 def dominant_share_order(capacity: np.ndarray, requests: np.ndarray) -> np.ndarray:

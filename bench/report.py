@@ -85,6 +85,9 @@ def markdown(results: dict) -> str:
                   f"{_f(o['greedy_binpack_on_improved_set'])} -> {_f(o['improved_on_improved_set'])} "
                   f"(greedy mean {_f(o['greedy_binpack_mean_s'], '{:.4f}')} s, improvement mean "
                   f"{_f(o['improved_mean_s'], '{:.3f}')} s, max {_f(o['improved_max_s'], '{:.3f}')} s).",
+                  f"* Stranded capacity on used hosts (free space no item of the instance fits), same "
+                  f"set: greedy {_f(o.get('stranded_greedy_binpack'))}, improved "
+                  f"{_f(o.get('stranded_improved'))} of the used hosts' capacity.",
                   f"* Ours best excluding the 52 Triplet/Caprara files with negative sizes clipped: "
                   f"{_f(o['best_unclipped'])}.",
                   f"* Under 100 items: at most {o['small_max_over_opt']} hosts above the optimum; "
@@ -125,6 +128,9 @@ def markdown(results: dict) -> str:
             for name, v in c["policies"].items():
                 lines.append(f"| {c['replay']} | {c['events']} | {c['lower_bound']} | {name} | "
                              f"{_f(v['hosts'], '{}')} | {_f(v.get('ratio_to_lower_bound'))} |")
+        lines.append("")
+        lines += [f"* {c['replay']}: stranded capacity after the replay on the compacted cell "
+                  f"(ours/binpack) {_f(c.get('stranded_binpack'))}." for c in comp]
         lines.append("")
     if results.get("plots"):
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in results["plots"]] + [""]

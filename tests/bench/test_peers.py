@@ -60,3 +60,12 @@ def test_dominant_share_order_is_stable():
     req = np.array([[1, 50], [5, 0], [1, 50], [2, 2]], dtype=np.int64)
     # shares (of total 20, 200): .25, .25, .25, .1 -> ties keep arrival order
     assert peers.dominant_share_order(cap, req).tolist() == [0, 1, 2, 3]
+
+
+def test_stranded_fraction_counts_unusable_free_space():
+    # host0 cap 10 holds 7 -> free 3; smallest request 4 -> stranded 3 of 10.
+    # host1 cap 10 holds 4 -> free 6 >= 4 -> usable. Used capacity 20 -> 3/20 = 0.15
+    cap = np.array([[10], [10], [10]], dtype=np.int64)
+    req = np.array([[7], [4]], dtype=np.int64)
+    assert peers.stranded_fraction(cap, req, np.array([0, 1])) == pytest.approx(0.15)
+    assert peers.stranded_fraction(cap, req, np.array([-1, -1])) == 0.0

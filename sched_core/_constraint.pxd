@@ -62,6 +62,8 @@ cdef class Terms:
 
 cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
                     int64_t* charge) noexcept nogil
+cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
+                            int64_t* charge) noexcept nogil
 cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef bint static_ok(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef void prepare(ConstraintState cs, Terms t) noexcept nogil

@@ -235,10 +235,9 @@ cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const in
                     int64_t* charge) noexcept nogil:
     """0 when host h passes every hard constraint (charge then holds what h must give),
     else the reason code of the first filter it fails."""
-    cdef intp_t w, i, d, n_words = t.all_mask.shape[0], n_tw = t.tol_hard.shape[0]
+    cdef intp_t w, i, n_words = t.all_mask.shape[0], n_tw = t.tol_hard.shape[0]
     cdef uint64_t bits
     cdef bint any_hit
-    cdef int32_t c
     if not s.index.member[h]:
         return 1
     # Label bits: selector (all / none / any-of) then the kvm label for VMs.
@@ -261,6 +260,14 @@ cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const in
     for w in range(n_tw):
         if cs.taint_hard[h, w] & ~t.tol_hard[w]:
             return 4
+    return reject_dynamic(s, cs, t, h, request, charge)
+
+
+cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
+                            int64_t* charge) noexcept nogil:
+    """The filters after the static ones (see static_ok), for hosts known to pass those."""
+    cdef intp_t i, d
+    cdef int32_t c
     # Tenants: a dedicated workload needs a host without other tenants' work,
     # and a host held dedicated takes only its own tenant's work.
     if t.dedicated and cs.host_tenant[h] != -1 and cs.host_tenant[h] != t.tenant:
@@ -269,13 +276,16 @@ cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const in
         return 5
     # Resources: containers pay the request; VMs pay request x allocation ratio so
     # that they are never overcommitted.
-    for d in range(s.n_dims):
-        if t.is_vm:
+    if t.is_vm:
+        for d in range(s.n_dims):
             charge[d] = (request[d] * cs.ratio_milli[h, d] + 999) // 1000
-        else:
+            if s.free[h, d] < charge[d]:
+                return 16 + <int32_t>d
+    else:
+        for d in range(s.n_dims):
             charge[d] = request[d]
-        if s.free[h, d] < charge[d]:
-            return 16 + <int32_t>d
+            if s.free[h, d] < charge[d]:
+                return 16 + <int32_t>d
     if t.has_allowed and not t.allowed[h]:
         return 6
     for i in range(t.aff_pair.shape[0]):

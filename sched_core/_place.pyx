@@ -183,12 +183,15 @@ def release_rows(HostState s, const int64_t[:, ::1] requests, const int64_t[::1]
 
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
-from ._constraint cimport (ConstraintState, Terms, reject, penalty, prepare, count_in, numa_node, penalty_floor,
-                          static_ok)
+from ._constraint cimport (ConstraintState, Terms, reject, reject_dynamic, penalty, prepare, count_in, numa_node,
+                          penalty_floor, static_ok)
 
 
 cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, const int64_t* request,
                        bint ascending, int64_t* charge, int64_t* tmp) noexcept nogil:
+    """Branch and bound over the index in key order (see the comment above)."""
+    # A sub-index holds only hosts that pass t's static filters: check the rest only.
+    cdef bint static_done = ix is not s.index
     cdef intp_t i, j, b, h, d, best = -1, n_dims = s.n_dims
     cdef float64_t k, base, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
     cdef float64_t floor = penalty_floor(t)
@@ -196,6 +199,7 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
     cdef const int64_t* free0 = &s.free[0, 0]
     cdef const float64_t* keys = &ix.key[0]
     cdef const intp_t* row
+    cdef const int64_t* bound
     i = 0 if ascending else ix.n_blocks - 1
     while 0 <= i < ix.n_blocks:
         b = ix.order[i]
@@ -209,8 +213,9 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
             if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
                 return best
         blocked = False
+        bound = &ix.maxfree[b, 0]
         for d in range(n_dims):
-            if ix.maxfree[b, d] < request[d]:
+            if bound[d] < request[d]:
                 blocked = True
                 break
         if blocked:
@@ -233,7 +238,8 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
             if not fits(free0 + h * n_dims, request, n_dims):
                 continue
             found = True
-            if reject(s, cs, t, h, request, tmp) != 0:
+            if (reject_dynamic(s, cs, t, h, request, tmp) if static_done
+                    else reject(s, cs, t, h, request, tmp)) != 0:
                 continue
             if ascending and floor == 0.0 and not t.has_soft:
                 memcpy(charge, tmp, n_dims * sizeof(int64_t))

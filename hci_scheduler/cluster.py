@@ -33,6 +33,7 @@ from .policy import Policy, check_order, largest_first, strategy_code
 
 _INITIAL_ROWS = 64
 _MAX_NUMA = 8
+_MAX_QUANTITY = 2**46
 
 
 def _as_request_matrix(requests, n_dims: int, name: str = "requests") -> np.ndarray:
@@ -359,6 +360,13 @@ class Cluster:
     # ------------------------------------------------------------------ compiling workloads
 
     def _compile_request(self, workload: Workload) -> np.ndarray:
+        req = workload.requests
+        if req.keys() <= self._dim_index.keys():
+            # Fast path for the common case (plain non-negative ints); anything else takes
+            # the checked path below, which names the bad field.
+            values = [req.get(d, 0) for d in self.dimensions]
+            if all(type(v) is int and 0 <= v < _MAX_QUANTITY for v in values):
+                return np.array(values, dtype=np.int64)
         vec = np.zeros(len(self.dimensions), dtype=np.int64)
         for name, value in workload.requests.items():
             if name not in self._dim_index:
@@ -481,24 +489,50 @@ class Cluster:
             return result
 
     def _place_rows_named(self, workloads, requests, terms, rows, code, strategy, result, placed_ids) -> None:
-        for i in rows:
-            w = workloads[i]
-            try:
-                if terms[i] is None:
-                    p = self.place(w, strategy)
-                    result.placements[w.id] = p.host_id
+        """Place workloads[rows] in that order; consecutive workloads that share compiled
+        terms (replicas of one spec, plain workloads) go through the kernel in one call."""
+        rows = list(rows)
+        start = 0
+        while start < len(rows):
+            i = rows[start]
+            if terms[i] is None:  # per-host services and inline volumes take their own path
+                w = workloads[i]
+                try:
+                    result.placements[w.id] = self.place(w, strategy).host_id
                     placed_ids.append(w.id)
-                    continue
-                t = terms[i] if terms[i].version == self._cons.version else self._terms(w)
-                row = self._select_and_commit(w, requests[i], t, code)
-            except Unschedulable as exc:
-                result.unplaced[w.id] = exc.explanation
+                except Unschedulable as exc:
+                    result.unplaced[w.id] = exc.explanation
+                start += 1
                 continue
-            if row >= 0:
-                result.placements[w.id] = self._row_hosts[row].id
+            end = start + 1
+            while end < len(rows) and terms[rows[end]] is terms[i]:
+                end += 1
+            self._place_run(workloads, requests, terms[i], rows[start:end], code, result, placed_ids)
+            start = end
+
+    def _place_run(self, workloads, requests, terms: CompiledTerms, run: list[int], code: int,
+                   result: BatchResult, placed_ids: list[str]) -> None:
+        if terms.version != self._cons.version:
+            terms = self._terms(workloads[run[0]])
+        order = np.asarray(run, dtype=np.intp)
+        n = len(workloads)
+        hosts = np.full(n, -1, dtype=np.int64)
+        charge = np.zeros((n, len(self.dimensions)), dtype=np.int64)
+        numa = np.full(n, -1, dtype=np.int64)
+        sched_core.place_rows_constrained(self._state, self._cons.state, terms.core, requests, order, code,
+                                          hosts, charge, numa)
+        placed_rows = hosts[order]
+        self._cons.record(terms, placed_rows[placed_rows >= 0], +1)
+        row_hosts = self._row_hosts
+        for i in run:
+            w = workloads[i]
+            h = int(hosts[i])
+            if h >= 0:
+                self._workloads[w.id] = _Record(w, h, charge[i], int(numa[i]), terms)
+                result.placements[w.id] = row_hosts[h].id
                 placed_ids.append(w.id)
             else:
-                result.unplaced[w.id] = self._explain_request(w, requests[i], t)
+                result.unplaced[w.id] = self._explain_request(w, requests[i], terms)
 
     def _enforce_gangs(self, workloads, requests, result: BatchResult, placed_ids: list[str],
                        gang: bool) -> set[str]:

@@ -755,15 +755,18 @@ class Cluster:
             row = self._select_and_commit(existing, combined, mask_terms, code)
             if row >= 0:
                 rec = self._workloads.pop(existing.id)
-                self._workloads[workload.id] = replace(rec, workload=workload)
-                # The workload's own charge holds the first replica of each volume; the
-                # volume record charges only the other replicas.
+                # The host was chosen for workload + replicas together; now the volumes own
+                # their replicas' SSD (on this host too) and the workload only its request.
+                ssd = self._dim_index["ssd"]
+                extra = np.zeros(len(self.dimensions), dtype=np.int64)
+                extra[ssd] = sum(v.size_gib for v in new)
+                self._state.adjust_row(row, -extra)
+                self._workloads[workload.id] = replace(rec, workload=workload, charge=rec.charge - extra)
                 hosts = {}
                 for v in new:
-                    others = self._volume_rows(v, None, first_row=row)[1:]
-                    self._commit_volume(v, others)
-                    self._volumes[v.id] = replace(self._volumes[v.id], rows=[row] + others)
-                    hosts[v.id] = [self._row_hosts[r].id for r in [row] + others]
+                    replicas = self._volume_rows(v, None, first_row=row)
+                    self._commit_volume(v, replicas)
+                    hosts[v.id] = [self._row_hosts[r].id for r in replicas]
                 return Placement(workload.id, self._row_hosts[row].id, volumes=hosts)
         expl = self._explain_request(existing, combined, terms)
         raise Unschedulable(workload.id, replace(

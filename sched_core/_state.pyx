@@ -145,6 +145,19 @@ cdef class HostState:
         if indexed:
             self.index.insert(h)
 
+    def adjust_row(self, intp_t h, const int64_t[::1] delta):
+        """Add `delta` to row h's usage without counting a workload (moving a charge
+        between two owners on the same host)."""
+        cdef intp_t d
+        cdef bint indexed = self.index.member[h]
+        if indexed:
+            self.index.remove(h)
+        for d in range(self.n_dims):
+            self.used[h, d] += delta[d]
+            self.free[h, d] -= delta[d]
+        if indexed:
+            self.index.insert(h)
+
     def commit_row(self, intp_t h, const int64_t[::1] request):
         """Charge `request` to row h without any check (callers check first)."""
         self.commit(h, &request[0])

@@ -145,3 +145,60 @@ def test_random_constrained_placements_keep_every_hard_constraint(seed, strategy
             assert (usage[hid] <= limit).all(), f"{hid} overcommitted: {usage[hid]} > {limit}"
             np.testing.assert_array_equal(usage[hid], c.usage()[c.host_index(hid)])
         assert c.assignments() == {wid: hid for wid, (_, hid) in live.items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_random_volumes_keep_replica_spread_locality_and_ssd(seed):
+    """Volumes (existing and created inline) on random racks: replicas on distinct domains,
+    mounting workloads on a replica host, SSD never over capacity, release restores it."""
+    from hci_scheduler import Volume
+
+    rng = np.random.default_rng(seed)
+    dims = ("cpu", "memory", "ssd")
+    c = Cluster(dimensions=dims)
+    hosts = {}
+    for i in range(int(rng.integers(3, 10))):
+        h = Host(f"h{i}", {"cpu": 8000, "memory": 8000, "ssd": int(rng.integers(100, 1000))},
+                 labels={"rack": f"r{i % 3}"})
+        c.add_host(h)
+        hosts[h.id] = h
+    volumes: dict[str, tuple[Volume, list[str]]] = {}
+    mounts: dict[str, tuple[str, str]] = {}   # workload -> (volume, host)
+    for i in range(int(rng.integers(3, 25))):
+        spread = str(rng.choice(["host", "rack"]))
+        v = Volume(f"v{i}", size_gib=int(rng.integers(10, 300)), replicas=int(rng.integers(1, 4)), spread=spread)
+        try:
+            if rng.random() < 0.5:
+                reps = c.add_volume(v)
+                host_id = None
+            else:
+                p = c.place(Workload(f"w{i}", {"cpu": 100}, volumes=[v]))
+                reps, host_id = p.volumes[v.id], p.host_id
+                assert host_id == reps[0]
+                mounts[f"w{i}"] = (v.id, host_id)
+        except Unschedulable:
+            assert v.id not in c.volumes()
+            continue
+        volumes[v.id] = (v, reps)
+        doms = [h if spread == "host" else hosts[h].labels["rack"] for h in reps]
+        assert len(reps) == v.replicas and len(set(doms)) == len(doms)
+        if host_id is None and rng.random() < 0.7:
+            try:
+                p = c.place(Workload(f"m{i}", {"cpu": 100}, volumes=[v.id]))
+            except Unschedulable:
+                continue
+            assert p.host_id in reps
+            mounts[f"m{i}"] = (v.id, p.host_id)
+    ssd = {h: 0 for h in hosts}
+    for v, reps in volumes.values():
+        for h in reps:
+            ssd[h] += v.size_gib
+    for h, used in ssd.items():
+        assert used <= hosts[h].capacity["ssd"]
+        assert c.usage()[c.host_index(h), 2] == used
+    for wid in mounts:
+        c.release(wid)
+    for vid in list(volumes):
+        c.remove_volume(vid)
+    assert c.usage().sum() == 0

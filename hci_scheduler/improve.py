@@ -41,15 +41,23 @@ import numpy as np
 
 from .errors import ValidationError
 
+try:  # imported once here: the first import costs more than a whole budget
+    from ortools.sat.python import cp_model
+except ImportError:  # the improver works without OR-Tools, only without the exact polish
+    cp_model = None
+
 __all__ = ["improve_assignment", "WORK_UNITS_PER_SECOND"]
 
-# Work units per second of budget. One unit is roughly one int64 element
-# compared in a vectorised feasibility test; each search step also pays
-# STEP_UNITS for its Python overhead. Calibrated on a 2.x GHz core so that
-# a budget of T seconds takes at most about half of T of wall time, leaving room
-# for a loaded machine before the wall-clock cap (which breaks determinism) bites.
-WORK_UNITS_PER_SECOND = 25_000_000
-STEP_UNITS = 8_000
+# Work units per second of budget. A search step costs STEP_UNITS (its Python
+# overhead) plus one unit per ELEMENTS_PER_UNIT array elements it compares.
+# Calibrated on a 2.x GHz core so that a budget of T seconds takes at most
+# about half of T of wall time, leaving room for a loaded machine before the
+# wall-clock cap (which breaks determinism) bites.
+WORK_UNITS_PER_SECOND = 18_000_000
+STEP_UNITS = 3_000
+# Array elements per work unit: a vectorised comparison costs a few ns per
+# element against ~40 ns for a unit of Python overhead.
+ELEMENTS_PER_UNIT = 8
 # Steps without a new lowest pending weight before an attempt gives up.
 STALL_STEPS = 150
 MAX_STALL_STEPS = 8 * STALL_STEPS
@@ -57,6 +65,11 @@ MAX_STALL_STEPS = 8 * STALL_STEPS
 TABU_TENURE = 12
 # Heaviest candidates considered for the pair of a min-slack bin fill.
 PAIR_CANDIDATES = 160
+# Exact polish with the work left after the search gives up: CP-SAT runs when
+# n_items * n_bins is at most CPSAT_MAX_PAIRS; CPSAT_DET_PER_SECOND converts a
+# second of budget into CP-SAT deterministic time.
+CPSAT_MAX_PAIRS = 3_000
+CPSAT_DET_PER_SECOND = 0.5
 # Largest temporary (rows x columns) matrix a move evaluation may build, so
 # that batches of 10^5 rows on 10^4 hosts stay within memory.
 MAX_MATRIX = 4_000_000
@@ -210,8 +223,8 @@ class _BinEmptier:
 
     # -- bookkeeping ---------------------------------------------------------
 
-    def _spend(self, units: int) -> bool:
-        self.work_left -= units + STEP_UNITS
+    def _spend(self, elements: int) -> bool:
+        self.work_left -= elements // ELEMENTS_PER_UNIT + STEP_UNITS
         return self.work_left > 0 and time.perf_counter() < self.deadline
 
     def _loads(self, bin_of: np.ndarray) -> np.ndarray:
@@ -253,7 +266,79 @@ class _BinEmptier:
             else:
                 best = result
                 failed.clear()
+        # The search gave up with work left: spend the rest on an exact
+        # polish when the model is small enough to be worth it.
+        if self.work_left > 0 and self.n_items * np.unique(best).size <= CPSAT_MAX_PAIRS:
+            best = self._cpsat_polish(best)
         return best
+
+    # -- exact polish -------------------------------------------------------
+
+    def _cpsat_polish(self, best: np.ndarray) -> np.ndarray:
+        """Re-solve a small packing exactly with CP-SAT, warm-started from `best`.
+
+        Model: x[i, b] item on bin (only the bins `best` uses), y[b] bin
+        used; one bin per item; per bin and dimension sum(size * x) <= cap * y;
+        x[i, b] => y[b]; identical bins used in index order; minimise sum(y).
+        The hint is `best`. One worker, a fixed seed and a *deterministic*
+        time limit (CP-SAT's own work measure, from the work units left) make
+        the result reproducible; the wall clock only caps it.
+        """
+        if cp_model is None:
+            return best
+        t0 = time.perf_counter()
+        bins = np.unique(best)
+        n_bins = bins.size
+        cap_b = self.cap[bins]
+        lower = int(np.max(-(-self.sizes.sum(axis=0) // np.maximum(cap_b.max(axis=0), 1))))
+        if n_bins <= max(lower, 1):
+            return best  # already at the volume bound
+        local = np.searchsorted(bins, best)
+        cap = cap_b.tolist()
+        sizes = self.sizes.tolist()
+        dims = [k for k in range(self.n_dims) if self.sizes[:, k].any()]
+        model = cp_model.CpModel()
+        # Variables: item i on bin b, bin b used.
+        x = [[model.new_bool_var(f"x{i}_{b}") for b in range(n_bins)] for i in range(self.n_items)]
+        y = [model.new_bool_var(f"y{b}") for b in range(n_bins)]
+        # Each item is on exactly one bin.
+        for i in range(self.n_items):
+            model.add_exactly_one(x[i])
+        # Capacity per bin and dimension, only when the bin is used.
+        for b in range(n_bins):
+            for k in dims:
+                model.add(sum(sizes[i][k] * x[i][b] for i in range(self.n_items) if sizes[i][k])
+                          <= cap[b][k] * y[b])
+            for i in range(self.n_items):
+                model.add_implication(x[i][b], y[b])
+        # Identical bins are interchangeable: use them in index order.
+        if (cap_b == cap_b[0]).all():
+            for b in range(n_bins - 1):
+                model.add_implication(y[b + 1], y[b])
+        model.add(sum(y) >= lower)
+        model.minimize(sum(y))
+        for i in range(self.n_items):
+            for b in range(n_bins):
+                model.add_hint(x[i][b], int(local[i] == b))
+        for b in range(n_bins):
+            model.add_hint(y[b], 1)
+        self.work_left -= self.n_items * n_bins * len(dims) * 50  # model building
+        det_time = self.work_left / WORK_UNITS_PER_SECOND * CPSAT_DET_PER_SECOND
+        # Keep a margin for reading the solution back.
+        wall_left = 0.8 * (self.deadline - time.perf_counter()) - (time.perf_counter() - t0)
+        if det_time <= 0.005 or wall_left <= 0.005:
+            return best
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = 1
+        solver.parameters.random_seed = int(self.rng.integers(2**31))
+        solver.parameters.max_deterministic_time = float(det_time)
+        solver.parameters.max_time_in_seconds = float(wall_left)
+        status = solver.solve(model)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return best  # UNKNOWN: nothing better found in time; keep the search's result
+        out = np.array([bins[next(b for b in range(n_bins) if solver.boolean_value(x[i][b]))]
+                        for i in range(self.n_items)], dtype=np.int64)
+        return out if np.unique(out).size < n_bins else best
 
     def _empty_bin(self, start: np.ndarray, target: int, used: np.ndarray):
         """Pack every item onto the used bins other than `target`, or None."""

@@ -207,40 +207,12 @@ cdef intp_t numa_node(ConstraintState cs, intp_t h, const int64_t* request) noex
     return best
 
 
-cdef bint static_ok(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
-    """The filters that only placements on other hosts cannot change: label bits (selector,
-    kvm), NoSchedule taints and volume locality."""
+cdef int32_t static_reason(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
+    """The first static filter host h fails (selector 2, kvm 3, taint 4), or 0. Static
+    filters are those no placement on another host can change."""
     cdef intp_t w, i, n_words = t.all_mask.shape[0]
-    cdef bint any_hit
-    for w in range(n_words):
-        if (cs.labels[h, w] & t.all_mask[w]) != t.all_mask[w] or (cs.labels[h, w] & t.none_mask[w]) != 0:
-            return False
-        if t.is_vm and (cs.labels[h, w] & t.kvm_mask[w]) != t.kvm_mask[w]:
-            return False
-    for i in range(t.any_masks.shape[0]):
-        any_hit = False
-        for w in range(n_words):
-            if cs.labels[h, w] & t.any_masks[i, w]:
-                any_hit = True
-                break
-        if not any_hit:
-            return False
-    for w in range(t.tol_hard.shape[0]):
-        if cs.taint_hard[h, w] & ~t.tol_hard[w]:
-            return False
-    return not (t.has_allowed and not t.allowed[h])
-
-
-cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
-                    int64_t* charge) noexcept nogil:
-    """0 when host h passes every hard constraint (charge then holds what h must give),
-    else the reason code of the first filter it fails."""
-    cdef intp_t w, i, n_words = t.all_mask.shape[0], n_tw = t.tol_hard.shape[0]
     cdef uint64_t bits
     cdef bint any_hit
-    if not s.index.member[h]:
-        return 1
-    # Label bits: selector (all / none / any-of) then the kvm label for VMs.
     for w in range(n_words):
         bits = cs.labels[h, w]
         if (bits & t.all_mask[w]) != t.all_mask[w] or (bits & t.none_mask[w]) != 0:
@@ -257,9 +229,27 @@ cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const in
         for w in range(n_words):
             if (cs.labels[h, w] & t.kvm_mask[w]) != t.kvm_mask[w]:
                 return 3
-    for w in range(n_tw):
+    for w in range(t.tol_hard.shape[0]):
         if cs.taint_hard[h, w] & ~t.tol_hard[w]:
             return 4
+    return 0
+
+
+cdef bint static_ok(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
+    """Host h passes t's static filters, volume locality included."""
+    return static_reason(cs, t, h) == 0 and not (t.has_allowed and not t.allowed[h])
+
+
+cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
+                    int64_t* charge) noexcept nogil:
+    """0 when host h passes every hard constraint (charge then holds what h must give),
+    else the reason code of the first filter it fails."""
+    cdef int32_t code
+    if not s.index.member[h]:
+        return 1
+    code = static_reason(cs, t, h)
+    if code != 0:
+        return code
     return reject_dynamic(s, cs, t, h, request, charge)
 
 

@@ -32,3 +32,4 @@ cdef class FitIndex:
     cdef void _split(self, intp_t pos) noexcept nogil
     cdef void _drop_block(self, intp_t pos) noexcept nogil
     cdef void _merge_small(self, intp_t pos) noexcept nogil
+    cdef void _absorb(self, intp_t pos) noexcept nogil

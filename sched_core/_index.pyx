@@ -232,28 +232,22 @@ cdef class FitIndex:
         small (the invariant), so either merge leaves a block of at least BLOCK // 4 rows
         and no two adjacent blocks end up small.
         """
-        cdef intp_t b = self.order[pos], other, d, limit = (3 * BLOCK) // 4
-        if pos > 0:
-            other = self.order[pos - 1]
-            if self.count[other] + self.count[b] <= limit:
-                memcpy(&self.items[other, self.count[other]], &self.items[b, 0], self.count[b] * sizeof(intp_t))
-                self.count[other] += self.count[b]
-                for d in range(self.n_dims):
-                    if self.maxfree[b, d] > self.maxfree[other, d]:
-                        self.maxfree[other, d] = self.maxfree[b, d]
-                self.stale[other] |= self.stale[b]
-                self._drop_block(pos)
-                return
-        if pos + 1 < self.n_blocks:
-            other = self.order[pos + 1]
-            if self.count[other] + self.count[b] <= limit:
-                memcpy(&self.items[b, self.count[b]], &self.items[other, 0], self.count[other] * sizeof(intp_t))
-                self.count[b] += self.count[other]
-                for d in range(self.n_dims):
-                    if self.maxfree[other, d] > self.maxfree[b, d]:
-                        self.maxfree[b, d] = self.maxfree[other, d]
-                self.stale[b] |= self.stale[other]
-                self._drop_block(pos + 1)
+        cdef intp_t limit = (3 * BLOCK) // 4
+        if pos > 0 and self.count[self.order[pos - 1]] + self.count[self.order[pos]] <= limit:
+            self._absorb(pos - 1)
+        elif pos + 1 < self.n_blocks and self.count[self.order[pos + 1]] + self.count[self.order[pos]] <= limit:
+            self._absorb(pos)
+
+    cdef void _absorb(self, intp_t pos) noexcept nogil:
+        """Append the rows of the block after `pos` to the block at `pos`, then drop it."""
+        cdef intp_t b = self.order[pos], other = self.order[pos + 1], d
+        memcpy(&self.items[b, self.count[b]], &self.items[other, 0], self.count[other] * sizeof(intp_t))
+        self.count[b] += self.count[other]
+        for d in range(self.n_dims):
+            if self.maxfree[other, d] > self.maxfree[b, d]:
+                self.maxfree[b, d] = self.maxfree[other, d]
+        self.stale[b] |= self.stale[other]
+        self._drop_block(pos + 1)
 
     cdef void remove(self, intp_t h) noexcept nogil:
         """Remove member h; its free row must still be the one it was inserted with."""

@@ -8,29 +8,38 @@ stays placed.
 
 Method
 ------
-A consistent-neighbourhood tabu search in the style of Buljubašić & Vasquez,
-"Consistent neighborhood search for one-dimensional bin packing and
-two-dimensional vector packing", Computers & Operations Research 76 (2016),
-which the vector bin packing survey cited in ``shared/data/vbp/README.md``
-(Mommessin, Erlebach, Shakhlevich 2024) lists among the strongest methods:
-
+0. Restart from a minimum-bin-slack construction (MBS' of Gupta & Ho,
+   1999, extended to vectors) over the greedy's hosts when it needs fewer
+   of them than the greedy did; it finds the exact fills (items that sum to
+   a full host) that a one-item-at-a-time greedy misses.
 1. Close the least-filled used host; its items become *pending*.
-2. Repeat: insert pending items into hosts where they fit (tightest fit
-   first); otherwise swap a pending item with one or two placed items of a
-   host where that fits, taking the move that lowers the total *weight* of
-   the pending set most (weight = size summed over dimensions, each
-   normalised by the largest capacity). Small items left pending are easy to
-   re-insert later. When no move lowers the weight, take the least bad one;
-   recently moved (item, host) pairs are tabu so the search does not cycle.
+2. Repeat, in the style of the consistent neighbourhood search of
+   Buljubašić & Vasquez, "Consistent neighborhood search for one-dimensional
+   bin packing and two-dimensional vector packing", Computers & Operations
+   Research 76 (2016): insert pending items into hosts where they fit
+   (tightest fit first); otherwise swap a pending item with one or two
+   placed items of a host where that fits, taking the move that lowers the
+   total *weight* of the pending set most (weight = size summed over
+   dimensions, each normalised by the largest capacity; an ejected item
+   that fits straight into another host costs nothing). When no move lowers
+   the weight, take the least bad one; an ejected item may not re-enter the
+   host it left for a few steps (tabu), so the search does not cycle.
 3. When the pending set empties, the closed host is freed: keep the packing
    and close the next one. When the attempt stalls, restore the last
-   complete packing and try the next least-filled host.
+   complete packing and try the next least-filled host; when all have
+   failed, retry with twice the patience.
+4. If work is left and the instance is small, re-solve it exactly with
+   OR-Tools CP-SAT (one worker, deterministic time limit), warm-started
+   from the best packing with ``add_hint``.
 
 Effort is counted in *work units* (array elements examined plus a fixed
-cost per step), never in seconds, so the result is the same on every
-machine for a given budget. ``budget_s`` converts to work units at
-``WORK_UNITS_PER_SECOND`` (calibrated so that the work fits well inside the
-wall time on a 2024 laptop core); the wall clock is only a safety cap.
+cost per step, and CP-SAT's deterministic time), never in seconds, so the
+result is the same on every machine for a given budget. ``budget_s``
+converts to work units at ``WORK_UNITS_PER_SECOND`` (calibrated so that the
+work takes at most about half of ``budget_s`` on the 2-core AMD EPYC
+machine the benchmarks ran on); the wall clock is only a safety cap, and if
+it bites (a machine more than about twice slower, or heavily loaded) the
+result is still valid but no longer reproducible.
 """
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ def test_sigkill_under_load_loses_no_acknowledged_placement(tmp_path):
 
     acked: dict[str, str] = {}            # workload id -> host id, acknowledged placements
     released: set[str] = set()            # acknowledged releases
+    releasing: set[str] = set()           # releases sent (maybe applied before the kill, unacknowledged)
     sent_batches: list[list[str]] = []    # every batch call, acknowledged or not
     lock = threading.Lock()
     stop = threading.Event()
@@ -53,6 +54,8 @@ def test_sigkill_under_load_loses_no_acknowledged_placement(tmp_path):
                 if t == 0 and i % 5 == 4:  # some churn
                     victim = f"u0-{i - 2}"
                     if victim in acked:
+                        with lock:
+                            releasing.add(victim)
                         st.Release(pb.ReleaseRequest(workload_ids=[victim]), timeout=30)
                         with lock:
                             released.add(victim)
@@ -77,9 +80,12 @@ def test_sigkill_under_load_loses_no_acknowledged_placement(tmp_path):
         _, s2 = stub_for(srv2.address)
         allocs = s2.ListAllocations(pb.ListAllocationsRequest(include_workloads=True)).allocations
         present = {p.workload_id: p.host_id for p in allocs}
-        # Every acknowledged placement that was not released is there, on its host.
+        # Every acknowledged placement is there, on its host, unless a release of it was
+        # sent: a release in flight at the kill may have been made durable unacknowledged.
         for wid, hid in acked.items():
-            if wid not in released:
+            if wid in releasing and wid not in released:
+                assert present.get(wid) in (hid, None), wid
+            elif wid not in released:
                 assert present.get(wid) == hid, wid
         for wid in released:
             assert wid not in present

@@ -94,6 +94,24 @@ class SQLiteStore(Store):
             raise StoreError(f"{path}: schema_version {version!r}, this build reads {SCHEMA_VERSION!r}")
         row = self._wconn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         self._last = int(row[0])
+        # Checkpoints copy the WAL into the database file and fsync it. Run inline (SQLite's
+        # default, every 1000 pages) one lands on some commit and stalls its reply: the p99.
+        # A background thread checkpoints instead, without blocking the writer (PASSIVE).
+        self._wconn.execute("PRAGMA wal_autocheckpoint=0")
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self, interval_s: float = 1.0) -> None:
+        conn = _connect(self.path, self.synchronous)
+        try:
+            while not self._stop_checkpoints.wait(interval_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # busy or closing: the next round tries again
+        finally:
+            conn.close()
 
     # -- writing -------------------------------------------------------------
 
@@ -204,6 +222,12 @@ class SQLiteStore(Store):
             if self._closed:
                 return
             self._closed = True
+        self._stop_checkpoints.set()
+        self._checkpointer.join()
+        try:
+            self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
         with self._readers_lock:
             for conn in self._readers:
                 try:

@@ -226,8 +226,8 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
         while 0 <= j < ix.count[b]:
             h = row[j]
             j = j + 1 if ascending else j - 1
-            k = keys[h]
             if best >= 0:
+                k = keys[h]
                 base = (k * scale if ascending else 100.0 - k * scale) + floor
                 if ascending and base >= best_cost:
                     return best
@@ -238,6 +238,7 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
             if not fits(free0 + h * n_dims, request, n_dims):
                 continue
             found = True
+            k = keys[h]
             if (reject_dynamic(s, cs, t, h, request, tmp) if static_done
                     else reject(s, cs, t, h, request, tmp)) != 0:
                 continue

@@ -320,7 +320,11 @@ class ConstraintIndex:
         uncounted (delta=-1) workloads of `terms` on `rows`."""
         if len(rows) == 0 or (not terms.groups and terms.tenant < 0):
             return
-        counts = Counter(rows.tolist()) if isinstance(rows, np.ndarray) else Counter(rows)
+        if isinstance(rows, np.ndarray) and len(rows) > 64:
+            uniq, n = np.unique(rows, return_counts=True)
+            counts = dict(zip(uniq.tolist(), n.tolist()))
+        else:
+            counts = Counter(rows.tolist() if isinstance(rows, np.ndarray) else rows)
         for group in terms.groups:
             gc = self.group_rows.setdefault(group, Counter())
             for row, c in counts.items():

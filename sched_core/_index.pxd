@@ -13,6 +13,8 @@ cdef class FitIndex:
     cdef intp_t[::1] count          # (n_slots,) rows used in each block
     cdef int64_t[:, ::1] maxfree    # (n_slots, n_dims) upper bound of free over a block's rows
     cdef uint8_t[::1] stale         # (n_slots,) 1 when a row left or lost capacity since the bound was computed
+    cdef int64_t[:, ::1] fail_req   # (n_slots, n_dims) a request no row of the block fits (see note_fail)
+    cdef uint8_t[::1] has_fail      # (n_slots,) 1 when fail_req holds such a request
     cdef intp_t[::1] order          # (n_slots,) block slots in key order; the first n_blocks are live
     cdef intp_t[::1] spare          # (n_slots,) stack of unused block slots
     cdef intp_t n_blocks            # live blocks
@@ -28,6 +30,8 @@ cdef class FitIndex:
     cdef intp_t _locate(self, float64_t k, intp_t h) noexcept nogil
     cdef intp_t _position(self, intp_t b, float64_t k, intp_t h) noexcept nogil
     cdef void tighten(self, intp_t b) noexcept nogil
+    cdef void note_fail(self, intp_t b, const int64_t* request) noexcept nogil
+    cdef bint known_to_fail(self, intp_t b, const int64_t* request) noexcept nogil
     cdef void _recompute_max(self, intp_t b) noexcept nogil
     cdef void _split(self, intp_t pos) noexcept nogil
     cdef void _drop_block(self, intp_t pos) noexcept nogil

@@ -56,6 +56,8 @@ cdef class FitIndex:
         self.items = np.zeros((n_slots, BLOCK), dtype=np.intp)
         self.count = np.zeros(n_slots, dtype=np.intp)
         self.stale = np.zeros(n_slots, dtype=np.uint8)
+        self.fail_req = np.zeros((n_slots, max(self.n_dims, 1)), dtype=np.int64)
+        self.has_fail = np.zeros(n_slots, dtype=np.uint8)
         self.maxfree = np.zeros((n_slots, max(self.n_dims, 1)), dtype=np.int64)
         self.order = np.zeros(n_slots, dtype=np.intp)
         self.spare = np.arange(n_slots - 1, -1, -1, dtype=np.intp)
@@ -71,6 +73,18 @@ cdef class FitIndex:
             raise IndexError(f"host row {h} out of range")
         if not self.member[h]:
             self.insert(h)
+
+    def add_rows(self, const intp_t[::1] rows):
+        """Insert every row of `rows` that is not a member yet (one call for many)."""
+        cdef intp_t i, h
+        for i in range(rows.shape[0]):
+            h = rows[i]
+            if h < 0 or h >= self.member.shape[0]:
+                raise IndexError(f"host row {h} out of range")
+        with nogil:
+            for i in range(rows.shape[0]):
+                if not self.member[rows[i]]:
+                    self.insert(rows[i])
 
     def discard(self, intp_t h):
         """Remove host row `h` (no-op if it is not a member)."""
@@ -123,6 +137,11 @@ cdef class FitIndex:
                     assert self.free[h, d] <= self.maxfree[b, d], f"block {b} bound below row {h}"
                 prev, prev_key = h, self.key[h]
                 n += 1
+            if self.has_fail[b]:
+                for j in range(self.count[b]):
+                    h = self.items[b, j]
+                    assert not fits(&self.free[h, 0], &self.fail_req[b, 0], self.n_dims), \
+                        f"block {b} remembers a failed request that row {h} fits"
             if i > 0:
                 assert self.count[b] >= BLOCK // 4 or self.count[self.order[i - 1]] >= BLOCK // 4, \
                     f"adjacent small blocks at {i - 1}, {i}"
@@ -156,6 +175,29 @@ cdef class FitIndex:
                 hi = mid
         return lo
 
+    cdef void note_fail(self, intp_t b, const int64_t* request) noexcept nogil:
+        """Remember that no row of block b fits `request`. Rows only lose capacity while
+        they stay in a block (a row that gains some is re-inserted, which forgets this),
+        so every later request at least as large in every dimension fails there too.
+        The smaller of two such requests rules out more, so it is the one kept."""
+        cdef intp_t d
+        if self.has_fail[b]:
+            for d in range(self.n_dims):
+                if request[d] > self.fail_req[b, d]:
+                    return
+        for d in range(self.n_dims):
+            self.fail_req[b, d] = request[d]
+        self.has_fail[b] = 1
+
+    cdef bint known_to_fail(self, intp_t b, const int64_t* request) noexcept nogil:
+        cdef intp_t d
+        if not self.has_fail[b]:
+            return False
+        for d in range(self.n_dims):
+            if request[d] < self.fail_req[b, d]:
+                return False
+        return True
+
     cdef void tighten(self, intp_t b) noexcept nogil:
         """Recompute block b's bound after a query scanned it in vain, if a row left or lost
         capacity since the last recompute: stale bounds let queries into blocks they could skip."""
@@ -186,6 +228,7 @@ cdef class FitIndex:
             self.n_blocks = 1
             self.items[b, 0] = h
             self.count[b] = 1
+            self.has_fail[b] = 0
             for d in range(self.n_dims):
                 self.maxfree[b, d] = self.free[h, d]
             return
@@ -197,6 +240,7 @@ cdef class FitIndex:
             memmove(&self.items[b, i + 1], &self.items[b, i], (n - i) * sizeof(intp_t))
         self.items[b, i] = h
         self.count[b] = n + 1
+        self.has_fail[b] = 0  # a new row may fit what failed before
         for d in range(self.n_dims):
             if self.free[h, d] > self.maxfree[b, d]:
                 self.maxfree[b, d] = self.free[h, d]
@@ -204,12 +248,15 @@ cdef class FitIndex:
             self._split(pos)
 
     cdef void _split(self, intp_t pos) noexcept nogil:
-        cdef intp_t b = self.order[pos], s, half = BLOCK // 2
+        cdef intp_t b = self.order[pos], s, half = BLOCK // 2, d
         self.n_spare -= 1
         s = self.spare[self.n_spare]
         memcpy(&self.items[s, 0], &self.items[b, half], (BLOCK - half) * sizeof(intp_t))
         self.count[s] = BLOCK - half
         self.count[b] = half
+        self.has_fail[s] = self.has_fail[b]
+        for d in range(self.n_dims):
+            self.fail_req[s, d] = self.fail_req[b, d]
         self._recompute_max(b)
         self._recompute_max(s)
         memmove(&self.order[pos + 2], &self.order[pos + 1], (self.n_blocks - pos - 1) * sizeof(intp_t))
@@ -247,6 +294,11 @@ cdef class FitIndex:
             if self.maxfree[other, d] > self.maxfree[b, d]:
                 self.maxfree[b, d] = self.maxfree[other, d]
         self.stale[b] |= self.stale[other]
+        # Both halves failed a request only if each did; the larger of the two then fails both.
+        self.has_fail[b] = self.has_fail[b] and self.has_fail[other]
+        for d in range(self.n_dims):
+            if self.fail_req[other, d] > self.fail_req[b, d]:
+                self.fail_req[b, d] = self.fail_req[other, d]
         self._drop_block(pos + 1)
 
     cdef void remove(self, intp_t h) noexcept nogil:
@@ -304,7 +356,7 @@ cdef class FitIndex:
                 if self.maxfree[b, d] < request[d]:
                     blocked = True
                     break
-            if blocked:
+            if blocked or self.known_to_fail(b, request):
                 continue
             row = &self.items[b, 0]
             for j in range(self.count[b]):
@@ -312,6 +364,7 @@ cdef class FitIndex:
                 if fits(free0 + h * n_dims, request, n_dims):
                     return h
             self.tighten(b)
+            self.note_fail(b, request)
         return -1
 
     cdef intp_t last_fit(self, const int64_t* request) noexcept nogil:

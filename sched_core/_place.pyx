@@ -218,7 +218,7 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
             if bound[d] < request[d]:
                 blocked = True
                 break
-        if blocked:
+        if blocked or ix.known_to_fail(b, request):
             continue
         found = False
         row = &ix.items[b, 0]
@@ -252,6 +252,7 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
                 memcpy(charge, tmp, n_dims * sizeof(int64_t))
         if not found:
             ix.tighten(b)  # scanned in vain: its bound was stale
+            ix.note_fail(b, request)
     return best
 
 
@@ -308,8 +309,7 @@ def _static_sub_index(HostState s, ConstraintState cs, Terms t):
     if n_in == s.index.n_members:
         return None
     sub = FitIndex(s.free, s.inv_ref)
-    for h in np.flatnonzero(keep):
-        sub.add(h)
+    sub.add_rows(np.flatnonzero(keep).astype(np.intp))
     return sub
 
 

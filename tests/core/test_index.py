@@ -98,6 +98,8 @@ def test_kernels_match_reference_under_place_release_cordon(seed, n_hosts, n_dim
             schedulable[h] = not schedulable[h]
             state.set_schedulable(h, bool(schedulable[h]))
         assert (used <= limit).all()
+        if rng.random() < 0.05:
+            state.index.check()
     state.index.check()
     np.testing.assert_array_equal(state.used_array, used)
     np.testing.assert_array_equal(state.free_array, limit - used)

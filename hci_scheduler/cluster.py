@@ -655,15 +655,43 @@ class Cluster:
 
     # ------------------------------------------------------------------ volumes
 
-    def add_volume(self, volume: Volume) -> list[str]:
+    def add_volume(self, volume: Volume, hosts: Sequence[str] | None = None) -> list[str]:
         """Place a volume's replicas on distinct hosts (or distinct values of the `spread`
-        label) with free SSD; returns the replica hosts. Unschedulable when too few fit."""
+        label) with free SSD; returns the replica hosts. Unschedulable when too few fit.
+
+        hosts pins the replicas to named hosts (a store rebuilding its state, an operator
+        restoring a volume); they are checked like chosen ones.
+        """
         if not isinstance(volume, Volume):
             raise ValidationError(f"add_volume expects a Volume, got {type(volume).__name__}")
         with self._lock:
-            rows = self._volume_rows(volume, exclude_domain=None)
+            if hosts is None:
+                rows = self._volume_rows(volume, exclude_domain=None)
+            else:
+                rows = self._pinned_volume_rows(volume, list(hosts))
             self._commit_volume(volume, rows)
             return [self._row_hosts[r].id for r in rows]
+
+    def _pinned_volume_rows(self, volume: Volume, hosts: list[str]) -> list[int]:
+        if volume.id in self._volumes:
+            raise DuplicateId(f"volume id {volume.id!r} already exists")
+        if "ssd" not in self._dim_index:
+            raise ValidationError(f"volume {volume.id}: the cluster has no 'ssd' dimension")
+        if len(hosts) != volume.replicas:
+            raise ValidationError(f"volume {volume.id} hosts: {len(hosts)} given for {volume.replicas} replicas")
+        rows = [self._row(h) for h in hosts]
+        key = volume.spread
+        domains = [r if key == "host" else self._row_hosts[r].labels.get(key) for r in rows]
+        if None in domains or len(set(domains)) != len(domains):
+            raise ValidationError(f"volume {volume.id} hosts: replicas need distinct {key} domains, got {hosts}")
+        free = self._state.free_array[:, self._dim_index["ssd"]]
+        schedulable = self._state.schedulable_array()
+        short = [h for h, r in zip(hosts, rows) if not schedulable[r] or free[r] < volume.size_gib]
+        if short:
+            expl = _explain.Explanation(volume.id, len(rows), len(rows) - len(short), {
+                f"not schedulable or under {volume.size_gib} GiB free ssd": len(short)})
+            raise Unschedulable(volume.id, expl)
+        return rows
 
     def _volume_rows(self, volume: Volume, exclude_domain, first_row: int | None = None) -> list[int]:
         if volume.id in self._volumes:

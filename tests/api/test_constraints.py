@@ -261,3 +261,14 @@ def test_preemption_evicts_fewest_lowest_priority(racks):
     # a workload never preempts equal or higher priority
     with pytest.raises(Unschedulable):
         racks.place(wl("peer", cpu=8000, priority=0), preempt=True)
+
+
+def test_volume_pinned_to_named_hosts(racks):
+    assert racks.add_volume(Volume("v1", size_gib=100, replicas=2, spread="rack"), hosts=["h0", "h2"]) == ["h0", "h2"]
+    with pytest.raises(ValidationError, match="distinct rack"):
+        racks.add_volume(Volume("v2", size_gib=100, replicas=2, spread="rack"), hosts=["h0", "h1"])  # both r1
+    with pytest.raises(ValidationError, match="1 given for 2 replicas"):
+        racks.add_volume(Volume("v3", size_gib=100, replicas=2), hosts=["h0"])
+    with pytest.raises(Unschedulable):
+        racks.add_volume(Volume("v4", size_gib=950, replicas=1), hosts=["h0"])  # 900 GiB left on h0
+    assert racks.volumes() == {"v1": ["h0", "h2"]}

@@ -181,6 +181,12 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 raise ValidationError(f"workload id {w.id!r} appears twice in workloads")
             seen.add(w.id)
             self._check_dims(f"workload {w.id!r} requests", w.requests)
+            if w.per_host or len(w.new_volumes):
+                # The event log records one host per placement; a per-host service's
+                # replicas and an inline volume's replica hosts would not survive a
+                # restart, so the service refuses them rather than lose them.
+                raise Unsupported(f"workload {w.id!r}: per-host services and inline volumes are not "
+                                  f"durable in the service yet; use the library API")
             n = convert.normalize_workload(w)
             items.append(PlaceItem(n, convert.spec_bytes(n), convert.workload_to_model(n)))
         return items

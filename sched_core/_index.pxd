@@ -24,7 +24,6 @@ cdef class FitIndex:
 
     cdef void insert(self, intp_t h) noexcept nogil
     cdef void remove(self, intp_t h) noexcept nogil
-    cdef void rekey(self, intp_t h) noexcept nogil
     cdef intp_t first_fit(self, const int64_t* request) noexcept nogil
     cdef intp_t last_fit(self, const int64_t* request) noexcept nogil
     cdef intp_t _locate(self, float64_t k, intp_t h) noexcept nogil

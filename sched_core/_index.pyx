@@ -37,8 +37,7 @@ cdef class FitIndex:
     ----------
     free : int64 (n_rows, n_dims), C-contiguous
         The cluster's free-capacity matrix. The index keeps a view of it: the
-        caller updates a row only between `remove` and `insert` of that row
-        (or calls `rekey` after the update).
+        caller updates a row only between `remove` and `insert` of that row.
     inv_ref : float64 (n_dims,)
         Weight divided by the reference capacity of each dimension.
     """
@@ -92,11 +91,6 @@ cdef class FitIndex:
             raise IndexError(f"host row {h} out of range")
         if self.member[h]:
             self.remove(h)
-
-    def refresh(self, intp_t h):
-        """Re-sort host row `h` after its free row changed outside the index."""
-        if self.member[h]:
-            self.rekey(h)
 
     def is_member(self, intp_t h):
         return bool(self.member[h])
@@ -304,7 +298,7 @@ cdef class FitIndex:
     cdef void remove(self, intp_t h) noexcept nogil:
         """Remove member h; its free row must still be the one it was inserted with."""
         cdef float64_t k = self.key[h]
-        cdef intp_t pos = self._locate(k, h), b, i, n, d
+        cdef intp_t pos = self._locate(k, h), b, i, n
         b = self.order[pos]
         i = self._position(b, k, h)
         n = self.count[b]
@@ -321,27 +315,6 @@ cdef class FitIndex:
         self.stale[b] = 1
         if n - 1 < BLOCK // 4:
             self._merge_small(pos)
-
-    cdef void rekey(self, intp_t h) noexcept nogil:
-        """Re-sort member h after its free row changed (the key it was filed under is kept
-        in `key`, so it can still be found)."""
-        cdef float64_t k = self.key[h]
-        cdef intp_t pos = self._locate(k, h), b, i, n
-        b = self.order[pos]
-        i = self._position(b, k, h)
-        n = self.count[b]
-        memmove(&self.items[b, i], &self.items[b, i + 1], (n - i - 1) * sizeof(intp_t))
-        self.count[b] = n - 1
-        self.member[h] = 0
-        self.n_members -= 1
-        if n == 1:
-            self._drop_block(pos)
-        else:
-            # The row's new free values are unknown to the old bound: rescan the block.
-            self._recompute_max(b)
-            if n - 1 < BLOCK // 4:
-                self._merge_small(pos)
-        self.insert(h)
 
     cdef intp_t first_fit(self, const int64_t* request) noexcept nogil:
         """The member with the smallest (key, row) that fits `request`, or -1."""

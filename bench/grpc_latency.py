@@ -103,30 +103,30 @@ def _workload(pb, wid: str, i: int):
     return pb.Workload(id=wid, requests={"cpu": 100 + 90 * (i % 11), "memory": 128 * (1 + i % 8)})
 
 
-def unary(address: str, clients: int, calls_per_client: int, tag: str) -> dict:
-    from hci_scheduler.v1 import scheduler_pb2 as pb
-
-    lat: list[list[float]] = [[] for _ in range(clients)]
+def _drive(address: str, per_client: list[list], timeout: float) -> tuple[list[float], float]:
+    """Send each client's PlaceRequests in order, one thread per client, all starting
+    together; returns every call's latency and the wall time. Any failed call or
+    unplaced workload raises, so a figure never hides a failed run."""
+    lat: list[float] = []
     errors = []
-    start = threading.Barrier(clients + 1)
+    start = threading.Barrier(len(per_client) + 1)
 
-    def run(c: int) -> None:
+    def run(reqs: list) -> None:
         ch, stub = _stub(address)
-        reqs = [pb.PlaceRequest(workloads=[_workload(pb, f"{tag}-{c}-{i}", i)]) for i in range(calls_per_client)]
         start.wait()
         try:
             for r in reqs:
                 t = time.perf_counter()
-                resp = stub.Place(r, timeout=30)
-                lat[c].append(time.perf_counter() - t)
-                if not resp.placements[0].host_id:
+                resp = stub.Place(r, timeout=timeout)
+                lat.append(time.perf_counter() - t)
+                if not all(p.host_id for p in resp.placements):
                     errors.append("unplaced")
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
             errors.append(repr(exc))
         finally:
             ch.close()
 
-    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    threads = [threading.Thread(target=run, args=(reqs,)) for reqs in per_client]
     for t in threads:
         t.start()
     start.wait()
@@ -134,13 +134,21 @@ def unary(address: str, clients: int, calls_per_client: int, tag: str) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    all_lat = np.array([x for xs in lat for x in xs])
     if errors:
         raise RuntimeError(f"{len(errors)} failed calls, first: {errors[0]}")
-    return {"clients": clients, "calls": int(all_lat.size),
-            "p50_ms": round(1e3 * float(np.percentile(all_lat, 50)), 3),
-            "p99_ms": round(1e3 * float(np.percentile(all_lat, 99)), 3),
-            "calls_per_s": round(all_lat.size / wall, 1)}
+    return lat, wall
+
+
+def unary(address: str, clients: int, calls_per_client: int, tag: str) -> dict:
+    from hci_scheduler.v1 import scheduler_pb2 as pb
+
+    per = [[pb.PlaceRequest(workloads=[_workload(pb, f"{tag}-{c}-{i}", i)]) for i in range(calls_per_client)]
+           for c in range(clients)]
+    lat, wall = _drive(address, per, timeout=30)
+    return {"clients": clients, "calls": len(lat),
+            "p50_ms": round(1e3 * float(np.percentile(lat, 50)), 3),
+            "p99_ms": round(1e3 * float(np.percentile(lat, 99)), 3),
+            "calls_per_s": round(len(lat) / wall, 1)}
 
 
 def batched(address: str, calls: int, batch: int, clients: int = 1) -> dict:
@@ -148,35 +156,7 @@ def batched(address: str, calls: int, batch: int, clients: int = 1) -> dict:
 
     per = [[pb.PlaceRequest(workloads=[_workload(pb, f"b{c}-{k}-{i}", i) for i in range(batch)])
             for k in range(calls)] for c in range(clients)]
-    lat: list[float] = []
-    errors = []
-    start = threading.Barrier(clients + 1)
-
-    def run(c: int) -> None:
-        ch, stub = _stub(address)
-        start.wait()
-        try:
-            for r in per[c]:
-                t = time.perf_counter()
-                resp = stub.Place(r, timeout=120)
-                lat.append(time.perf_counter() - t)
-                if not all(p.host_id for p in resp.placements):
-                    errors.append("unplaced")
-        except Exception as exc:  # noqa: BLE001
-            errors.append(repr(exc))
-        finally:
-            ch.close()
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"{len(errors)} failed calls, first: {errors[0]}")
+    lat, wall = _drive(address, per, timeout=120)
     n = calls * batch * clients
     return {"batch": batch, "clients": clients, "placements": n, "seconds": round(wall, 3),
             "placements_per_s": round(n / wall, 1),

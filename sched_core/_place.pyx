@@ -239,13 +239,21 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
                 continue
             found = True
             k = keys[h]
+            if best >= 0:
+                # Behind a candidate, a host matters only if its cost can beat it: the
+                # penalty (a few counter reads) settles that before the hard filters run.
+                cost = (k * scale if ascending else 100.0 - k * scale) + penalty(cs, t, h)
+                if not (cost < best_cost or (not ascending and cost == best_cost
+                                             and (k > best_key or (k == best_key and h < best)))):
+                    continue
             if (reject_dynamic(s, cs, t, h, request, tmp) if static_done
                     else reject(s, cs, t, h, request, tmp)) != 0:
                 continue
             if ascending and floor == 0.0 and not t.has_soft:
                 memcpy(charge, tmp, n_dims * sizeof(int64_t))
                 return h  # no penalties: the first fit in key order is the best fit
-            cost = (k * scale if ascending else 100.0 - k * scale) + penalty(cs, t, h)
+            if best < 0:
+                cost = (k * scale if ascending else 100.0 - k * scale) + penalty(cs, t, h)
             if (best < 0 or cost < best_cost
                     or (not ascending and cost == best_cost and (k > best_key or (k == best_key and h < best)))):
                 best, best_cost, best_key = h, cost, k

@@ -322,10 +322,19 @@ def _static_sub_index(HostState s, ConstraintState cs, Terms t):
 
 
 cdef int64_t commit_constrained(HostState s, ConstraintState cs, Terms t, intp_t h,
-                                const int64_t* charge) noexcept nogil:
-    """Charge host h, count the workload in its group and tenant; return its NUMA node or -1."""
-    cdef intp_t node = -1
-    s.commit(h, charge)
+                                const int64_t* charge, bint refile=True) noexcept nogil:
+    """Charge host h, count the workload in its group and tenant; return its NUMA node or -1.
+
+    refile=False leaves h filed in s.index under its old key (still a valid upper bound
+    there); the caller must re-file it before anything else reads that index's order."""
+    cdef intp_t node = -1, d
+    if refile:
+        s.commit(h, charge)
+    else:
+        for d in range(s.n_dims):
+            s.used[h, d] += charge[d]
+            s.free[h, d] -= charge[d]
+        s.load[h] += 1
     count_in(cs, t, h, 1)
     if t.numa:
         node = numa_node(cs, h, charge)
@@ -375,6 +384,10 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
         if sub is not None:
             ix = sub
             use_sub = True
+    # With a sub-index the batch walks only that one, so the main index is re-filed once
+    # per touched host at the end rather than at every commit.
+    touched = np.zeros(s.n_rows if use_sub else 0, dtype=np.uint8)
+    cdef uint8_t[::1] touched_v = touched
     with nogil:
         for i in range(order.shape[0]):
             r = order[i]
@@ -384,10 +397,17 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
             if h >= 0:
                 if use_sub:
                     ix.remove(h)  # filed under its old key: take it out before free changes
-                numa_out[r] = commit_constrained(s, cs, t, h, &charge_out[r, 0])
+                    if not touched_v[h]:
+                        touched_v[h] = 1
+                        s.index.remove(h)
+                numa_out[r] = commit_constrained(s, cs, t, h, &charge_out[r, 0], not use_sub)
                 if use_sub:
                     ix.insert(h)
                 n_placed += 1
+        if use_sub:
+            for h in range(s.n_rows):
+                if touched_v[h]:
+                    s.index.insert(h)
     return n_placed
 
 

@@ -202,3 +202,35 @@ def test_random_volumes_keep_replica_spread_locality_and_ssd(seed):
     for vid in list(volumes):
         c.remove_volume(vid)
     assert c.usage().sum() == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), strategy=st.sampled_from(["binpack", "spread"]))
+def test_template_batch_equals_one_by_one(seed, strategy):
+    """A template batch (which walks a private index of the hosts its static filters admit,
+    and re-files the shared index once at the end) places exactly as one call per row does."""
+    rng = np.random.default_rng(seed)
+    hosts = [make_host(i, rng) for i in range(int(rng.integers(2, 40)))]
+    template = Workload("t", group="web", selector=[LabelExpr("zone", "In", ("a",))],
+                        anti_affinity=[Affinity("web", "rack", hard=False, weight=int(rng.integers(1, 60)))],
+                        spread=[Spread("rack", max_skew=int(rng.integers(1, 4)))] if rng.random() < 0.5 else [])
+    requests = np.stack([rng.integers(0, 1500, 200), rng.integers(0, 1500, 200)], axis=1).astype(np.int64)
+    batch = Cluster(dimensions=DIMS)
+    batch.add_hosts(hosts)
+    got = batch.place_array(requests, strategy=strategy, template=template)
+    single = Cluster(dimensions=DIMS)
+    single.add_hosts(hosts)
+    want = []
+    for i, r in enumerate(requests):
+        w = Workload(f"w{i}", dict(zip(DIMS, map(int, r))), group="web", selector=template.selector,
+                     anti_affinity=template.anti_affinity, spread=template.spread)
+        try:
+            want.append(single.host_index(single.place(w, strategy=strategy).host_id))
+        except Unschedulable:
+            want.append(-1)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(batch.usage(), single.usage())
+    batch._state.index.check()
+    assert batch._state.index.n_members == len(hosts)  # every host is filed again after the batch
+    follow = Workload("after", {"cpu": 100, "memory": 100})
+    assert batch.place(follow, strategy=strategy).host_id == single.place(follow, strategy=strategy).host_id

@@ -54,6 +54,8 @@ class ConstraintIndex:
         self.tenants: dict[str, int] = {}
         self.pairs: dict[tuple[int, int], int] = {}    # (group id, topology id) -> pair id
         self.group_rows: dict[int, Counter] = {}       # group id -> Counter(host row -> workloads)
+        self._pending_groups: list[tuple] = []         # record() calls not folded into group_rows yet
+        self._pending_rows = 0
         self.tenant_rows: dict[int, Counter] = {}      # host row -> Counter(tenant id -> workloads)
         self.dedicated_rows: dict[int, Counter] = {}   # host row -> Counter(tenant id -> dedicated workloads)
         self.hosts: list[Host | None] = []
@@ -122,6 +124,7 @@ class ConstraintIndex:
         n_dom = a["domain"].shape[1] if topology == 0 else len(self.domain_ids[topology])
         counts = np.zeros(n_dom, dtype=np.int32)
         total = 0
+        self._fold()
         for row, count in self.group_rows.get(group, {}).items():
             total += count
             d = a["domain"][topology, row]
@@ -261,6 +264,7 @@ class ConstraintIndex:
             offset += n_dom[t]
         pair_counts = np.zeros(max(offset, 1), dtype=np.int32)
         pair_nonzero = np.zeros(n_pairs, dtype=np.int64)
+        self._fold()
         for (g, t), p in self.pairs.items():
             for row, count in self.group_rows.get(g, {}).items():
                 pair_total[p] += count
@@ -315,22 +319,27 @@ class ConstraintIndex:
 
     # ---------------------------------------------------------------- bookkeeping
 
-    def record(self, terms: "CompiledTerms", rows: np.ndarray, delta: int) -> None:
+    def record(self, terms: "CompiledTerms", rows, delta: int) -> None:
         """Keep the Python-side counters in step after the core counted (delta=+1) or
-        uncounted (delta=-1) workloads of `terms` on `rows`."""
+        uncounted (delta=-1) workloads of `terms` on `rows`.
+
+        The per-group row counts are only read when a new (group, topology) pair or a
+        rebuild needs them, so they are queued here and folded in then (see _fold):
+        that keeps this bookkeeping out of every batch's path."""
         if len(rows) == 0 or (not terms.groups and terms.tenant < 0):
+            return
+        if terms.groups:
+            self._pending_groups.append((terms.groups, np.array(rows, dtype=np.int64), delta))
+            self._pending_rows += len(rows)
+            if self._pending_rows > 1 << 16:  # bound the queue on long-running clusters
+                self._fold()
+        if terms.tenant < 0:
             return
         if isinstance(rows, np.ndarray) and len(rows) > 64:
             uniq, n = np.unique(rows, return_counts=True)
             counts = dict(zip(uniq.tolist(), n.tolist()))
         else:
             counts = Counter(rows.tolist() if isinstance(rows, np.ndarray) else rows)
-        for group in terms.groups:
-            gc = self.group_rows.setdefault(group, Counter())
-            for row, c in counts.items():
-                gc[row] += delta * c
-                if gc[row] <= 0:
-                    del gc[row]
         if terms.tenant >= 0:
             host_tenant, ded_tenant = self._arrays["host_tenant"], self._arrays["ded_tenant"]
             for row, c in counts.items():
@@ -345,6 +354,18 @@ class ConstraintIndex:
                         del dc[terms.tenant]
                 if delta < 0:
                     self._tenant_marks(row, host_tenant, ded_tenant)
+
+    def _fold(self) -> None:
+        """Apply the queued group bookkeeping to group_rows."""
+        pending, self._pending_groups, self._pending_rows = self._pending_groups, [], 0
+        for groups, rows, delta in pending:
+            uniq, n = np.unique(rows, return_counts=True)
+            for group in groups:
+                gc = self.group_rows.setdefault(group, Counter())
+                for row, c in zip(uniq.tolist(), n.tolist()):
+                    gc[row] += delta * c
+                    if gc[row] <= 0:
+                        del gc[row]
 
     def forget_row(self, row: int) -> None:
         self.tenant_rows.pop(row, None)

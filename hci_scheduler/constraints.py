@@ -468,10 +468,11 @@ class ConstraintIndex:
             return np.array([it[k] for it in items], dtype=dtype)
 
         aff, anti, spread = terms["aff"], terms["anti"], terms["spread"]
+        tenant = self.tenant_id(w.tenant)
         core = sched_core.Terms(
             all_mask=all_mask, none_mask=none_mask, any_masks=any_masks, kvm_mask=kvm_mask,
             tol_hard=tol_hard, tol_soft=tol_soft, groups=np.array(groups, dtype=np.int32),
-            tenant=self.tenant_id(w.tenant),
+            tenant=tenant,
             dedicated=w.isolation == "dedicated", is_vm=w.kind == "vm", numa=bool(w.numa),
             aff_pair=col(aff, 0, np.int32), aff_hard=col(aff, 1, np.uint8), aff_weight=col(aff, 2, np.int64),
             aff_self=col(aff, 3, np.uint8), anti_pair=col(anti, 0, np.int32), anti_hard=col(anti, 1, np.uint8),
@@ -486,7 +487,7 @@ class ConstraintIndex:
             t = int(self._arrays["pair_topo"][terms["anti"][i][0]])
             labels[sched_core.REASON_ANTI_AFFINITY + i] = (
                 f"anti-affinity of placed workloads against group {w.group} on {topo_names[t]}")
-        return CompiledTerms(core, groups, self.tenant_id(w.tenant), w.isolation == "dedicated", self.version,
+        return CompiledTerms(core, groups, tenant, w.isolation == "dedicated", self.version,
                              labels)
 
 

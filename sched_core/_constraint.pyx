@@ -129,26 +129,6 @@ cdef class Terms:
             or bool(np.any(np.asarray(spread_hard) == 0)) or prefer_weight > 0
         )
 
-    @property
-    def group_ids(self):
-        return np.asarray(self.groups).tolist()
-
-    @property
-    def tenant_id(self):
-        return self.tenant
-
-    @property
-    def dedicated_flag(self):
-        return self.dedicated
-
-    @property
-    def vm(self):
-        return self.is_vm
-
-    @property
-    def wants_numa(self):
-        return self.numa
-
 
 cdef void prepare(ConstraintState cs, Terms t) noexcept nogil:
     """Per placement: the least-loaded domain count of every spread term, over the

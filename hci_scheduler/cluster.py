@@ -653,6 +653,45 @@ class Cluster:
                 missed.append(host.id)
         return placed, missed
 
+    def bind_replicas(self, workload: Workload, host_ids: Sequence[str]) -> Placement:
+        """Register a per-host service (unless it is registered) and put one replica on
+        each named host, checking each like `bind`; all or nothing.
+
+        For a store rebuilding its state: `place` and `add_hosts` choose the
+        hosts themselves, this repeats a recorded choice exactly.
+        """
+        with self._lock:
+            if not isinstance(workload, Workload) or not workload.per_host:
+                raise ValidationError(f"bind_replicas expects a per-host service, got {workload!r}")
+            known = workload.id in self._daemons
+            if known:
+                request = self._compile_request(workload)
+            else:
+                request = self._check_new_workload(workload)
+                if workload.volumes or workload.gang:
+                    raise ValidationError(f"workload {workload.id}: per-host services take no volumes and no gang")
+            rows = [self._row(h) for h in host_ids]
+            done: list[str] = []
+            for row in rows:
+                replica = replace(workload, id=f"{workload.id}@{self._row_hosts[row].id}")
+                terms = self._terms(replica)
+                charge = np.zeros(len(self.dimensions), dtype=np.int64)
+                code = 0 if replica.id in self._workloads else sched_core.check_host(
+                    self._state, self._cons.state, terms.core, request, row, charge)
+                if code != 0 or replica.id in self._workloads:
+                    for wid in reversed(done):
+                        self._release_record(wid)
+                    if code == 0:
+                        raise DuplicateId(f"workload id {replica.id!r} is already placed")
+                    raise Unschedulable(replica.id, self._explain_request(replica, request, terms, only_row=row))
+                numa = sched_core.commit_host(self._state, self._cons.state, terms.core, row, charge)
+                self._cons.record(terms, [row], +1)
+                self._workloads[replica.id] = _Record(replica, row, charge, int(numa), terms)
+                done.append(replica.id)
+            if not known:
+                self._daemons[workload.id] = workload
+            return Placement(workload.id, None, replicas=tuple(host_ids))
+
     # ------------------------------------------------------------------ volumes
 
     def add_volume(self, volume: Volume, hosts: Sequence[str] | None = None) -> list[str]:

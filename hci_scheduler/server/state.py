@@ -608,7 +608,11 @@ class SchedulerState:
             fresh_all.extend(fresh)
         if fresh_all:
             try:
-                placed, unplaced = self._apply_place(fresh_all, False, strategy, False)
+                # Several calls: each keeps its order and the calls go in arrival order,
+                # as if they had come one after another. (largest_first also sums the
+                # cluster's capacity, O(hosts): a third of a coalesced unary call.)
+                placed, unplaced = self._apply_place(fresh_all, False, strategy, False,
+                                                     order="arrival" if len(live) > 1 else "largest_first")
             except SchedulerError as exc:
                 if len(live) == 1:
                     outcomes.append((live[0][0], None, exc))
@@ -651,7 +655,8 @@ class SchedulerState:
                 answers[wid] = self._answer(wid, alloc)
         return answers, fresh
 
-    def _apply_place(self, fresh: list[PlaceItem], gang: bool, strategy: str, preempt: bool):
+    def _apply_place(self, fresh: list[PlaceItem], gang: bool, strategy: str, preempt: bool,
+                     order: str = "largest_first"):
         """Place `fresh` in the cluster; returns (placed, unplaced).
 
         placed lists (item, host id, model Placement or None) in the order the
@@ -697,7 +702,7 @@ class SchedulerState:
                 except Unschedulable as exc:
                     unplaced[it.proto.id] = exc.explanation
             elif plain:
-                r = c.place_batch([it.model for it in plain], strategy=strategy, gang=gang)
+                r = c.place_batch([it.model for it in plain], strategy=strategy, order=order, gang=gang)
                 by_id = {it.proto.id: it for it in plain}
                 # placements is filled in placement order (largest first): keep it.
                 placed.extend((by_id[wid], host_id, None) for wid, host_id in r.placements.items())

@@ -306,11 +306,19 @@ def _table(title: str, columns: Sequence[str], rows) -> None:
     _console().print(t)
 
 
+def _where(p) -> str:
+    """A placement's host, or a per-host service's replica hosts; plus new volumes' replicas."""
+    text = p.host_id or ("per-host: " + (" ".join(p.replica_host_ids) or "no host yet") if p.sequence else "-")
+    for v in p.volumes:
+        text += f"; {v.volume_id} on {' '.join(v.host_ids)}"
+    return text
+
+
 def _print_placements(placements) -> None:
     rows = []
     for p in placements:
-        reason = "" if p.host_id else (p.explanation.message or "unschedulable")
-        rows.append((p.workload_id, p.host_id or "-", p.sequence or "", reason))
+        reason = "" if p.sequence else (p.explanation.message or "unschedulable")
+        rows.append((p.workload_id, _where(p), p.sequence or "", reason))
     _table("placements", ("workload", "host", "seq", "refusal"), rows)
 
 
@@ -372,7 +380,7 @@ def run_client(args) -> int:
         resp = c.call("Place", pb.PlaceRequest(workloads=_workloads_from_args(args), gang=args.gang,
                                                strategy=strategies[args.strategy], preempt=args.preempt))
         _print_json(resp) if args.json else _print_placements(resp.placements)
-        return 0 if all(p.host_id for p in resp.placements) else 3
+        return 0 if all(p.sequence for p in resp.placements) else 3
     elif cmd == "release":
         resp = c.call("Release", pb.ReleaseRequest(workload_ids=args.workload_ids,
                                                    allow_missing=args.allow_missing))
@@ -384,7 +392,7 @@ def run_client(args) -> int:
             _print_json(resp)
         else:
             _table("allocations", ("workload", "host", "seq", "requests"),
-                   [(p.workload_id, p.host_id, p.sequence, _fmt_map(p.workload.requests))
+                   [(p.workload_id, _where(p), p.sequence, _fmt_map(p.workload.requests))
                     for p in resp.allocations])
     elif cmd == "explain":
         ws = _workloads_from_args(args)

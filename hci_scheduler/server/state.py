@@ -32,8 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from ..errors import DuplicateId, NotFound, SchedulerError, StateConflict, Unschedulable, ValidationError
 from ..model import Volume
 from ..store import Record, Store, StoreError
@@ -119,8 +117,13 @@ _EVENT_WORKLOAD_TAG = bytes([(7 << 3) | 2])
 _EVENT_PLACED_TYPE = b"\x10" + _varint(pb.EVENT_TYPE_PLACED)
 
 
-def _len_field(tag: bytes, data: bytes) -> bytes:
-    return tag + _varint(len(data)) + data
+def _event_time(ns: int) -> bytes:
+    """Event.time (field 3, a Timestamp) in wire format. Written by hand: building a
+    Timestamp with GetCurrentTime() went through datetime and cost ~15 us, a tenth of
+    a single-workload batch."""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    body = (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(nanos) if nanos else b"")
+    return b"\x1a" + _varint(len(body)) + body
 
 
 class SchedulerState:
@@ -455,10 +458,8 @@ class SchedulerState:
         records: list[Record] = []
         outcomes: list[tuple[Op, object, BaseException | None]] = []
         now = time.monotonic()
-        stamp = Timestamp()
-        stamp.GetCurrentTime()
         # Event.time (field 3) serialized once for the whole batch.
-        ts = pb.Event(time=stamp).SerializeToString()
+        ts = _event_time(time.time_ns())
         n_place = 0
         with self.lock:
             seq0 = self.sequence

@@ -91,7 +91,13 @@ def markdown(results: dict) -> str:
                   f"* Ours best excluding the 52 Triplet/Caprara files with negative sizes clipped: "
                   f"{_f(o['best_unclipped'])}.",
                   f"* Under 100 items: at most {o['small_max_over_opt']} hosts above the optimum; "
-                  f"{o['small_over_by_more_than_one']} instances more than one above.",
+                  f"{o['small_over_by_more_than_one']} instances more than one above "
+                  f"({o.get('small_over_packed_bound_by_more_than_one', '—')} against the bound that "
+                  f"holds for clipped files: the index optimum is for the file with its negative sizes, "
+                  f"and clipping can make it unattainable).",
+                  *[f"  * {w['instance']}: {w['best']} hosts, optimum {w['optimum']}"
+                    + (f" (clipped; its own bound is {w['packed_bound']})" if w["clipped"] else "")
+                    for w in o.get("small_worst", [])],
                   f"* Lower-bound-only instances ({o['n_lower_bound_only']}): ours best / lower bound = "
                   f"{_f(o['best_vs_lower_bound'])}.",
                   f"* CP-SAT exact peer (one worker, {cfg['cpsat_time_s']} s): {o['cpsat_n']} instances, "

@@ -1,4 +1,6 @@
-from bench import gate
+import pytest
+
+from bench import density, gate
 
 
 def _row(name, best, opt=10):
@@ -43,3 +45,27 @@ def test_update_only_tightens(tmp_path):
     path = tmp_path / "b.json"
     gate.save_baseline(new, path)
     assert gate.load_baseline(path) == new
+
+
+@pytest.mark.parametrize("clipped, volume_bound, expected", [
+    (False, 21, 20),  # unclipped: the recorded optimum is the bound
+    (True, 21, 21),   # clipped sizes sum past 20 hosts: the volume bound 21 holds instead
+    (True, 19, 20),   # clipped but the optimum still dominates
+], ids=["unclipped", "clipped-volume", "clipped-optimum"])
+def test_packed_bound_for_clipped_instances(clipped, volume_bound, expected):
+    row = {"optimum": 20, "clipped": clipped, "volume_bound": volume_bound}
+    assert density.packed_bound(row) == expected
+
+
+def test_summary_lists_small_instances_over_by_more_than_one():
+    def row(name, best, optimum, clipped=False, volume_bound=0):
+        return {"instance": name, "family": "X/c", "n_items": 60, "optimum": optimum, "best": best,
+                "clipped": clipped, "volume_bound": volume_bound, "reference": optimum,
+                "greedy": {"binpack": best, "dot": best}, "greedy_s": {"binpack": 0.0},
+                "stranded_greedy_binpack": 0.0}
+    rows = [row("X/a", 22, 20, clipped=True, volume_bound=21),  # +2 over index, +1 over its bound
+            row("X/b", 17, 16), row("X/c", 19, 16)]
+    o = density.summarise(rows)["overall"]
+    assert o["small_over_by_more_than_one"] == 2
+    assert o["small_over_packed_bound_by_more_than_one"] == 1
+    assert [w["instance"] for w in o["small_worst"]] == ["X/c", "X/a"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from collections.abc import Mapping, Sequence  # not typing's: isinstance on those is ~10x slower
+from collections.abc import Iterable, Mapping, Sequence  # not typing's: isinstance on those is ~10x slower
 
 from .errors import ValidationError
 
@@ -313,6 +313,12 @@ class Workload:
                 if getattr(self, name) != ():
                     object.__setattr__(self, name, ())
             return
+        for name in ("selector", "tolerations", "affinity", "anti_affinity", "spread", "volumes"):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, ())  # None reads as "none of these"
+            elif not isinstance(value, (Iterable, Mapping)) or isinstance(value, str):
+                raise ValidationError(f"workload {self.id} {name} must be a list, got {value!r}")
         selector = self.selector
         if isinstance(selector, Mapping):
             _check_str_map(f"workload {self.id} selector", selector)

@@ -68,5 +68,6 @@ cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef bint static_ok(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef void prepare(ConstraintState cs, Terms t) noexcept nogil
 cdef float64_t penalty_floor(Terms t) noexcept nogil
+cdef bint penalty_monotone(ConstraintState cs, Terms t) noexcept nogil
 cdef void count_in(ConstraintState cs, Terms t, intp_t h, int delta) noexcept nogil
 cdef intp_t numa_node(ConstraintState cs, intp_t h, const int64_t* request) noexcept nogil

@@ -167,6 +167,35 @@ cdef float64_t penalty_floor(Terms t) noexcept nogil:
     return t.penalty_lb
 
 
+cdef bint counts_in_pair(ConstraintState cs, Terms t, intp_t p) noexcept nogil:
+    """Placing a workload with terms t adds to pair p's counters."""
+    cdef intp_t k
+    cdef int64_t j
+    cdef int32_t g
+    for k in range(t.groups.shape[0]):
+        g = t.groups[k]
+        if g + 1 < cs.group_ptr.shape[0]:
+            for j in range(cs.group_ptr[g], cs.group_ptr[g + 1]):
+                if cs.group_pairs[j] == p:
+                    return True
+    return False
+
+
+cdef bint penalty_monotone(ConstraintState cs, Terms t) noexcept nogil:
+    """No host's penalty can fall while workloads with terms t are added (and none
+    removed), so a lower bound computed now still holds later in the batch.
+    Soft anti-affinity only grows with its counters and PreferNoSchedule is fixed;
+    soft affinity and soft spread fall when the batch adds to their own counters."""
+    cdef intp_t i
+    for i in range(t.aff_pair.shape[0]):
+        if not t.aff_hard[i] and counts_in_pair(cs, t, t.aff_pair[i]):
+            return False
+    for i in range(t.spread_pair.shape[0]):
+        if not t.spread_hard[i] and counts_in_pair(cs, t, t.spread_pair[i]):
+            return False
+    return True
+
+
 cdef inline int32_t pair_count(ConstraintState cs, intp_t p, intp_t h) noexcept nogil:
     """Workloads of the pair's group in host h's domain; -1 when h lacks the topology label."""
     cdef int32_t dom = cs.domain[cs.pair_topo[p], h]

@@ -1,5 +1,5 @@
 # An ordered index of schedulable hosts by free_key. See _index.pyx for details.
-from ._typedefs cimport int64_t, intp_t, uint8_t, float64_t
+from ._typedefs cimport int64_t, intp_t, uint8_t, uint64_t, float64_t
 
 cdef enum:
     BLOCK = 128          # host rows per block at most; blocks split when full
@@ -16,6 +16,8 @@ cdef class FitIndex:
     cdef int64_t[:, ::1] fail_req   # (n_slots, n_dims) a request no row of the block fits (see note_fail)
     cdef uint8_t[::1] has_fail      # (n_slots,) 1 when fail_req holds such a request
     cdef intp_t[::1] order          # (n_slots,) block slots in key order; the first n_blocks are live
+    cdef uint64_t[::1] stamp        # (n_slots,) value of `clock` when the block's rows last changed
+    cdef uint64_t clock             # counts row changes; lets callers cache facts about a block's rows
     cdef intp_t[::1] spare          # (n_slots,) stack of unused block slots
     cdef intp_t n_blocks            # live blocks
     cdef intp_t n_spare             # unused slots on the spare stack
@@ -32,6 +34,7 @@ cdef class FitIndex:
     cdef void note_fail(self, intp_t b, const int64_t* request) noexcept nogil
     cdef bint known_to_fail(self, intp_t b, const int64_t* request) noexcept nogil
     cdef void _recompute_max(self, intp_t b) noexcept nogil
+    cdef void _touch(self, intp_t b) noexcept nogil
     cdef void _split(self, intp_t pos) noexcept nogil
     cdef void _drop_block(self, intp_t pos) noexcept nogil
     cdef void _merge_small(self, intp_t pos) noexcept nogil

@@ -18,7 +18,7 @@ import numpy as np
 cimport numpy as cnp
 from libc.string cimport memmove, memcpy
 
-from ._typedefs cimport int64_t, intp_t, uint8_t, float64_t
+from ._typedefs cimport int64_t, intp_t, uint8_t, uint64_t, float64_t
 from ._filter cimport fits
 from ._score cimport free_key
 
@@ -59,6 +59,8 @@ cdef class FitIndex:
         self.has_fail = np.zeros(n_slots, dtype=np.uint8)
         self.maxfree = np.zeros((n_slots, max(self.n_dims, 1)), dtype=np.int64)
         self.order = np.zeros(n_slots, dtype=np.intp)
+        self.stamp = np.zeros(n_slots, dtype=np.uint64)
+        self.clock = 0
         self.spare = np.arange(n_slots - 1, -1, -1, dtype=np.intp)
         self.n_spare = n_slots
         self.n_blocks = 0
@@ -198,6 +200,11 @@ cdef class FitIndex:
         if self.stale[b]:
             self._recompute_max(b)
 
+    cdef void _touch(self, intp_t b) noexcept nogil:
+        """Block b's rows changed: a fact cached with an older stamp no longer holds."""
+        self.clock += 1
+        self.stamp[b] = self.clock
+
     cdef void _recompute_max(self, intp_t b) noexcept nogil:
         cdef intp_t j, d, h
         self.stale[b] = 0
@@ -223,6 +230,7 @@ cdef class FitIndex:
             self.items[b, 0] = h
             self.count[b] = 1
             self.has_fail[b] = 0
+            self._touch(b)
             for d in range(self.n_dims):
                 self.maxfree[b, d] = self.free[h, d]
             return
@@ -234,6 +242,7 @@ cdef class FitIndex:
             memmove(&self.items[b, i + 1], &self.items[b, i], (n - i) * sizeof(intp_t))
         self.items[b, i] = h
         self.count[b] = n + 1
+        self._touch(b)
         self.has_fail[b] = 0  # a new row may fit what failed before
         for d in range(self.n_dims):
             if self.free[h, d] > self.maxfree[b, d]:
@@ -253,6 +262,8 @@ cdef class FitIndex:
             self.fail_req[s, d] = self.fail_req[b, d]
         self._recompute_max(b)
         self._recompute_max(s)
+        self._touch(b)
+        self._touch(s)
         memmove(&self.order[pos + 2], &self.order[pos + 1], (self.n_blocks - pos - 1) * sizeof(intp_t))
         self.order[pos + 1] = s
         self.n_blocks += 1
@@ -284,6 +295,7 @@ cdef class FitIndex:
         cdef intp_t b = self.order[pos], other = self.order[pos + 1], d
         memcpy(&self.items[b, self.count[b]], &self.items[other, 0], self.count[other] * sizeof(intp_t))
         self.count[b] += self.count[other]
+        self._touch(b)
         for d in range(self.n_dims):
             if self.maxfree[other, d] > self.maxfree[b, d]:
                 self.maxfree[b, d] = self.maxfree[other, d]
@@ -304,6 +316,7 @@ cdef class FitIndex:
         n = self.count[b]
         memmove(&self.items[b, i], &self.items[b, i + 1], (n - i - 1) * sizeof(intp_t))
         self.count[b] = n - 1
+        self._touch(b)
         self.member[h] = 0
         self.n_members -= 1
         if n == 1:

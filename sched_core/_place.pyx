@@ -16,7 +16,7 @@ The stages, in the order they run for each request:
 import numpy as np
 cimport numpy as cnp
 
-from ._typedefs cimport int64_t, intp_t, uint8_t, float64_t, int32_t
+from ._typedefs cimport int64_t, intp_t, uint8_t, uint64_t, float64_t, int32_t
 from ._filter cimport fits
 from ._score cimport imbalance, alignment
 from ._state cimport HostState
@@ -184,17 +184,50 @@ def release_rows(HostState s, const int64_t[:, ::1] requests, const int64_t[::1]
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
 from ._constraint cimport (ConstraintState, Terms, reject, reject_dynamic, penalty, prepare, count_in, numa_node,
-                          penalty_floor, static_ok)
+                          penalty_floor, penalty_monotone, static_ok)
+
+
+cdef float64_t block_penalty_lb(FitIndex ix, ConstraintState cs, Terms t, intp_t b, float64_t floor) noexcept nogil:
+    """The smallest penalty of block b's rows (floor, the least any host pays, ends the scan)."""
+    cdef intp_t j
+    cdef float64_t p, lb = INFINITY
+    for j in range(ix.count[b]):
+        p = penalty(cs, t, ix.items[b, j])
+        if p < lb:
+            lb = p
+            if lb <= floor:
+                break
+    return lb
+
+
+cdef inline intp_t next_fit(const intp_t* row, intp_t n, intp_t j, bint ascending, const int64_t* free0,
+                           const int64_t* request, intp_t n_dims) noexcept nogil:
+    """The first walk position >= j whose row fits `request` (n when none does)."""
+    if ascending:
+        while j < n and not fits(free0 + row[j] * n_dims, request, n_dims):
+            j += 1
+    else:
+        while j < n and not fits(free0 + row[n - 1 - j] * n_dims, request, n_dims):
+            j += 1
+    return j
 
 
 cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, const int64_t* request,
-                       bint ascending, int64_t* charge, int64_t* tmp) noexcept nogil:
-    """Branch and bound over the index in key order (see the comment above)."""
+                       bint ascending, int64_t* charge, int64_t* tmp,
+                       float64_t* block_lb, uint64_t* block_lb_stamp) noexcept nogil:
+    """Branch and bound over the index in key order (see the comment above).
+
+    block_lb / block_lb_stamp (one entry per block slot of ix, or NULL) cache each block's
+    least penalty with the block's stamp; the caller passes them only while penalties
+    cannot fall (penalty_monotone), so a cached bound stays a bound until the block's
+    rows change. A block whose least penalty keeps every row from beating the
+    candidate is skipped whole, instead of pricing its rows one by one.
+    """
     # A sub-index holds only hosts that pass t's static filters: check the rest only.
     cdef bint static_done = ix is not s.index
-    cdef intp_t i, j, b, h, d, best = -1, n_dims = s.n_dims
-    cdef float64_t k, base, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
-    cdef float64_t floor = penalty_floor(t)
+    cdef intp_t i, j, n, b, h, d, best = -1, n_dims = s.n_dims
+    cdef float64_t k, kfar, base, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
+    cdef float64_t floor = penalty_floor(t), lb
     cdef bint blocked, found
     cdef const int64_t* free0 = &s.free[0, 0]
     cdef const float64_t* keys = &ix.key[0]
@@ -220,23 +253,45 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
                 break
         if blocked or ix.known_to_fail(b, request):
             continue
+        if best >= 0 and block_lb != NULL:
+            if block_lb_stamp[b] != ix.stamp[b]:
+                # Price the whole block only when the walk would cross all of it anyway.
+                kfar = keys[ix.items[b, ix.count[b] - 1 if ascending else 0]]
+                base = (kfar * scale if ascending else 100.0 - kfar * scale) + floor
+                if (base < best_cost if ascending
+                        else (base < best_cost or (base == best_cost and kfar >= best_key))):
+                    block_lb[b] = block_penalty_lb(ix, cs, t, b, floor)
+                    block_lb_stamp[b] = ix.stamp[b]
+            if block_lb_stamp[b] == ix.stamp[b] and block_lb[b] > floor:
+                base = (k * scale if ascending else 100.0 - k * scale) + block_lb[b]
+                if ascending and base >= best_cost:
+                    continue
+                if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
+                    continue
         found = False
         row = &ix.items[b, 0]
-        j = 0 if ascending else ix.count[b] - 1
-        while 0 <= j < ix.count[b]:
-            h = row[j]
-            j = j + 1 if ascending else j - 1
-            if best >= 0:
+        n = ix.count[b]
+        j = 0  # walk position in the block: row[j] ascending, row[n - 1 - j] descending
+        while j < n:
+            if best < 0:
+                # No candidate yet: most hosts walked past are too full, so skip them in a
+                # tight loop. The raw request is a necessary condition (VMs pay at least it).
+                j = next_fit(row, n, j, ascending, free0, request, n_dims)
+                if j == n:
+                    break
+                h = row[j] if ascending else row[n - 1 - j]
+                j += 1
+            else:
+                h = row[j] if ascending else row[n - 1 - j]
+                j += 1
                 k = keys[h]
                 base = (k * scale if ascending else 100.0 - k * scale) + floor
                 if ascending and base >= best_cost:
                     return best
                 if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
                     return best
-            # Most hosts walked past are too full: the raw request is a necessary
-            # condition (VMs pay at least it), and two loads cost less than the bitmasks.
-            if not fits(free0 + h * n_dims, request, n_dims):
-                continue
+                if not fits(free0 + h * n_dims, request, n_dims):
+                    continue
             found = True
             k = keys[h]
             if best >= 0:
@@ -288,11 +343,13 @@ cdef intp_t scan_constrained(HostState s, ConstraintState cs, Terms t, const int
 
 
 cdef intp_t select_constrained(HostState s, FitIndex ix, ConstraintState cs, Terms t, const int64_t* request,
-                               int strategy, int64_t* charge, int64_t* tmp) noexcept nogil:
-    """ix is the index to walk: s.index, or a sub-index of the hosts that pass t's static filters."""
+                               int strategy, int64_t* charge, int64_t* tmp,
+                               float64_t* block_lb=NULL, uint64_t* block_lb_stamp=NULL) noexcept nogil:
+    """ix is the index to walk: s.index, or a sub-index of the hosts that pass t's static filters;
+    block_lb / block_lb_stamp: see walk_index."""
     prepare(cs, t)
     if strategy == 0 or strategy == 1:
-        return walk_index(s, ix, cs, t, request, strategy == 0, charge, tmp)
+        return walk_index(s, ix, cs, t, request, strategy == 0, charge, tmp, block_lb, block_lb_stamp)
     return scan_constrained(s, cs, t, request, strategy, charge, tmp)
 
 
@@ -388,10 +445,20 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
     # per touched host at the end rather than at every commit.
     touched = np.zeros(s.n_rows if use_sub else 0, dtype=np.uint8)
     cdef uint8_t[::1] touched_v = touched
+    # Within a batch counters only grow: when that cannot lower any penalty, blocks keep
+    # their least penalty between placements (see walk_index).
+    cdef bint cache_lb = t.has_soft and (strategy == 0 or strategy == 1) and penalty_monotone(cs, t)
+    block_lb = np.zeros(ix.count.shape[0] if cache_lb else 1, dtype=np.float64)
+    block_lb_stamp = np.zeros(ix.count.shape[0] if cache_lb else 1, dtype=np.uint64)
+    cdef float64_t[::1] block_lb_v = block_lb
+    cdef uint64_t[::1] block_lb_stamp_v = block_lb_stamp
+    cdef float64_t* lb_ptr = &block_lb_v[0] if cache_lb else NULL
+    cdef uint64_t* lb_stamp_ptr = &block_lb_stamp_v[0] if cache_lb else NULL
     with nogil:
         for i in range(order.shape[0]):
             r = order[i]
-            h = select_constrained(s, ix, cs, t, &requests[r, 0], strategy, &charge_out[r, 0], &tmp_v[0])
+            h = select_constrained(s, ix, cs, t, &requests[r, 0], strategy, &charge_out[r, 0], &tmp_v[0],
+                                   lb_ptr, lb_stamp_ptr)
             host_out[r] = h
             numa_out[r] = -1
             if h >= 0:

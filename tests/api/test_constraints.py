@@ -53,6 +53,14 @@ def test_selector_text_counts_hosts(racks):
     assert expl.filters == {"node selector zone In (b)": 3}
 
 
+def test_none_means_no_terms_and_a_bare_string_is_refused(racks):
+    w = wl("w", selector=None, tolerations=None, anti_affinity=[Affinity("db", "rack")], spread=None)
+    assert w.selector == () and w.spread == () and w.tolerations == ()
+    assert racks.explain(w).feasible == 6
+    with pytest.raises(ValidationError, match="selector must be a list"):
+        wl("x", selector="zone=a", anti_affinity=[Affinity("db", "rack")])
+
+
 def test_taints_need_tolerations(racks):
     racks.update_host("h0", taints=[Taint("gpu", "yes", "NoSchedule")])
     for i in range(1, 6):

@@ -259,9 +259,8 @@ class Cluster:
                 numa[row] = numa_nodes
             self._cons.add_rows(rows, self._row_hosts, self._ratio_milli, numa)
             self._refresh_reference()
-            for host, row in zip(hosts, rows):
-                if host.state == "ready":
-                    self._state.set_schedulable(row, True)
+            ready = [row for host, row in zip(hosts, rows) if host.state == "ready"]
+            self._state.set_schedulable_rows(np.asarray(ready, dtype=np.intp))
             for daemon in self._daemons.values():
                 self._place_daemon_on(daemon, rows)
             return rows

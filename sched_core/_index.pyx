@@ -76,16 +76,67 @@ cdef class FitIndex:
             self.insert(h)
 
     def add_rows(self, const intp_t[::1] rows):
-        """Insert every row of `rows` that is not a member yet (one call for many)."""
+        """Insert every row of `rows` that is not a member yet (one call for many).
+
+        Into an empty index the rows are sorted once and laid out in 3/4-full blocks,
+        O(n log n) with no block splits, instead of n ordered inserts."""
         cdef intp_t i, h
         for i in range(rows.shape[0]):
             h = rows[i]
             if h < 0 or h >= self.member.shape[0]:
                 raise IndexError(f"host row {h} out of range")
+        if self.n_members == 0 and rows.shape[0] > 1:
+            self._bulk_load(rows)
+            return
         with nogil:
             for i in range(rows.shape[0]):
                 if not self.member[rows[i]]:
                     self.insert(rows[i])
+
+    def clear(self):
+        """Remove every member (O(n_blocks + n_rows))."""
+        cdef intp_t i
+        for i in range(self.n_blocks):
+            self.count[self.order[i]] = 0
+            self.spare[self.n_spare] = self.order[i]
+            self.n_spare += 1
+        self.n_blocks = 0
+        self.n_members = 0
+        self.member[:] = 0
+
+    def _bulk_load(self, const intp_t[::1] rows):
+        """Fill the empty index with `rows` (in range; repeats are ignored)."""
+        cdef intp_t n = 0, i, j, h, b, m, fill = (3 * BLOCK) // 4
+        distinct = np.empty(rows.shape[0], dtype=np.intp)
+        keys = np.empty(rows.shape[0], dtype=np.float64)
+        cdef intp_t[::1] r = distinct
+        cdef float64_t[::1] k = keys
+        with nogil:
+            for i in range(rows.shape[0]):
+                h = rows[i]
+                if not self.member[h]:
+                    self.member[h] = 1
+                    r[n] = h
+                    k[n] = free_key(&self.free[h, 0], &self.inv_ref[0], self.n_dims)
+                    self.key[h] = k[n]
+                    n += 1
+        cdef intp_t[::1] by_key = np.lexsort((distinct[:n], keys[:n])).astype(np.intp)
+        with nogil:
+            i = 0
+            while i < n:
+                m = fill if n - i > fill else n - i
+                self.n_spare -= 1
+                b = self.spare[self.n_spare]
+                for j in range(m):
+                    self.items[b, j] = r[by_key[i + j]]
+                self.count[b] = m
+                self.has_fail[b] = 0
+                self._recompute_max(b)
+                self._touch(b)
+                self.order[self.n_blocks] = b
+                self.n_blocks += 1
+                i += m
+            self.n_members = n
 
     def discard(self, intp_t h):
         """Remove host row `h` (no-op if it is not a member)."""

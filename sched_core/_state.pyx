@@ -89,17 +89,19 @@ cdef class HostState:
         else:
             self.index.discard(h)
 
+    def set_schedulable_rows(self, const intp_t[::1] rows):
+        """Make many rows schedulable in one call (an empty index is bulk-loaded)."""
+        self.index.add_rows(rows)
+
     def set_reference(self, float64_t[::1] inv_ref, float64_t[::1] ref):
         """Change the dimension weights/reference capacities; re-sorts every member."""
-        members = np.flatnonzero(np.asarray(self.index.member))
-        for h in members:
-            self.index.discard(h)
+        members = np.flatnonzero(np.asarray(self.index.member)).astype(np.intp)
+        self.index.clear()
         self.inv_ref[:] = inv_ref
         self.ref[:] = ref
         scale = float(np.dot(np.asarray(inv_ref), np.asarray(ref)))
         self.key_scale = scale if scale > 0 else 1.0
-        for h in members:
-            self.index.add(h)
+        self.index.add_rows(members)
 
     def grown(self, intp_t n_rows):
         """A copy of this state with room for `n_rows` rows (the index is rebuilt)."""
@@ -113,8 +115,7 @@ cdef class HostState:
         np.asarray(other.used)[:n] = np.asarray(self.used)
         np.asarray(other.free)[:n] = np.asarray(self.free)
         np.asarray(other.load)[:n] = np.asarray(self.load)
-        for h in np.flatnonzero(np.asarray(self.index.member)):
-            other.index.add(h)
+        other.index.add_rows(np.flatnonzero(np.asarray(self.index.member)).astype(np.intp))
         return other
 
     # -- commit / release --

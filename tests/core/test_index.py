@@ -121,6 +121,28 @@ def test_index_splits_and_merges_keep_invariants():
     assert state.index.n_members == 50
 
 
+@pytest.mark.parametrize("n", [2, 95, 96, 97, 3000])
+def test_bulk_load_equals_one_by_one_inserts(n):
+    """add_rows into an empty index (bulk load) orders rows as n inserts would, keeps every
+    invariant, and the index stays correct under later removes, inserts and set_reference."""
+    rng = np.random.default_rng(n)
+    limit = rng.integers(1, 50, size=(n, 3)).astype(np.int64)  # many equal keys: ties by row
+    one_by_one = make_state(limit)
+    bulk = sched_core.HostState(n, one_by_one.inv_ref_array.copy())
+    for h, row in enumerate(limit):
+        bulk.set_limit(h, row)
+    rows = rng.permutation(n).astype(np.intp)
+    bulk.set_schedulable_rows(np.concatenate([rows, rows[:3]]))  # duplicates are ignored
+    bulk.index.check()
+    assert bulk.index.rows_in_order() == one_by_one.index.rows_in_order()
+    for h in rows[: n // 2]:
+        bulk.set_schedulable(int(h), False)
+    bulk.index.check()
+    bulk.set_reference(np.array([0.5, 0.0, 1.0]) / 50, np.full(3, 50.0))
+    bulk.index.check()
+    assert bulk.index.n_members == n - n // 2
+
+
 def test_place_rows_matches_place_one_sequence():
     rng = np.random.default_rng(3)
     limit = rng.integers(10, 100, size=(300, 4)).astype(np.int64)

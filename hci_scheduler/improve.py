@@ -12,8 +12,7 @@ Method
    1999, extended to vectors) over the greedy's hosts when it needs fewer
    of them than the greedy did; it finds the exact fills (items that sum to
    a full host) that a one-item-at-a-time greedy misses.
-1. Close the least-filled used host (the *target*) and, in the first try,
-   the two next least-filled as *spare* bins; their items become *pending*.
+1. Close the least-filled used host; its items become *pending*.
 2. Repeat, in the style of the consistent neighbourhood search of
    Buljubašić & Vasquez, "Consistent neighborhood search for one-dimensional
    bin packing and two-dimensional vector packing", Computers & Operations
@@ -25,20 +24,13 @@ Method
    that fits straight into another host costs nothing). When no move lowers
    the weight, take the least bad one; an ejected item may not re-enter the
    host it left for a few steps (tabu), so the search does not cycle.
-3. The attempt wins when the pending items fit into the spare bins (an
-   exact two-way split for up to SPLIT_MAX_ITEMS items, as in the paper's
-   "m - 2 bins plus two" scheme): the target is freed, keep the packing and
-   close the next one. When it stalls, retry the same target with no spare
-   bins (every pending item must be inserted), then restore the last
+3. When the pending set empties, the closed host is freed: keep the packing
+   and close the next one. When the attempt stalls, restore the last
    complete packing and try the next least-filled host; when all have
-   failed, retry with twice the patience. Stop as soon as the packing meets
-   a lower bound (volume, or a clique of items no two of which share a bin).
-4. Small instances keep CPSAT_SHARE of the work for an exact stage with
-   OR-Tools CP-SAT (one worker, deterministic time limit): for identical
-   bins, a feasibility model for one bin fewer than the best packing, with
-   the items of a conflict clique fixed to their own bins and the usual
-   "item r uses bins <= r" symmetry breaking; for mixed bins, a
-   minimisation warm-started from the best packing with ``add_hint``.
+   failed, retry with twice the patience.
+4. If work is left and the instance is small, re-solve it exactly with
+   OR-Tools CP-SAT (one worker, deterministic time limit), warm-started
+   from the best packing with ``add_hint``.
 
 Effort is counted in *work units* (array elements examined plus a fixed
 cost per step, and CP-SAT's deterministic time), never in seconds, so the
@@ -82,23 +74,11 @@ MAX_STALL_STEPS = 8 * STALL_STEPS
 TABU_TENURE = 12
 # Heaviest candidates considered for the pair of a min-slack bin fill.
 PAIR_CANDIDATES = 160
-# Heaviest items tried for the conflict-clique lower bound.
-CLIQUE_CANDIDATES = 400
 # Exact polish with the work left after the search gives up: CP-SAT runs when
 # n_items * n_bins is at most CPSAT_MAX_PAIRS; CPSAT_DET_PER_SECOND converts a
 # second of budget into CP-SAT deterministic time.
 CPSAT_MAX_PAIRS = 3_000
 CPSAT_DET_PER_SECOND = 0.5
-# Share of the work kept for the exact stage on instances that small.
-CPSAT_SHARE = 0.3
-# Spare bins per attempt to close a bin, tried in this order: with 2 spare
-# bins the search packs all but the target and two companion bins and wins
-# when the pending items fit into the two companions (Buljubasic & Vasquez
-# 2016); with 0 it must insert every pending item (the plain emptying).
-SPARE_SCHEDULE = (2, 0)
-# Largest pending set whose split into two spare bins is enumerated exactly;
-# larger sets are tried first fit decreasing.
-SPLIT_MAX_ITEMS = 12
 # Largest temporary (rows x columns) matrix a move evaluation may build, so
 # that batches of 10^5 rows on 10^4 hosts stay within memory.
 MAX_MATRIX = 4_000_000
@@ -249,7 +229,6 @@ class _BinEmptier:
         self.deadline = wall_deadline
         self.rng = np.random.default_rng(seed)
         self.stall_limit = STALL_STEPS
-        self.spare = 0
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -274,17 +253,8 @@ class _BinEmptier:
             if alt is not None and np.unique(alt).size < np.unique(best).size:
                 best = alt
         failed: set[int] = set()
-        lower = self._lower_bound()
-        # Small instances keep a share of the work for the exact stage,
-        # which closes the last bin on them more often than the search.
-        reserve = 0
-        if cp_model is not None and self.n_items * np.unique(best).size <= CPSAT_MAX_PAIRS:
-            reserve = int(self.work_left * CPSAT_SHARE)
-            self.work_left -= reserve
         while self.work_left > 0 and time.perf_counter() < self.deadline:
             used = np.bincount(best, minlength=self.n_bins) > 0
-            if used.sum() <= lower:
-                return best  # proven optimal: nothing left to gain
             fill = np.bincount(best, weights=self.weight, minlength=self.n_bins)
             candidates = [b for b in np.flatnonzero(used)[np.argsort(fill[used], kind="stable")]
                           if b not in failed]
@@ -299,12 +269,7 @@ class _BinEmptier:
                 failed.clear()
                 continue
             target = int(candidates[0])
-            result = None
-            for spare in SPARE_SCHEDULE:
-                self.spare = spare
-                result = self._empty_bin(best, target, used)
-                if result is not None or self.work_left <= 0:
-                    break
+            result = self._empty_bin(best, target, used)
             if result is None:
                 failed.add(target)
             else:
@@ -312,42 +277,9 @@ class _BinEmptier:
                 failed.clear()
         # The search gave up with work left: spend the rest on an exact
         # polish when the model is small enough to be worth it.
-        self.work_left += reserve
-        if np.unique(best).size <= lower:
-            return best
         if self.work_left > 0 and self.n_items * np.unique(best).size <= CPSAT_MAX_PAIRS:
-            cap_b = self.cap[np.unique(best)]
-            if (cap_b == cap_b[0]).all():
-                # Identical bins: ask for one bin fewer until it fails.
-                while self.work_left > 0 and np.unique(best).size > lower:
-                    better = self._cpsat_one_fewer(best)
-                    if better is best:
-                        break
-                    best = better
-            else:
-                best = self._cpsat_polish(best)
+            best = self._cpsat_polish(best)
         return best
-
-    def _lower_bound(self) -> int:
-        """Fewest bins any packing needs: the volume bound or a conflict clique.
-
-        Volume: max over dimensions of ceil(total size / largest capacity).
-        Clique: items that pairwise fit in no bin together (checked against
-        the largest capacity per dimension, so it holds for mixed bins) need
-        a bin each; grown greedily, heaviest first. The clique is what proves
-        instances whose items are all larger than half a bin optimal.
-        """
-        top = self.cap.max(axis=0)
-        volume = int(np.max(-(-self.sizes.sum(axis=0) // np.maximum(top, 1))))
-        # Only the heaviest CLIQUE_CANDIDATES items are tried, so the cost
-        # stays bounded on large batches (where the volume bound dominates).
-        order = np.argsort(-self.weight, kind="stable")[:CLIQUE_CANDIDATES]
-        clique: list[int] = []
-        for i in order:
-            if not clique or (self.sizes[clique] + self.sizes[i] > top).any(axis=1).all():
-                clique.append(int(i))
-        self._spend(order.size * len(clique) * self.n_dims + order.size * STEP_UNITS // 20)
-        return max(volume, len(clique))
 
     # -- exact polish -------------------------------------------------------
 
@@ -417,103 +349,15 @@ class _BinEmptier:
                         for i in range(self.n_items)], dtype=np.int64)
         return out if np.unique(out).size < n_bins else best
 
-    def _cpsat_one_fewer(self, best: np.ndarray) -> np.ndarray:
-        """Look for a packing into one bin fewer than `best` with CP-SAT.
-
-        Feasibility model over k = (bins used) - 1 identical bins: x[i, b]
-        item on bin; one bin per item; capacity per bin and dimension; two
-        items that fit in no bin together never share one. Symmetry is
-        broken the usual way for identical bins: the items of a conflict
-        clique (pairwise incompatible) are fixed to bins 0..c-1, and the
-        r-th other item (heaviest first) may only use bins 0..c+r, which
-        still admits every packing up to relabelling the bins. Returns
-        `best` unless a packing is found.
-        """
-        bins = np.unique(best)
-        k = bins.size - 1
-        cap_b = self.cap[bins]
-        if cp_model is None or k < 1 or not (cap_b == cap_b[0]).all():
-            return best
-        t0 = time.perf_counter()
-        cap = cap_b[0]
-        sizes = self.sizes
-        n = self.n_items
-        order = np.argsort(-self.weight, kind="stable")
-        apart = ((sizes[:, None, :] + sizes[None, :, :]) > cap).any(axis=2)
-        clique: list[int] = []
-        for i in order:
-            if all(apart[i, j] for j in clique):
-                clique.append(int(i))
-        if len(clique) > k:
-            return best
-        allowed = {}
-        for c, i in enumerate(clique):
-            allowed[i] = [c]
-        in_clique = set(clique)
-        rest = [int(i) for i in order if int(i) not in in_clique]
-        for r, i in enumerate(rest):
-            allowed[i] = list(range(min(k, len(clique) + r + 1)))
-        dims = [d for d in range(self.n_dims) if sizes[:, d].any()]
-        size_l = sizes.tolist()
-        cap_l = cap.tolist()
-        model = cp_model.CpModel()
-        # Variables: item i on bin b, only where the symmetry breaking allows.
-        x = {(i, b): model.new_bool_var(f"x{i}_{b}") for i in range(n) for b in allowed[i]}
-        # Each item is on exactly one bin.
-        for i in range(n):
-            model.add_exactly_one([x[i, b] for b in allowed[i]])
-        # Capacity per bin and dimension.
-        on_bin: list[list[int]] = [[] for _ in range(k)]
-        for (i, b) in x:
-            on_bin[b].append(i)
-        for b in range(k):
-            for d in dims:
-                terms = [size_l[i][d] * x[i, b] for i in on_bin[b] if size_l[i][d]]
-                if sum(size_l[i][d] for i in on_bin[b]) > cap_l[d]:
-                    model.add(sum(terms) <= cap_l[d])
-        # Items that fit in no bin together never share one (stronger propagation).
-        for i, j in zip(*np.nonzero(np.triu(apart, 1))):
-            for b in set(allowed[int(i)]).intersection(allowed[int(j)]):
-                model.add_bool_or([x[int(i), b].Not(), x[int(j), b].Not()])
-        self.work_left -= (len(x) * len(dims) + int(apart.sum()) * k // 2) * 20
-        det_time = self.work_left / WORK_UNITS_PER_SECOND * CPSAT_DET_PER_SECOND
-        wall_left = 0.8 * (self.deadline - time.perf_counter()) - (time.perf_counter() - t0)
-        if det_time <= 0.005 or wall_left <= 0.005:
-            return best
-        solver = cp_model.CpSolver()
-        solver.parameters.num_workers = 1
-        solver.parameters.random_seed = int(self.rng.integers(2**31))
-        solver.parameters.max_deterministic_time = float(det_time)
-        solver.parameters.max_time_in_seconds = float(wall_left)
-        status = solver.solve(model)
-        self.work_left -= int(solver.deterministic_time / CPSAT_DET_PER_SECOND * WORK_UNITS_PER_SECOND)
-        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return best
-        out = np.empty(n, dtype=np.int64)
-        for (i, b), var in x.items():
-            if solver.boolean_value(var):
-                out[i] = bins[b]
-        return out
-
     def _empty_bin(self, start: np.ndarray, target: int, used: np.ndarray):
         """Pack every item onto the used bins other than `target`, or None."""
-        spare = self.spare
-        if spare == 0:
-            closed = [target]
-        else:
-            fill = np.bincount(start, weights=self.weight, minlength=self.n_bins)
-            others = [int(b) for b in np.flatnonzero(used)[np.argsort(fill[used], kind="stable")]
-                      if b != target]
-            if len(others) < spare + 1:
-                return None
-            closed = [target] + others[:spare]
         bin_of = start.copy()
         open_bin = used.copy()
-        open_bin[closed] = False
+        open_bin[target] = False
         # Closed bins get capacity -1 so no feasibility test ever accepts them.
         cap = np.where(open_bin[:, None], self.cap, -1)
-        load = self._loads(np.where(open_bin[np.maximum(bin_of, 0)], bin_of, -1))
-        bin_of[~open_bin[bin_of]] = -1
+        load = self._loads(np.where(bin_of == target, -1, bin_of))
+        bin_of[bin_of == target] = -1
         # Tabu: an ejected item may not re-enter the bin it left (the last
         # one per item) until step tabu_until; O(n_items) memory.
         tabu = (np.full(self.n_items, -1, dtype=np.int64), np.zeros(self.n_items, dtype=np.int64))
@@ -528,10 +372,6 @@ class _BinEmptier:
             pending = np.flatnonzero(bin_of < 0)
             if pending.size == 0:
                 return bin_of
-            if spare:
-                done = self._pack_spare(pending, closed[1:], bin_of)
-                if done is not None:
-                    return done
             pending_weight = float(weight[pending].sum())
             if pending_weight < best_pending - 1e-12:
                 best_pending, stall = pending_weight, 0
@@ -553,44 +393,6 @@ class _BinEmptier:
             locked[p] = step + TABU_TENURE
             if not self._spend(0):
                 return None
-
-    def _pack_spare(self, pending, spare_bins, bin_of):
-        """Pending items packed into the spare bins (at most two), or None."""
-        sizes = self.sizes[pending]
-        if len(spare_bins) == 1:
-            b = spare_bins[0]
-            if (sizes.sum(axis=0) <= self.cap[b]).all():
-                out = bin_of.copy()
-                out[pending] = b
-                return out
-            return None
-        b0, b1 = spare_bins
-        total = sizes.sum(axis=0)
-        if (total > self.cap[b0] + self.cap[b1]).any():
-            return None
-        if pending.size > SPLIT_MAX_ITEMS:
-            # Too many to enumerate: first fit decreasing into the two bins.
-            out = bin_of.copy()
-            room = np.stack([self.cap[b0], self.cap[b1]])
-            for i in np.argsort(-self.weight[pending], kind="stable"):
-                fit = np.flatnonzero((sizes[i] <= room).all(axis=1))
-                if fit.size == 0:
-                    return None
-                room[fit[0]] -= sizes[i]
-                out[pending[i]] = spare_bins[fit[0]]
-            return out
-        m = pending.size
-        masks = ((np.arange(1 << m)[:, None] >> np.arange(m)[None, :]) & 1).astype(np.int64)
-        first = masks @ sizes
-        ok = (first <= self.cap[b0]).all(axis=1) & ((total - first) <= self.cap[b1]).all(axis=1)
-        self._spend(masks.size * self.n_dims)
-        if not ok.any():
-            return None
-        sel = masks[int(np.argmax(ok))].astype(bool)
-        out = bin_of.copy()
-        out[pending[sel]] = b0
-        out[pending[~sel]] = b1
-        return out
 
     # -- alternative start ----------------------------------------------------
 

@@ -97,7 +97,7 @@ def markdown(results: dict) -> str:
                   f"and clipping can make it unattainable).",
                   *[f"  * {w['instance']}: {w['best']} hosts, optimum {w['optimum']}"
                     + (f" (clipped; its own bound is {w['packed_bound']})" if w["clipped"] else "")
-                    for w in o.get("small_worst", [])],
+                    for w in o.get("small_worst", [])[:10]],
                   f"* Lower-bound-only instances ({o['n_lower_bound_only']}): ours best / lower bound = "
                   f"{_f(o['best_vs_lower_bound'])}.",
                   f"* CP-SAT exact peer (one worker, {cfg['cpsat_time_s']} s): {o['cpsat_n']} instances, "

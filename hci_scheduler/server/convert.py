@@ -45,6 +45,7 @@ EVENT_TYPES = {
     pb.EVENT_TYPE_PLACED: "placed",
     pb.EVENT_TYPE_RELEASED: "released",
     pb.EVENT_TYPE_EVICTED: "evicted",
+    pb.EVENT_TYPE_VOLUME_DELETED: "volume_deleted",
 }
 
 

@@ -260,6 +260,11 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def ListVolumes(self, request, context):
         return pb.ListVolumesResponse(volumes=self.state.list_volumes())
 
+    @_rpc
+    def DeleteVolume(self, request, context):
+        _check_id("volume_id", request.volume_id)
+        return pb.DeleteVolumeResponse(sequence=self._execute("delete_volume", (request.volume_id,), context))
+
     # -- events --------------------------------------------------------------
 
     def WatchEvents(self, request, context):

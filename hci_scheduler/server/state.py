@@ -218,6 +218,9 @@ class SchedulerState:
             elif t in (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED):
                 c.release(ev.workload_id)
                 self._forget(ev.workload_id)
+            elif t == pb.EVENT_TYPE_VOLUME_DELETED:
+                c.remove_volume(ev.volume_id)
+                del self.volumes[ev.volume_id]
             else:
                 raise StoreError(f"event {rec.sequence}: unknown type {t}")
             if ev.sequence != self.sequence + 1:
@@ -510,7 +513,7 @@ class SchedulerState:
                workload_id: str = "", host: pb.Host | None = None, spec: bytes | None = None,
                **repeated) -> int:
         """Append one Event record; `ts` is the serialized Event.time field (tag included).
-        repeated: replica_host_ids, volumes, per_host_workload_ids."""
+        repeated: replica_host_ids, volumes, per_host_workload_ids, volume_id."""
         self.sequence += 1
         if host is None and not repeated:
             # Hot path (releases): write the Event's wire format directly; fields may
@@ -586,6 +589,14 @@ class SchedulerState:
             self._event(records, ts, pb.EVENT_TYPE_RELEASED, host_id=alloc.host_id, workload_id=wid)
             released.append(wid)
         return released
+
+    def _do_delete_volume(self, volume_id: str, *, records, ts):
+        if volume_id not in self.volumes:
+            raise NotFound(f"volume_id {volume_id!r} does not exist")
+        self.cluster.remove_volume(volume_id)  # StateConflict while a workload mounts it
+        del self.volumes[volume_id]
+        seq = self._event(records, ts, pb.EVENT_TYPE_VOLUME_DELETED, volume_id=volume_id)
+        return seq
 
     def _do_place(self, items: list[PlaceItem], gang: bool, strategy: str, preempt: bool, *, records, ts):
         # Gang, preempting and per-host/volume calls are never coalesced.

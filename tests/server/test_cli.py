@@ -57,6 +57,20 @@ def test_cli_hosts_place_allocations_release_status(server, tmp_path):
     assert [json.loads(e)["sequence"] for e in events] == ["1", "2"]
 
 
+def test_cli_volumes_list_and_delete(server, tmp_path):
+    cli(server, "hosts", "add", "--id", "cli-ssd1", "-c", "cpu=1000", "-c", "memory=1024", "-c", "ssd=100")
+    wl = tmp_path / "v.yaml"
+    wl.write_text("- {id: cli-db, requests: {cpu: 10}, new_volumes: [{id: cli-vol, size_gib: 30}]}\n")
+    cli(server, "place", "--file", str(wl))
+    assert "cli-vol" in cli(server, "volumes", "list").stdout
+    busy = cli(server, "volumes", "delete", "cli-vol", check=False)
+    assert busy.returncode == 1 and "FAILED_PRECONDITION" in busy.stderr and "cli-db" in busy.stderr
+    cli(server, "release", "cli-db")
+    assert "deleted cli-vol" in cli(server, "volumes", "delete", "cli-vol").stdout
+    listed = json.loads(cli(server, "volumes", "list", "--json").stdout)
+    assert "cli-vol" not in [v["volume_id"] for v in listed.get("volumes", [])]
+
+
 def test_cli_serve_rejects_unknown_config_keys(tmp_path):
     conf = tmp_path / "serve.yaml"
     conf.write_text("listen: 127.0.0.1:0\nbogus: 1\n")

@@ -54,6 +54,7 @@ calls = st.one_of(
     st.builds(lambda w: ("Explain", pb.ExplainRequest(workload=w)), workloads),
     st.builds(lambda s: ("ListHosts", pb.ListHostsRequest(state=s)), enums),
     st.builds(lambda h: ("ListAllocations", pb.ListAllocationsRequest(host_id=h)), ids),
+    st.builds(lambda v: ("DeleteVolume", pb.DeleteVolumeRequest(volume_id=v)), ids),
 )
 
 

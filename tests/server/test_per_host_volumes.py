@@ -109,6 +109,47 @@ def test_new_volume_replicas_are_reported_and_mounted_with_locality(srv):
     assert [v.volume_id for v in s.ListVolumes(pb.ListVolumesRequest()).volumes] == ["vol-db"]
 
 
+def test_delete_volume_frees_its_replicas_and_survives_a_restart(tmp_path):
+    data = tmp_path / "data"
+    srv = ServerProcess(tmp_path, data_dir=data).start()
+    try:
+        _, s = stub_for(srv.address)
+        s.RegisterHosts(pb.RegisterHostsRequest(hosts=[ssd_host(f"h{i}") for i in range(3)]))
+        vol = s.Place(pb.PlaceRequest(workloads=[with_volume("db", "vol-db", size=30)])).placements[0].volumes[0]
+        s.Place(pb.PlaceRequest(workloads=[with_volume("cache", "vol-c", size=20)]))
+        before = snapshot(s)
+        for volume_id, code in (("vol-db", grpc.StatusCode.FAILED_PRECONDITION),  # db mounts it
+                                ("nope", grpc.StatusCode.NOT_FOUND), ("", grpc.StatusCode.INVALID_ARGUMENT)):
+            assert code_of(lambda: s.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))) == code
+        assert snapshot(s) == before  # refusals change nothing
+        s.Release(pb.ReleaseRequest(workload_ids=["db"]))
+        seq = s.DeleteVolume(pb.DeleteVolumeRequest(volume_id="vol-db")).sequence
+        status = s.GetStatus(pb.GetStatusRequest())
+        assert seq == status.last_sequence
+        assert [v.volume_id for v in s.ListVolumes(pb.ListVolumesRequest()).volumes] == ["vol-c"]
+        hosts = {h.id: h for h in s.ListHosts(pb.ListHostsRequest()).hosts}
+        cache = s.ListVolumes(pb.ListVolumesRequest()).volumes[0]
+        for h in vol.host_ids:
+            assert hosts[h].used["ssd"] == (20 if h in cache.host_ids else 0)
+        stream = s.WatchEvents(pb.WatchEventsRequest(after_sequence=seq - 1))
+        ev = next(iter(stream)).event
+        stream.cancel()
+        assert ev.type == pb.EVENT_TYPE_VOLUME_DELETED and ev.volume_id == "vol-db"
+        after = snapshot(s)
+        assert srv.terminate() == 0
+    finally:
+        srv.kill()
+    srv = ServerProcess(tmp_path, data_dir=data).start()
+    try:
+        _, s = stub_for(srv.address)
+        assert snapshot(s) == after
+        # The id is free again.
+        again = s.Place(pb.PlaceRequest(workloads=[with_volume("db2", "vol-db", size=30)])).placements[0]
+        assert again.volumes[0].volume_id == "vol-db"
+    finally:
+        srv.kill()
+
+
 def test_bad_per_host_and_volume_requests_change_nothing(srv):
     _, s = stub_for(srv.address)
     s.RegisterHosts(pb.RegisterHostsRequest(hosts=[ssd_host(f"h{i}") for i in range(3)]))

@@ -258,17 +258,23 @@ class Cluster:
                 self._state.set_limit(row, limit)
                 numa[row] = numa_nodes
             self._cons.add_rows(rows, self._row_hosts, self._ratio_milli, numa)
-            self._refresh_reference()
+            self._refresh_reference(added=rows)
             ready = [row for host, row in zip(hosts, rows) if host.state == "ready"]
             self._state.set_schedulable_rows(np.asarray(ready, dtype=np.intp))
             for daemon in self._daemons.values():
                 self._place_daemon_on(daemon, rows)
             return rows
 
-    def _refresh_reference(self) -> None:
-        """Re-sort the index when the largest host limit per dimension changed."""
-        limits = self._state.limit_array[: self._n_rows][self._live[: self._n_rows]]
-        ref = limits.max(axis=0) if len(limits) else np.zeros(len(self.dimensions), dtype=np.int64)
+    def _refresh_reference(self, added: Sequence[int] | None = None) -> None:
+        """Re-sort the index when the largest host limit per dimension changed.
+
+        added: the only rows that changed are these new ones, so the largest limit can
+        only grow by theirs (O(added), not O(hosts): hosts registered one at a time)."""
+        if added is not None and len(added):
+            ref = np.maximum(self._ref, self._state.limit_array[np.asarray(added)].max(axis=0))
+        else:
+            limits = self._state.limit_array[: self._n_rows][self._live[: self._n_rows]]
+            ref = limits.max(axis=0) if len(limits) else np.zeros(len(self.dimensions), dtype=np.int64)
         if not np.array_equal(ref, self._ref):
             self._ref = ref
             self._state.set_reference(self._inv_ref(ref), ref.astype(np.float64))

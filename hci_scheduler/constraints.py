@@ -61,6 +61,7 @@ class ConstraintIndex:
         self.hosts: list[Host | None] = []
         self.n_rows = 0
         self._arrays: dict[str, np.ndarray] = {}
+        self._live_per_domain: list[dict[int, int]] = []  # per topology: domain id -> live hosts
         self.has_hard_taints = False
 
     # ---------------------------------------------------------------- ids
@@ -206,16 +207,31 @@ class ConstraintIndex:
             a["numa_n"][row] = len(nodes)
             a["host_tenant"][row] = -1
             a["ded_tenant"][row] = -1
-        self._recount_live_domains()
+        self._count_live_rows(rows)
         self.version += 1
+
+    def _count_live_rows(self, rows: Sequence[int]) -> None:
+        """Add new live rows to the live-host count per domain, and so to topo_live_doms
+        and topo_missing: O(rows x topologies), so hosts added one call at a time stay linear."""
+        a = self._arrays
+        domain, live_doms, missing = a["domain"], a["topo_live_doms"], a["topo_missing"]
+        for t, per_domain in enumerate(self._live_per_domain):
+            for row in rows:
+                d = int(domain[t, row])
+                if d < 0:
+                    missing[t] += 1
+                elif per_domain.get(d, 0) == 0:
+                    per_domain[d] = 1
+                    live_doms[t] += 1
+                else:
+                    per_domain[d] += 1
 
     def _recount_live_domains(self) -> None:
         a = self._arrays
-        live_rows = [r for r, h in enumerate(self.hosts) if h is not None]
-        for t in range(len(self.topologies)):
-            d = a["domain"][t, live_rows] if live_rows else np.zeros(0, dtype=np.int32)
-            a["topo_live_doms"][t] = len(np.unique(d[d >= 0]))
-            a["topo_missing"][t] = int((d < 0).sum())
+        self._live_per_domain = [{} for _ in self.topologies]
+        a["topo_live_doms"][:] = 0
+        a["topo_missing"][:] = 0
+        self._count_live_rows([r for r, h in enumerate(self.hosts) if h is not None])
 
     def rebuild(self, hosts: list[Host | None], n_rows: int | None = None, ratio_milli: np.ndarray | None = None,
                 numa: dict[int, np.ndarray] | None = None) -> None:
@@ -271,13 +287,8 @@ class ConstraintIndex:
                 if domain[t, row] >= 0:
                     pair_counts[pair_offset[p] + domain[t, row]] += count
             pair_nonzero[p] = int((pair_counts[pair_offset[p]: pair_offset[p] + n_dom[t]] > 0).sum())
-        live_rows = [r for r, h in enumerate(hosts) if h is not None]
-        topo_live_doms = np.zeros(len(self.topologies), dtype=np.int64)
+        topo_live_doms = np.zeros(len(self.topologies), dtype=np.int64)  # filled by _recount_live_domains
         topo_missing = np.zeros(len(self.topologies), dtype=np.int64)
-        for t in range(len(self.topologies)):
-            d = domain[t, live_rows] if live_rows else np.zeros(0, dtype=np.int32)
-            topo_live_doms[t] = len(np.unique(d[d >= 0]))
-            topo_missing[t] = int((d < 0).sum())
         host_tenant = np.full(n, -1, dtype=np.int32)
         ded_tenant = np.full(n, -1, dtype=np.int32)
         for row in set(self.tenant_rows) | set(self.dedicated_rows):
@@ -304,6 +315,7 @@ class ConstraintIndex:
             pair_topo=pair_topo, pair_ndom=pair_ndom, pair_total=pair_total, pair_nonzero=pair_nonzero,
             topo_live_doms=topo_live_doms, topo_missing=topo_missing, numa_free=numa_free, numa_n=numa_n,
         )
+        self._recount_live_domains()
         self._group_csr()
         self.n_rows = n
         self._bind()

@@ -280,3 +280,24 @@ def test_volume_pinned_to_named_hosts(racks):
     with pytest.raises(Unschedulable):
         racks.add_volume(Volume("v4", size_gib=950, replicas=1), hosts=["h0"])  # 900 GiB left on h0
     assert racks.volumes() == {"v1": ["h0", "h2"]}
+
+
+def test_live_domain_counts_follow_hosts_added_one_at_a_time_and_removed():
+    """The counts behind the soft-term penalty floor (live domains and unlabelled hosts per
+    topology), kept incrementally as hosts arrive one call at a time, equal a recount."""
+    c = Cluster()
+    c.add_host(host("h0", labels={"rack": "r0", "zone": "a"}))
+    c.place(wl("seed", anti_affinity=[Affinity("web", "rack", hard=False), Affinity("web", "zone", hard=False)]))
+    for i in range(1, 60):
+        labels = {"rack": f"r{i // 7}"} if i % 5 else {}
+        if i % 3:
+            labels["zone"] = "ab"[i % 2]
+        c.add_host(host(f"h{i}", labels=labels))
+        if i % 11 == 0:
+            c.remove_host(f"h{i - 4}")
+    cons = c._cons
+    live = [h for h in c.hosts()]
+    for key in ("rack", "zone"):
+        t = cons.topologies[key]
+        assert cons.array("topo_live_doms")[t] == len({h.labels[key] for h in live if key in h.labels})
+        assert cons.array("topo_missing")[t] == sum(key not in h.labels for h in live)

@@ -163,3 +163,14 @@ def test_improve_closes_small_instance_by_set_cover(shared_data):
     out = improve_assignment(free, inst.items, greedy, 1.0)
     _check(free, inst.items, greedy, out)
     assert peers.hosts_used(out) == inst.optimum == 16
+
+
+def test_maximal_sets_gives_up_on_many_small_items():
+    # 300 items of size 1 on hosts of 100: C(300, 2) = 44,850 pairs already
+    # exceed COVER_MAX_SETS, so the listing stops (None) after one level.
+    sizes = np.ones((300, 1), dtype=np.int64)
+    cap = np.array([100], dtype=np.int64)
+    search = _BinEmptier(np.repeat(cap[None, :], 3, axis=0), sizes,
+                         np.repeat(np.arange(3, dtype=np.int64), 100),
+                         work_budget=10**9, wall_deadline=math.inf, seed=0)
+    assert search._maximal_sets(cap) is None

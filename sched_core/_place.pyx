@@ -227,7 +227,7 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
     cdef bint static_done = ix is not s.index
     cdef intp_t i, j, n, b, h, d, best = -1, n_dims = s.n_dims
     cdef float64_t k, kfar, base, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
-    cdef float64_t floor = penalty_floor(t), lb
+    cdef float64_t floor = penalty_floor(t)
     cdef bint blocked, found
     cdef const int64_t* free0 = &s.free[0, 0]
     cdef const float64_t* keys = &ix.key[0]

@@ -564,12 +564,19 @@ class Cluster:
                     result.unplaced[w.id] = replace(expl, note=f"gang {name} not placed: other members did not fit")
         return doomed
 
-    def bind(self, workload: Workload, host_id: str) -> Placement:
+    def bind(self, workload: Workload, host_id: str, *, restore: bool = False) -> Placement:
         """Place a workload on a named host, after checking every constraint there.
 
         For callers that decided the host themselves (a store rebuilding its
         state, an operator pinning a workload). Raises Unschedulable when the
         host is not schedulable, lacks room or breaks a hard constraint.
+
+        restore=True is for a placement decided earlier and replayed from a log:
+        hard affinity, anti-affinity and spread are not checked again, because
+        they held against the workloads present when it was decided, and some
+        may be gone by the time it is replayed (a gang member rolled back in the
+        same batch, for one). Room, labels, taints, tenancy, volume locality and
+        NUMA are still checked, so a restore never overcommits a host.
         """
         with self._lock:
             request = self._check_new_workload(workload)
@@ -578,7 +585,8 @@ class Cluster:
             row = self._row(host_id)
             terms = self._terms(workload)
             charge = np.zeros(len(self.dimensions), dtype=np.int64)
-            code = sched_core.check_host(self._state, self._cons.state, terms.core, request, row, charge)
+            code = sched_core.check_host(self._state, self._cons.state, terms.core, request, row, charge,
+                                         not restore)
             if code != 0:
                 raise Unschedulable(workload.id, self._explain_request(workload, request, terms, only_row=row))
             numa = sched_core.commit_host(self._state, self._cons.state, terms.core, row, charge)

@@ -64,6 +64,8 @@ cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const in
                     int64_t* charge) noexcept nogil
 cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
                             int64_t* charge) noexcept nogil
+cdef int32_t reject_restored(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
+                             int64_t* charge) noexcept nogil
 cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef bint static_ok(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef void prepare(ConstraintState cs, Terms t) noexcept nogil

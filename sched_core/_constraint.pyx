@@ -262,11 +262,10 @@ cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const in
     return reject_dynamic(s, cs, t, h, request, charge)
 
 
-cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
-                            int64_t* charge) noexcept nogil:
-    """The filters after the static ones (see static_ok), for hosts known to pass those."""
-    cdef intp_t i, d
-    cdef int32_t c
+cdef inline int32_t reject_room(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
+                                int64_t* charge) noexcept nogil:
+    """Tenancy, resources and volume locality of host h (charge filled when resources fit)."""
+    cdef intp_t d
     # Tenants: a dedicated workload needs a host without other tenants' work,
     # and a host held dedicated takes only its own tenant's work.
     if t.dedicated and cs.host_tenant[h] != -1 and cs.host_tenant[h] != t.tenant:
@@ -287,6 +286,13 @@ cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, 
                 return 16 + <int32_t>d
     if t.has_allowed and not t.allowed[h]:
         return 6
+    return 0
+
+
+cdef inline int32_t reject_counters(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
+    """Hard affinity, anti-affinity and spread on host h (the per-domain counters)."""
+    cdef intp_t i
+    cdef int32_t c
     for i in range(t.aff_pair.shape[0]):
         if t.aff_hard[i]:
             c = pair_count(cs, t.aff_pair[i], h)
@@ -302,9 +308,37 @@ cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, 
             c = pair_count(cs, t.spread_pair[i], h)
             if c < 0 or c + 1 - t.spread_min[i] > t.spread_skew[i]:
                 return 128 + <int32_t>i
-    if t.numa and numa_node(cs, h, charge) < 0:
-        return 7
     return 0
+
+
+cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
+                            int64_t* charge) noexcept nogil:
+    """The filters after the static ones (see static_ok), for hosts known to pass those."""
+    cdef int32_t code = reject_room(s, cs, t, h, request, charge)
+    if code == 0:
+        code = reject_counters(cs, t, h)
+    if code == 0 and t.numa and numa_node(cs, h, charge) < 0:
+        code = 7
+    return code
+
+
+cdef int32_t reject_restored(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
+                             int64_t* charge) noexcept nogil:
+    """`reject` without the per-domain counter terms, for a placement decided earlier and
+    being restored from a log: whether affinity, anti-affinity or spread held depended on
+    workloads present at decision time (a gang member rolled back since, a workload
+    released since), and a restore must rebuild the state the log describes. Room,
+    tenancy, labels, taints, volume locality and NUMA are still checked, so a restore
+    never overcommits a host."""
+    cdef int32_t code
+    if not s.index.member[h]:
+        return 1
+    code = static_reason(cs, t, h)
+    if code == 0:
+        code = reject_room(s, cs, t, h, request, charge)
+    if code == 0 and t.numa and numa_node(cs, h, charge) < 0:
+        code = 7
+    return code
 
 
 cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil:

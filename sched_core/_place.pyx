@@ -183,8 +183,8 @@ def release_rows(HostState s, const int64_t[:, ::1] requests, const int64_t[::1]
 
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
-from ._constraint cimport (ConstraintState, Terms, reject, reject_dynamic, penalty, prepare, count_in, numa_node,
-                          penalty_floor, penalty_monotone, static_ok)
+from ._constraint cimport (ConstraintState, Terms, reject, reject_dynamic, reject_restored, penalty, prepare,
+                          count_in, numa_node, penalty_floor, penalty_monotone, static_ok)
 
 
 cdef float64_t block_penalty_lb(FitIndex ix, ConstraintState cs, Terms t, intp_t b, float64_t floor) noexcept nogil:
@@ -479,14 +479,17 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
 
 
 def check_host(HostState s, ConstraintState cs, Terms t, const int64_t[::1] request, intp_t h,
-               int64_t[::1] charge_out):
-    """Reason code for placing `request` on host row h (0: it may go there; charge_out filled)."""
-    tmp = np.zeros(s.n_dims, dtype=np.int64)
-    cdef int64_t[::1] tmp_v = tmp
+               int64_t[::1] charge_out, bint counters=True):
+    """Reason code for placing `request` on host row h (0: it may go there; charge_out filled).
+
+    counters=False skips hard affinity, anti-affinity and spread (see reject_restored)."""
     cdef int32_t code
     with nogil:
         prepare(cs, t)
-        code = reject(s, cs, t, h, &request[0], &charge_out[0])
+        if counters:
+            code = reject(s, cs, t, h, &request[0], &charge_out[0])
+        else:
+            code = reject_restored(s, cs, t, h, &request[0], &charge_out[0])
     return code
 
 

@@ -253,7 +253,7 @@ class SchedulerState:
                     raise StoreError(f"event {ev.sequence}: volume {vid!r} is not among the workload's new volumes")
                 c.add_volume(Volume(v.id, v.size_gib, v.replicas or 1, v.spread or "host"), hosts=list(hosts))
                 self.volumes[vid] = (hosts, size)
-        c.bind(model, ev.host_id)
+        c.bind(model, ev.host_id, restore=True)  # counters-based terms held when it was decided
         self.allocations[ev.workload_id] = Allocation(ev.host_id, spec, ev.sequence, volumes=vols)
         self.host_workloads[ev.host_id] += 1
 
@@ -735,7 +735,7 @@ class SchedulerState:
                 c.remove_volume(vid)
             for wid in p.evicted:
                 alloc = self.allocations[wid]
-                c.bind(convert.workload_to_model(pb.Workload.FromString(alloc.spec)), alloc.host_id)
+                c.bind(convert.workload_to_model(pb.Workload.FromString(alloc.spec)), alloc.host_id, restore=True)
 
     def _record(self, placed, unplaced: dict, answers: dict, records: list[Record], ts: bytes) -> None:
         """Events, allocations and answers for what `_apply_place` did."""

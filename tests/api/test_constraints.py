@@ -301,3 +301,37 @@ def test_live_domain_counts_follow_hosts_added_one_at_a_time_and_removed():
         t = cons.topologies[key]
         assert cons.array("topo_live_doms")[t] == len({h.labels[key] for h in live if key in h.labels})
         assert cons.array("topo_missing")[t] == sum(key not in h.labels for h in live)
+
+
+def test_restore_replays_a_batch_whose_rolled_back_gang_held_the_spread():
+    """Gang members placed and then rolled back in the same batch made room in the zone
+    spread for the others: replaying the surviving placements in their order breaks the
+    spread at the last one, so a plain bind refuses it. bind(restore=True), for a store
+    replaying its log, rebuilds the exact state, and still refuses a host without room."""
+    def zones():
+        c = Cluster(dimensions=("cpu", "memory"))
+        c.add_hosts([Host(f"h{i}", {"cpu": 1000, "memory": 1000}, labels={"zone": "ab"[i % 2]}) for i in range(4)])
+        return c
+
+    sp = [Spread("zone", max_skew=1)]
+    ws = [Workload("g1", {"cpu": 10, "memory": 10}, group="web", spread=sp, gang="G")]
+    ws += [Workload(f"o{i}", {"cpu": 10, "memory": 10}, group="web", spread=sp) for i in (1, 2, 3)]
+    ws += [Workload("g2", {"cpu": 10, "memory": 10}, group="web", spread=sp, gang="G"),
+           Workload("o4", {"cpu": 10, "memory": 10}, group="web", spread=sp),
+           Workload("g3", {"cpu": 5000, "memory": 10}, group="web", spread=sp, gang="G")]  # never fits
+    live = zones()
+    result = live.place_batch(ws, order="arrival")
+    assert set(result.placements) == {"o1", "o2", "o3", "o4"}
+    by_id = {w.id: w for w in ws}
+    strict = zones()
+    with pytest.raises(Unschedulable, match="spread"):
+        for wid, hid in result.placements.items():
+            strict.bind(by_id[wid], hid)
+    restored = zones()
+    for wid, hid in result.placements.items():
+        restored.bind(by_id[wid], hid, restore=True)
+    assert restored.assignments() == live.assignments()
+    np.testing.assert_array_equal(restored.usage(), live.usage())
+    with pytest.raises(Unschedulable, match="cpu"):
+        restored.bind(Workload("big", {"cpu": 995, "memory": 1}), "h1", restore=True)
+    assert "big" not in restored.assignments()

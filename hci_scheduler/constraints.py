@@ -38,6 +38,13 @@ def _set_bit(mask: np.ndarray, bit: int) -> None:
     mask[..., bit // 64] |= np.uint64(1) << np.uint64(bit % 64)
 
 
+
+def _domain_room(topology: int, n_domains: int) -> int:
+    """Counter slots to reserve for a (group, topology) pair: the host topology has one
+    per row (rows grow by a rebuild); a label topology keeps room to double, so hosts
+    that bring new racks one at a time are counted in place, not by a rebuild each."""
+    return n_domains if topology == 0 else n_domains + max(16, n_domains)
+
 class ConstraintIndex:
     """The integer form of every host's labels, taints and topology domains, plus the
     group and tenant counters. One per Cluster; every method is called under its lock."""
@@ -62,6 +69,7 @@ class ConstraintIndex:
         self.n_rows = 0
         self._arrays: dict[str, np.ndarray] = {}
         self._live_per_domain: list[dict[int, int]] = []  # per topology: domain id -> live hosts
+        self._pair_room: list[int] = []                    # per pair: counter slots reserved
         self.has_hard_taints = False
 
     # ---------------------------------------------------------------- ids
@@ -123,7 +131,7 @@ class ConstraintIndex:
         p = self.pairs[(group, topology)] = len(self.pairs)
         a = self._arrays
         n_dom = a["domain"].shape[1] if topology == 0 else len(self.domain_ids[topology])
-        counts = np.zeros(n_dom, dtype=np.int32)
+        counts = np.zeros(_domain_room(topology, n_dom), dtype=np.int32)
         total = 0
         self._fold()
         for row, count in self.group_rows.get(group, {}).items():
@@ -131,7 +139,8 @@ class ConstraintIndex:
             d = a["domain"][topology, row]
             if d >= 0:
                 counts[d] += count
-        offset = int(a["pair_offset"][-1] + a["pair_ndom"][-1]) if p else 0
+        offset = int(a["pair_offset"][-1] + self._pair_room[-1]) if p else 0
+        self._pair_room.append(len(counts))
         a["pair_counts"] = np.concatenate([a["pair_counts"][:offset], counts, np.zeros(1, dtype=np.int32)])
         a["pair_offset"] = np.append(a["pair_offset"], offset)
         a["pair_topo"] = np.append(a["pair_topo"], np.int32(topology)).astype(np.int32)
@@ -178,16 +187,30 @@ class ConstraintIndex:
         (no new taint, no new domain of a counted topology, no array growth), else a rebuild."""
         a = self._arrays
         fits = bool(a) and len(hosts) <= len(a["labels"])
+        new_domains: dict[int, dict[str, None]] = {}  # topology -> label values not seen yet
         for row in rows:
             host = hosts[row]
             if any(t not in self.taint_bits for t in host.taints):
                 fits = False
             for key, t in self.topologies.items():
                 if t and key in host.labels and host.labels[key] not in self.domain_ids[t]:
-                    fits = False
+                    new_domains.setdefault(t, {})[host.labels[key]] = None
+        # A new domain (a new rack) fits in place while every pair counting its topology
+        # has a free slot reserved after its counters (see _domain_room).
+        for t, values in new_domains.items():
+            if any(a["pair_ndom"][p] + len(values) > self._pair_room[p]
+                   for (_, pt), p in self.pairs.items() if pt == t):
+                fits = False
         if not fits:
             self.rebuild(hosts, len(ratio_milli), ratio_milli, numa)
             return
+        for t, values in new_domains.items():
+            ids = self.domain_ids[t]
+            for value in values:
+                ids[value] = len(ids)
+            for (_, pt), p in self.pairs.items():
+                if pt == t:
+                    a["pair_ndom"][p] += len(values)
         self.hosts = hosts
         for row in rows:
             host = hosts[row]
@@ -275,9 +298,11 @@ class ConstraintIndex:
         pair_offset = np.zeros(n_pairs, dtype=np.int64)
         pair_total = np.zeros(n_pairs, dtype=np.int64)
         offset = 0
+        self._pair_room = [0] * n_pairs
         for (g, t), p in sorted(self.pairs.items(), key=lambda kv: kv[1]):
             pair_topo[p], pair_ndom[p], pair_offset[p] = t, n_dom[t], offset
-            offset += n_dom[t]
+            self._pair_room[p] = _domain_room(t, n_dom[t])
+            offset += self._pair_room[p]
         pair_counts = np.zeros(max(offset, 1), dtype=np.int32)
         pair_nonzero = np.zeros(n_pairs, dtype=np.int64)
         self._fold()

@@ -335,3 +335,26 @@ def test_restore_replays_a_batch_whose_rolled_back_gang_held_the_spread():
     with pytest.raises(Unschedulable, match="cpu"):
         restored.bind(Workload("big", {"cpu": 995, "memory": 1}), "h1", restore=True)
     assert "big" not in restored.assignments()
+
+
+def test_new_racks_arriving_one_host_at_a_time_are_counted_in_place():
+    """Hosts bringing new racks one call at a time, between placements with rack terms:
+    new domains are counted in the reserved counter slots (no rebuild) until those run
+    out, and every hard term still holds when recomputed from the assignments."""
+    c = Cluster()
+    c.add_host(host("h0", labels={"rack": "r0"}))
+    anti = [Affinity("db", "rack")]  # hard: one db per rack
+    c.place(wl("db0", group="db", anti_affinity=anti))
+    placed = 1
+    for i in range(1, 120):
+        c.add_host(host(f"h{i}", labels={"rack": f"r{i // 2}"}))
+        if i % 2 == 0:
+            c.place(wl(f"db{placed}", group="db", anti_affinity=anti))
+            placed += 1
+    with pytest.raises(Unschedulable, match="anti-affinity"):
+        c.place(wl("one-too-many", group="db", anti_affinity=anti))
+    hosts = {h.id: h for h in c.hosts()}
+    racks = [hosts[h].labels["rack"] for w, h in c.assignments().items()]
+    assert len(racks) == placed == len(set(racks)) == 60  # one per rack, every rack used
+    t = c._cons.topologies["rack"]
+    assert c._cons.array("topo_live_doms")[t] == 60

@@ -333,7 +333,10 @@ def test_metrics_endpoint_exports_placements_and_refusals(tmp_path):
         assert 'hci_scheduler_hosts{state="ready"} 1.0' in text
         assert 'hci_scheduler_utilization_ratio{dimension="cpu"}' in text
         assert "hci_scheduler_writer_batch_workloads_bucket" in text
-        assert 'hci_scheduler_rpc_duration_seconds_count{method="Place"} 1.0' in text
+        # The one Place call is counted by method and status; its latency histogram is exported
+        # (what the latency figures are is bench/'s business, not a test's).
+        assert re.search(r'hci_scheduler_rpc_total\{[^}]*method="Place"[^}]*\} 1\.0', text)
+        assert re.search(r'hci_scheduler_rpc_duration_seconds_bucket\{[^}]*method="Place"', text)
     finally:
         srv.kill()
 

@@ -204,6 +204,27 @@ def test_random_volumes_keep_replica_spread_locality_and_ssd(seed):
     assert c.usage().sum() == 0
 
 
+def batch_and_one_by_one(hosts, requests, template, strategy):
+    """Two clusters on `hosts`: one places `requests` as one template batch, the other as
+    one `place` call per row; asserts both chose the same hosts and usage, returns both."""
+    batch = Cluster(dimensions=DIMS)
+    batch.add_hosts(hosts)
+    got = batch.place_array(requests, strategy=strategy, template=template)
+    single = Cluster(dimensions=DIMS)
+    single.add_hosts(hosts)
+    want = []
+    for i, r in enumerate(requests):
+        w = Workload(f"w{i}", dict(zip(DIMS, map(int, r))), group=template.group, selector=template.selector,
+                     anti_affinity=template.anti_affinity, spread=template.spread)
+        try:
+            want.append(single.host_index(single.place(w, strategy=strategy).host_id))
+        except Unschedulable:
+            want.append(-1)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(batch.usage(), single.usage())
+    return batch, single
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), strategy=st.sampled_from(["binpack", "spread"]))
 def test_template_batch_equals_one_by_one(seed, strategy):
@@ -215,21 +236,7 @@ def test_template_batch_equals_one_by_one(seed, strategy):
                         anti_affinity=[Affinity("web", "rack", hard=False, weight=int(rng.integers(1, 60)))],
                         spread=[Spread("rack", max_skew=int(rng.integers(1, 4)))] if rng.random() < 0.5 else [])
     requests = np.stack([rng.integers(0, 1500, 200), rng.integers(0, 1500, 200)], axis=1).astype(np.int64)
-    batch = Cluster(dimensions=DIMS)
-    batch.add_hosts(hosts)
-    got = batch.place_array(requests, strategy=strategy, template=template)
-    single = Cluster(dimensions=DIMS)
-    single.add_hosts(hosts)
-    want = []
-    for i, r in enumerate(requests):
-        w = Workload(f"w{i}", dict(zip(DIMS, map(int, r))), group="web", selector=template.selector,
-                     anti_affinity=template.anti_affinity, spread=template.spread)
-        try:
-            want.append(single.host_index(single.place(w, strategy=strategy).host_id))
-        except Unschedulable:
-            want.append(-1)
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(batch.usage(), single.usage())
+    batch, single = batch_and_one_by_one(hosts, requests, template, strategy)
     batch._state.index.check()
     assert batch._state.index.n_members == len(hosts)  # every host is filed again after the batch
     follow = Workload("after", {"cpu": 100, "memory": 100}, tolerations=[Toleration("dedicated")])
@@ -263,19 +270,5 @@ def test_many_block_batch_with_soft_terms_equals_one_by_one(seed, strategy):
     template = Workload("t", group="web", anti_affinity=anti,
                         selector=[LabelExpr("zone", "In", ("a", "b"))] if rng.random() < 0.5 else None)
     requests = rng.integers(100, 2500, size=(int(rng.integers(100, 300)), 2)).astype(np.int64)
-    batch = Cluster(dimensions=DIMS)
-    batch.add_hosts(hosts)
-    got = batch.place_array(requests, strategy=strategy, template=template)
-    single = Cluster(dimensions=DIMS)
-    single.add_hosts(hosts)
-    want = []
-    for i, r in enumerate(requests):
-        w = Workload(f"w{i}", dict(zip(DIMS, map(int, r))), group="web", selector=template.selector,
-                     anti_affinity=template.anti_affinity)
-        try:
-            want.append(single.host_index(single.place(w, strategy=strategy).host_id))
-        except Unschedulable:
-            want.append(-1)
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(batch.usage(), single.usage())
+    batch, single = batch_and_one_by_one(hosts, requests, template, strategy)
     batch._state.index.check()

@@ -1,6 +1,7 @@
 """Fixtures: the real server in a subprocess on a free loopback port, and stubs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,6 +69,44 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(30)
         self._log.close()
+
+
+@contextlib.contextmanager
+def restart_after(tmp_path: Path, setup, kill: bool = False):
+    """Run `setup(stub)` on a server over a fresh data dir, stop it (SIGTERM, which must
+    exit 0; or SIGKILL with kill=True), start a new server on the same data, and yield
+    (what setup returned, a stub of the new server)."""
+    data = tmp_path / "data"
+    srv = ServerProcess(tmp_path, data_dir=data).start()
+    try:
+        result = setup(stub_for(srv.address)[1])
+        if not kill:
+            assert srv.terminate() == 0
+    finally:
+        srv.kill()
+    srv = ServerProcess(tmp_path, data_dir=data).start()
+    try:
+        yield result, stub_for(srv.address)[1]
+    finally:
+        srv.kill()
+
+
+def snapshot(s) -> tuple:
+    """Everything a restart must rebuild: hosts with usage, allocations with specs,
+    replicas and volumes, volumes, status, and the whole event log."""
+    events = []
+    if s.GetStatus(pb.GetStatusRequest()).last_sequence:
+        last = s.GetStatus(pb.GetStatusRequest()).last_sequence
+        stream = s.WatchEvents(pb.WatchEventsRequest(after_sequence=0))
+        for resp in stream:
+            events.append(resp.event)
+            if resp.event.sequence == last:
+                break
+        stream.cancel()
+    return (s.ListHosts(pb.ListHostsRequest()).hosts,
+            s.ListAllocations(pb.ListAllocationsRequest(include_workloads=True)).allocations,
+            s.ListVolumes(pb.ListVolumesRequest()).volumes,
+            s.GetStatus(pb.GetStatusRequest()), events)
 
 
 def stub_for(address: str, credentials=None, options=None):

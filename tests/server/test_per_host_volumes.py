@@ -10,7 +10,7 @@ import pytest
 
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
-from .conftest import ServerProcess, make_host, make_workload, stub_for
+from .conftest import ServerProcess, make_host, make_workload, restart_after, snapshot, stub_for
 
 
 def code_of(call) -> grpc.StatusCode:
@@ -30,24 +30,6 @@ def daemon(id: str = "agent", cpu: int = 100, **kw) -> pb.Workload:
 def with_volume(id: str, volume: str, size: int = 10, replicas: int = 2, **kw) -> pb.Workload:
     return pb.Workload(id=id, requests={"cpu": 200},
                        new_volumes=[pb.Volume(id=volume, size_gib=size, replicas=replicas)], **kw)
-
-
-def snapshot(s) -> tuple:
-    """Everything a restart must rebuild: hosts with usage, allocations with specs,
-    replicas and volumes, volumes, status, and the whole event log."""
-    events = []
-    if s.GetStatus(pb.GetStatusRequest()).last_sequence:
-        last = s.GetStatus(pb.GetStatusRequest()).last_sequence
-        stream = s.WatchEvents(pb.WatchEventsRequest(after_sequence=0))
-        for resp in stream:
-            events.append(resp.event)
-            if resp.event.sequence == last:
-                break
-        stream.cancel()
-    return (s.ListHosts(pb.ListHostsRequest()).hosts,
-            s.ListAllocations(pb.ListAllocationsRequest(include_workloads=True)).allocations,
-            s.ListVolumes(pb.ListVolumesRequest()).volumes,
-            s.GetStatus(pb.GetStatusRequest()), events)
 
 
 @pytest.fixture
@@ -110,10 +92,7 @@ def test_new_volume_replicas_are_reported_and_mounted_with_locality(srv):
 
 
 def test_delete_volume_frees_its_replicas_and_survives_a_restart(tmp_path):
-    data = tmp_path / "data"
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
+    def setup(s):
         s.RegisterHosts(pb.RegisterHostsRequest(hosts=[ssd_host(f"h{i}") for i in range(3)]))
         vol = s.Place(pb.PlaceRequest(workloads=[with_volume("db", "vol-db", size=30)])).placements[0].volumes[0]
         s.Place(pb.PlaceRequest(workloads=[with_volume("cache", "vol-c", size=20)]))
@@ -135,19 +114,13 @@ def test_delete_volume_frees_its_replicas_and_survives_a_restart(tmp_path):
         ev = next(iter(stream)).event
         stream.cancel()
         assert ev.type == pb.EVENT_TYPE_VOLUME_DELETED and ev.volume_id == "vol-db"
-        after = snapshot(s)
-        assert srv.terminate() == 0
-    finally:
-        srv.kill()
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
+        return snapshot(s)
+
+    with restart_after(tmp_path, setup) as (after, s):
         assert snapshot(s) == after
         # The id is free again.
         again = s.Place(pb.PlaceRequest(workloads=[with_volume("db2", "vol-db", size=30)])).placements[0]
         assert again.volumes[0].volume_id == "vol-db"
-    finally:
-        srv.kill()
 
 
 def test_bad_per_host_and_volume_requests_change_nothing(srv):
@@ -177,10 +150,7 @@ def test_bad_per_host_and_volume_requests_change_nothing(srv):
 
 
 def test_restart_rebuilds_replicas_and_volumes_exactly(tmp_path):
-    data = tmp_path / "data"
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
+    def setup(s):
         s.RegisterHosts(pb.RegisterHostsRequest(hosts=[ssd_host(f"h{i}", labels={"rack": f"r{i % 2}"})
                                                        for i in range(5)]))
         s.Place(pb.PlaceRequest(workloads=[make_workload(f"w{i}", cpu=700) for i in range(6)]))
@@ -200,13 +170,9 @@ def test_restart_rebuilds_replicas_and_volumes_exactly(tmp_path):
         idle = sorted(({f"h{i}" for i in range(5)} | {"h9"}) - busy)
         assert idle, "the test needs a host that runs only per-host replicas"
         s.RemoveHost(pb.RemoveHostRequest(host_id=idle[0]))
-        before = snapshot(s)
-        assert srv.terminate() == 0
-    finally:
-        srv.kill()
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
+        return snapshot(s)
+
+    with restart_after(tmp_path, setup) as (before, s):
         assert snapshot(s) == before
         allocs = {p.workload_id: p for p in before[1]}
         assert allocs["agent"].replica_host_ids and not allocs["agent"].host_id
@@ -216,26 +182,16 @@ def test_restart_rebuilds_replicas_and_volumes_exactly(tmp_path):
         assert list(again.replica_host_ids) == list(allocs["agent"].replica_host_ids)
         nxt = s.Place(pb.PlaceRequest(workloads=[make_workload("w-next", cpu=1)])).placements[0]
         assert nxt.sequence == before[3].last_sequence + 1
-    finally:
-        srv.kill()
 
 
 def test_sigkill_then_restart_keeps_replicas(tmp_path):
-    data = tmp_path / "data"
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
+    def setup(s):
         s.RegisterHosts(pb.RegisterHostsRequest(hosts=[ssd_host(f"h{i}") for i in range(3)]))
         s.Place(pb.PlaceRequest(workloads=[daemon(), with_volume("db", "vol", replicas=3)]))
-        before = snapshot(s)
-    finally:
-        srv.kill()  # SIGKILL: no checkpoint, no graceful close
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
+        return snapshot(s)
+
+    with restart_after(tmp_path, setup, kill=True) as (before, s):  # SIGKILL: no checkpoint, no graceful close
         assert snapshot(s) == before
-    finally:
-        srv.kill()
 
 
 def test_replay_follows_the_log_where_the_core_would_choose_otherwise():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
-from .conftest import ServerProcess, stub_for
+from .conftest import restart_after, snapshot
 
 
 def web(id: str, cpu: int = 10, gang: str = "") -> pb.Workload:
@@ -17,10 +17,7 @@ def test_restart_after_a_rolled_back_gang_that_held_the_spread(tmp_path):
     the others stay where they went while the members counted in the zone spread. The
     log replays them in that order, where the spread alone would refuse the last one:
     the restart must still rebuild the same state (not fail to start)."""
-    data = tmp_path / "data"
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
+    def setup(s):
         s.RegisterHosts(pb.RegisterHostsRequest(hosts=[
             pb.Host(id=f"h{i}", capacity={"cpu": 1000, "memory": 1000}, labels={"zone": "ab"[i % 2]})
             for i in range(4)]))
@@ -29,16 +26,7 @@ def test_restart_after_a_rolled_back_gang_that_held_the_spread(tmp_path):
             web("g3", cpu=5000, gang="G")], strategy=pb.STRATEGY_SPREAD))
         placed = {p.workload_id: p.host_id for p in resp.placements if p.host_id}
         assert set(placed) == {"o1", "o2", "o3", "o4"}
-        before = (s.ListAllocations(pb.ListAllocationsRequest(include_workloads=True)).allocations,
-                  s.ListHosts(pb.ListHostsRequest()).hosts, s.GetStatus(pb.GetStatusRequest()))
-        assert srv.terminate() == 0
-    finally:
-        srv.kill()
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
-        after = (s.ListAllocations(pb.ListAllocationsRequest(include_workloads=True)).allocations,
-                 s.ListHosts(pb.ListHostsRequest()).hosts, s.GetStatus(pb.GetStatusRequest()))
-        assert after == before
-    finally:
-        srv.kill()
+        return snapshot(s)
+
+    with restart_after(tmp_path, setup) as (before, s):
+        assert snapshot(s) == before

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 
 import grpc
@@ -13,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
-from .conftest import ServerProcess, make_host, make_workload, stub_for
+from .conftest import ServerProcess, make_host, make_workload, restart_after, stub_for
 
 SERVICE = "hci_scheduler.v1.SchedulerService"
 
@@ -292,32 +291,24 @@ def test_reflection_lists_the_service(server):
 
 
 def test_restart_rebuilds_exact_state(tmp_path):
-    data = tmp_path / "data"
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
+    def state(s):
+        return (s.ListHosts(pb.ListHostsRequest()), s.ListAllocations(pb.ListAllocationsRequest()),
+                s.GetStatus(pb.GetStatusRequest()))
+
+    def setup(s):
         s.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host(f"r{i}", cpu=4000 + i) for i in range(6)]))
         s.Place(pb.PlaceRequest(workloads=[make_workload(f"w{i}", cpu=700, memory=100 * i) for i in range(20)]))
         s.Release(pb.ReleaseRequest(workload_ids=["w3", "w7"]))
         s.UpdateHost(pb.UpdateHostRequest(host_id="r5", state=pb.HOST_STATE_DRAINING))
-        before = (s.ListHosts(pb.ListHostsRequest()), s.ListAllocations(pb.ListAllocationsRequest()),
-                  s.GetStatus(pb.GetStatusRequest()))
-        assert srv.terminate() == 0
-    finally:
-        srv.kill()
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    try:
-        _, s = stub_for(srv.address)
-        after = (s.ListHosts(pb.ListHostsRequest()), s.ListAllocations(pb.ListAllocationsRequest()),
-                 s.GetStatus(pb.GetStatusRequest()))
-        assert after == before
+        return state(s)
+
+    with restart_after(tmp_path, setup) as (before, s):
+        assert state(s) == before
         # The sequence goes on where it stopped, and a retry still returns the first answer.
         nxt = s.Place(pb.PlaceRequest(workloads=[make_workload("w-next", cpu=1)])).placements[0]
         assert nxt.sequence == before[2].last_sequence + 1
         retry = s.Place(pb.PlaceRequest(workloads=[make_workload("w1", cpu=700, memory=100)])).placements[0]
         assert retry.host_id == {p.workload_id: p.host_id for p in before[1].allocations}["w1"]
-    finally:
-        srv.kill()
 
 
 def test_metrics_endpoint_exports_placements_and_refusals(tmp_path):

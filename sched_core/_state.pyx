@@ -15,6 +15,21 @@ from ._index cimport FitIndex
 cnp.import_array()
 
 
+cdef inline void _charge(HostState s, intp_t h, const int64_t* amount, int64_t sign, int64_t workloads) noexcept nogil:
+    """used[h] += sign * amount (free follows) and load[h] += workloads, re-filing h in the
+    index under its new key: the one place a row's usage changes."""
+    cdef intp_t d
+    cdef bint indexed = s.index.member[h]
+    if indexed:
+        s.index.remove(h)
+    for d in range(s.n_dims):
+        s.used[h, d] += sign * amount[d]
+        s.free[h, d] -= sign * amount[d]
+    s.load[h] += workloads
+    if indexed:
+        s.index.insert(h)
+
+
 cdef class HostState:
     """Capacity, usage and free matrices for `n_rows` host rows.
 
@@ -122,42 +137,16 @@ cdef class HostState:
 
     cdef void commit(self, intp_t h, const int64_t* request) noexcept nogil:
         """Charge `request` to host h. The caller has checked that it fits."""
-        cdef intp_t d
-        cdef bint indexed = self.index.member[h]
-        if indexed:
-            self.index.remove(h)
-        for d in range(self.n_dims):
-            self.used[h, d] += request[d]
-            self.free[h, d] -= request[d]
-        self.load[h] += 1
-        if indexed:
-            self.index.insert(h)
+        _charge(self, h, request, 1, 1)
 
     cdef void uncommit(self, intp_t h, const int64_t* request) noexcept nogil:
         """Give back `request` on host h."""
-        cdef intp_t d
-        cdef bint indexed = self.index.member[h]
-        if indexed:
-            self.index.remove(h)
-        for d in range(self.n_dims):
-            self.used[h, d] -= request[d]
-            self.free[h, d] += request[d]
-        self.load[h] -= 1
-        if indexed:
-            self.index.insert(h)
+        _charge(self, h, request, -1, -1)
 
     def adjust_row(self, intp_t h, const int64_t[::1] delta):
         """Add `delta` to row h's usage without counting a workload (moving a charge
         between two owners on the same host)."""
-        cdef intp_t d
-        cdef bint indexed = self.index.member[h]
-        if indexed:
-            self.index.remove(h)
-        for d in range(self.n_dims):
-            self.used[h, d] += delta[d]
-            self.free[h, d] -= delta[d]
-        if indexed:
-            self.index.insert(h)
+        _charge(self, h, &delta[0], 1, 0)
 
     def commit_row(self, intp_t h, const int64_t[::1] request):
         """Charge `request` to row h without any check (callers check first)."""

@@ -212,6 +212,30 @@ cdef inline intp_t next_fit(const intp_t* row, intp_t n, intp_t j, bint ascendin
     return j
 
 
+cdef inline float64_t key_cost(float64_t k, float64_t scale, bint ascending) noexcept nogil:
+    """The strategy's base cost of a host with key k: binpack (ascending) the normalised
+    free capacity, spread 100 minus it."""
+    return k * scale if ascending else 100.0 - k * scale
+
+
+cdef inline bint beats(float64_t cost, float64_t k, intp_t h, float64_t best_cost, float64_t best_key,
+                       intp_t best, bint ascending) noexcept nogil:
+    """Host h (cost, key k) is preferred to the candidate: lower cost; on equal cost the
+    walk order decides for binpack (the candidate came first), for spread the larger
+    key, then the lower row."""
+    return cost < best_cost or (not ascending and cost == best_cost
+                                and (k > best_key or (k == best_key and h < best)))
+
+
+cdef inline bint cannot_beat(float64_t cost_lb, float64_t k, float64_t best_cost, float64_t best_key,
+                             bint ascending) noexcept nogil:
+    """No host whose cost is at least cost_lb and whose key is k or further along the walk
+    can be preferred to the candidate."""
+    if ascending:
+        return cost_lb >= best_cost
+    return cost_lb > best_cost or (cost_lb == best_cost and k < best_key)
+
+
 cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, const int64_t* request,
                        bint ascending, int64_t* charge, int64_t* tmp,
                        float64_t* block_lb, uint64_t* block_lb_stamp) noexcept nogil:
@@ -226,7 +250,7 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
     # A sub-index holds only hosts that pass t's static filters: check the rest only.
     cdef bint static_done = ix is not s.index
     cdef intp_t i, j, n, b, h, d, best = -1, n_dims = s.n_dims
-    cdef float64_t k, kfar, base, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
+    cdef float64_t k, kfar, cost, best_cost = INFINITY, best_key = 0.0, scale = 100.0 / s.key_scale
     cdef float64_t floor = penalty_floor(t)
     cdef bint blocked, found
     cdef const int64_t* free0 = &s.free[0, 0]
@@ -240,10 +264,7 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
         if best >= 0:
             # Stop before the bound test too: the block's nearest key bounds all its costs.
             k = keys[ix.items[b, 0 if ascending else ix.count[b] - 1]]
-            base = (k * scale if ascending else 100.0 - k * scale) + floor
-            if ascending and base >= best_cost:
-                return best
-            if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
+            if cannot_beat(key_cost(k, scale, ascending) + floor, k, best_cost, best_key, ascending):
                 return best
         blocked = False
         bound = &ix.maxfree[b, 0]
@@ -257,17 +278,12 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
             if block_lb_stamp[b] != ix.stamp[b]:
                 # Price the whole block only when the walk would cross all of it anyway.
                 kfar = keys[ix.items[b, ix.count[b] - 1 if ascending else 0]]
-                base = (kfar * scale if ascending else 100.0 - kfar * scale) + floor
-                if (base < best_cost if ascending
-                        else (base < best_cost or (base == best_cost and kfar >= best_key))):
+                if not cannot_beat(key_cost(kfar, scale, ascending) + floor, kfar, best_cost, best_key, ascending):
                     block_lb[b] = block_penalty_lb(ix, cs, t, b, floor)
                     block_lb_stamp[b] = ix.stamp[b]
-            if block_lb_stamp[b] == ix.stamp[b] and block_lb[b] > floor:
-                base = (k * scale if ascending else 100.0 - k * scale) + block_lb[b]
-                if ascending and base >= best_cost:
-                    continue
-                if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
-                    continue
+            if block_lb_stamp[b] == ix.stamp[b] and block_lb[b] > floor and cannot_beat(
+                    key_cost(k, scale, ascending) + block_lb[b], k, best_cost, best_key, ascending):
+                continue
         found = False
         row = &ix.items[b, 0]
         n = ix.count[b]
@@ -285,10 +301,7 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
                 h = row[j] if ascending else row[n - 1 - j]
                 j += 1
                 k = keys[h]
-                base = (k * scale if ascending else 100.0 - k * scale) + floor
-                if ascending and base >= best_cost:
-                    return best
-                if not ascending and (base > best_cost or (base == best_cost and k < best_key)):
+                if cannot_beat(key_cost(k, scale, ascending) + floor, k, best_cost, best_key, ascending):
                     return best
                 if not fits(free0 + h * n_dims, request, n_dims):
                     continue
@@ -297,9 +310,8 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
             if best >= 0:
                 # Behind a candidate, a host matters only if its cost can beat it: the
                 # penalty (a few counter reads) settles that before the hard filters run.
-                cost = (k * scale if ascending else 100.0 - k * scale) + penalty(cs, t, h)
-                if not (cost < best_cost or (not ascending and cost == best_cost
-                                             and (k > best_key or (k == best_key and h < best)))):
+                cost = key_cost(k, scale, ascending) + penalty(cs, t, h)
+                if not beats(cost, k, h, best_cost, best_key, best, ascending):
                     continue
             if (reject_dynamic(s, cs, t, h, request, tmp) if static_done
                     else reject(s, cs, t, h, request, tmp)) != 0:
@@ -308,9 +320,8 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
                 memcpy(charge, tmp, n_dims * sizeof(int64_t))
                 return h  # no penalties: the first fit in key order is the best fit
             if best < 0:
-                cost = (k * scale if ascending else 100.0 - k * scale) + penalty(cs, t, h)
-            if (best < 0 or cost < best_cost
-                    or (not ascending and cost == best_cost and (k > best_key or (k == best_key and h < best)))):
+                cost = key_cost(k, scale, ascending) + penalty(cs, t, h)
+            if best < 0 or beats(cost, k, h, best_cost, best_key, best, ascending):
                 best, best_cost, best_key = h, cost, k
                 memcpy(charge, tmp, n_dims * sizeof(int64_t))
         if not found:

@@ -31,6 +31,7 @@ class Metrics:
                                     "Workloads carried by one writer batch (coalesced Place calls).",
                                     buckets=_BATCH_BUCKETS, registry=r)
         self._state = None
+        self._rpc_children: dict[tuple[str, str], tuple] = {}
 
     def bind_state(self, state) -> None:
         """Register the scrape-time collector over `state`."""
@@ -39,8 +40,13 @@ class Metrics:
 
     # hooks called by the state and the servicer
     def rpc(self, method: str, code: str, seconds: float) -> None:
-        self.rpc_seconds.labels(method).observe(seconds)
-        self.rpc_total.labels(method, code).inc()
+        # labels() builds its key and takes a lock on every call: keep the children.
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = self._rpc_children[(method, code)] = (self.rpc_seconds.labels(method),
+                                                              self.rpc_total.labels(method, code))
+        children[0].observe(seconds)
+        children[1].inc()
 
     def placed(self, n: int) -> None:
         self.placements.inc(n)

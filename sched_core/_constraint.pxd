@@ -59,6 +59,7 @@ cdef class Terms:
     cdef bint has_soft                # some term can add a penalty
     cdef int64_t prefer_weight        # penalty per untolerated PreferNoSchedule taint
     cdef float64_t penalty_lb         # scratch: a penalty every host pays, per placement (see prepare)
+    cdef bint penalty_fixed           # scratch: every host pays exactly penalty_lb, per placement
 
 cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
                     int64_t* charge) noexcept nogil

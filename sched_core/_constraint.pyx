@@ -124,6 +124,7 @@ cdef class Terms:
         self.allowed = allowed if allowed is not None else np.zeros(0, dtype=np.uint8)
         self.prefer_weight = prefer_weight
         self.penalty_lb = 0.0
+        self.penalty_fixed = False
         self.has_soft = (
             bool(np.any(np.asarray(aff_hard) == 0)) or bool(np.any(np.asarray(anti_hard) == 0))
             or bool(np.any(np.asarray(spread_hard) == 0)) or prefer_weight > 0
@@ -148,24 +149,34 @@ cdef void prepare(ConstraintState cs, Terms t) noexcept nogil:
     # A soft anti-affinity term costs every host once its group sits in every live domain
     # (and every live host has the label); a soft affinity term costs every host while
     # its group sits nowhere. Their sum bounds every host's penalty from below, which
-    # lets the index walk stop early (see _place.walk_index).
+    # lets the index walk stop early (see _place.walk_index). When every soft term is
+    # such a term, every host pays exactly that sum.
     cdef float64_t lb = 0.0
     cdef int32_t tp
+    cdef bint fixed = t.prefer_weight == 0
     for i in range(t.anti_pair.shape[0]):
         if not t.anti_hard[i]:
             p = t.anti_pair[i]
             tp = cs.pair_topo[p]
             if cs.topo_missing[tp] == 0 and cs.pair_nonzero[p] >= cs.topo_live_doms[tp]:
                 lb += t.anti_weight[i]
+            else:
+                fixed = False
     for i in range(t.aff_pair.shape[0]):
-        if not t.aff_hard[i] and cs.pair_total[t.aff_pair[i]] == 0 and not t.aff_self[i]:
-            lb += t.aff_weight[i]
+        if not t.aff_hard[i]:
+            if cs.pair_total[t.aff_pair[i]] == 0 and not t.aff_self[i]:
+                lb += t.aff_weight[i]
+            else:
+                fixed = False
+    for i in range(t.spread_pair.shape[0]):
+        if not t.spread_hard[i]:
+            fixed = False
     t.penalty_lb = lb
+    t.penalty_fixed = fixed
 
 
 cdef float64_t penalty_floor(Terms t) noexcept nogil:
     return t.penalty_lb
-
 
 cdef bint counts_in_pair(ConstraintState cs, Terms t, intp_t p) noexcept nogil:
     """Placing a workload with terms t adds to pair p's counters."""
@@ -347,8 +358,8 @@ cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
     cdef intp_t i, w
     cdef int32_t c
     cdef int64_t excess
-    if not t.has_soft:
-        return 0.0
+    if t.penalty_fixed:
+        return t.penalty_lb  # the same for every host (see prepare)
     for i in range(t.aff_pair.shape[0]):
         if not t.aff_hard[i]:
             c = pair_count(cs, t.aff_pair[i], h)

@@ -34,6 +34,7 @@ cdef class FitIndex:
     cdef void note_fail(self, intp_t b, const int64_t* request) noexcept nogil
     cdef bint known_to_fail(self, intp_t b, const int64_t* request) noexcept nogil
     cdef void _recompute_max(self, intp_t b) noexcept nogil
+    cdef void _lay_out(self, const intp_t* rows, intp_t n) noexcept nogil
     cdef void _touch(self, intp_t b) noexcept nogil
     cdef void _split(self, intp_t pos) noexcept nogil
     cdef void _drop_block(self, intp_t pos) noexcept nogil

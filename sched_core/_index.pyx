@@ -106,7 +106,7 @@ cdef class FitIndex:
 
     def _bulk_load(self, const intp_t[::1] rows):
         """Fill the empty index with `rows` (in range; repeats are ignored)."""
-        cdef intp_t n = 0, i, j, h, b, m, fill = (3 * BLOCK) // 4
+        cdef intp_t n = 0, i, h
         distinct = np.empty(rows.shape[0], dtype=np.intp)
         keys = np.empty(rows.shape[0], dtype=np.float64)
         cdef intp_t[::1] r = distinct
@@ -120,23 +120,52 @@ cdef class FitIndex:
                     k[n] = free_key(&self.free[h, 0], &self.inv_ref[0], self.n_dims)
                     self.key[h] = k[n]
                     n += 1
-        cdef intp_t[::1] by_key = np.lexsort((distinct[:n], keys[:n])).astype(np.intp)
+        sorted_rows = distinct[:n][np.lexsort((distinct[:n], keys[:n]))]
+        cdef intp_t[::1] by_key = sorted_rows
         with nogil:
-            i = 0
-            while i < n:
-                m = fill if n - i > fill else n - i
-                self.n_spare -= 1
-                b = self.spare[self.n_spare]
-                for j in range(m):
-                    self.items[b, j] = r[by_key[i + j]]
-                self.count[b] = m
-                self.has_fail[b] = 0
-                self._recompute_max(b)
-                self._touch(b)
-                self.order[self.n_blocks] = b
-                self.n_blocks += 1
-                i += m
-            self.n_members = n
+            self._lay_out(&by_key[0] if n else NULL, n)
+
+    def load_subset(self, FitIndex src, const uint8_t[::1] keep):
+        """Fill the empty index with the members h of `src` that have keep[h] set.
+
+        src shares this index's free matrix and is already in (key, row) order, so the
+        rows are laid out in one pass, O(n_rows) and no sort (a sort of the rows was 3%
+        of a constrained batch of 20,000 requests on 10,000 hosts)."""
+        if self.n_members != 0 or keep.shape[0] != self.member.shape[0] or src.member.shape[0] != keep.shape[0]:
+            raise ValueError("load_subset: needs an empty index and one keep flag per host row")
+        rows = np.empty(src.n_members, dtype=np.intp)
+        cdef intp_t[::1] r = rows
+        cdef intp_t i, j, h, b, n = 0
+        with nogil:
+            for i in range(src.n_blocks):
+                b = src.order[i]
+                for j in range(src.count[b]):
+                    h = src.items[b, j]
+                    if keep[h]:
+                        self.member[h] = 1
+                        self.key[h] = src.key[h]
+                        r[n] = h
+                        n += 1
+            self._lay_out(&r[0] if n else NULL, n)
+
+    cdef void _lay_out(self, const intp_t* rows, intp_t n) noexcept nogil:
+        """Fill the empty index with `rows`, members already marked and keyed, in (key, row)
+        order: 3/4-full blocks, no splits."""
+        cdef intp_t i = 0, j, b, m, fill = (3 * BLOCK) // 4
+        while i < n:
+            m = fill if n - i > fill else n - i
+            self.n_spare -= 1
+            b = self.spare[self.n_spare]
+            for j in range(m):
+                self.items[b, j] = rows[i + j]
+            self.count[b] = m
+            self.has_fail[b] = 0
+            self._recompute_max(b)
+            self._touch(b)
+            self.order[self.n_blocks] = b
+            self.n_blocks += 1
+            i += m
+        self.n_members = n
 
     def discard(self, intp_t h):
         """Remove host row `h` (no-op if it is not a member)."""

@@ -316,9 +316,9 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
             if (reject_dynamic(s, cs, t, h, request, tmp) if static_done
                     else reject(s, cs, t, h, request, tmp)) != 0:
                 continue
-            if ascending and floor == 0.0 and not t.has_soft:
+            if ascending and t.penalty_fixed:
                 memcpy(charge, tmp, n_dims * sizeof(int64_t))
-                return h  # no penalties: the first fit in key order is the best fit
+                return h  # every host pays the same penalty: the first fit in key order is the best fit
             if best < 0:
                 cost = key_cost(k, scale, ascending) + penalty(cs, t, h)
             if best < 0 or beats(cost, k, h, best_cost, best_key, best, ascending):
@@ -385,7 +385,7 @@ def _static_sub_index(HostState s, ConstraintState cs, Terms t):
     if n_in == s.index.n_members:
         return None
     sub = FitIndex(s.free, s.inv_ref)
-    sub.add_rows(np.flatnonzero(keep).astype(np.intp))
+    sub.load_subset(s.index, keep)
     return sub
 
 

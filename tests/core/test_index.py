@@ -143,6 +143,29 @@ def test_bulk_load_equals_one_by_one_inserts(n):
     assert bulk.index.n_members == n - n // 2
 
 
+@pytest.mark.parametrize("n", [1, 96, 3000])
+def test_load_subset_equals_bulk_load_of_the_same_rows(n):
+    """load_subset copies the kept members in the source's order, as add_rows of those rows
+    into an empty index would lay them out, and the copy stays correct under updates."""
+    rng = np.random.default_rng(n)
+    limit = rng.integers(1, 50, size=(n, 3)).astype(np.int64)  # many equal keys: ties by row
+    state = make_state(limit)
+    keep = (rng.random(n) < 0.6).astype(np.uint8)
+    keep[0] = 1
+    sub = sched_core.FitIndex(state.free_array, state.inv_ref_array)
+    sub.load_subset(state.index, keep)
+    bulk = sched_core.FitIndex(state.free_array, state.inv_ref_array)
+    bulk.add_rows(np.flatnonzero(keep).astype(np.intp))
+    sub.check()
+    assert sub.rows_in_order() == bulk.rows_in_order()
+    for h in np.flatnonzero(keep)[::2]:
+        sub.discard(int(h))
+    sub.add(int(np.flatnonzero(keep)[0]))
+    sub.check()
+    with pytest.raises(ValueError):
+        sub.load_subset(state.index, keep)  # not empty
+
+
 def test_place_rows_matches_place_one_sequence():
     rng = np.random.default_rng(3)
     limit = rng.integers(10, 100, size=(300, 4)).astype(np.int64)

@@ -5,6 +5,13 @@ from ._state cimport HostState
 cdef enum:
     MAX_NUMA = 8         # NUMA nodes per host the core tracks
 
+cdef struct Counter:
+    # One (group, topology) pair's counters, as raw pointers into ConstraintState's arrays.
+    const int32_t* dom                # (n_rows,) domain id of each host row in the topology, -1 without the label
+    int32_t* count                    # (n_domains,) workloads of the group per domain
+    int64_t* total                    # workloads of the group in all domains
+    int64_t* nonzero                  # domains holding at least one workload of the group
+
 cdef class ConstraintState:
     cdef readonly intp_t n_rows       # host rows (matches HostState)
     cdef uint64_t[:, ::1] labels      # (n_rows, n_label_words) bits of referenced label pairs/keys
@@ -59,6 +66,11 @@ cdef class Terms:
     cdef bint has_soft                # some term can add a penalty
     cdef int64_t prefer_weight        # penalty per untolerated PreferNoSchedule taint
     cdef float64_t penalty_lb         # scratch: a penalty every host pays, per placement (see prepare)
+    cdef Counter* aff_ctr             # (n_aff,) each term's counters, bound per kernel call (see bind_counters)
+    cdef Counter* anti_ctr            # (n_anti,)
+    cdef Counter* spread_ctr          # (n_spread,)
+    cdef Counter* own_ctr             # (n_own,) the counters a placement adds to: every pair of every group in `groups`
+    cdef intp_t n_own, own_room       # own_ctr entries used and allocated
     cdef bint penalty_fixed           # scratch: every host pays exactly penalty_lb, per placement
 
 cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
@@ -69,6 +81,7 @@ cdef int32_t reject_restored(HostState s, ConstraintState cs, Terms t, intp_t h,
                              int64_t* charge) noexcept nogil
 cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef bint static_ok(ConstraintState cs, Terms t, intp_t h) noexcept nogil
+cdef int bind_counters(ConstraintState cs, Terms t) except -1
 cdef void prepare(ConstraintState cs, Terms t) noexcept nogil
 cdef float64_t penalty_floor(Terms t) noexcept nogil
 cdef bint penalty_monotone(ConstraintState cs, Terms t) noexcept nogil

@@ -17,6 +17,7 @@ never remove a host; `penalty` adds their weights to the strategy's cost.
 """
 import numpy as np
 cimport numpy as cnp
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
 from ._typedefs cimport int64_t, intp_t, uint8_t, uint64_t, int32_t, float64_t
 from ._state cimport HostState
@@ -129,6 +130,64 @@ cdef class Terms:
             bool(np.any(np.asarray(aff_hard) == 0)) or bool(np.any(np.asarray(anti_hard) == 0))
             or bool(np.any(np.asarray(spread_hard) == 0)) or prefer_weight > 0
         )
+        self.aff_ctr = <Counter*> PyMem_Malloc(max(len(aff_pair), 1) * sizeof(Counter))
+        self.anti_ctr = <Counter*> PyMem_Malloc(max(len(anti_pair), 1) * sizeof(Counter))
+        self.spread_ctr = <Counter*> PyMem_Malloc(max(len(spread_pair), 1) * sizeof(Counter))
+        if self.aff_ctr == NULL or self.anti_ctr == NULL or self.spread_ctr == NULL:
+            raise MemoryError("Terms: counters")
+
+    def __dealloc__(self):
+        PyMem_Free(self.aff_ctr)
+        PyMem_Free(self.anti_ctr)
+        PyMem_Free(self.spread_ctr)
+        PyMem_Free(self.own_ctr)
+
+
+cdef inline Counter counter(ConstraintState cs, intp_t p) noexcept nogil:
+    """Pair p's counters as raw pointers (pointer arithmetic: a pair may own no domain yet)."""
+    cdef Counter c
+    c.dom = &cs.domain[0, 0] + cs.pair_topo[p] * cs.domain.shape[1]
+    c.count = &cs.pair_counts[0] + cs.pair_offset[p] if cs.pair_counts.shape[0] else NULL
+    c.total = &cs.pair_total[p]
+    c.nonzero = &cs.pair_nonzero[p]
+    return c
+
+
+cdef int bind_counters(ConstraintState cs, Terms t) except -1:
+    """Point t's counters at cs's arrays. Every kernel entry point calls this before the
+    filters, penalties or count_in read them: the Python layer replaces cs's arrays when
+    hosts are added, and a raw pointer per term spares the memoryview arithmetic
+    (strides, offsets, topology) on every host the walk tests."""
+    cdef intp_t i, k, n = 0
+    cdef int64_t j
+    cdef int32_t g
+    cdef Counter* grown
+    for k in range(t.groups.shape[0]):
+        g = t.groups[k]
+        if g + 1 < cs.group_ptr.shape[0]:
+            n += cs.group_ptr[g + 1] - cs.group_ptr[g]
+    if n > t.own_room:
+        grown = <Counter*> PyMem_Realloc(t.own_ctr, n * sizeof(Counter))
+        if grown == NULL:
+            raise MemoryError("Terms: counters")
+        t.own_ctr, t.own_room = grown, n
+    if n == 0 and t.aff_pair.shape[0] == 0 and t.anti_pair.shape[0] == 0 and t.spread_pair.shape[0] == 0:
+        t.n_own = 0
+        return 0  # no counter is read: cs may hold no pair at all
+    t.n_own = 0
+    for k in range(t.groups.shape[0]):
+        g = t.groups[k]
+        if g + 1 < cs.group_ptr.shape[0]:
+            for j in range(cs.group_ptr[g], cs.group_ptr[g + 1]):
+                t.own_ctr[t.n_own] = counter(cs, cs.group_pairs[j])
+                t.n_own += 1
+    for i in range(t.aff_pair.shape[0]):
+        t.aff_ctr[i] = counter(cs, t.aff_pair[i])
+    for i in range(t.anti_pair.shape[0]):
+        t.anti_ctr[i] = counter(cs, t.anti_pair[i])
+    for i in range(t.spread_pair.shape[0]):
+        t.spread_ctr[i] = counter(cs, t.spread_pair[i])
+    return 0
 
 
 cdef void prepare(ConstraintState cs, Terms t) noexcept nogil:
@@ -136,13 +195,11 @@ cdef void prepare(ConstraintState cs, Terms t) noexcept nogil:
     domains that hold a host matching the workload's selector (as Kubernetes'
     topology spread does with nodeAffinityPolicy=Honor)."""
     cdef intp_t i, p
-    cdef int64_t m, off, j, c
+    cdef int64_t m, j, c
     for i in range(t.spread_pair.shape[0]):
-        p = t.spread_pair[i]
-        off = cs.pair_offset[p]
         m = 0
         for j in range(t.spread_dom_ptr[i], t.spread_dom_ptr[i + 1]):
-            c = cs.pair_counts[off + t.spread_doms[j]]
+            c = t.spread_ctr[i].count[t.spread_doms[j]]
             if j == t.spread_dom_ptr[i] or c < m:
                 m = c
         t.spread_min[i] = m
@@ -164,7 +221,7 @@ cdef void prepare(ConstraintState cs, Terms t) noexcept nogil:
                 fixed = False
     for i in range(t.aff_pair.shape[0]):
         if not t.aff_hard[i]:
-            if cs.pair_total[t.aff_pair[i]] == 0 and not t.aff_self[i]:
+            if t.aff_ctr[i].total[0] == 0 and not t.aff_self[i]:
                 lb += t.aff_weight[i]
             else:
                 fixed = False
@@ -207,12 +264,12 @@ cdef bint penalty_monotone(ConstraintState cs, Terms t) noexcept nogil:
     return True
 
 
-cdef inline int32_t pair_count(ConstraintState cs, intp_t p, intp_t h) noexcept nogil:
-    """Workloads of the pair's group in host h's domain; -1 when h lacks the topology label."""
-    cdef int32_t dom = cs.domain[cs.pair_topo[p], h]
+cdef inline int32_t pair_count(const Counter* c, intp_t h) noexcept nogil:
+    """Workloads of the counter's group in host h's domain; -1 when h lacks the topology label."""
+    cdef int32_t dom = c.dom[h]
     if dom < 0:
         return -1
-    return cs.pair_counts[cs.pair_offset[p] + dom]
+    return c.count[dom]
 
 
 cdef intp_t numa_node(ConstraintState cs, intp_t h, const int64_t* request) noexcept nogil:
@@ -306,17 +363,17 @@ cdef inline int32_t reject_counters(ConstraintState cs, Terms t, intp_t h) noexc
     cdef int32_t c
     for i in range(t.aff_pair.shape[0]):
         if t.aff_hard[i]:
-            c = pair_count(cs, t.aff_pair[i], h)
-            if c == 0 and t.aff_self[i] and cs.pair_total[t.aff_pair[i]] == 0:
+            c = pair_count(&t.aff_ctr[i], h)
+            if c == 0 and t.aff_self[i] and t.aff_ctr[i].total[0] == 0:
                 continue  # the first of a self-affine group may go anywhere
             if c <= 0:
                 return 64 + <int32_t>i
     for i in range(t.anti_pair.shape[0]):
-        if t.anti_hard[i] and pair_count(cs, t.anti_pair[i], h) > 0:
+        if t.anti_hard[i] and pair_count(&t.anti_ctr[i], h) > 0:
             return 96 + <int32_t>i
     for i in range(t.spread_pair.shape[0]):
         if t.spread_hard[i]:
-            c = pair_count(cs, t.spread_pair[i], h)
+            c = pair_count(&t.spread_ctr[i], h)
             if c < 0 or c + 1 - t.spread_min[i] > t.spread_skew[i]:
                 return 128 + <int32_t>i
     return 0
@@ -362,15 +419,15 @@ cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
         return t.penalty_lb  # the same for every host (see prepare)
     for i in range(t.aff_pair.shape[0]):
         if not t.aff_hard[i]:
-            c = pair_count(cs, t.aff_pair[i], h)
-            if c <= 0 and not (c == 0 and t.aff_self[i] and cs.pair_total[t.aff_pair[i]] == 0):
+            c = pair_count(&t.aff_ctr[i], h)
+            if c <= 0 and not (c == 0 and t.aff_self[i] and t.aff_ctr[i].total[0] == 0):
                 p += t.aff_weight[i]
     for i in range(t.anti_pair.shape[0]):
-        if not t.anti_hard[i] and pair_count(cs, t.anti_pair[i], h) > 0:
+        if not t.anti_hard[i] and pair_count(&t.anti_ctr[i], h) > 0:
             p += t.anti_weight[i]
     for i in range(t.spread_pair.shape[0]):
         if not t.spread_hard[i]:
-            c = pair_count(cs, t.spread_pair[i], h)
+            c = pair_count(&t.spread_ctr[i], h)
             if c < 0:
                 p += SPREAD_SOFT_WEIGHT * (t.spread_skew[i] + 1)
             else:
@@ -386,23 +443,19 @@ cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
 cdef void count_in(ConstraintState cs, Terms t, intp_t h, int delta) noexcept nogil:
     """Add (delta=1) or remove (delta=-1) one workload of t's groups on host h in every
     counted topology; on add, record its tenant on the host."""
-    cdef int64_t j
-    cdef int32_t p, dom, g
     cdef intp_t k
-    for k in range(t.groups.shape[0]):
-        g = t.groups[k]
-        if g + 1 >= cs.group_ptr.shape[0]:
-            continue  # no term counts this group yet
-        for j in range(cs.group_ptr[g], cs.group_ptr[g + 1]):
-            p = cs.group_pairs[j]
-            dom = cs.domain[cs.pair_topo[p], h]
-            if dom >= 0:
-                cs.pair_counts[cs.pair_offset[p] + dom] += delta
-                if delta > 0 and cs.pair_counts[cs.pair_offset[p] + dom] == 1:
-                    cs.pair_nonzero[p] += 1
-                elif delta < 0 and cs.pair_counts[cs.pair_offset[p] + dom] == 0:
-                    cs.pair_nonzero[p] -= 1
-            cs.pair_total[p] += delta
+    cdef int32_t dom
+    cdef Counter* c
+    for k in range(t.n_own):
+        c = &t.own_ctr[k]
+        dom = c.dom[h]
+        if dom >= 0:
+            c.count[dom] += delta
+            if delta > 0 and c.count[dom] == 1:
+                c.nonzero[0] += 1
+            elif delta < 0 and c.count[dom] == 0:
+                c.nonzero[0] -= 1
+        c.total[0] += delta
     if delta > 0 and t.tenant >= 0:
         if cs.host_tenant[h] == -1:
             cs.host_tenant[h] = t.tenant

@@ -183,8 +183,8 @@ def release_rows(HostState s, const int64_t[:, ::1] requests, const int64_t[::1]
 
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
-from ._constraint cimport (ConstraintState, Terms, reject, reject_dynamic, reject_restored, penalty, prepare,
-                          count_in, numa_node, penalty_floor, penalty_monotone, static_ok)
+from ._constraint cimport (ConstraintState, Terms, bind_counters, reject, reject_dynamic, reject_restored, penalty,
+                          prepare, count_in, numa_node, penalty_floor, penalty_monotone, static_ok)
 
 
 cdef float64_t block_penalty_lb(FitIndex ix, ConstraintState cs, Terms t, intp_t b, float64_t floor) noexcept nogil:
@@ -443,6 +443,7 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
             or charge_out.shape[0] != requests.shape[0] or charge_out.shape[1] != n_dims \
             or numa_out.shape[0] != requests.shape[0]:
         raise ValueError("place_rows_constrained: shapes disagree")
+    bind_counters(cs, t)
     tmp = np.zeros(n_dims, dtype=np.int64)
     cdef int64_t[::1] tmp_v = tmp
     cdef FitIndex ix = s.index
@@ -495,6 +496,7 @@ def check_host(HostState s, ConstraintState cs, Terms t, const int64_t[::1] requ
 
     counters=False skips hard affinity, anti-affinity and spread (see reject_restored)."""
     cdef int32_t code
+    bind_counters(cs, t)
     with nogil:
         prepare(cs, t)
         if counters:
@@ -507,6 +509,7 @@ def check_host(HostState s, ConstraintState cs, Terms t, const int64_t[::1] requ
 def commit_host(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t[::1] charge):
     """Commit a checked placement (see check_host); returns the NUMA node or -1."""
     cdef int64_t node
+    bind_counters(cs, t)
     with nogil:
         node = commit_constrained(s, cs, t, h, &charge[0])
     return node
@@ -515,6 +518,7 @@ def commit_host(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_
 def release_constrained(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t[::1] charge,
                         int64_t numa):
     """Undo commit_constrained (tenant marks are recomputed by the Python layer)."""
+    bind_counters(cs, t)
     with nogil:
         s.uncommit(h, &charge[0])
         count_in(cs, t, h, -1)
@@ -534,6 +538,7 @@ def filter_constrained(HostState s, ConstraintState cs, Terms t, const int64_t[:
         raise ValueError("filter_constrained: reason_out must have one entry per host row")
     tmp = np.zeros(s.n_dims, dtype=np.int64)
     cdef int64_t[::1] tmp_v = tmp
+    bind_counters(cs, t)
     with nogil:
         prepare(cs, t)
         for h in range(s.n_rows):
@@ -547,6 +552,7 @@ def filter_constrained(HostState s, ConstraintState cs, Terms t, const int64_t[:
 def penalties(HostState s, ConstraintState cs, Terms t, float64_t[::1] out):
     """Soft-term penalty per host row (for explanations and tests)."""
     cdef intp_t h
+    bind_counters(cs, t)
     with nogil:
         prepare(cs, t)
         for h in range(s.n_rows):
@@ -567,6 +573,7 @@ def place_single(HostState s, ConstraintState cs, Terms t, const int64_t[::1] re
     cdef int64_t node = -1
     if s.n_dims > 64:
         raise ValueError("place_single: at most 64 dimensions")
+    bind_counters(cs, t)
     with nogil:
         h = select_constrained(s, s.index, cs, t, &request[0], strategy, &charge_out[0], tmp)
         if h >= 0:

@@ -71,6 +71,11 @@ class _VolumeRecord:
     charge: np.ndarray
 
 
+
+def _creates_volumes(workload: Workload) -> bool:
+    """The workload asks for a new volume inline (placed with it in one decision)."""
+    return bool(workload.volumes) and any(isinstance(v, Volume) for v in workload.volumes)
+
 class Cluster:
     """A set of hosts and the workloads placed on them.
 
@@ -364,27 +369,34 @@ class Cluster:
 
     # ------------------------------------------------------------------ compiling workloads
 
-    def _compile_request(self, workload: Workload) -> np.ndarray:
+    def _request_values(self, workload: Workload) -> list[int]:
+        """The request per dimension, checked (a batch turns all of them into one array)."""
         req = workload.requests
         if req.keys() <= self._dim_index.keys():
             # Fast path for the common case (plain non-negative ints); anything else takes
             # the checked path below, which names the bad field.
             values = [req.get(d, 0) for d in self.dimensions]
             if all(type(v) is int and 0 <= v < _MAX_QUANTITY for v in values):
-                return np.array(values, dtype=np.int64)
-        vec = np.zeros(len(self.dimensions), dtype=np.int64)
+                return values
+        values = [0] * len(self.dimensions)
         for name, value in workload.requests.items():
             if name not in self._dim_index:
                 raise UnknownDimension(
                     f"workload {workload.id} requests unknown dimension {name!r}; dimensions are {self.dimensions}")
-            vec[self._dim_index[name]] = check_quantity(f"workload {workload.id} requests[{name!r}]", value)
-        return vec
+            values[self._dim_index[name]] = check_quantity(f"workload {workload.id} requests[{name!r}]", value)
+        return values
 
-    def _check_new_workload(self, workload: Workload) -> np.ndarray:
+    def _compile_request(self, workload: Workload) -> np.ndarray:
+        return np.array(self._request_values(workload), dtype=np.int64)
+
+    def _check_new(self, workload: Workload) -> None:
         if not isinstance(workload, Workload):
             raise ValidationError(f"expected a Workload, got {type(workload).__name__}")
         if workload.id in self._workloads or workload.id in self._daemons:
             raise DuplicateId(f"workload id {workload.id!r} is already placed")
+
+    def _check_new_workload(self, workload: Workload) -> np.ndarray:
+        self._check_new(workload)
         return self._compile_request(workload)
 
     def _volume_mask(self, workload: Workload) -> np.ndarray | None:
@@ -442,7 +454,7 @@ class Cluster:
             request = self._check_new_workload(workload)
             if workload.per_host:
                 return self._place_daemon(workload, request)
-            if any(isinstance(v, Volume) for v in workload.volumes):
+            if _creates_volumes(workload):
                 return self._place_with_new_volumes(workload, request, code)
             terms = self._terms(workload)
             row = self._select_and_commit(workload, request, terms, code)
@@ -467,19 +479,20 @@ class Cluster:
         check_order(order)
         workloads = list(workloads)
         with self._lock:
-            requests = np.zeros((len(workloads), len(self.dimensions)), dtype=np.int64)
+            values = []
             seen = set()
-            for i, w in enumerate(workloads):
-                requests[i] = self._check_new_workload(w)
+            for w in workloads:
+                self._check_new(w)
+                values.append(self._request_values(w))
                 if w.id in seen:
                     raise DuplicateId(f"workload id {w.id!r} appears twice in the batch")
                 seen.add(w.id)
-            plain = [w for w in workloads if not w.per_host and not any(isinstance(v, Volume) for v in w.volumes)]
-            if len(plain) != len(workloads) and gang:
+            requests = np.array(values, dtype=np.int64).reshape(len(workloads), len(self.dimensions))
+            special = [w.per_host or _creates_volumes(w) for w in workloads]
+            if gang and any(special):
                 raise ValidationError("a gang may not hold per-host services or workloads that create volumes")
             # Compile every spec before placing anything, so a bad constraint changes nothing.
-            terms = [self._terms(w) if not w.per_host and not any(isinstance(v, Volume) for v in w.volumes)
-                     else None for w in workloads]
+            terms = [None if sp else self._terms(w) for w, sp in zip(workloads, special)]
             rows = self._batch_order(requests, order)
             result = BatchResult({}, {})
             placed_ids: list[str] = []
@@ -529,11 +542,12 @@ class Cluster:
         placed_rows = hosts[order]
         self._cons.record(terms, placed_rows[placed_rows >= 0], +1)
         row_hosts = self._row_hosts
+        host_of, numa_of = hosts.tolist(), numa.tolist()  # Python ints once, not a numpy scalar per row
         for i in run:
             w = workloads[i]
-            h = int(hosts[i])
+            h = host_of[i]
             if h >= 0:
-                self._workloads[w.id] = _Record(w, h, charge[i], int(numa[i]), terms)
+                self._workloads[w.id] = _Record(w, h, charge[i], numa_of[i], terms)
                 result.placements[w.id] = row_hosts[h].id
                 placed_ids.append(w.id)
             else:

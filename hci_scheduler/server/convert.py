@@ -177,7 +177,8 @@ def place_item(w: pb.Workload, dims: tuple[str, ...]) -> tuple[pb.Workload, byte
         w.kind = pb.WORKLOAD_KIND_CONTAINER
     if not w.isolation:
         w.isolation = pb.ISOLATION_SHARED
-    requests = dict(w.requests)
+    m = w.requests
+    requests = {k: m[k] for k in m}  # the map's own iteration: dict(m) goes through collections.abc, 2x slower
     _check_dims(w, requests, dims)
     if 0 in requests.values():
         for k in [k for k, v in requests.items() if not v]:

@@ -98,17 +98,21 @@ _VARINT1 = [bytes((i,)) for i in range(128)]
 
 
 def _varint(n: int) -> bytes:
+    """Protobuf base-128 varint of n >= 0; sequence numbers (up to 2**28) without a loop."""
     if n < 128:
         return _VARINT1[n]
+    if n < 1 << 14:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    if n < 1 << 21:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+    if n < 1 << 28:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
     out = bytearray()
-    while True:
-        b = n & 0x7F
+    while n >= 128:
+        out.append(n & 0x7F | 0x80)
         n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    out.append(n)
+    return bytes(out)
 
 
 # Field 7 (Event.workload), wire type 2 (length-delimited).

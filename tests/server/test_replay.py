@@ -30,3 +30,16 @@ def test_restart_after_a_rolled_back_gang_that_held_the_spread(tmp_path):
 
     with restart_after(tmp_path, setup) as (before, s):
         assert snapshot(s) == before
+
+
+def test_hand_written_event_fields_match_protobuf_encoding():
+    """Placement events are written as raw wire bytes; the varints must be exactly what
+    protobuf writes (and reads back) at every length, sequence numbers included."""
+    from google.protobuf.internal import encoder
+
+    from hci_scheduler.server.state import _varint
+
+    for n in [*range(300), *(1 << k for k in range(7, 64)), *((1 << k) - 1 for k in range(7, 65))]:
+        assert _varint(n) == encoder._VarintBytes(n), n
+    ev = pb.Event.FromString(b"\x08" + _varint(2**21 + 5) + b"\x22" + _varint(3) + b"h17")
+    assert (ev.sequence, ev.host_id) == (2**21 + 5, "h17")

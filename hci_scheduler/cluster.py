@@ -376,7 +376,10 @@ class Cluster:
             # Fast path for the common case (plain non-negative ints); anything else takes
             # the checked path below, which names the bad field.
             values = [req.get(d, 0) for d in self.dimensions]
-            if all(type(v) is int and 0 <= v < _MAX_QUANTITY for v in values):
+            for v in values:
+                if type(v) is not int or not 0 <= v < _MAX_QUANTITY:
+                    break
+            else:
                 return values
         values = [0] * len(self.dimensions)
         for name, value in workload.requests.items():
@@ -415,7 +418,7 @@ class Cluster:
 
     def _terms(self, workload: Workload, allowed: np.ndarray | None = None) -> CompiledTerms:
         """Compiled constraints of a workload, cached per spec while the host layout is unchanged."""
-        if allowed is None:
+        if allowed is None and workload.volumes:
             allowed = self._volume_mask(workload)
         if allowed is not None:
             return self._cons.compile(workload, allowed)

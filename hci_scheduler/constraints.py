@@ -567,6 +567,6 @@ def describe_terms(w: Workload) -> dict[int, str]:
 
 def spec_key(w: Workload) -> tuple:
     """Everything about a workload that shapes its Terms (not its id or requests)."""
-    vols = tuple(v if isinstance(v, str) else v.id for v in w.volumes)
+    vols = tuple(v if isinstance(v, str) else v.id for v in w.volumes) if w.volumes else ()
     return (w.kind, w.tenant, w.isolation, w.group, w.selector, w.tolerations, w.affinity, w.anti_affinity,
             w.spread, vols, w.numa)

@@ -161,9 +161,8 @@ def place_item(w: pb.Workload, dims: tuple[str, ...]) -> tuple[pb.Workload, byte
     conversion from about 55 to 6 us per workload, which was the largest cost of
     a batched Place call.
     """
-    fields = w.ListFields()
-    for f, _ in fields:
-        if f.name not in _PLAIN_FIELDS:
+    for f, _ in w.ListFields():
+        if f not in _PLAIN_FIELD_DESCRIPTORS:
             _check_dims(w, w.requests, dims)
             n = normalize_workload(w)
             return n, spec_bytes(n), workload_to_model(n)
@@ -179,22 +178,17 @@ def place_item(w: pb.Workload, dims: tuple[str, ...]) -> tuple[pb.Workload, byte
         w.isolation = pb.ISOLATION_SHARED
     m = w.requests
     requests = {k: m[k] for k in m}  # the map's own iteration: dict(m) goes through collections.abc, 2x slower
-    _check_dims(w, requests, dims)
+    for k in requests:
+        if k not in dims:
+            _check_dims(w, requests, dims)
     if 0 in requests.values():
         for k in [k for k, v in requests.items() if not v]:
             del w.requests[k]
             del requests[k]
-    m = object.__new__(Workload)
-    d = m.__dict__
-    d.update(_PLAIN_TEMPLATE)
-    d["id"] = w.id
-    d["requests"] = requests
-    d["kind"] = kind
-    d["isolation"] = isolation
-    d["tenant"] = w.tenant or None
-    d["group"] = w.group or None
-    d["priority"] = w.priority
-    return w, w.SerializeToString(deterministic=True), m
+    model = object.__new__(Workload)
+    model.__dict__.update(_PLAIN_TEMPLATE, id=w.id, requests=requests, kind=kind, isolation=isolation,
+                          tenant=w.tenant or None, group=w.group or None, priority=w.priority)
+    return w, w.SerializeToString(deterministic=True), model
 
 
 def _affinity(term: pb.AffinityTerm) -> Affinity:
@@ -203,6 +197,7 @@ def _affinity(term: pb.AffinityTerm) -> Affinity:
 
 #: Fields whose presence alone keeps a workload on the fast path below.
 _PLAIN_FIELDS = frozenset({"id", "requests", "kind", "isolation", "priority", "group", "tenant"})
+_PLAIN_FIELD_DESCRIPTORS = frozenset(pb.Workload.DESCRIPTOR.fields_by_name[n] for n in _PLAIN_FIELDS)
 
 
 def workload_to_model(w: pb.Workload) -> Workload:

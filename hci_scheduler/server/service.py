@@ -17,7 +17,7 @@ from ..store import StoreError
 from ..v1 import scheduler_pb2 as pb
 from ..v1 import scheduler_pb2_grpc as pb_grpc
 from . import convert
-from .state import DeadlineExpired, PlaceItem, SchedulerState, StoreFailed, Unsupported
+from .state import DeadlineExpired, PlaceItem, SchedulerState, StoreFailed, Unsupported, place_response
 
 log = logging.getLogger("hci_scheduler.server")
 
@@ -223,7 +223,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         items, coalesce = self._items(request.workloads, request.gang)
         answers = self._execute("place", (items, request.gang, strategy, request.preempt), context, n=n,
                                 coalesce=coalesce and not request.preempt)
-        return pb.PlaceResponse(placements=answers)
+        return place_response(answers)
 
     @_rpc
     def Release(self, request, context):

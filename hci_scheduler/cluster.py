@@ -71,10 +71,10 @@ class _VolumeRecord:
     charge: np.ndarray
 
 
-
 def _creates_volumes(workload: Workload) -> bool:
     """The workload asks for a new volume inline (placed with it in one decision)."""
     return bool(workload.volumes) and any(isinstance(v, Volume) for v in workload.volumes)
+
 
 class Cluster:
     """A set of hosts and the workloads placed on them.

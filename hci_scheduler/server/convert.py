@@ -180,7 +180,7 @@ def place_item(w: pb.Workload, dims: tuple[str, ...]) -> tuple[pb.Workload, byte
     requests = {k: m[k] for k in m}  # the map's own iteration: dict(m) goes through collections.abc, 2x slower
     for k in requests:
         if k not in dims:
-            _check_dims(w, requests, dims)
+            _check_dims(w, requests, dims)  # raises, naming the dimension
     if 0 in requests.values():
         for k in [k for k, v in requests.items() if not v]:
             del w.requests[k]

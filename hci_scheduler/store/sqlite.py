@@ -125,6 +125,7 @@ class SQLiteStore(Store):
                         self._cond.wait()
                     self._checkpoint_wanted = False
                     if self._closed:
+                        self._cond.notify_all()  # appends held back by the request go on
                         return
                     self._committing = True
                 try:

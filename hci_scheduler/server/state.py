@@ -711,7 +711,7 @@ class SchedulerState:
                     placed.append((it, p.host_id or "", p))
                 return placed, unplaced
             plain = fresh
-            if any([it.special for it in fresh]):
+            if any(it.special for it in fresh):
                 # Per-host services and workloads creating volumes: one `place` each,
                 # which reports their replica hosts (place_batch does not).
                 plain = []

@@ -6,6 +6,7 @@ which the servicer maps to INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import ValidationError
@@ -149,8 +150,19 @@ def _check_dims(w: pb.Workload, keys, dims: tuple[str, ...]) -> None:
             raise ValidationError(f"workload {w.id!r} requests: unknown dimension {k!r}, the cluster has {dims}")
 
 
-def place_item(w: pb.Workload, dims: tuple[str, ...]) -> tuple[pb.Workload, bytes, Workload]:
-    """(normalized proto, canonical spec bytes, model) of one workload of a Place call.
+@dataclass(slots=True)
+class PlaceItem:
+    """One workload of a Place call, converted once by the calling thread."""
+
+    wid: str  # the workload id, read from the proto once (each read builds a new str)
+    proto: pb.Workload  # normalized
+    spec: bytes  # canonical bytes of `proto` (idempotency key)
+    model: Workload
+    special: bool = False  # a per-host service or a workload creating volumes: placed on its own
+
+
+def place_item(w: pb.Workload, wid: str, dims: tuple[str, ...]) -> PlaceItem:
+    """The converted workload `w` (id `wid`, already checked) of a Place call.
 
     Normalizes `w` IN PLACE (the caller owns the request). A plain workload
     (only id, requests, kind, isolation, tenant, group, priority set) skips the
@@ -163,18 +175,15 @@ def place_item(w: pb.Workload, dims: tuple[str, ...]) -> tuple[pb.Workload, byte
     """
     for f, _ in w.ListFields():
         if f not in _PLAIN_FIELDS:
-            _check_dims(w, w.requests, dims)
-            n = normalize_workload(w)
-            return n, spec_bytes(n), workload_to_model(n)
-    kind = _KIND_NAMES.get(w.kind)
-    isolation = _ISOLATION_NAMES.get(w.isolation)
-    if kind is None or isolation is None or (isolation == "dedicated" and not w.tenant):
-        _check_dims(w, w.requests, dims)
-        n = normalize_workload(w)
-        return n, spec_bytes(n), workload_to_model(n)  # raises, naming the field
-    if not w.kind:
+            return _full_item(w, wid, dims)
+    kind_number, isolation_number, tenant = w.kind, w.isolation, w.tenant
+    kind = _KIND_NAMES.get(kind_number)
+    isolation = _ISOLATION_NAMES.get(isolation_number)
+    if kind is None or isolation is None or (isolation == "dedicated" and not tenant):
+        return _full_item(w, wid, dims)  # raises, naming the field
+    if not kind_number:
         w.kind = pb.WORKLOAD_KIND_CONTAINER
-    if not w.isolation:
+    if not isolation_number:
         w.isolation = pb.ISOLATION_SHARED
     m = w.requests
     requests = {k: m[k] for k in m}  # the map's own iteration: dict(m) goes through collections.abc, 2x slower
@@ -183,12 +192,18 @@ def place_item(w: pb.Workload, dims: tuple[str, ...]) -> tuple[pb.Workload, byte
             _check_dims(w, requests, dims)  # raises, naming the dimension
     if 0 in requests.values():
         for k in [k for k, v in requests.items() if not v]:
-            del w.requests[k]
+            del m[k]
             del requests[k]
     model = object.__new__(Workload)
-    model.__dict__.update(_PLAIN_TEMPLATE, id=w.id, requests=requests, kind=kind, isolation=isolation,
-                          tenant=w.tenant or None, group=w.group or None, priority=w.priority)
-    return w, w.SerializeToString(deterministic=True), model
+    model.__dict__.update(_PLAIN_TEMPLATE, id=wid, requests=requests, kind=kind, isolation=isolation,
+                          tenant=tenant or None, group=w.group or None, priority=w.priority)
+    return PlaceItem(wid, w, w.SerializeToString(deterministic=True), model)
+
+
+def _full_item(w: pb.Workload, wid: str, dims: tuple[str, ...]) -> PlaceItem:
+    _check_dims(w, w.requests, dims)
+    n = normalize_workload(w)
+    return PlaceItem(wid, n, spec_bytes(n), workload_to_model(n), bool(n.per_host or n.new_volumes))
 
 
 def _affinity(term: pb.AffinityTerm) -> Affinity:

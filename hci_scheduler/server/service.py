@@ -17,7 +17,8 @@ from ..store import StoreError
 from ..v1 import scheduler_pb2 as pb
 from ..v1 import scheduler_pb2_grpc as pb_grpc
 from . import convert
-from .state import DeadlineExpired, PlaceItem, SchedulerState, StoreFailed, Unsupported, place_response
+from .convert import PlaceItem
+from .state import DeadlineExpired, SchedulerState, StoreFailed, Unsupported, place_response
 
 log = logging.getLogger("hci_scheduler.server")
 
@@ -179,14 +180,13 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             if wid in seen:
                 raise ValidationError(f"workload id {wid!r} appears twice in workloads")
             seen.add(wid)
-            proto, spec, model = convert.place_item(w, dims)
-            special = proto.per_host or len(proto.new_volumes) > 0
-            if special:
-                self._check_special(proto, gang, volume_ids)
+            item = convert.place_item(w, wid, dims)
+            if item.special:
+                self._check_special(item.proto, gang, volume_ids)
                 coalesce = False
-            elif proto.gang:
+            elif item.model.gang:
                 coalesce = False
-            items.append(PlaceItem(proto, spec, model, special))
+            items.append(item)
         return items, coalesce
 
     @staticmethod

@@ -37,6 +37,7 @@ from ..model import Volume
 from ..store import Record, Store, StoreError
 from ..v1 import scheduler_pb2 as pb
 from . import convert
+from .convert import PlaceItem
 
 log = logging.getLogger("hci_scheduler.server")
 
@@ -64,16 +65,6 @@ class Allocation:
     sequence: int
     replicas: list[str] | None = None  # per-host service: hosts running a replica, in order
     volumes: tuple[tuple[str, tuple[str, ...], int], ...] = ()  # new volumes: (id, replica hosts, GiB)
-
-
-@dataclass(slots=True)
-class PlaceItem:
-    """One workload of a Place call, converted once by the calling thread."""
-
-    proto: pb.Workload  # normalized
-    spec: bytes
-    model: object  # hci_scheduler.model.Workload
-    special: bool = False  # a per-host service or a workload creating volumes: placed on its own
 
 
 class Op:
@@ -492,12 +483,12 @@ class SchedulerState:
                     i += 1
                     continue
                 if op.kind == "place*":
-                    group, ids = [op], {it.proto.id for it in op.args[0]}
+                    group, ids = [op], {it.wid for it in op.args[0]}
                     j = i + 1
                     while j < len(ops) and ops[j].kind == "place*" and ops[j].args[2] == op.args[2] \
                             and (ops[j].deadline is None or ops[j].deadline >= now) \
-                            and ids.isdisjoint(it.proto.id for it in ops[j].args[0]):
-                        ids.update(it.proto.id for it in ops[j].args[0])
+                            and ids.isdisjoint(it.wid for it in ops[j].args[0]):
+                        ids.update(it.wid for it in ops[j].args[0])
                         group.append(ops[j])
                         j += 1
                     outcomes.extend(self._place_group(group, records, ts))
@@ -622,7 +613,7 @@ class SchedulerState:
         if fresh:
             placed, unplaced = self._apply_place(fresh, gang, strategy, preempt)
             self._record(placed, unplaced, answers, records, ts)
-        return [answers[it.proto.id] for it in items]
+        return [answers[it.wid] for it in items]
 
     def _place_group(self, group: list[Op], records, ts):
         """Place the workloads of several coalescable Place calls in one core call."""
@@ -662,7 +653,7 @@ class SchedulerState:
                     if a is None:
                         answers[wid] = merged[wid]
         for op, answers in live:
-            outcomes.append((op, [answers[it.proto.id] for it in op.args[0]], None))
+            outcomes.append((op, [answers[it.wid] for it in op.args[0]], None))
         return outcomes
 
     def _idempotent(self, items: list[PlaceItem]):
@@ -674,7 +665,7 @@ class SchedulerState:
         fresh = []
         allocs = self.allocations
         for it in items:
-            wid = it.proto.id
+            wid = it.wid
             alloc = allocs.get(wid)
             if alloc is None:
                 answers[wid] = None
@@ -706,7 +697,7 @@ class SchedulerState:
                     try:
                         p = c.place(it.model, strategy=strategy, preempt=True)
                     except Unschedulable as exc:
-                        unplaced[it.proto.id] = exc.explanation
+                        unplaced[it.wid] = exc.explanation
                         continue
                     placed.append((it, p.host_id or "", p))
                 return placed, unplaced
@@ -722,7 +713,7 @@ class SchedulerState:
                     try:
                         p = c.place(it.model, strategy=strategy)
                     except Unschedulable as exc:
-                        unplaced[it.proto.id] = exc.explanation
+                        unplaced[it.wid] = exc.explanation
                         continue
                     placed.append((it, p.host_id or "", p))
             if len(plain) == 1 and not gang:
@@ -730,10 +721,10 @@ class SchedulerState:
                 try:
                     placed.append((it, c.place(it.model, strategy=strategy).host_id, None))
                 except Unschedulable as exc:
-                    unplaced[it.proto.id] = exc.explanation
+                    unplaced[it.wid] = exc.explanation
             elif plain:
                 r = c.place_batch([it.model for it in plain], strategy=strategy, order=order, gang=gang)
-                by_id = {it.proto.id: it for it in plain}
+                by_id = {it.wid: it for it in plain}
                 # placements is filled in placement order (largest first): keep it.
                 placed += [(by_id[wid], host_id, None) for wid, host_id in r.placements.items()]
                 unplaced.update(r.unplaced)
@@ -746,7 +737,7 @@ class SchedulerState:
         """Take back placements not yet recorded, newest first."""
         c = self.cluster
         for it, _host_id, p in reversed(placed):
-            c.release(it.proto.id)
+            c.release(it.wid)
             if p is None:
                 continue
             for vid in p.volumes:
@@ -764,7 +755,7 @@ class SchedulerState:
         kind = pb.EVENT_TYPE_PLACED
         seq = self.sequence
         for it, host_id, p in placed:
-            wid = it.proto.id
+            wid = it.wid
             if p is not None:
                 self.sequence = seq
                 answers[wid] = self._placed_special(it, p, records, ts)
@@ -790,7 +781,7 @@ class SchedulerState:
 
     def _placed_special(self, it: PlaceItem, p, records, ts) -> pb.Placement:
         """Record a placement with evictions, per-host replicas or new volumes."""
-        wid = it.proto.id
+        wid = it.wid
         for victim in p.evicted:
             alloc = self.allocations[victim]
             self._forget(victim)

@@ -59,14 +59,14 @@ def _fsync_probe(n: int = 100) -> tuple[float, float]:
 
 
 class _Server:
-    def __init__(self, fsync: str):
+    def __init__(self, fsync: str, transport: str = "lean"):
         self.tmp = tempfile.mkdtemp(prefix="hci-bench-")
         port_file = os.path.join(self.tmp, "port")
         self.log = open(os.path.join(self.tmp, "server.log"), "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", "127.0.0.1:0",
              "--data-dir", os.path.join(self.tmp, "data"), "--fsync", fsync, "--port-file", port_file,
-             "--log-level", "warning"],
+             "--log-level", "warning", "--transport", transport],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not os.path.exists(port_file):

@@ -18,6 +18,16 @@ from .conftest import ServerProcess, make_host, make_workload, restart_after, st
 SERVICE = "hci_scheduler.v1.SchedulerService"
 
 
+@pytest.fixture(scope="module", params=["lean", "grpcio"])
+def server(request, tmp_path_factory):
+    """Every test here runs on both transports: the default LeanServer and grpcio's
+    own server, the fallback that uses grpcio's public API only."""
+    tmp = tmp_path_factory.mktemp(f"srv-{request.param}")
+    srv = ServerProcess(tmp, data_dir=tmp / "data", extra=["--transport", request.param]).start()
+    yield srv
+    srv.kill()
+
+
 def code_of(call) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         call()

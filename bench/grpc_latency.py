@@ -1,6 +1,7 @@
 """gRPC latency and throughput of the scheduler service.
 
-    python -m bench.grpc_latency [--hosts 10000] [--fsync full|normal] [--quick] [--out DIR]
+    python -m bench.grpc_latency [--hosts 10000] [--fsync full|normal] [--transport lean|grpcio]
+                                 [--quick] [--out DIR]
 
 Starts `hci-scheduler serve` in a subprocess (its own interpreter, so client
 and server do not share a GIL) on a free loopback port with a fresh SQLite
@@ -13,7 +14,7 @@ then measures:
 
 Targets (issue 5, on the 2-core machine): unary p99 < 2 ms with one client;
 >= 20,000 placements/s in batches of 1,000. The figures are printed, with the
-machine they came from, and written to OUT/grpc_latency.json.
+machine they came from, and written to OUT/grpc_latency_FSYNC_TRANSPORT.json.
 """
 from __future__ import annotations
 
@@ -206,10 +207,10 @@ def batched(address: str, calls: int, batch: int, tag: str, clients: int = 1, wa
             "call_p50_ms": round(1e3 * float(np.percentile(lat, 50)), 2)}
 
 
-def run(hosts: int = 10_000, fsync: str = "full", quick: bool = False) -> dict:
+def run(hosts: int = 10_000, fsync: str = "full", quick: bool = False, transport: str = "lean") -> dict:
     from hci_scheduler.v1 import scheduler_pb2 as pb
 
-    server = _Server(fsync)
+    server = _Server(fsync, transport)
     try:
         ch, stub = _stub(server.address)
         for i in range(0, hosts, 2000):
@@ -221,7 +222,7 @@ def run(hosts: int = 10_000, fsync: str = "full", quick: bool = False) -> dict:
         assert stub.GetStatus(pb.GetStatusRequest(), timeout=60).hosts_by_state["ready"] == hosts
         ch.close()
         scale = 4 if quick else 1
-        out = {"hosts": hosts, "fsync": fsync, "machine": _machine(), "unary": [], "batched": None}
+        out = {"hosts": hosts, "fsync": fsync, "transport": transport, "machine": _machine(), "unary": [], "batched": None}
         unary(server.address, 1, 50, "warm")  # warm-up: connections, code paths
         out["health"] = health(server.address, max(100, 2000 // scale))
         for clients, calls in ((1, 2000), (8, 400), (64, 60)):
@@ -236,7 +237,7 @@ def run(hosts: int = 10_000, fsync: str = "full", quick: bool = False) -> dict:
 
 def report(res: dict) -> str:
     m = res["machine"]
-    lines = [f"gRPC Place on {res['hosts']:,} hosts, store fsync={res['fsync']} "
+    lines = [f"gRPC Place on {res['hosts']:,} hosts, store fsync={res['fsync']}, transport {res['transport']} "
              f"(python {m['python']}, {m['cpus']} cpus, disk fsync p50 {m['fsync_p50_ms']} ms "
              f"p99 {m['fsync_p99_ms']} ms)",
              f"bare health check (1 client, the floor of a unary call): p50 {res['health']['p50_ms']} ms, "
@@ -261,15 +262,17 @@ def main(argv=None) -> int:
     p.add_argument("--hosts", type=int, default=10_000)
     p.add_argument("--fsync", choices=["full", "normal"], default="full",
                    help="full: every reply survives power loss (default); normal: survives a crash")
+    p.add_argument("--transport", choices=["lean", "grpcio"], default="lean",
+                   help="the server's transport (hci-scheduler serve --transport)")
     p.add_argument("--quick", action="store_true", help="a quarter of the calls")
     p.add_argument("--out", default="bench-out")
     a = p.parse_args(argv)
-    res = run(a.hosts, a.fsync, a.quick)
+    res = run(a.hosts, a.fsync, a.quick, a.transport)
     text = report(res)
     print(text)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"grpc_latency_{a.fsync}.json").write_text(json.dumps(res, indent=2))
+    (out / f"grpc_latency_{a.fsync}_{a.transport}.json").write_text(json.dumps(res, indent=2))
     return 0
 
 

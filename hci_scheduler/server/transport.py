@@ -358,6 +358,8 @@ class LeanServer:
         self._registered: dict[str, grpc.RpcMethodHandler] = {}
         self._lock = threading.Lock()
         self._stage = "new"  # -> serving -> stopping -> stopped
+        self._starting = 0  # operations being started right now, outside the lock
+        self._none_starting = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
 
@@ -438,7 +440,16 @@ class LeanServer:
         """Start operations on a call unless the queue is shut down (grpc's core
         aborts the process on an operation started after that)."""
         with self._lock:
-            return self._stage != "stopped" and call.start_server_batch(ops, tag) == 0
+            if self._stage == "stopped":
+                return False
+            self._starting += 1
+        try:  # outside the lock: starting a send writes to the socket, other pollers go on
+            return call.start_server_batch(ops, tag) == 0
+        finally:
+            with self._lock:
+                self._starting -= 1
+                if not self._starting:
+                    self._none_starting.notify_all()
 
     def _lookup(self, details: _HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         h = self._registered.get(details.method)
@@ -489,6 +500,8 @@ class LeanServer:
     def _on_shutdown(self, event) -> None:
         with self._lock:
             self._stage = "stopped"  # no operation starts from now on
+            while self._starting:
+                self._none_starting.wait()
             self._server.destroy()
             self._cq.shutdown()  # the pollers drain the queue and leave
         self._streams.shutdown(wait=False)

@@ -32,6 +32,10 @@ extensions = [
         extra_compile_args=["-O3"] if not DEBUG else ["-O0", "-g"],
     )
     for path in sorted((ROOT / "sched_core").glob("*.pyx"))
+] + [
+    # The Place request's plain workloads decoded from the wire (see the module docstring).
+    Extension("hci_scheduler.server.wire", ["hci_scheduler/server/wire.pyx"],
+              extra_compile_args=["-O3"] if not DEBUG else ["-O0", "-g"]),
 ]
 
 

@@ -33,7 +33,7 @@ from .policy import Policy, check_order, largest_first, strategy_code
 
 _INITIAL_ROWS = 64
 _MAX_NUMA = 8
-_MAX_QUANTITY = 2**46
+MAX_QUANTITY = 2**46  # every quantity is below this (model.check_quantity refuses the rest)
 
 
 def _as_request_matrix(requests, n_dims: int, name: str = "requests") -> np.ndarray:
@@ -377,7 +377,7 @@ class Cluster:
             # the checked path below, which names the bad field.
             values = [req.get(d, 0) for d in self.dimensions]
             for v in values:
-                if type(v) is not int or not 0 <= v < _MAX_QUANTITY:
+                if type(v) is not int or not 0 <= v < MAX_QUANTITY:
                     break
             else:
                 return values

@@ -223,6 +223,10 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     server = _grpc_server(opts, interceptors)
     servicer = SchedulerServicer(state, metrics)
     pb_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+    # Place takes its request as wire bytes: plain workloads skip protobuf (see SchedulerServicer.Place).
+    server.add_registered_method_handlers(SERVICE_NAME, {
+        "Place": grpc.unary_unary_rpc_method_handler(
+            servicer.Place, request_deserializer=None, response_serializer=pb.PlaceResponse.SerializeToString)})
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -10,7 +10,9 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from ..cluster import MAX_QUANTITY
 from ..errors import (DuplicateId, NotFound, SchedulerError, StateConflict, Unschedulable,
                       ValidationError)
 from ..store import StoreError
@@ -19,6 +21,7 @@ from ..v1 import scheduler_pb2_grpc as pb_grpc
 from . import convert
 from .convert import PlaceItem
 from .state import DeadlineExpired, SchedulerState, StoreFailed, Unsupported, place_response
+from .wire import PlainDecoder
 
 log = logging.getLogger("hci_scheduler.server")
 
@@ -87,6 +90,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def __init__(self, state: SchedulerState, metrics=None, watch_poll_s: float = 0.5):
         self.state = state
         self.metrics = metrics
+        self._plain = PlainDecoder(state.dimensions, MAX_QUANTITY, MAX_ID_LENGTH, MAX_WORKLOADS_PER_CALL)
         self.watch_poll_s = watch_poll_s
         self.stopping = False
 
@@ -212,17 +216,32 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
 
     @_rpc
     def Place(self, request, context):
+        """`request` is a PlaceRequest, or its wire bytes (how the server passes it):
+        plain workloads are then decoded from the bytes (wire.pyx), anything else
+        goes through protobuf."""
+        if type(request) is bytes:
+            decoded = self._plain.decode(request)
+            if decoded is not None:
+                items, gang, strategy, preempt = decoded
+                return self._place(items, not gang, gang, strategy, preempt, context)
+            try:
+                request = pb.PlaceRequest.FromString(request)
+            except DecodeError as exc:
+                raise ValidationError(f"malformed PlaceRequest: {exc}") from None
         n = len(request.workloads)
         if not n:
             raise ValidationError("workloads must not be empty")
         if n > MAX_WORKLOADS_PER_CALL:
             raise ValidationError(f"workloads: at most {MAX_WORKLOADS_PER_CALL} per call, got {n}")
-        if request.gang and request.preempt:
-            raise ValidationError("gang and preempt cannot be combined")
-        strategy = convert.strategy(request.strategy)
         items, coalesce = self._items(request.workloads, request.gang)
-        answers = self._execute("place", (items, request.gang, strategy, request.preempt), context, n=n,
-                                coalesce=coalesce and not request.preempt)
+        return self._place(items, coalesce, request.gang, request.strategy, request.preempt, context)
+
+    def _place(self, items: list[PlaceItem], coalesce: bool, gang: bool, strategy: int, preempt: bool, context):
+        if gang and preempt:
+            raise ValidationError("gang and preempt cannot be combined")
+        name = convert.strategy(strategy)
+        answers = self._execute("place", (items, gang, name, preempt), context, n=len(items),
+                                coalesce=coalesce and not preempt)
         return place_response(answers)
 
     @_rpc

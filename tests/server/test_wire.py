@@ -1,0 +1,164 @@
+"""The wire decoder of plain PlaceRequests (hci_scheduler.server.wire) against the
+protobuf path it stands in for: same ids, same canonical spec bytes, same models;
+and None (the protobuf path decides) for everything it does not decode."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hci_scheduler.cluster import MAX_QUANTITY
+from hci_scheduler.server import convert
+from hci_scheduler.server.service import MAX_ID_LENGTH
+from hci_scheduler.server.wire import PlainDecoder
+from hci_scheduler.v1 import scheduler_pb2 as pb
+
+DIMS = ("cpu", "memory", "ssd", "net", "gpu")
+
+
+def decoder(max_workloads: int = 1000) -> PlainDecoder:
+    return PlainDecoder(DIMS, MAX_QUANTITY, MAX_ID_LENGTH, max_workloads)
+
+
+def reference(data: bytes):
+    """What the protobuf path makes of the same bytes."""
+    req = pb.PlaceRequest.FromString(data)
+    return [convert.place_item(w, w.id, DIMS) for w in req.workloads], req.gang, req.strategy, req.preempt
+
+
+ids = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
+names = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
+plain_workloads = st.builds(
+    dict,
+    requests=st.dictionaries(st.sampled_from(DIMS), st.integers(0, MAX_QUANTITY - 1), max_size=5),
+    kind=st.sampled_from([0, 1, 2]),
+    isolation=st.sampled_from([0, 1, 2]),
+    tenant=names,
+    group=names,
+    priority=st.integers(-2**63, 2**63 - 1),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(ids, plain_workloads), min_size=1, max_size=8, unique_by=lambda t: t[0]),
+       st.booleans(), st.sampled_from([0, 1, 2, 3, 4, 9]), st.booleans(), st.randoms())
+def test_plain_requests_decode_as_the_protobuf_path_converts_them(workloads, gang, strategy, preempt, rnd):
+    req = pb.PlaceRequest(gang=gang, strategy=strategy, preempt=preempt)
+    for wid, fields in workloads:
+        req.workloads.add(id=wid, **fields)
+    data = req.SerializeToString()
+    if rnd.random() < 0.5:
+        # Fields in any order, map entries too: protobuf accepts them, so must we.
+        data = _shuffled(data, rnd)
+    got = decoder().decode(data)
+    if any(f["isolation"] == 2 and not f["tenant"] for _, f in workloads):
+        assert got is None  # dedicated without a tenant: the protobuf path names the error
+        return
+    want_items, *want_flags = reference(data)
+    assert got is not None
+    items, *flags = got
+    assert flags == want_flags
+    assert [(i.wid, i.spec) for i in items] == [(i.wid, i.spec) for i in want_items]
+    assert [i.model.__dict__ for i in items] == [i.model.__dict__ for i in want_items]
+    assert not any(i.special for i in items)
+
+
+def _shuffled(data: bytes, rnd: random.Random) -> bytes:
+    """The same message with its top-level fields and each workload's fields permuted."""
+    def fields(buf: bytes):
+        out, pos = [], 0
+        while pos < len(buf):
+            start = pos
+            key, pos = _read_varint(buf, pos)
+            if key & 7 == 2:
+                n, pos = _read_varint(buf, pos)
+                body = buf[pos:pos + n]
+                pos += n
+                out.append((key, buf[start:pos], body))
+            else:
+                _, pos = _read_varint(buf, pos)
+                out.append((key, buf[start:pos], None))
+        return out
+
+    top = fields(data)
+    parts = []
+    for key, raw, body in top:
+        if key == 0x0A:  # a workload: permute its fields (the order of workloads stays)
+            inner = [r for _, r, _ in fields(body)]
+            rnd.shuffle(inner)
+            body = b"".join(inner)
+            raw = b"\x0a" + _varint(len(body)) + body
+        parts.append((key, raw))
+    others = [p for p in parts if p[0] != 0x0A]
+    rnd.shuffle(others)
+    return b"".join(r for _, r in others + [p for p in parts if p[0] == 0x0A])
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def test_repeated_map_keys_and_scalars_keep_the_last_value():
+    w = pb.Workload(id="a", requests={"cpu": 5}, kind=1).SerializeToString()
+    w += pb.Workload(requests={"cpu": 7, "memory": 0}, kind=2, id="b").SerializeToString()  # concatenation merges
+    data = b"\x0a" + _varint(len(w)) + w
+    (item,), *_ = decoder().decode(data)
+    (ref,), *_ = reference(data)
+    assert (item.wid, item.spec, item.model.__dict__) == (ref.wid, ref.spec, ref.model.__dict__)
+    assert item.model.requests == {"cpu": 7} and item.model.kind == "vm"
+
+
+@pytest.mark.parametrize("workload", [
+    pb.Workload(id="w", requests={"cpu": 1}, group="g", node_selector={"zone": "a"}),  # a constraint
+    pb.Workload(id="w", requests={"cpu": 1}, gang="g1"),
+    pb.Workload(id="w", requests={"cpu": 1}, per_host=True),
+    pb.Workload(id="w", requests={"cpu": 1}, kind=7),  # unknown enum
+    pb.Workload(id="w", requests={"cpu": 1}, isolation=2),  # dedicated without a tenant
+    pb.Workload(id="w", requests={"tpu": 1}),  # unknown dimension
+    pb.Workload(id="w", requests={"cpu": -1}),
+    pb.Workload(id="w", requests={"cpu": MAX_QUANTITY}),
+    pb.Workload(id="", requests={"cpu": 1}),
+    pb.Workload(id="x" * (MAX_ID_LENGTH + 1), requests={"cpu": 1}),
+])
+def test_anything_but_a_valid_plain_workload_is_left_to_protobuf(workload):
+    req = pb.PlaceRequest(workloads=[pb.Workload(id="fine", requests={"cpu": 1}), workload])
+    assert decoder().decode(req.SerializeToString()) is None
+
+
+def test_malformed_duplicate_unknown_and_oversized_requests_are_left_to_protobuf():
+    good = pb.PlaceRequest(workloads=[pb.Workload(id="a", requests={"cpu": 1})]).SerializeToString()
+    assert decoder().decode(good) is not None
+    assert decoder().decode(good[:-1]) is None  # truncated
+    assert decoder().decode(good + b"\xff") is None  # a dangling varint
+    assert decoder().decode(good + b"\x28\x01") is None  # field 5: not in PlaceRequest
+    assert decoder().decode(b"") is None  # no workloads
+    twice = pb.PlaceRequest(workloads=[pb.Workload(id="a"), pb.Workload(id="a")]).SerializeToString()
+    assert decoder().decode(twice) is None
+    bad_utf8 = b"\x0a\x04\x0a\x02\xc3\x28"  # workload {id: invalid UTF-8}
+    assert decoder().decode(bad_utf8) is None
+    three = pb.PlaceRequest(workloads=[pb.Workload(id=str(i)) for i in range(3)]).SerializeToString()
+    assert decoder(max_workloads=2).decode(three) is None
+    assert decoder(max_workloads=3).decode(three) is not None
+
+
+def test_dimensions_must_fit():
+    with pytest.raises(ValueError):
+        PlainDecoder((), MAX_QUANTITY, MAX_ID_LENGTH, 10)

@@ -155,7 +155,7 @@ class PlaceItem:
     """One workload of a Place call, converted once by the calling thread."""
 
     wid: str  # the workload id, read from the proto once (each read builds a new str)
-    proto: pb.Workload  # normalized
+    proto: pb.Workload | None  # normalized; None when decoded from the wire (wire.pyx: plain workloads only)
     spec: bytes  # canonical bytes of `proto` (idempotency key)
     model: Workload
     special: bool = False  # a per-host service or a workload creating volumes: placed on its own

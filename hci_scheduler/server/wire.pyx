@@ -252,7 +252,7 @@ cdef class PlainDecoder:
         """The workload's deterministic encoding: fields by number, map entries by key."""
         cdef Py_ssize_t i, d, n, klen, entry
         cdef bytes name
-        n = 64 + (id_stop - id_start) + (tenant_stop - tenant_start) + (group_stop - group_start)
+        n = 96 + (id_stop - id_start) + (tenant_stop - tenant_start) + (group_stop - group_start)
         for d in range(self._n_dims):
             n += 16 + PyBytes_GET_SIZE(<bytes>self._encoded[d]) + 10
         cdef unsigned char* out = self._room(n)

@@ -162,3 +162,27 @@ def test_malformed_duplicate_unknown_and_oversized_requests_are_left_to_protobuf
 def test_dimensions_must_fit():
     with pytest.raises(ValueError):
         PlainDecoder((), MAX_QUANTITY, MAX_ID_LENGTH, 10)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(ids, plain_workloads), min_size=1, max_size=3, unique_by=lambda t: t[0]),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+       st.binary(max_size=8))
+def test_corrupted_bytes_decode_as_protobuf_reads_them_or_not_at_all(workloads, flips, tail):
+    """The decoder reads bytes with bounds checks off: on any corruption it must
+    either give up (None) or agree with protobuf."""
+    req = pb.PlaceRequest()
+    for wid, fields in workloads:
+        req.workloads.add(id=wid, **fields)
+    data = bytearray(req.SerializeToString())
+    for at, value in flips:
+        data[at % len(data)] = value
+    data = bytes(data) + tail
+    got = decoder().decode(data)
+    if got is None:
+        return
+    want_items, *want_flags = reference(data)  # protobuf must read what we read
+    items, *flags = got
+    assert flags == want_flags
+    assert [(i.wid, i.spec, i.model.__dict__) for i in items] == \
+        [(i.wid, i.spec, i.model.__dict__) for i in want_items]

@@ -194,6 +194,14 @@ def test_place_malformed_is_invalid_argument(stub, request_):
     assert code_of(lambda: stub.Place(request_)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_place_bytes_that_are_no_place_request_are_invalid_argument(server):
+    channel, _ = stub_for(server.address)
+    place = channel.unary_unary(f"/{SERVICE}/Place")
+    for garbage in (b"\xff\xff\xff", b"\x0a\x05\x0a\x01"):  # a bad varint; a workload cut short
+        assert code_of(lambda: place(garbage, timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
+
+
 def test_gang_is_all_or_nothing(stub):
     members = [make_workload("gang-1"), make_workload("gang-2"), make_workload("gang-3", cpu=10**13)]
     resp = stub.Place(pb.PlaceRequest(workloads=members, gang=True))

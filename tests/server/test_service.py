@@ -293,6 +293,18 @@ def test_health_reports_serving(server):
     channel.close()
 
 
+def test_health_watch_streams_the_status_until_cancelled(server):
+    channel, _ = stub_for(server.address)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    assert code_of(lambda: next(watch)) == grpc.StatusCode.CANCELLED
+    # The server let go of the watcher and goes on serving.
+    assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    channel.close()
+
+
 def test_reflection_lists_the_service(server):
     channel, _ = stub_for(server.address)
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)

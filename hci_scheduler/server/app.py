@@ -33,7 +33,6 @@ from ..v1 import scheduler_pb2_grpc as pb_grpc
 from .metrics import Metrics
 from .service import SchedulerServicer
 from .state import SchedulerState
-from .transport import LeanServer
 
 log = logging.getLogger("hci_scheduler.server")
 
@@ -272,6 +271,8 @@ def _grpc_server(opts: ServerOptions, interceptors: list):
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.so_reuseport", 0)]
     if opts.transport == "lean":
+        from .transport import LeanServer  # here: grpcio's Cython layer is only needed by this transport
+
         return LeanServer(pollers=opts.pollers, stream_workers=opts.max_workers, interceptors=interceptors,
                           options=options)
     return grpc.server(futures.ThreadPoolExecutor(max_workers=opts.pollers + opts.max_workers,

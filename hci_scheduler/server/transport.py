@@ -159,6 +159,9 @@ class _Call(grpc.ServicerContext):
             for response in responses:
                 payload = self._serialize(response)
                 if payload is None or not self._send(payload):
+                    close = getattr(responses, "close", None)
+                    if close is not None:
+                        close()  # the client is gone: the handler's finally blocks run now
                     return
         except _Aborted:
             self._finish(None)

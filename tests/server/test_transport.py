@@ -200,3 +200,19 @@ def test_create_server_refuses_unknown_transport_and_no_pollers(tmp_path):
     with pytest.raises(ValueError, match="pollers"):
         app.create_server("127.0.0.1:0", data_dir=str(tmp_path), pollers=0)
     assert not any(tmp_path.iterdir())  # refused before the store was opened
+
+
+def test_a_message_over_the_size_limit_is_refused_and_the_server_goes_on():
+    rec = Recorder()
+    server = LeanServer(pollers=1, stream_workers=1, options=[("grpc.max_receive_message_length", 1024)])
+    server.add_registered_method_handlers(SERVICE, handlers(rec))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        assert code_and_details(lambda: call(channel, "Echo")(b"x" * 4096, timeout=10))[0] == \
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert call(channel, "Echo")(b"small", timeout=10) == b"small"
+    finally:
+        channel.close()
+        assert server.stop(None).wait(10)

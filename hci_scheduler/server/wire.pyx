@@ -23,7 +23,8 @@ from libc.string cimport memcmp, memcpy
 from hci_scheduler.model import Workload
 from hci_scheduler.server.convert import _PLAIN_TEMPLATE, PlaceItem
 
-DEF MAX_DIMS = 32
+cdef enum:
+    MAX_DIMS = 32  # dimensions a decoder handles (a cluster has 5 by default)
 
 cdef object _new_object = object.__new__
 cdef dict _TEMPLATE = _PLAIN_TEMPLATE
@@ -100,9 +101,8 @@ cdef class PlainDecoder:
     def __cinit__(self, dims, int64_t max_quantity, Py_ssize_t max_id_length, Py_ssize_t max_workloads):
         self._names = [str(d) for d in dims]
         self._encoded = [d.encode("utf-8") for d in self._names]
-        self._n_dims = len(self._names)
-        if not 0 < self._n_dims <= MAX_DIMS:
-            raise ValueError(f"between 1 and {MAX_DIMS} dimensions, got {self._n_dims}")
+        # More dimensions than MAX_DIMS (or none): decode nothing, protobuf takes every request.
+        self._n_dims = len(self._names) if len(self._names) <= MAX_DIMS else 0
         order = sorted(range(self._n_dims), key=lambda i: self._encoded[i])
         for i in range(self._n_dims):
             self._order[i] = order[i]
@@ -134,6 +134,8 @@ cdef class PlainDecoder:
         cdef uint64_t gang = 0, strategy = 0, preempt = 0
         cdef list items = []
         cdef set seen = set()
+        if not self._n_dims:
+            return None
         while pos < end:
             if not _varint(buf, end, &pos, &key):
                 return None

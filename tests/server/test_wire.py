@@ -159,9 +159,11 @@ def test_malformed_duplicate_unknown_and_oversized_requests_are_left_to_protobuf
     assert decoder(max_workloads=3).decode(three) is not None
 
 
-def test_dimensions_must_fit():
-    with pytest.raises(ValueError):
-        PlainDecoder((), MAX_QUANTITY, MAX_ID_LENGTH, 10)
+def test_a_cluster_with_more_dimensions_than_the_decoder_takes_goes_through_protobuf():
+    many = tuple(f"d{i}" for i in range(40))
+    data = pb.PlaceRequest(workloads=[pb.Workload(id="a", requests={"d0": 1})]).SerializeToString()
+    assert PlainDecoder(many, MAX_QUANTITY, MAX_ID_LENGTH, 10).decode(data) is None
+    assert PlainDecoder(many[:32], MAX_QUANTITY, MAX_ID_LENGTH, 10).decode(data) is not None
 
 
 @settings(max_examples=500, deadline=None)

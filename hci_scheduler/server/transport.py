@@ -177,7 +177,7 @@ class _Call(grpc.ServicerContext):
             return behavior(*args[:1], self, *args[1:])
         except _Aborted:
             self._finish(None)
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 -- even SystemExit: the call gets a status, the thread lives
             self._application_error(exc)
         return _FAILED
 
@@ -186,7 +186,7 @@ class _Call(grpc.ServicerContext):
         if payload is not None:
             self._finish(payload)
 
-    def _application_error(self, exc: Exception) -> None:
+    def _application_error(self, exc: BaseException) -> None:
         log.exception("handler of %s failed", self._handler)
         if self._code is None or self._code is grpc.StatusCode.OK:
             self._code = grpc.StatusCode.UNKNOWN
@@ -419,7 +419,7 @@ class LeanServer:
                 continue
             try:
                 event.tag(event)
-            except Exception:  # noqa: BLE001 -- one bad event must not stop a poller
+            except BaseException:  # noqa: BLE001 -- one bad event must not stop a poller
                 log.exception("gRPC event handling failed")
 
     def _on_call(self, event) -> None:

@@ -38,6 +38,9 @@ def handlers(rec: Recorder) -> dict[str, grpc.RpcMethodHandler]:
     def boom(req, ctx):
         raise ValueError("bad day")
 
+    def leave(req, ctx):
+        raise SystemExit("a handler must not take a poller with it")
+
     def refuse(req, ctx):
         ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "not now")
 
@@ -68,6 +71,7 @@ def handlers(rec: Recorder) -> dict[str, grpc.RpcMethodHandler]:
         "Echo": grpc.unary_unary_rpc_method_handler(echo),
         "Missing": grpc.unary_unary_rpc_method_handler(missing),
         "Boom": grpc.unary_unary_rpc_method_handler(boom),
+        "Leave": grpc.unary_unary_rpc_method_handler(leave),
         "Refuse": grpc.unary_unary_rpc_method_handler(refuse),
         "Slow": grpc.unary_unary_rpc_method_handler(slow),
         "Strict": grpc.unary_unary_rpc_method_handler(echo, request_deserializer=bad_request),
@@ -124,6 +128,8 @@ def test_status_codes(served):
         (grpc.StatusCode.NOT_FOUND, "no such thing")
     code, details = code_and_details(lambda: call(channel, "Boom")(b"x", timeout=5))
     assert code == grpc.StatusCode.UNKNOWN and "bad day" in details
+    for _ in range(3):  # more than the two pollers: none of them may die of it
+        assert code_and_details(lambda: call(channel, "Leave")(b"x", timeout=5))[0] == grpc.StatusCode.UNKNOWN
     assert code_and_details(lambda: call(channel, "Refuse")(b"x", timeout=5)) == \
         (grpc.StatusCode.FAILED_PRECONDITION, "not now")
     assert code_and_details(lambda: call(channel, "Strict")(b"x", timeout=5))[0] == grpc.StatusCode.INTERNAL

@@ -166,7 +166,7 @@ class _Call(grpc.ServicerContext):
         except _Aborted:
             self._finish(None)
             return
-        except Exception as exc:  # noqa: BLE001 -- an application error becomes UNKNOWN, as in grpc.server
+        except BaseException as exc:  # noqa: BLE001 -- an application error becomes UNKNOWN, as in grpc.server
             self._application_error(exc)
             return
         self._finish(None)

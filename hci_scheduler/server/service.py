@@ -77,6 +77,13 @@ def _rpc(method):
     return wrapper
 
 
+def _strategy(gang: bool, strategy: int, preempt: bool) -> str:
+    """The strategy name of a PlaceRequest, once its flags are known to go together."""
+    if gang and preempt:
+        raise ValidationError("gang and preempt cannot be combined")
+    return convert.strategy(strategy)
+
+
 def _check_id(field: str, value: str) -> None:
     if not value:
         raise ValidationError(f"{field} must not be empty")
@@ -223,7 +230,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             decoded = self._plain.decode(request)
             if decoded is not None:
                 items, gang, strategy, preempt = decoded
-                return self._place(items, not gang, gang, strategy, preempt, context)
+                return self._place(items, not gang, gang, _strategy(gang, strategy, preempt), preempt, context)
             try:
                 request = pb.PlaceRequest.FromString(request)
             except DecodeError as exc:
@@ -233,14 +240,12 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             raise ValidationError("workloads must not be empty")
         if n > MAX_WORKLOADS_PER_CALL:
             raise ValidationError(f"workloads: at most {MAX_WORKLOADS_PER_CALL} per call, got {n}")
+        strategy = _strategy(request.gang, request.strategy, request.preempt)  # before converting the workloads
         items, coalesce = self._items(request.workloads, request.gang)
-        return self._place(items, coalesce, request.gang, request.strategy, request.preempt, context)
+        return self._place(items, coalesce, request.gang, strategy, request.preempt, context)
 
-    def _place(self, items: list[PlaceItem], coalesce: bool, gang: bool, strategy: int, preempt: bool, context):
-        if gang and preempt:
-            raise ValidationError("gang and preempt cannot be combined")
-        name = convert.strategy(strategy)
-        answers = self._execute("place", (items, gang, name, preempt), context, n=len(items),
+    def _place(self, items: list[PlaceItem], coalesce: bool, gang: bool, strategy: str, preempt: bool, context):
+        answers = self._execute("place", (items, gang, strategy, preempt), context, n=len(items),
                                 coalesce=coalesce and not preempt)
         return place_response(answers)
 

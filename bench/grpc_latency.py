@@ -161,7 +161,7 @@ def _drive(address: str, per_client: list[list], timeout: float, warm: int = 0) 
 
 def health(address: str, calls: int) -> dict:
     """p50/p99 of a bare health check with one client: the floor of any unary call
-    on this machine (channel, HTTP/2, the server's thread hand-off), to read the
+    on this machine (channel, HTTP/2, the server's transport), to read the
     Place figures against."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -509,6 +509,3 @@ class LeanServer:
             self._cq.shutdown()  # the pollers drain the queue and leave
         self._streams.shutdown(wait=False)
         self._stopped.set()
-
-    def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._stopped.wait(timeout)

@@ -1,62 +1,121 @@
 """Prometheus metrics of the service (exposed by `serve --metrics HOST:PORT`).
 
-Counters and histograms are updated on the hot path; gauges that need the
+The hot path only adds to plain counters under one lock; everything is turned
+into Prometheus families at scrape time by a collector. prometheus_client's
+own Counter and Histogram take a lock per value and walk the buckets in
+Python: about 30,000 instructions of a 430,000-instruction unary Place on
+the server (callgrind), 7% of it, for four updates. Gauges that need the
 cluster (hosts by state, utilisation per dimension) are computed at scrape
-time by a collector, so they cost nothing between scrapes.
+time too, so they cost nothing between scrapes.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+import threading
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+RPC_SECONDS = "hci_scheduler_rpc_duration_seconds"
+RPC_TOTAL = "hci_scheduler_rpc"  # exported as hci_scheduler_rpc_total
+PLACEMENTS = "hci_scheduler_placements"
+REFUSALS = "hci_scheduler_refusals"
+BATCH_WORKLOADS = "hci_scheduler_writer_batch_workloads"
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+class _Histogram:
+    """Counts per bucket (upper bounds inclusive, as Prometheus's `le`) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+            total += n
+            out.append((floatToGoString(bound), total))
+        return out
+
+
 class Metrics:
     """All metrics of one server, in their own registry (several servers may
-    live in one process, as in tests)."""
+    live in one process, as in tests). The hooks may be called from any thread."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.rpc_seconds = Histogram("hci_scheduler_rpc_duration_seconds", "RPC latency by method.",
-                                     ["method"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.rpc_total = Counter("hci_scheduler_rpc", "RPCs by method and status code.",
-                                 ["method", "code"], registry=r)
-        self.placements = Counter("hci_scheduler_placements", "Workloads placed.", registry=r)
-        self.refusals = Counter("hci_scheduler_refusals", "Workloads that fit nowhere, by the filter "
-                                "that removed the most hosts.", ["reason"], registry=r)
-        self.batch_size = Histogram("hci_scheduler_writer_batch_workloads",
-                                    "Workloads carried by one writer batch (coalesced Place calls).",
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self._state = None
-        self._rpc_children: dict[tuple[str, str], tuple] = {}
+        self._lock = threading.Lock()
+        self._rpc_seconds: dict[str, _Histogram] = {}
+        self._rpc_total: dict[tuple[str, str], int] = {}
+        self._placements = 0
+        self._refusals: dict[str, int] = {}
+        self._batch = _Histogram(_BATCH_BUCKETS)
+        self.registry.register(_Collector(self))
 
     def bind_state(self, state) -> None:
-        """Register the scrape-time collector over `state`."""
-        self._state = state
+        """Register the scrape-time collector of the cluster gauges over `state`."""
         self.registry.register(_StateCollector(state))
 
     # hooks called by the state and the servicer
     def rpc(self, method: str, code: str, seconds: float) -> None:
-        # labels() builds its key and takes a lock on every call: keep the children.
-        children = self._rpc_children.get((method, code))
-        if children is None:
-            children = self._rpc_children[(method, code)] = (self.rpc_seconds.labels(method),
-                                                              self.rpc_total.labels(method, code))
-        children[0].observe(seconds)
-        children[1].inc()
+        with self._lock:
+            h = self._rpc_seconds.get(method)
+            if h is None:
+                h = self._rpc_seconds[method] = _Histogram(_LATENCY_BUCKETS)
+            h.observe(seconds)
+            key = (method, code)
+            self._rpc_total[key] = self._rpc_total.get(key, 0) + 1
 
     def placed(self, n: int) -> None:
-        self.placements.inc(n)
+        with self._lock:
+            self._placements += n
 
     def refused(self, reason: str) -> None:
-        self.refusals.labels(reason).inc()
+        with self._lock:
+            self._refusals[reason] = self._refusals.get(reason, 0) + 1
 
     def batch(self, n: int) -> None:
         if n:
-            self.batch_size.observe(n)
+            with self._lock:
+                self._batch.observe(n)
+
+    def families(self) -> list:
+        """The metrics as Prometheus families, read consistently under the lock."""
+        with self._lock:
+            seconds = HistogramMetricFamily(RPC_SECONDS, "RPC latency by method.", labels=["method"])
+            for method, h in sorted(self._rpc_seconds.items()):
+                seconds.add_metric([method], h.buckets(), h.sum)
+            total = CounterMetricFamily(RPC_TOTAL, "RPCs by method and status code.", labels=["method", "code"])
+            for (method, code), n in sorted(self._rpc_total.items()):
+                total.add_metric([method, code], n)
+            placements = CounterMetricFamily(PLACEMENTS, "Workloads placed.", value=self._placements)
+            refusals = CounterMetricFamily(REFUSALS, "Workloads that fit nowhere, by the filter that "
+                                           "removed the most hosts.", labels=["reason"])
+            for reason, n in sorted(self._refusals.items()):
+                refusals.add_metric([reason], n)
+            batch = HistogramMetricFamily(BATCH_WORKLOADS, "Workloads carried by one writer batch "
+                                          "(coalesced Place calls).",
+                                          buckets=self._batch.buckets(), sum_value=self._batch.sum)
+        return [seconds, total, placements, refusals, batch]
+
+
+class _Collector:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        yield from self.metrics.families()
 
 
 class _StateCollector:

@@ -177,6 +177,7 @@ class SchedulerState:
         self.volumes: dict[str, tuple[tuple[str, ...], int]] = {}  # volume id -> (replica hosts, GiB)
         self.sequence = 0
         self.events_cond = threading.Condition()
+        self._event_waiters = 0  # threads in wait_events
         self.broken: BaseException | None = None
         self.on_fatal: Callable[[BaseException], None] | None = None
         t0 = time.perf_counter()
@@ -424,7 +425,8 @@ class SchedulerState:
                         nxt.wake.release()
                     else:
                         self._leading = False
-                        self._queue_cond.notify_all()
+                        if self._stopping:  # close() waits for the last batch
+                            self._queue_cond.notify_all()
                 return
 
     def _take_locked(self) -> list[Op]:
@@ -512,7 +514,7 @@ class SchedulerState:
         for op, result, exc in outcomes:
             op.result = result
             op.error = exc
-        if records:
+        if records and self._event_waiters:
             with self.events_cond:
                 self.events_cond.notify_all()
 
@@ -894,8 +896,16 @@ class SchedulerState:
     def wait_events(self, after: int, timeout: float) -> None:
         """Block until an event with sequence > after is durable, or timeout."""
         with self.events_cond:
-            if self.store.last_sequence() <= after:
-                self.events_cond.wait(timeout)
+            # Counted, so that a batch with no watcher skips the notify. A watcher
+            # counts itself before it reads the sequence, so a batch that stored
+            # events after that read sees the count (and a missed wake-up would
+            # still end with the timeout).
+            self._event_waiters += 1
+            try:
+                if self.store.last_sequence() <= after:
+                    self.events_cond.wait(timeout)
+            finally:
+                self._event_waiters -= 1
 
 
 def _current_exception() -> BaseException:

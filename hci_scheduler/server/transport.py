@@ -423,11 +423,17 @@ class LeanServer:
                 log.exception("gRPC event handling failed")
 
     def _on_call(self, event) -> None:
-        with self._lock:
-            if self._stage == "serving":
-                self._server.request_call(self._cq, self._cq, self._on_call)  # the next call
-        if not event.success or event.call is None:
-            return  # a request the shutdown cancelled
+        try:
+            if event.success and event.call is not None:  # else a request the shutdown cancelled
+                self._begin(event)
+        finally:
+            # Ask for the next call once this one's message is on its way: the other
+            # pollers' requests are still out, so no call waits for this one.
+            with self._lock:
+                if self._stage == "serving":
+                    self._server.request_call(self._cq, self._cq, self._on_call)
+
+    def _begin(self, event) -> None:
         method = event.call_details.method.decode("utf-8", "replace")
         handler = self._resolve(_HandlerCallDetails(method, event.invocation_metadata))
         if handler is None:
@@ -451,7 +457,7 @@ class LeanServer:
         finally:
             with self._lock:
                 self._starting -= 1
-                if not self._starting:
+                if not self._starting and self._stage == "stopped":  # _on_shutdown waits
                     self._none_starting.notify_all()
 
     def _lookup(self, details: _HandlerCallDetails) -> grpc.RpcMethodHandler | None:

@@ -82,6 +82,7 @@ class SQLiteStore(Store):
         self._pending: list[_Batch] = []
         self._committing = False
         self._checkpoint_wanted = False
+        self._waiting = 0  # threads in _wait: a commit with none skips notify_all
         self._closed = False
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -122,7 +123,7 @@ class SQLiteStore(Store):
                     # otherwise always take the store again before this thread wakes.
                     self._checkpoint_wanted = True
                     while self._committing:
-                        self._cond.wait()
+                        self._wait()
                     self._checkpoint_wanted = False
                     if self._closed:
                         self._cond.notify_all()  # appends held back by the request go on
@@ -135,11 +136,21 @@ class SQLiteStore(Store):
                 finally:
                     with self._cond:
                         self._committing = False
-                        self._cond.notify_all()
+                        if self._waiting:
+                            self._cond.notify_all()
         finally:
             conn.close()
 
     # -- writing -------------------------------------------------------------
+
+    def _wait(self) -> None:
+        """Wait for the store to change hands (self._cond held). Counted, so that
+        the single writer of an idle server does not notify nobody on every commit."""
+        self._waiting += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiting -= 1
 
     def append(self, records: Sequence[Record]) -> None:
         if not records:
@@ -150,7 +161,7 @@ class SQLiteStore(Store):
                 raise StoreError("store is closed")
             self._pending.append(batch)
             while (self._committing or self._checkpoint_wanted) and not batch.done:
-                self._cond.wait()
+                self._wait()
             if batch.done:
                 if batch.error is not None:
                     raise batch.error
@@ -165,7 +176,8 @@ class SQLiteStore(Store):
                 self._committing = False
                 for b in group:
                     b.done = True
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
         if batch.error is not None:
             raise batch.error
 
@@ -239,7 +251,7 @@ class SQLiteStore(Store):
     def set_meta(self, key: str, value: str) -> None:
         with self._cond:
             while self._committing:
-                self._cond.wait()
+                self._wait()
             self._wconn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -249,7 +261,7 @@ class SQLiteStore(Store):
     def close(self) -> None:
         with self._cond:
             while self._committing:
-                self._cond.wait()
+                self._wait()
             if self._closed:
                 return
             self._closed = True

@@ -38,6 +38,7 @@ from ..store import Record, Store, StoreError
 from ..v1 import scheduler_pb2 as pb
 from . import convert
 from .convert import PlaceItem
+from .wire import placed_event, varint
 
 log = logging.getLogger("hci_scheduler.server")
 
@@ -85,31 +86,10 @@ class Op:
         self.error: BaseException | None = None
 
 
-_VARINT1 = [bytes((i,)) for i in range(128)]
-
-
-def _varint(n: int) -> bytes:
-    """Protobuf base-128 varint of n >= 0; sequence numbers (up to 2**28) without a loop."""
-    if n < 128:
-        return _VARINT1[n]
-    if n < 1 << 14:
-        return bytes((n & 0x7F | 0x80, n >> 7))
-    if n < 1 << 21:
-        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
-    if n < 1 << 28:
-        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
-    out = bytearray()
-    while n >= 128:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 # Field 7 (Event.workload), wire type 2 (length-delimited).
 _EVENT_WORKLOAD_TAG = bytes([(7 << 3) | 2])
 # Field 2 (Event.type) = PLACED, as a varint.
-_EVENT_PLACED_TYPE = b"\x10" + _varint(pb.EVENT_TYPE_PLACED)
+_EVENT_PLACED_TYPE = b"\x10" + varint(pb.EVENT_TYPE_PLACED)
 
 
 def _event_time(ns: int) -> bytes:
@@ -117,8 +97,8 @@ def _event_time(ns: int) -> bytes:
     Timestamp with GetCurrentTime() went through datetime and cost ~15 us, a tenth of
     a single-workload batch."""
     seconds, nanos = divmod(ns, 1_000_000_000)
-    body = (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(nanos) if nanos else b"")
-    return b"\x1a" + _varint(len(body)) + body
+    body = (b"\x08" + varint(seconds) if seconds else b"") + (b"\x10" + varint(nanos) if nanos else b"")
+    return b"\x1a" + varint(len(body)) + body
 
 
 def place_response(answers: list) -> pb.PlaceResponse:
@@ -485,16 +465,19 @@ class SchedulerState:
                     i += 1
                     continue
                 if op.kind == "place*":
-                    group, ids = [op], {it.wid for it in op.args[0]}
+                    group = [op]
+                    n_place += op.n
                     j = i + 1
-                    while j < len(ops) and ops[j].kind == "place*" and ops[j].args[2] == op.args[2] \
-                            and (ops[j].deadline is None or ops[j].deadline >= now) \
-                            and ids.isdisjoint(it.wid for it in ops[j].args[0]):
-                        ids.update(it.wid for it in ops[j].args[0])
-                        group.append(ops[j])
-                        j += 1
+                    if j < len(ops):  # (the id set only when there is something to join)
+                        ids = {it.wid for it in op.args[0]}
+                        while j < len(ops) and ops[j].kind == "place*" and ops[j].args[2] == op.args[2] \
+                                and (ops[j].deadline is None or ops[j].deadline >= now) \
+                                and ids.isdisjoint(it.wid for it in ops[j].args[0]):
+                            ids.update(it.wid for it in ops[j].args[0])
+                            group.append(ops[j])
+                            n_place += ops[j].n
+                            j += 1
                     outcomes.extend(self._place_group(group, records, ts))
-                    n_place += sum(o.n for o in group)
                     i = j
                     continue
                 try:
@@ -532,14 +515,14 @@ class SchedulerState:
             # cheaper than building a pb.Event.
             hid = host_id.encode()
             wid = workload_id.encode()
-            body = b"".join((b"\x08", _varint(self.sequence), b"\x10", _varint(etype), ts,
-                             b"\x22", _varint(len(hid)), hid, b"\x2a", _varint(len(wid)), wid))
+            body = b"".join((b"\x08", varint(self.sequence), b"\x10", varint(etype), ts,
+                             b"\x22", varint(len(hid)), hid, b"\x2a", varint(len(wid)), wid))
         else:
             ev = pb.Event(sequence=self.sequence, type=etype, host_id=host_id,
                           workload_id=workload_id, host=host, **repeated)
             body = ev.SerializeToString() + ts
         if spec is not None:
-            body += _EVENT_WORKLOAD_TAG + _varint(len(spec)) + spec
+            body += _EVENT_WORKLOAD_TAG + varint(len(spec)) + spec
         records.append(Record(self.sequence, etype, body))
         return self.sequence
 
@@ -704,7 +687,7 @@ class SchedulerState:
                     placed.append((it, p.host_id or "", p))
                 return placed, unplaced
             plain = fresh
-            if any(it.special for it in fresh):
+            if fresh[0].special if len(fresh) == 1 else any(it.special for it in fresh):
                 # Per-host services and workloads creating volumes: one `place` each,
                 # which reports their replica hosts (place_batch does not).
                 plain = []
@@ -753,7 +736,6 @@ class SchedulerState:
         allocs = self.allocations
         hw = self.host_workloads
         head = _EVENT_PLACED_TYPE + ts
-        tag = _EVENT_WORKLOAD_TAG
         kind = pb.EVENT_TYPE_PLACED
         seq = self.sequence
         for it, host_id, p in placed:
@@ -763,15 +745,10 @@ class SchedulerState:
                 answers[wid] = self._placed_special(it, p, records, ts)
                 seq = self.sequence
                 continue
-            # Plain placements, the hot path: the Event's wire format written directly
-            # (fields may come in any order and concatenate into one valid message).
+            # Plain placements, the hot path: the Event's wire format written directly.
             seq += 1
-            hid = host_id.encode()
-            wb = wid.encode()
             spec = it.spec
-            records.append(Record(seq, kind, b"".join((
-                b"\x08", _varint(seq), head, b"\x22", _varint(len(hid)), hid,
-                b"\x2a", _varint(len(wb)), wb, tag, _varint(len(spec)), spec))))
+            records.append(Record(seq, kind, placed_event(seq, head, host_id, wid, spec)))
             allocs[wid] = Allocation(host_id, spec, seq)
             hw[host_id] += 1
             answers[wid] = (wid, host_id, seq)  # see place_response

@@ -1,5 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The plain workloads of a PlaceRequest, decoded straight from its wire bytes.
+"""Protobuf wire format by hand where the unary Place path spends its time: the
+plain workloads of a PlaceRequest decoded straight from its bytes, and the
+PLACED events written straight into bytes (`varint`, `placed_event`).
 
 Why: converting a batch of 1,000 plain containers through the protobuf objects
 (one attribute read per field, a dict from the map, a deterministic re-encode
@@ -81,6 +83,41 @@ cdef inline Py_ssize_t _put_bytes(unsigned char* out, unsigned char tag, const u
     cdef Py_ssize_t k = 1 + _put_varint(out + 1, <uint64_t>n)
     memcpy(out + k, src, n)
     return k + n
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
+
+
+def varint(uint64_t n):
+    """Protobuf base-128 varint of n >= 0."""
+    cdef unsigned char out[10]
+    return PyBytes_FromStringAndSize(<const char*>out, _put_varint(out, n))
+
+
+def placed_event(uint64_t sequence, bytes head, str host_id, str workload_id, bytes spec):
+    """A PLACED Event's wire bytes: sequence (field 1), `head` (the type and time
+    fields, already encoded, shared by a batch), host_id (4), workload_id (5) and
+    the workload's canonical spec bytes (7). Fields may come in any order and
+    concatenate into one valid message. Written in Python with a varint helper
+    this was a seventh of a unary Place's writer work."""
+    cdef Py_ssize_t nh, nw
+    cdef const char* h = PyUnicode_AsUTF8AndSize(host_id, &nh)
+    cdef const char* w = PyUnicode_AsUTF8AndSize(workload_id, &nw)
+    cdef Py_ssize_t nhead = PyBytes_GET_SIZE(head), nspec = PyBytes_GET_SIZE(spec)
+    cdef Py_ssize_t size = (1 + _varint_size(sequence) + nhead + 1 + _varint_size(nh) + nh
+                            + 1 + _varint_size(nw) + nw + 1 + _varint_size(nspec) + nspec)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char* o = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef Py_ssize_t n = 1
+    o[0] = 0x08
+    n += _put_varint(o + n, sequence)
+    memcpy(o + n, PyBytes_AS_STRING(head), nhead)
+    n += nhead
+    n += _put_bytes(o + n, 0x22, <const unsigned char*>h, nh)
+    n += _put_bytes(o + n, 0x2a, <const unsigned char*>w, nw)
+    _put_bytes(o + n, 0x3a, <const unsigned char*>PyBytes_AS_STRING(spec), nspec)
+    return out
 
 
 cdef class PlainDecoder:

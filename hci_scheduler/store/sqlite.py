@@ -195,7 +195,7 @@ class SQLiteStore(Store):
             last = b.records[-1].sequence
         if not good:
             return
-        rows = [(r.sequence, r.kind, r.body) for b in good for r in b.records]
+        rows = [r for b in good for r in b.records]  # Records are (seq, kind, body) tuples
         try:
             if len(rows) == 1:
                 # One statement outside BEGIN is its own transaction, committed (and

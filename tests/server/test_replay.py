@@ -34,12 +34,24 @@ def test_restart_after_a_rolled_back_gang_that_held_the_spread(tmp_path):
 
 def test_hand_written_event_fields_match_protobuf_encoding():
     """Placement events are written as raw wire bytes; the varints must be exactly what
-    protobuf writes (and reads back) at every length, sequence numbers included."""
+    protobuf writes (and reads back) at every length, sequence numbers included, and a
+    PLACED event byte for byte what protobuf serializes."""
     from google.protobuf.internal import encoder
 
-    from hci_scheduler.server.state import _varint
+    from hci_scheduler.server.state import _EVENT_PLACED_TYPE, _event_time
+    from hci_scheduler.server.wire import placed_event, varint
 
     for n in [*range(300), *(1 << k for k in range(7, 64)), *((1 << k) - 1 for k in range(7, 65))]:
-        assert _varint(n) == encoder._VarintBytes(n), n
-    ev = pb.Event.FromString(b"\x08" + _varint(2**21 + 5) + b"\x22" + _varint(3) + b"h17")
+        assert varint(n) == encoder._VarintBytes(n), n
+    ev = pb.Event.FromString(b"\x08" + varint(2**21 + 5) + b"\x22" + varint(3) + b"h17")
     assert (ev.sequence, ev.host_id) == (2**21 + 5, "h17")
+
+    ns = 1_764_000_000_123_456_789
+    head = _EVENT_PLACED_TYPE + _event_time(ns)
+    for seq, host, wid, spec in [(1, "h1", "w1", pb.Workload(id="w1", requests={"cpu": 100})),
+                                 (2**35 + 3, "hôte-é" * 30, "w" * 253, pb.Workload(id="w" * 253, priority=7)),
+                                 (127, "h", "😀", pb.Workload(id="😀", requests={"memory": 2**40}))]:
+        spec_bytes = spec.SerializeToString(deterministic=True)
+        want = pb.Event(sequence=seq, type=pb.EVENT_TYPE_PLACED, host_id=host, workload_id=wid, workload=spec)
+        want.time.FromNanoseconds(ns)
+        assert placed_event(seq, head, host, wid, spec_bytes) == want.SerializeToString(deterministic=True)

@@ -164,6 +164,32 @@ def test_more_concurrent_calls_than_pollers_all_complete(served):
     assert replies == [bytes([i]) for i in range(6)]
 
 
+def test_parked_pollers_wake_up_for_handlers_that_block_together():
+    """Only two pollers wait on the queue when idle; the others must be woken as
+    handlers block, up to `pollers` handlers at once, and all leave on stop."""
+    meet = threading.Barrier(5, timeout=20)
+
+    def together(req, ctx):
+        meet.wait()  # returns only once five handlers run at the same time
+        return req
+
+    server = LeanServer(pollers=6, stream_workers=1)
+    server.add_registered_method_handlers(SERVICE, {"Together": grpc.unary_unary_rpc_method_handler(together)})
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    for round_ in range(2):  # the second time, from pollers that parked after the first
+        with futures.ThreadPoolExecutor(5) as ex:
+            replies = list(ex.map(lambda i: call(channel, "Together")(bytes([i]), timeout=30), range(5)))
+        assert replies == [bytes([i]) for i in range(5)], round_
+        meet.reset()
+    channel.close()
+    assert server.stop(None).wait(10)
+    for t in server._threads:
+        t.join(10)
+        assert not t.is_alive(), t.name
+
+
 def test_stop_cancels_open_streams_after_grace():
     rec = Recorder()
     server = LeanServer(pollers=2, stream_workers=2)

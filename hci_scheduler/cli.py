@@ -461,7 +461,19 @@ def run_client(args) -> int:
 # -- serve ----------------------------------------------------------------------
 
 
+#: gRPC core experiments the server turns off unless GRPC_EXPERIMENTS is set (set it
+#: empty for gRPC's defaults). With EventEngine endpoints every call's bytes are read
+#: on an EventEngine thread and handed to the thread polling the completion queue;
+#: without them the polling thread reads them itself. Against the same server with
+#: the defaults, interleaved (2 x 12 rounds of 500 unary Place calls, 10,000 hosts):
+#: 540 vs 604-625 us of server CPU per call, median p99 1.24-1.27 vs 1.35-1.40 ms.
+#: Names gRPC no longer knows are reported once in its log and ignored.
+SERVE_GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_for_all_other_endpoints"
+
+
 def run_serve(args) -> int:
+    # gRPC reads GRPC_EXPERIMENTS once, as it starts: before the server is imported.
+    os.environ.setdefault("GRPC_EXPERIMENTS", SERVE_GRPC_EXPERIMENTS)
     import yaml
 
     from .server.app import ServerOptions, TLSConfig, create_server, serve

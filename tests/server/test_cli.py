@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -77,3 +78,18 @@ def test_cli_serve_rejects_unknown_config_keys(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hci_scheduler.cli", "serve", "--config", str(conf)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "bogus" in proc.stderr
+
+
+def test_cli_serve_sets_grpc_experiments_unless_the_user_did():
+    # In a child: serve changes the process's environment and logging. The listen
+    # address cannot be bound, so serve returns before it serves anything.
+    code = ("import os, sys; from hci_scheduler import cli; "
+            "rc = cli.main(['serve', '--listen', '256.0.0.1:1', '--log-level', 'warning']); "
+            "print(rc, repr(os.environ['GRPC_EXPERIMENTS']), repr(cli.SERVE_GRPC_EXPERIMENTS))")
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60).stdout.split()
+    assert out[0] == "2" and out[1] == out[2] and "event_engine" in out[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "GRPC_EXPERIMENTS": ""},
+                         capture_output=True, text=True, timeout=60).stdout.split()
+    assert out[0] == "2" and out[1] == "''"

@@ -421,7 +421,6 @@ class LeanServer:
             self._stage = "serving"
             for _ in range(self._pollers):
                 self._server.request_call(self._cq, self._cq, self._on_call)
-        with self._lock:
             self._polling = self._pollers
         for i in range(self._pollers):
             t = threading.Thread(target=self._poll, name=f"grpc-poller-{i}", daemon=True)

@@ -184,10 +184,10 @@ class _Call(grpc.ServicerContext):
             return
         self._finish(None)
 
-    def _behave(self, behavior, *args):
+    def _behave(self, behavior, request, *more):
         """Call the handler; on abort or error send the status and return _FAILED."""
         try:
-            return behavior(*args[:1], self, *args[1:])
+            return behavior(request, self, *more)
         except _Aborted:
             self._finish(None)
         except BaseException as exc:  # noqa: BLE001 -- even SystemExit: the call gets a status, the thread lives
@@ -479,7 +479,9 @@ class LeanServer:
 
     def _begin(self, event) -> None:
         method = event.call_details.method.decode("utf-8", "replace")
-        handler = self._resolve(_HandlerCallDetails(method, event.invocation_metadata))
+        handler = None if self._interceptors else self._registered.get(method)
+        if handler is None:  # interceptors and generic handlers see the call's details
+            handler = self._resolve(_HandlerCallDetails(method, event.invocation_metadata))
         if handler is None:
             self._start_batch(event.call, (
                 cygrpc.SendInitialMetadataOperation(None, 0),

@@ -95,7 +95,8 @@ def varint(uint64_t n):
     return PyBytes_FromStringAndSize(<const char*>out, _put_varint(out, n))
 
 
-def placed_event(uint64_t sequence, bytes head, str host_id, str workload_id, bytes spec):
+def placed_event(uint64_t sequence, bytes head not None, str host_id not None, str workload_id not None,
+                 bytes spec not None):
     """A PLACED Event's wire bytes: sequence (field 1), `head` (the type and time
     fields, already encoded, shared by a batch), host_id (4), workload_id (5) and
     the workload's canonical spec bytes (7). Fields may come in any order and

@@ -2,6 +2,8 @@
 satisfy the constraints again."""
 from __future__ import annotations
 
+import pytest
+
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
 from .conftest import restart_after, snapshot
@@ -55,3 +57,9 @@ def test_hand_written_event_fields_match_protobuf_encoding():
         want = pb.Event(sequence=seq, type=pb.EVENT_TYPE_PLACED, host_id=host, workload_id=wid, workload=spec)
         want.time.FromNanoseconds(ns)
         assert placed_event(seq, head, host, wid, spec_bytes) == want.SerializeToString(deterministic=True)
+    # Written with bounds checks off: what it cannot encode is refused, never written.
+    for bad in [(1, None, "h", "w", b""), (1, head, None, "w", b""), (-1, head, "h", "w", b"")]:
+        with pytest.raises((TypeError, OverflowError)):
+            placed_event(*bad)
+    with pytest.raises(UnicodeEncodeError):
+        placed_event(1, head, "h\udc80", "w", b"")

@@ -119,7 +119,9 @@ def test_unary_echo_with_metadata_and_deadline(served):
     reply, c = call(channel, "Echo").with_call(b"hello", metadata=(("x-tag", "t1"),), timeout=5)
     assert reply == b"hello"
     assert dict(c.trailing_metadata())["seen"] == "t1"
-    assert 0 < rec.time_remaining <= 5
+    # The deadline the client set, seen through two clocks (the call's deadline is
+    # converted to wall time, time_remaining reads time.time()): allow them to differ a little.
+    assert 0 < rec.time_remaining <= 5.5
 
 
 def test_status_codes(served):

@@ -421,7 +421,6 @@ class LeanServer:
             self._stage = "serving"
             for _ in range(self._pollers):
                 self._server.request_call(self._cq, self._cq, self._on_call)
-            self._polling = self._pollers
         for i in range(self._pollers):
             t = threading.Thread(target=self._poll, name=f"grpc-poller-{i}", daemon=True)
             t.start()
@@ -429,8 +428,7 @@ class LeanServer:
 
     def _poll(self) -> None:
         cq = self._cq
-        self._handler_starts(wake=False)  # each thread starts as if a handler ended:
-        self._handler_ends()              # all but _POLLING_HIGH of them park
+        self._handler_ends()  # each thread starts as if a handler ended: all but _POLLING_HIGH park
         while True:
             event = cq.poll()
             kind = event.completion_type
@@ -447,12 +445,12 @@ class LeanServer:
             except BaseException:  # noqa: BLE001 -- one bad event must not stop a poller
                 log.exception("gRPC event handling failed")
 
-    def _handler_starts(self, wake: bool = True) -> None:
+    def _handler_starts(self) -> None:
         """This poller is about to run a unary handler, which may block (a commit's
         fsync): wake a parked one if too few would be left waiting on the queue."""
         with self._lock:
             self._polling -= 1
-            if wake and self._polling < _POLLING_LOW and self._parked:
+            if self._polling < _POLLING_LOW and self._parked:
                 self._parked -= 1
                 self._polling += 1
                 self._unpark.release()

@@ -12,6 +12,7 @@ def _samples(m: Metrics) -> dict:
 
 
 def test_histogram_buckets_are_cumulative_and_bounds_inclusive():
+    # The durations are given, not measured: this checks the bookkeeping, not a speed.
     m = Metrics()
     for seconds in (0.0001, 0.0002, 0.001, 0.0011, 9.0):
         m.rpc("Place", "OK", seconds)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import threading
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,9 +25,11 @@ import sched_core
 
 from . import explain as _explain
 from .constraints import CompiledTerms, ConstraintIndex, spec_key
-from .errors import DuplicateId, NotFound, StateConflict, UnknownDimension, Unschedulable, ValidationError
+from .errors import (
+    DuplicateId, NotFound, SchedulerError, StateConflict, UnknownDimension, Unschedulable, ValidationError,
+)
 from .model import (
-    DEFAULT_DIMENSIONS, HOST_STATES, BatchResult, Host, Placement, Volume, Workload, check_quantity,
+    DEFAULT_DIMENSIONS, HOST_STATES, AddedHosts, BatchResult, Host, Placement, Volume, Workload, check_quantity,
 )
 from .policy import Policy, check_order, largest_first, strategy_code
 
@@ -221,13 +223,25 @@ class Cluster:
         """Register one host; returns its row index."""
         return self.add_hosts([host])[0]
 
-    def add_hosts(self, hosts: Iterable[Host]) -> list[int]:
-        """Register hosts, all or nothing; returns their row indices.
+    def add_hosts(self, hosts: Iterable[Host],
+                  replicas: Mapping[str, Sequence[str]] | None = None) -> AddedHosts:
+        """Register hosts, all or nothing; returns their row indices (an `AddedHosts`
+        list whose `replicas` maps host id -> the per-host services started there).
 
         Per-host services already registered get a replica on every new host
-        that matches them, before the host takes any other work.
+        that matches them, before the host takes any other work. `replicas`
+        (a store replaying its log) names exactly which services get one where,
+        each checked as `bind` checks.
         """
         hosts = list(hosts)
+        if replicas is not None:
+            new_ids = {h.id for h in hosts if isinstance(h, Host)}
+            for hid, services in replicas.items():
+                if hid not in new_ids:
+                    raise ValidationError(f"replicas: host {hid!r} is not among the hosts added")
+                for sid in services:
+                    if sid not in self._daemons:
+                        raise NotFound(f"replicas: {sid!r} is not a registered per-host service")
         compiled = []
         seen = set()
         for host in hosts:
@@ -266,9 +280,18 @@ class Cluster:
             self._refresh_reference(added=rows)
             ready = [row for host, row in zip(hosts, rows) if host.state == "ready"]
             self._state.set_schedulable_rows(np.asarray(ready, dtype=np.intp))
-            for daemon in self._daemons.values():
-                self._place_daemon_on(daemon, rows)
-            return rows
+            started: dict[str, list[str]] = {}
+            if replicas is None:
+                for daemon in self._daemons.values():
+                    for hid in self._place_daemon_on(daemon, rows)[0]:
+                        started.setdefault(hid, []).append(daemon.id)
+            else:
+                for hid, services in replicas.items():
+                    for sid in services:
+                        self.bind_replicas(self._daemons[sid], [hid])
+                    if services:
+                        started[hid] = list(services)
+            return AddedHosts(rows, started)
 
     def _refresh_reference(self, added: Sequence[int] | None = None) -> None:
         """Re-sort the index when the largest host limit per dimension changed.
@@ -290,8 +313,9 @@ class Cluster:
         except (KeyError, TypeError):
             raise NotFound(f"unknown host id {host_id!r}") from None
 
-    def remove_host(self, host_id: str) -> None:
-        """Forget a host. Refused (StateConflict) while workloads or volume replicas remain on it."""
+    def remove_host(self, host_id: str) -> list[str]:
+        """Forget a host. Refused (StateConflict) while workloads or volume replicas remain on it.
+        Returns the per-host services whose replica went with it."""
         with self._lock:
             row = self._row(host_id)
             # Per-host services follow their host out.
@@ -301,8 +325,7 @@ class Cluster:
             if load:
                 raise StateConflict(f"host {host_id!r} still runs {load} workloads or volume replicas; "
                                     f"release or drain them first")
-            for wid in daemon_ids:
-                self._release_record(wid)
+            gone = [self._release_record(wid).workload for wid in daemon_ids]
             self._state.clear_row(row)
             self._capacity[row] = 0
             self._allocatable[row] = 0
@@ -314,15 +337,11 @@ class Cluster:
             heapq.heappush(self._spare_rows, row)
             self._cons.rebuild(self._row_hosts, self._state.n_rows, self._ratio_milli)
             self._refresh_reference()
+            return [w.id.rpartition("@")[0] for w in gone]
 
     def set_host_state(self, host_id: str, state: str) -> None:
         """ready takes new work; cordoned, draining and down take nothing new."""
-        if state not in HOST_STATES:
-            raise ValidationError(f"host state must be one of {HOST_STATES}, got {state!r}")
-        with self._lock:
-            row = self._row(host_id)
-            self._row_hosts[row] = replace(self._row_hosts[row], state=state)
-            self._state.set_schedulable(row, state == "ready")
+        self.update_host(host_id, state=state)
 
     def cordon(self, host_id: str) -> None:
         self.set_host_state(host_id, "cordoned")
@@ -330,19 +349,28 @@ class Cluster:
     def uncordon(self, host_id: str) -> None:
         self.set_host_state(host_id, "ready")
 
-    def update_host(self, host_id: str, labels=None, taints=None) -> Host:
-        """Replace a host's labels and/or taints. Placed workloads stay where they are;
-        counters per topology domain follow the new labels."""
+    def update_host(self, host_id: str, labels=None, taints=None, state: str | None = None) -> Host:
+        """Replace a host's labels, taints and/or state; returns the host as it now is.
+        Placed workloads stay where they are; counters per topology domain follow the
+        new labels. All checked before anything changes."""
         with self._lock:
             row = self._row(host_id)
+            old = self._row_hosts[row]
             changes = {}
             if labels is not None:
                 changes["labels"] = dict(labels)
             if taints is not None:
                 changes["taints"] = tuple(taints)
-            updated = replace(self._row_hosts[row], **changes)  # validates
+            if state is not None:
+                if state not in HOST_STATES:
+                    raise ValidationError(f"host state must be one of {HOST_STATES}, got {state!r}")
+                changes["state"] = state
+            updated = replace(old, **changes)  # validates
             self._row_hosts[row] = updated
-            self._cons.rebuild(self._row_hosts, self._state.n_rows, self._ratio_milli)
+            if updated.labels != old.labels or updated.taints != old.taints:
+                self._cons.rebuild(self._row_hosts, self._state.n_rows, self._ratio_milli)
+            if updated.state != old.state:
+                self._state.set_schedulable(row, updated.state == "ready")
             return updated
 
     def host(self, host_id: str) -> Host:
@@ -444,6 +472,38 @@ class Cluster:
             self._workloads[workload.id] = _Record(workload, row, charge, numa, terms)
         return row
 
+    def _place_one(self, workload: Workload, request: np.ndarray, code: int, preempt: bool,
+                   result: BatchResult) -> bool:
+        """Place one checked workload of a batch; record the outcome in `result`."""
+        try:
+            p = self._place_checked(workload, request, code, preempt)
+        except Unschedulable as exc:
+            result.unplaced[workload.id] = exc.explanation
+            return False
+        result.placements[workload.id] = p.host_id
+        if p.evicted or p.replicas or p.volumes or workload.per_host:
+            result.details[workload.id] = p
+        return True
+
+    def _check_special(self, workloads: Sequence[Workload]) -> None:
+        """What `place` would refuse of per-host services and workloads creating volumes,
+        refused before a batch places anything."""
+        new_volumes: set[str] = set()
+        for w in workloads:
+            if w.per_host:
+                if w.volumes or w.gang:
+                    raise ValidationError(f"workload {w.id}: per-host services take no volumes and no gang")
+                self._terms(w)
+                continue
+            if "ssd" not in self._dim_index:
+                raise ValidationError(f"workload {w.id} volumes: the cluster has no 'ssd' dimension")
+            for v in w.volumes:
+                if isinstance(v, Volume):
+                    if v.id in self._volumes or v.id in new_volumes:
+                        raise DuplicateId(f"workload {w.id} volumes: volume {v.id!r} already exists")
+                    new_volumes.add(v.id)
+            self._terms(replace(w, volumes=tuple(v for v in w.volumes if isinstance(v, str))))
+
     def place(self, workload: Workload, strategy: str = "binpack", preempt: bool = False) -> Placement:
         """Place one workload; raises Unschedulable (with the explanation) when nothing fits.
 
@@ -454,33 +514,44 @@ class Cluster:
         """
         code = strategy_code(strategy)
         with self._lock:
-            request = self._check_new_workload(workload)
-            if workload.per_host:
-                return self._place_daemon(workload, request)
-            if _creates_volumes(workload):
-                return self._place_with_new_volumes(workload, request, code)
-            terms = self._terms(workload)
-            row = self._select_and_commit(workload, request, terms, code)
-            if row >= 0:
-                return Placement(workload.id, self._row_hosts[row].id)
-            if preempt:
-                placement = self._preempt(workload, request, terms)
-                if placement is not None:
-                    return placement
-            raise Unschedulable(workload.id, self._explain_request(workload, request, terms))
+            return self._place_checked(workload, self._check_new_workload(workload), code, preempt)
+
+    def _place_checked(self, workload: Workload, request: np.ndarray, code: int, preempt: bool) -> Placement:
+        if workload.per_host:
+            return self._place_daemon(workload, request)
+        if _creates_volumes(workload):
+            return self._place_with_new_volumes(workload, request, code)
+        terms = self._terms(workload)
+        row = self._select_and_commit(workload, request, terms, code)
+        if row >= 0:
+            return Placement(workload.id, self._row_hosts[row].id)
+        if preempt:
+            placement = self._preempt(workload, request, terms)
+            if placement is not None:
+                return placement
+        raise Unschedulable(workload.id, self._explain_request(workload, request, terms))
 
     def place_batch(self, workloads: Iterable[Workload], strategy: str = "binpack",
-                    order: str = "largest_first", gang: bool = False) -> BatchResult:
+                    order: str = "largest_first", gang: bool = False, preempt: bool = False) -> BatchResult:
         """Place many workloads in one pass.
 
         order="largest_first" places by dominant share, largest first (denser);
         "arrival" keeps the given order. gang=True makes the whole batch one
         gang; workloads with the same `gang` id form a gang too. A gang is
         placed whole or not at all (its members are then listed as unplaced).
+        preempt=True places each workload as `place(..., preempt=True)` does, in
+        the batch's order (not with gangs).
+
+        Every workload is checked before anything is placed, so a call that
+        raises changes nothing. `result.placements` lists the placements in the
+        order they were committed; `result.details` holds the full Placement of
+        those that evicted workloads, started per-host replicas or created volumes.
         """
         code = strategy_code(strategy)
         check_order(order)
         workloads = list(workloads)
+        if preempt and (gang or any(w.gang for w in workloads if isinstance(w, Workload))):
+            raise ValidationError("gang and preempt cannot be combined")
         with self._lock:
             values = []
             seen = set()
@@ -496,8 +567,14 @@ class Cluster:
                 raise ValidationError("a gang may not hold per-host services or workloads that create volumes")
             # Compile every spec before placing anything, so a bad constraint changes nothing.
             terms = [None if sp else self._terms(w) for w, sp in zip(workloads, special)]
+            self._check_special([w for w, sp in zip(workloads, special) if sp])
             rows = self._batch_order(requests, order)
             result = BatchResult({}, {})
+            if preempt or (len(workloads) == 1 and terms[0] is not None):
+                # One at a time, as `place` does (a lone workload skips the batch arrays).
+                for i in rows.tolist():
+                    self._place_one(workloads[i], requests[i], code, preempt, result)
+                return result
             placed_ids: list[str] = []
             self._place_rows_named(workloads, requests, terms, rows, code, strategy, result, placed_ids)
             doomed = self._enforce_gangs(workloads, requests, result, placed_ids, gang)
@@ -517,12 +594,8 @@ class Cluster:
         while start < len(rows):
             i = rows[start]
             if terms[i] is None:  # per-host services and inline volumes take their own path
-                w = workloads[i]
-                try:
-                    result.placements[w.id] = self.place(w, strategy).host_id
-                    placed_ids.append(w.id)
-                except Unschedulable as exc:
-                    result.unplaced[w.id] = exc.explanation
+                if self._place_one(workloads[i], requests[i], code, False, result):
+                    placed_ids.append(workloads[i].id)
                 start += 1
                 continue
             end = start + 1
@@ -617,17 +690,83 @@ class Cluster:
         self._cons.record(rec.terms, [rec.row], -1)
         return rec
 
-    def release(self, workload_id: str) -> None:
-        """Remove a placed workload (or every replica of a per-host service) and give its resources back."""
+    def release(self, workload_id: str) -> Placement:
+        """Remove a placed workload (or every replica of a per-host service) and give its
+        resources back; returns where it was."""
         with self._lock:
             if workload_id in self._daemons:
-                for wid in self._daemon_replicas(workload_id):
-                    self._release_record(wid)
+                hosts = tuple(self._row_hosts[self._release_record(wid).row].id
+                              for wid in self._daemon_replicas(workload_id))
                 del self._daemons[workload_id]
-                return
+                return Placement(workload_id, None, replicas=hosts)
             if workload_id not in self._workloads:
                 raise NotFound(f"unknown workload id {workload_id!r}")
-            self._release_record(workload_id)
+            rec = self._release_record(workload_id)
+            return Placement(workload_id, self._row_hosts[rec.row].id)
+
+    def restore(self, workload: Workload, placement: Placement) -> Placement:
+        """Commit a placement decided earlier (a store replaying its log): the host, the
+        per-host replicas or the new volumes' replica hosts that `placement` records,
+        each checked as `bind(restore=True)` checks. All or nothing."""
+        with self._lock:
+            if workload.per_host:
+                return self.bind_replicas(workload, placement.replicas)
+            created: list[str] = []
+            try:
+                for v in workload.volumes:
+                    if isinstance(v, Volume):
+                        if v.id not in placement.volumes:
+                            raise ValidationError(f"workload {workload.id}: no replica hosts recorded for "
+                                                  f"new volume {v.id!r}")
+                        self.add_volume(v, hosts=placement.volumes[v.id])
+                        created.append(v.id)
+                p = self.bind(workload, placement.host_id, restore=True)
+            except SchedulerError:
+                for vid in reversed(created):
+                    self.remove_volume(vid)
+                raise
+            return replace(p, volumes={vid: placement.volumes[vid] for vid in created})
+
+    def placements(self, host_id: str | None = None) -> list[Placement]:
+        """Every placed named workload (a per-host service once, with its replica hosts;
+        a workload that created volumes with their replica hosts), in placement order;
+        with host_id, those that run there."""
+        with self._lock:
+            row = None if host_id is None else self._row(host_id)
+            out: list[Placement] = []
+            hosts = self._row_hosts
+            for wid, rec in self._workloads.items():
+                w = rec.workload
+                if w.per_host or (row is not None and rec.row != row):
+                    continue
+                if w.volumes and _creates_volumes(w):
+                    vols = {v.id: [hosts[r].id for r in self._volumes[v.id].rows]
+                            for v in w.volumes if isinstance(v, Volume) and v.id in self._volumes}
+                    out.append(Placement(wid, hosts[rec.row].id, volumes=vols))
+                else:
+                    out.append(Placement(wid, hosts[rec.row].id))
+            for sid in self._daemons:
+                replicas = tuple(hosts[self._workloads[r].row].id for r in self._daemon_replicas(sid))
+                if host_id is None or host_id in replicas:
+                    out.append(Placement(sid, None, replicas=replicas))
+            return out
+
+    def workload_counts(self) -> dict[str, int]:
+        """host id -> named workloads placed there (per-host replicas included), for hosts
+        that run any."""
+        with self._lock:
+            counts: dict[str, int] = {}
+            hosts = self._row_hosts
+            for rec in self._workloads.values():
+                hid = hosts[rec.row].id
+                counts[hid] = counts.get(hid, 0) + 1
+            return counts
+
+    def volume(self, volume_id: str) -> Volume:
+        try:
+            return self._volumes[volume_id].volume
+        except (KeyError, TypeError):
+            raise NotFound(f"unknown volume id {volume_id!r}") from None
 
     def workload(self, workload_id: str) -> Workload:
         if workload_id in self._daemons:
@@ -1141,12 +1280,13 @@ class Cluster:
         return int((self._state.load_array[: self._n_rows] > 0).sum())
 
     def utilization(self) -> dict[str, float]:
-        """Used / limit per dimension, over live hosts (0 where nothing is allocatable)."""
+        """Used / allocatable per dimension, over live hosts (0 where nothing is
+        allocatable); above 1 where allocation ratios overcommit a dimension."""
         n = self._n_rows
         live = self._live[:n]
         used = self._state.used_array[:n][live].sum(axis=0)
-        limit = self._state.limit_array[:n][live].sum(axis=0)
-        return {d: (float(u) / float(a) if a else 0.0) for d, u, a in zip(self.dimensions, used, limit)}
+        alloc = self._allocatable[:n][live].sum(axis=0)
+        return {d: (float(u) / float(a) if a else 0.0) for d, u, a in zip(self.dimensions, used, alloc)}
 
     def __repr__(self) -> str:
         return (f"Cluster({self.n_hosts} hosts, {len(self._workloads)} workloads, "

@@ -357,10 +357,14 @@ class Placement:
 
 @dataclass
 class BatchResult:
-    """Outcome of `place_batch`: assignments for what fit, a reason for what did not."""
+    """Outcome of `place_batch`: assignments for what fit (in the order they were
+    committed), a reason for what did not, and the full `Placement` of every workload
+    whose placement did more than choose a host (evictions, per-host replicas, new
+    volumes)."""
 
     placements: dict[str, str]
     unplaced: dict[str, object]
+    details: dict[str, Placement] = field(default_factory=dict)
 
     @property
     def all_placed(self) -> bool:
@@ -368,3 +372,12 @@ class BatchResult:
 
     def __len__(self) -> int:
         return len(self.placements) + len(self.unplaced)
+
+
+class AddedHosts(list):
+    """What `Cluster.add_hosts` did: the new hosts' rows (it is the list of them), and
+    `replicas`, host id -> the per-host services that got a replica on that host."""
+
+    def __init__(self, rows, replicas: dict[str, list[str]] | None = None):
+        super().__init__(rows)
+        self.replicas: dict[str, list[str]] = replicas or {}

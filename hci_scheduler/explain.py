@@ -1,8 +1,9 @@
 """Why a workload is unschedulable: per-filter host counts and the nearest miss.
 
 The core writes one reason code per host (the first filter that removed it,
-cheapest filter first); this module counts them and turns them into text an
-operator can act on, as Nomad's AllocMetric.ConstraintFiltered does.
+cheapest filter first; the codes are the enum Reason of sched_core/_filter.pxd,
+exported as sched_core.REASON_*); this module counts them and turns them into
+text an operator can act on, as Nomad's AllocMetric.ConstraintFiltered does.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Scoring strategies and batch orders, by name, mapped to the core's codes.
 
-Strategies (see sched_core/_score.pyx for the formulas):
+Strategies (see sched_core/_score.pyx for the formulas; their codes are the
+enum Strategy of sched_core/_score.pxd, exported as sched_core.BINPACK etc.):
 
   binpack   best fit: the feasible host with the least normalised free capacity
             left after placement (packs densely; the default)

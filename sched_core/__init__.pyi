@@ -2,6 +2,7 @@
 import numpy as np
 import numpy.typing as npt
 
+# Strategy codes (enum Strategy, _score.pxd) and reason codes (enum Reason, _filter.pxd), as plain ints.
 BINPACK: int
 SPREAD: int
 BALANCED: int

@@ -20,20 +20,12 @@ cimport numpy as cnp
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
 from ._typedefs cimport int64_t, intp_t, uint8_t, uint64_t, int32_t, float64_t
+from ._filter cimport (REASON_OK, REASON_NOT_SCHEDULABLE, REASON_SELECTOR, REASON_KVM, REASON_TAINT, REASON_TENANT,
+                       REASON_VOLUME, REASON_NUMA, REASON_DIM, REASON_AFFINITY, REASON_ANTI_AFFINITY, REASON_SPREAD)
 from ._state cimport HostState
 
 cnp.import_array()
 
-REASON_SELECTOR = 2
-REASON_KVM = 3
-REASON_TAINT = 4
-REASON_TENANT = 5
-REASON_VOLUME = 6
-REASON_NUMA = 7
-REASON_AFFINITY = 64
-REASON_ANTI_AFFINITY = 96
-REASON_SPREAD = 128
-MAX_TERMS = 32
 cdef enum:
     SPREAD_SOFT_WEIGHT = 10   # penalty per unit of soft-spread skew above max_skew
 
@@ -285,15 +277,15 @@ cdef intp_t numa_node(ConstraintState cs, intp_t h, const int64_t* request) noex
 
 
 cdef int32_t static_reason(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
-    """The first static filter host h fails (selector 2, kvm 3, taint 4), or 0. Static
-    filters are those no placement on another host can change."""
+    """The first static filter host h fails (REASON_SELECTOR, REASON_KVM, REASON_TAINT), or
+    REASON_OK. Static filters are those no placement on another host can change."""
     cdef intp_t w, i, n_words = t.all_mask.shape[0]
     cdef uint64_t bits
     cdef bint any_hit
     for w in range(n_words):
         bits = cs.labels[h, w]
         if (bits & t.all_mask[w]) != t.all_mask[w] or (bits & t.none_mask[w]) != 0:
-            return 2
+            return REASON_SELECTOR
     for i in range(t.any_masks.shape[0]):
         any_hit = False
         for w in range(n_words):
@@ -301,31 +293,31 @@ cdef int32_t static_reason(ConstraintState cs, Terms t, intp_t h) noexcept nogil
                 any_hit = True
                 break
         if not any_hit:
-            return 2
+            return REASON_SELECTOR
     if t.is_vm:
         for w in range(n_words):
             if (cs.labels[h, w] & t.kvm_mask[w]) != t.kvm_mask[w]:
-                return 3
+                return REASON_KVM
     for w in range(t.tol_hard.shape[0]):
         if cs.taint_hard[h, w] & ~t.tol_hard[w]:
-            return 4
-    return 0
+            return REASON_TAINT
+    return REASON_OK
 
 
 cdef bint static_ok(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
     """Host h passes t's static filters, volume locality included."""
-    return static_reason(cs, t, h) == 0 and not (t.has_allowed and not t.allowed[h])
+    return static_reason(cs, t, h) == REASON_OK and not (t.has_allowed and not t.allowed[h])
 
 
 cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
                     int64_t* charge) noexcept nogil:
-    """0 when host h passes every hard constraint (charge then holds what h must give),
-    else the reason code of the first filter it fails."""
+    """REASON_OK when host h passes every hard constraint (charge then holds what h must
+    give), else the reason code of the first filter it fails."""
     cdef int32_t code
     if not s.index.member[h]:
-        return 1
+        return REASON_NOT_SCHEDULABLE
     code = static_reason(cs, t, h)
-    if code != 0:
+    if code != REASON_OK:
         return code
     return reject_dynamic(s, cs, t, h, request, charge)
 
@@ -337,24 +329,24 @@ cdef inline int32_t reject_room(HostState s, ConstraintState cs, Terms t, intp_t
     # Tenants: a dedicated workload needs a host without other tenants' work,
     # and a host held dedicated takes only its own tenant's work.
     if t.dedicated and cs.host_tenant[h] != -1 and cs.host_tenant[h] != t.tenant:
-        return 5
+        return REASON_TENANT
     if cs.ded_tenant[h] >= 0 and cs.ded_tenant[h] != t.tenant:
-        return 5
+        return REASON_TENANT
     # Resources: containers pay the request; VMs pay request x allocation ratio so
     # that they are never overcommitted.
     if t.is_vm:
         for d in range(s.n_dims):
             charge[d] = (request[d] * cs.ratio_milli[h, d] + 999) // 1000
             if s.free[h, d] < charge[d]:
-                return 16 + <int32_t>d
+                return REASON_DIM + <int32_t>d
     else:
         for d in range(s.n_dims):
             charge[d] = request[d]
             if s.free[h, d] < charge[d]:
-                return 16 + <int32_t>d
+                return REASON_DIM + <int32_t>d
     if t.has_allowed and not t.allowed[h]:
-        return 6
-    return 0
+        return REASON_VOLUME
+    return REASON_OK
 
 
 cdef inline int32_t reject_counters(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
@@ -367,26 +359,26 @@ cdef inline int32_t reject_counters(ConstraintState cs, Terms t, intp_t h) noexc
             if c == 0 and t.aff_self[i] and t.aff_ctr[i].total[0] == 0:
                 continue  # the first of a self-affine group may go anywhere
             if c <= 0:
-                return 64 + <int32_t>i
+                return REASON_AFFINITY + <int32_t>i
     for i in range(t.anti_pair.shape[0]):
         if t.anti_hard[i] and pair_count(&t.anti_ctr[i], h) > 0:
-            return 96 + <int32_t>i
+            return REASON_ANTI_AFFINITY + <int32_t>i
     for i in range(t.spread_pair.shape[0]):
         if t.spread_hard[i]:
             c = pair_count(&t.spread_ctr[i], h)
             if c < 0 or c + 1 - t.spread_min[i] > t.spread_skew[i]:
-                return 128 + <int32_t>i
-    return 0
+                return REASON_SPREAD + <int32_t>i
+    return REASON_OK
 
 
 cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
                             int64_t* charge) noexcept nogil:
     """The filters after the static ones (see static_ok), for hosts known to pass those."""
     cdef int32_t code = reject_room(s, cs, t, h, request, charge)
-    if code == 0:
+    if code == REASON_OK:
         code = reject_counters(cs, t, h)
-    if code == 0 and t.numa and numa_node(cs, h, charge) < 0:
-        code = 7
+    if code == REASON_OK and t.numa and numa_node(cs, h, charge) < 0:
+        code = REASON_NUMA
     return code
 
 
@@ -400,12 +392,12 @@ cdef int32_t reject_restored(HostState s, ConstraintState cs, Terms t, intp_t h,
     never overcommits a host."""
     cdef int32_t code
     if not s.index.member[h]:
-        return 1
+        return REASON_NOT_SCHEDULABLE
     code = static_reason(cs, t, h)
-    if code == 0:
+    if code == REASON_OK:
         code = reject_room(s, cs, t, h, request, charge)
-    if code == 0 and t.numa and numa_node(cs, h, charge) < 0:
-        code = 7
+    if code == REASON_OK and t.numa and numa_node(cs, h, charge) < 0:
+        code = REASON_NUMA
     return code
 
 

@@ -1,16 +1,11 @@
 # cython: language_level=3
 """Feasibility of one request against every host, with the first failing reason.
 
-Reason codes (stable; hci_scheduler.explain turns them into text):
-  0                 feasible
-  1                 host is not schedulable (free row, cordoned, draining, down)
-  REASON_DIM + d    insufficient capacity in dimension d (the first one that fails)
+The reason codes (enum Reason) are declared in _filter.pxd, their one home; this
+module writes REASON_OK, REASON_NOT_SCHEDULABLE and REASON_DIM + d, and the
+constraint filters (_constraint.pyx) write the rest.
 """
 from ._typedefs cimport int64_t, intp_t, uint8_t, int32_t
-
-REASON_OK = 0
-REASON_NOT_SCHEDULABLE = 1
-REASON_DIM = 16
 
 
 def filter_hosts(const int64_t[:, ::1] free, const int64_t[::1] request,
@@ -25,7 +20,8 @@ def filter_hosts(const int64_t[:, ::1] free, const int64_t[::1] request,
     schedulable : uint8 (n_rows,)
         1 where the host may take new work.
     reason_out : int32 (n_rows,)
-        Output: 0 where feasible, else a reason code (see module docstring).
+        Output: REASON_OK (0) where feasible, else REASON_NOT_SCHEDULABLE or
+        REASON_DIM + d for the first dimension d that does not fit.
     """
     cdef intp_t n_rows = free.shape[0], n_dims = free.shape[1], h, d
     cdef intp_t n_feasible = 0
@@ -34,16 +30,16 @@ def filter_hosts(const int64_t[:, ::1] free, const int64_t[::1] request,
         raise ValueError("filter_hosts: shapes of free, request, schedulable and reason_out disagree")
     with nogil:
         for h in range(n_rows):
-            reason = 0
+            reason = REASON_OK
             if not schedulable[h]:
-                reason = 1
+                reason = REASON_NOT_SCHEDULABLE
             else:
                 # Cheapest test first: the state bit, then the resource arithmetic.
                 for d in range(n_dims):
                     if free[h, d] < request[d]:
-                        reason = 16 + <int32_t>d
+                        reason = REASON_DIM + <int32_t>d
                         break
             reason_out[h] = reason
-            if reason == 0:
+            if reason == REASON_OK:
                 n_feasible += 1
     return n_feasible

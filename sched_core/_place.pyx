@@ -17,6 +17,7 @@ import numpy as np
 cimport numpy as cnp
 
 from ._typedefs cimport int64_t, intp_t, uint8_t, uint64_t, float64_t, int32_t
+from . cimport _filter, _score
 from ._filter cimport fits
 from ._score cimport imbalance, alignment
 from ._state cimport HostState
@@ -24,11 +25,27 @@ from ._index cimport FitIndex
 
 cnp.import_array()
 
-# Strategy codes: hci_scheduler.policy maps names to these.
-BINPACK = 0
-SPREAD = 1
-BALANCED = 2
-DOT = 3
+# The core's codes as Python ints, under the names sched_core exports: the reason codes
+# (declared in _filter.pxd) and the strategy codes (declared in _score.pxd), whose values
+# hci_scheduler reads. The bare names here are these Python objects, so the C code of this
+# module names a code by its home module: _score.BINPACK, _filter.REASON_OK.
+REASON_OK = _filter.REASON_OK
+REASON_NOT_SCHEDULABLE = _filter.REASON_NOT_SCHEDULABLE
+REASON_SELECTOR = _filter.REASON_SELECTOR
+REASON_KVM = _filter.REASON_KVM
+REASON_TAINT = _filter.REASON_TAINT
+REASON_TENANT = _filter.REASON_TENANT
+REASON_VOLUME = _filter.REASON_VOLUME
+REASON_NUMA = _filter.REASON_NUMA
+REASON_DIM = _filter.REASON_DIM
+REASON_AFFINITY = _filter.REASON_AFFINITY
+REASON_ANTI_AFFINITY = _filter.REASON_ANTI_AFFINITY
+REASON_SPREAD = _filter.REASON_SPREAD
+MAX_TERMS = _filter.MAX_TERMS
+BINPACK = _score.BINPACK
+SPREAD = _score.SPREAD
+BALANCED = _score.BALANCED
+DOT = _score.DOT
 
 
 cdef intp_t scan_balanced(HostState s, const int64_t* request) noexcept nogil:
@@ -72,11 +89,11 @@ cdef intp_t scan_dot(HostState s, const int64_t* request) noexcept nogil:
 
 
 cdef intp_t select(HostState s, const int64_t* request, int strategy) noexcept nogil:
-    if strategy == 0:
+    if strategy == _score.BINPACK:
         return s.index.first_fit(request)
-    if strategy == 1:
+    if strategy == _score.SPREAD:
         return s.index.last_fit(request)
-    if strategy == 2:
+    if strategy == _score.BALANCED:
         return scan_balanced(s, request)
     return scan_dot(s, request)
 
@@ -314,7 +331,7 @@ cdef intp_t walk_index(HostState s, FitIndex ix, ConstraintState cs, Terms t, co
                 if not beats(cost, k, h, best_cost, best_key, best, ascending):
                     continue
             if (reject_dynamic(s, cs, t, h, request, tmp) if static_done
-                    else reject(s, cs, t, h, request, tmp)) != 0:
+                    else reject(s, cs, t, h, request, tmp)) != _filter.REASON_OK:
                 continue
             if ascending and t.penalty_fixed:
                 memcpy(charge, tmp, n_dims * sizeof(int64_t))
@@ -338,9 +355,9 @@ cdef intp_t scan_constrained(HostState s, ConstraintState cs, Terms t, const int
     for d in range(n_dims):
         align_max += (<float64_t>request[d] * s.inv_ref[d]) * (s.ref[d] * s.inv_ref[d])
     for h in range(s.n_rows):
-        if not member[h] or reject(s, cs, t, h, request, tmp) != 0:
+        if not member[h] or reject(s, cs, t, h, request, tmp) != _filter.REASON_OK:
             continue
-        if strategy == 2:
+        if strategy == _score.BALANCED:
             cost = 400.0 * imbalance(&s.used[h, 0], &s.limit[h, 0], tmp, n_dims)
         else:
             cost = 0.0 if s.load[h] > 0 else 200.0
@@ -359,8 +376,9 @@ cdef intp_t select_constrained(HostState s, FitIndex ix, ConstraintState cs, Ter
     """ix is the index to walk: s.index, or a sub-index of the hosts that pass t's static filters;
     block_lb / block_lb_stamp: see walk_index."""
     prepare(cs, t)
-    if strategy == 0 or strategy == 1:
-        return walk_index(s, ix, cs, t, request, strategy == 0, charge, tmp, block_lb, block_lb_stamp)
+    if strategy == _score.BINPACK or strategy == _score.SPREAD:
+        return walk_index(s, ix, cs, t, request, strategy == _score.BINPACK, charge, tmp, block_lb,
+                          block_lb_stamp)
     return scan_constrained(s, cs, t, request, strategy, charge, tmp)
 
 
@@ -448,7 +466,7 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
     cdef int64_t[::1] tmp_v = tmp
     cdef FitIndex ix = s.index
     cdef bint use_sub = False
-    if (strategy == 0 or strategy == 1) and order.shape[0] >= SUB_INDEX_MIN_BATCH:
+    if (strategy == _score.BINPACK or strategy == _score.SPREAD) and order.shape[0] >= SUB_INDEX_MIN_BATCH:
         sub = _static_sub_index(s, cs, t)
         if sub is not None:
             ix = sub
@@ -459,7 +477,8 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
     cdef uint8_t[::1] touched_v = touched
     # Within a batch counters only grow: when that cannot lower any penalty, blocks keep
     # their least penalty between placements (see walk_index).
-    cdef bint cache_lb = t.has_soft and (strategy == 0 or strategy == 1) and penalty_monotone(cs, t)
+    cdef bint cache_lb = (t.has_soft and (strategy == _score.BINPACK or strategy == _score.SPREAD)
+                          and penalty_monotone(cs, t))
     block_lb = np.zeros(ix.count.shape[0] if cache_lb else 1, dtype=np.float64)
     block_lb_stamp = np.zeros(ix.count.shape[0] if cache_lb else 1, dtype=np.uint64)
     cdef float64_t[::1] block_lb_v = block_lb
@@ -492,7 +511,7 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
 
 def check_host(HostState s, ConstraintState cs, Terms t, const int64_t[::1] request, intp_t h,
                int64_t[::1] charge_out, bint counters=True):
-    """Reason code for placing `request` on host row h (0: it may go there; charge_out filled).
+    """Reason code for placing `request` on host row h (REASON_OK: it may go there; charge_out filled).
 
     counters=False skips hard affinity, anti-affinity and spread (see reject_restored)."""
     cdef int32_t code
@@ -531,7 +550,8 @@ def release_constrained(HostState s, ConstraintState cs, Terms t, intp_t h, cons
 
 def filter_constrained(HostState s, ConstraintState cs, Terms t, const int64_t[::1] request,
                        int32_t[::1] reason_out):
-    """First failing reason per host row under the constraints (0: feasible); returns the feasible count."""
+    """First failing reason per host row under the constraints (REASON_OK: feasible); returns the
+    feasible count."""
     cdef intp_t h, n = 0
     cdef int32_t code
     if reason_out.shape[0] != s.n_rows:
@@ -544,7 +564,7 @@ def filter_constrained(HostState s, ConstraintState cs, Terms t, const int64_t[:
         for h in range(s.n_rows):
             code = reject(s, cs, t, h, &request[0], &tmp_v[0])
             reason_out[h] = code
-            if code == 0:
+            if code == _filter.REASON_OK:
                 n += 1
     return n
 

@@ -108,6 +108,14 @@ def taint_to_proto(t: Taint) -> pb.Taint:
     return pb.Taint(key=t.key, value=t.value, effect=EFFECT_NUMBERS[t.effect])
 
 
+def host_to_proto(h: Host) -> pb.Host:
+    """The wire form of a model Host (the inverse of `host_to_model` on a normalized host)."""
+    return pb.Host(
+        id=h.id, capacity=h.capacity, labels=h.labels, taints=[taint_to_proto(t) for t in h.taints],
+        reserved=h.reserved, allocation_ratios=h.allocation_ratio,
+        numa_nodes=[pb.NumaNode(resources=n) for n in h.numa], pool=h.pool, state=HOST_STATE_NUMBERS[h.state])
+
+
 # -- workloads ----------------------------------------------------------------
 
 

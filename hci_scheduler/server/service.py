@@ -20,7 +20,8 @@ from ..v1 import scheduler_pb2 as pb
 from ..v1 import scheduler_pb2_grpc as pb_grpc
 from . import convert
 from .convert import PlaceItem
-from .state import DeadlineExpired, SchedulerState, StoreFailed, Unsupported, place_response
+from .state import SchedulerState, place_response
+from .writer import DeadlineExpired, StoreFailed
 from .wire import PlainDecoder
 
 log = logging.getLogger("hci_scheduler.server")
@@ -35,7 +36,6 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Unschedulable, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StoreFailed, grpc.StatusCode.UNAVAILABLE),
-    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
     (StoreError, grpc.StatusCode.UNAVAILABLE),
     (SchedulerError, grpc.StatusCode.INTERNAL),
 )
@@ -155,14 +155,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         labels = dict(request.labels) if "labels" in paths else None
         taints = None
         if "taints" in paths:
-            taints = [pb.Taint(key=t.key, value=t.value, effect=t.effect or pb.TAINT_EFFECT_NO_SCHEDULE)
-                      for t in request.taints]
-            for t in request.taints:
-                convert.taint_to_model(t, f"host {request.host_id!r}")
-        state = None
-        if "state" in paths:
-            convert.host_state(request.state, "state")
-            state = request.state
+            taints = [convert.taint_to_model(t, f"host {request.host_id!r}") for t in request.taints]
+        state = convert.host_state(request.state, "state") if "state" in paths else None
         return pb.UpdateHostResponse(host=self._execute("update", (request.host_id, labels, taints, state), context))
 
     @_rpc

@@ -1,110 +1,77 @@
-"""Server state: one Cluster, one event log, one writer at a time.
+"""Server state: the Cluster, its event log, and the one writer in front of them.
 
-Every mutation is an `Op` queued in arrival order. The calling thread that
-finds no batch in flight becomes the *leader* (leader/follower): it takes the
-queued operations, its own and every one that arrived meanwhile, applies them
-to the Cluster under `lock`, appends their events to the Store in ONE
-transaction (group commit, one fsync), wakes each caller it carried, and hands
-the lead to the first operation still queued. No thread exists only to write:
-a lone call is applied and committed by its own handler thread, with no
-hand-off to a writer thread and back (two thread wake-ups saved per call).
-Consecutive Place operations are coalesced into one `place_batch` call, so
-throughput grows with the number of clients.
+The Cluster is the single source of truth: hosts, allocations, per-host
+services and volumes live there and nowhere else. Each mutation asks the
+Cluster to act, and the value it returns (a BatchResult with its details,
+AddedHosts with the per-host replicas started, the Placement a release undid)
+is turned into events; the server never works out a decision of the core
+after the fact. On start the events are replayed in order: placements go back
+through `Cluster.restore`, hosts through `add_hosts` with the recorded
+replicas, so the state is exactly the one that was acknowledged (same hosts
+in the same rows, same allocations, same sequence).
 
-Reads take the same lock, so they see only durable state and wait at most one
-batch (apply + commit).
+What the server keeps beside the Cluster is what only the log knows: for each
+placed workload, the sequence of its PLACED event and the canonical bytes of
+the spec it was placed with (the idempotency key of a retried Place).
 
-On start the events in the Store are replayed in order into a fresh Cluster,
-which rebuilds the state exactly: same hosts in the same order, same
-allocations, same sequence number. Placements are replayed with `bind` on
-the recorded host; a per-host service's replicas with `bind_replicas` on the
-recorded hosts (PLACED lists them, and HOST_ADDED lists the services that got
-a replica on a new host); volumes created with a workload with
-`add_volume(hosts=...)` on their recorded replica hosts.
+The log record is the public `Event` message itself. That is the right trade
+here: WatchEvents hands out the records as they were written, with no second
+encoding to keep in step; agents and other orchestrators rebuild their view
+from exactly the facts replay rebuilds the server from; and the record
+evolves under protobuf's rules for the versioned wire contract (fields are
+only ever added), which a private format would have to reinvent. The price
+is that nothing private can go into a record; nothing needs to.
 """
 from __future__ import annotations
 
-import collections
-import inspect
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..errors import DuplicateId, NotFound, SchedulerError, StateConflict, Unschedulable, ValidationError
-from ..model import Volume
+from ..errors import DuplicateId, NotFound, SchedulerError, ValidationError
+from ..model import Placement
 from ..store import Record, Store, StoreError
 from ..v1 import scheduler_pb2 as pb
 from . import convert
 from .convert import PlaceItem
-from .wire import placed_event, varint
+from .wire import event, event_head
+from .writer import MAX_BATCH_WORKLOADS, DeadlineExpired, Op, StoreFailed, Writer  # noqa: F401 (re-exported)
 
 log = logging.getLogger("hci_scheduler.server")
 
-#: Upper bound on the workloads one writer batch carries (keeps reads waiting
-#: at most one bounded batch).
-MAX_BATCH_WORKLOADS = 4096
+_PLACED = pb.EVENT_TYPE_PLACED
+_NO_BYTES = b""
 
 
-class DeadlineExpired(SchedulerError):
-    """The caller's deadline passed before the writer reached its operation."""
+class _Events:
+    """The events of one writer batch, numbered on from the state's last sequence."""
 
+    __slots__ = ("records", "seq", "_ns", "_heads")
 
-class StoreFailed(SchedulerError):
-    """The store could not commit; the server stops taking mutations."""
+    def __init__(self, last: int):
+        self.records: list[Record] = []
+        self.seq = last
+        self._ns = time.time_ns()
+        self._heads: dict[int, bytes] = {}
 
-
-class Unsupported(SchedulerError):
-    """The request needs a Cluster feature this build of the core does not have."""
-
-
-@dataclass(slots=True)
-class Allocation:
-    host_id: str  # "" for a per-host service
-    spec: bytes  # canonical bytes of the normalized pb.Workload
-    sequence: int
-    replicas: list[str] | None = None  # per-host service: hosts running a replica, in order
-    volumes: tuple[tuple[str, tuple[str, ...], int], ...] = ()  # new volumes: (id, replica hosts, GiB)
-
-
-class Op:
-    """One queued mutation. `wake` is held until the op is answered or made leader."""
-
-    __slots__ = ("kind", "args", "deadline", "n", "wake", "taken", "lead", "result", "error")
-
-    def __init__(self, kind: str, args: tuple, deadline: float | None, n: int = 1):
-        self.kind = kind
-        self.args = args
-        self.deadline = deadline
-        self.n = n  # workloads carried, for batch sizing
-        self.wake = threading.Lock()
-        self.wake.acquire()
-        self.taken = False  # a leader took it into a batch
-        self.lead = False  # the previous leader handed the lead to its thread
-        self.result = None
-        self.error: BaseException | None = None
-
-
-# Field 7 (Event.workload), wire type 2 (length-delimited).
-_EVENT_WORKLOAD_TAG = bytes([(7 << 3) | 2])
-# Field 2 (Event.type) = PLACED, as a varint.
-_EVENT_PLACED_TYPE = b"\x10" + varint(pb.EVENT_TYPE_PLACED)
-
-
-def _event_time(ns: int) -> bytes:
-    """Event.time (field 3, a Timestamp) in wire format. Written by hand: building a
-    Timestamp with GetCurrentTime() went through datetime and cost ~15 us, a tenth of
-    a single-workload batch."""
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    body = (b"\x08" + varint(seconds) if seconds else b"") + (b"\x10" + varint(nanos) if nanos else b"")
-    return b"\x1a" + varint(len(body)) + body
+    def add(self, etype: int, host_id: str = "", workload_id: str = "", spec: bytes = _NO_BYTES,
+            **fields) -> int:
+        """Append one event; `fields` are the rare ones (host, replica_host_ids, volumes,
+        per_host_workload_ids, volume_id), encoded by protobuf. Returns its sequence."""
+        head = self._heads.get(etype)
+        if head is None:
+            head = self._heads[etype] = event_head(etype, self._ns)
+        extra = pb.Event(**fields).SerializeToString() if fields else _NO_BYTES
+        self.seq += 1
+        self.records.append(Record(self.seq, etype, event(self.seq, head, host_id, workload_id, spec, extra)))
+        return self.seq
 
 
 def place_response(answers: list) -> pb.PlaceResponse:
     """The PlaceResponse for a Place operation's answers. A plain placement is answered as
-    a (workload id, host id, sequence) tuple and written straight into the response: a
-    Placement message per workload, copied again into the response, cost ~2 us each."""
+    a (workload id, host id, sequence) tuple and written straight into the response,
+    without a Placement message per workload copied again into the response."""
     resp = pb.PlaceResponse()
     add, append = resp.placements.add, resp.placements.append
     for a in answers:
@@ -116,7 +83,7 @@ def place_response(answers: list) -> pb.PlaceResponse:
 
 
 class SchedulerState:
-    """The cluster, its allocations and event log, behind one writer at a time.
+    """The cluster and its event log, behind one writer at a time.
 
     Parameters
     ----------
@@ -137,9 +104,7 @@ class SchedulerState:
         if saved is not None:
             saved_dims = tuple(saved.split(","))
             if dimensions is not None and tuple(dimensions) != saved_dims:
-                raise ValidationError(
-                    f"dimensions {tuple(dimensions)} differ from the store's {saved_dims}"
-                )
+                raise ValidationError(f"dimensions {tuple(dimensions)} differ from the store's {saved_dims}")
             dimensions = saved_dims
         factory = cluster_factory or (lambda dims: Cluster(dimensions=tuple(dims)) if dims else Cluster())
         self.cluster = factory(dimensions)
@@ -148,491 +113,223 @@ class SchedulerState:
         self.dimensions: tuple[str, ...] = tuple(self.cluster.dimensions)
         self.store = store
         self.metrics = metrics
-        self.max_batch = max_batch
-        self.lock = threading.RLock()
-        self.hosts: dict[str, pb.Host] = {}
-        self.host_workloads: collections.Counter[str] = collections.Counter()
-        self.allocations: dict[str, Allocation] = {}
-        self.daemons: dict[str, object] = {}  # per-host service id -> model Workload
-        self.volumes: dict[str, tuple[tuple[str, ...], int]] = {}  # volume id -> (replica hosts, GiB)
+        self.lock = threading.RLock()  # reads see only durable state: they wait at most one batch
         self.sequence = 0
+        # workload id -> (sequence of its PLACED event, canonical spec bytes): what only the log knows.
+        self._placed: dict[str, tuple[int, bytes]] = {}
         self.events_cond = threading.Condition()
         self._event_waiters = 0  # threads in wait_events
-        self.broken: BaseException | None = None
-        self.on_fatal: Callable[[BaseException], None] | None = None
         t0 = time.perf_counter()
         n = self._replay()
         log.info("state rebuilt", extra={"fields": {
-            "events": n, "hosts": len(self.hosts), "allocations": len(self.allocations),
+            "events": n, "hosts": self.cluster.n_hosts, "allocations": len(self._placed),
             "sequence": self.sequence, "seconds": round(time.perf_counter() - t0, 3)}})
-        self._queue: collections.deque[Op] = collections.deque()
-        self._queue_cond = threading.Condition()
-        self._leading = False  # invariant: a non-empty queue has a leader
-        self._stopping = False
+        self.writer = Writer(self._process, max_batch)
 
     # -- replay --------------------------------------------------------------
 
     def _replay(self) -> int:
+        """Feed the stored events back into the cluster, in order."""
         n = 0
         c = self.cluster
         adds: list[pb.Event] = []  # consecutive HOST_ADDED events, registered in one call
 
         def flush() -> None:
             if adds:
-                c.add_hosts([convert.host_to_model(ev.host) for ev in adds])
-                for ev in adds:
-                    self.hosts[ev.host.id] = ev.host
-                if self.daemons:
-                    self._replay_host_replicas(adds)
+                c.add_hosts([convert.host_to_model(ev.host) for ev in adds],
+                            replicas={ev.host.id: list(ev.per_host_workload_ids) for ev in adds})
                 adds.clear()
 
         for rec in self.store.iter_all():
             ev = pb.Event.FromString(rec.body)
-            t = ev.type
-            if t == pb.EVENT_TYPE_HOST_ADDED:
-                # add_hosts assigns rows in the same order as one add_host per event.
-                adds.append(ev)
-            else:
-                flush()
-            if t == pb.EVENT_TYPE_HOST_ADDED:
-                pass
-            elif t == pb.EVENT_TYPE_HOST_UPDATED:
-                self._apply_host_update(ev.host)
-                self.hosts[ev.host.id] = ev.host
-            elif t == pb.EVENT_TYPE_HOST_REMOVED:
-                c.remove_host(ev.host_id)
-                del self.hosts[ev.host_id]
-                self._host_gone(ev.host_id)
-            elif t == pb.EVENT_TYPE_PLACED:
-                self._replay_placed(ev)
-            elif t in (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED):
-                c.release(ev.workload_id)
-                self._forget(ev.workload_id)
-            elif t == pb.EVENT_TYPE_VOLUME_DELETED:
-                c.remove_volume(ev.volume_id)
-                del self.volumes[ev.volume_id]
-            else:
-                raise StoreError(f"event {rec.sequence}: unknown type {t}")
             if ev.sequence != self.sequence + 1:
                 raise StoreError(f"event sequence {ev.sequence} follows {self.sequence}")
+            t = ev.type
+            if t == pb.EVENT_TYPE_HOST_ADDED:
+                adds.append(ev)  # add_hosts gives rows in the same order as one call per event
+            else:
+                flush()
+                self._apply(ev)
             self.sequence = ev.sequence
             n += 1
         flush()
         return n
 
-    def _replay_placed(self, ev: pb.Event) -> None:
+    def _apply(self, ev: pb.Event) -> None:
         c = self.cluster
-        w = ev.workload
-        model = convert.workload_to_model(w)
-        spec = convert.spec_bytes(w)
-        if w.per_host:
-            replicas = list(ev.replica_host_ids)
-            c.bind_replicas(model, replicas)
-            self.daemons[ev.workload_id] = model
-            self.allocations[ev.workload_id] = Allocation("", spec, ev.sequence, replicas=replicas)
-            for h in replicas:
-                self.host_workloads[h] += 1
-            return
-        vols = ()
-        if ev.volumes:
-            specs = {v.id: v for v in w.new_volumes}
-            vols = tuple((v.volume_id, tuple(v.host_ids), v.size_gib) for v in ev.volumes)
-            for vid, hosts, size in vols:
-                v = specs.get(vid)
-                if v is None:
-                    raise StoreError(f"event {ev.sequence}: volume {vid!r} is not among the workload's new volumes")
-                c.add_volume(Volume(v.id, v.size_gib, v.replicas or 1, v.spread or "host"), hosts=list(hosts))
-                self.volumes[vid] = (hosts, size)
-        c.bind(model, ev.host_id, restore=True)  # counters-based terms held when it was decided
-        self.allocations[ev.workload_id] = Allocation(ev.host_id, spec, ev.sequence, volumes=vols)
-        self.host_workloads[ev.host_id] += 1
+        t = ev.type
+        if t == _PLACED:
+            w = ev.workload
+            recorded = Placement(ev.workload_id, ev.host_id or None, replicas=tuple(ev.replica_host_ids),
+                                 volumes={v.volume_id: list(v.host_ids) for v in ev.volumes})
+            # Hard affinity and spread held against the workloads present when it was decided.
+            c.restore(convert.workload_to_model(w), recorded)
+            self._placed[ev.workload_id] = (ev.sequence, convert.spec_bytes(w))
+        elif t in (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED):
+            c.release(ev.workload_id)
+            del self._placed[ev.workload_id]
+        elif t == pb.EVENT_TYPE_HOST_UPDATED:
+            h = convert.host_to_model(ev.host)
+            c.update_host(h.id, labels=h.labels, taints=h.taints, state=h.state)
+        elif t == pb.EVENT_TYPE_HOST_REMOVED:
+            c.remove_host(ev.host_id)
+        elif t == pb.EVENT_TYPE_VOLUME_DELETED:
+            c.remove_volume(ev.volume_id)
+        else:
+            raise StoreError(f"event {ev.sequence}: unknown type {t}")
 
-    def _replay_host_replicas(self, adds: list[pb.Event]) -> None:
-        """add_hosts gave registered per-host services a replica on each new host that
-        fits one; make that exactly the recorded set (it is, unless the core decides
-        differently than the build that wrote the log)."""
-        c = self.cluster
-        for ev in adds:
-            h = ev.host.id
-            recorded = list(ev.per_host_workload_ids)
-            want = set(recorded)
-            for d, model in self.daemons.items():
-                rid = f"{d}@{h}"
-                try:
-                    c.workload(rid)
-                    has = True
-                except NotFound:
-                    has = False
-                if has and d not in want:
-                    c.release(rid)
-                elif not has and d in want:
-                    c.bind_replicas(model, [h])
-            for d in recorded:
-                alloc = self.allocations.get(d)
-                if alloc is None or alloc.replicas is None:
-                    raise StoreError(f"event {ev.sequence}: {d!r} is not a placed per-host service")
-                alloc.replicas.append(h)
-                self.host_workloads[h] += 1
-
-    def _new_host_replicas(self, host_ids: list[str]) -> dict[str, list[str]]:
-        """host id -> the per-host services add_hosts gave a replica there (recorded in HOST_ADDED)."""
-        out: dict[str, list[str]] = {}
-        if not self.daemons:
-            return out
-        c = self.cluster
-        for h in host_ids:
-            for d in self.daemons:
-                try:
-                    c.workload(f"{d}@{h}")
-                except NotFound:
-                    continue
-                out.setdefault(h, []).append(d)
-                self.allocations[d].replicas.append(h)
-                self.host_workloads[h] += 1
-        return out
-
-    def _host_gone(self, host_id: str) -> None:
-        """A removed host takes its per-host service replicas with it."""
-        if self.daemons:
-            for d in self.daemons:
-                replicas = self.allocations[d].replicas
-                if host_id in replicas:
-                    replicas.remove(host_id)
-        self.host_workloads.pop(host_id, None)
-
-    def _forget(self, workload_id: str) -> None:
-        alloc = self.allocations.pop(workload_id)
-        hw = self.host_workloads
-        for h in (alloc.host_id,) if alloc.replicas is None else alloc.replicas:
-            hw[h] -= 1
-            if not hw[h]:
-                del hw[h]
-        if alloc.replicas is not None:
-            del self.daemons[workload_id]
-
-    def _apply_host_update(self, host: pb.Host) -> None:
-        model = convert.host_to_model(host)
-        old = self.hosts.get(host.id)
-        if old is None or old.labels != host.labels or list(old.taints) != list(host.taints):
-            update = getattr(self.cluster, "update_host", None)
-            if update is None:
-                raise Unsupported("changing labels or taints needs Cluster.update_host, "
-                                  "which this core does not provide yet")
-            update(host.id, labels=dict(model.labels), taints=list(model.taints))
-        self.cluster.set_host_state(host.id, model.state)
-
-    # -- submitting: leader/follower -----------------------------------------
+    # -- mutations -----------------------------------------------------------
 
     def execute(self, kind: str, args: tuple, deadline: float | None = None, n: int = 1,
                 coalesce: bool = False):
-        """Apply a mutation and return its result once it is durable (or raise its error).
+        """Apply a mutation (`_do_<kind>(*args)`) and return its result once it is durable.
 
-        deadline is a time.monotonic() value: an operation still queued then is
-        dropped unapplied (DeadlineExpired); one already in a batch is answered.
-        coalesce marks Place operations that may share one place_batch call.
+        coalesce marks Place operations that may share one place_batch call with
+        the Place operations queued next to them.
         """
-        op = Op(kind, args, deadline, n)
-        op.taken = False
-        if coalesce:
-            op.kind = "place*"
-        with self._queue_cond:
-            if self.broken is not None:
-                raise StoreFailed(f"store failed earlier: {self.broken}")
-            if self._stopping:
-                raise StateConflict("server is stopping")
-            self._queue.append(op)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            self._await_turn(op)
-            lead = op.lead
-        if lead:
-            self._lead(op)
-        if op.error is not None:
-            raise op.error
-        return op.result
+        return self.writer.execute(kind, args, deadline, n, coalesce)
 
-    def submit(self, kind: str, args: tuple, deadline: float | None = None, n: int = 1):
-        """`execute` wrapped in a completed Future (for callers written against the old writer)."""
-        from concurrent.futures import Future
+    @property
+    def broken(self) -> BaseException | None:
+        return self.writer.broken
 
-        fut: Future = Future()
-        try:
-            fut.set_result(self.execute(kind, args, deadline, n))
-        except SchedulerError as exc:
-            fut.set_exception(exc)
-        return fut
+    @property
+    def on_fatal(self):
+        return self.writer.on_fatal
 
-    def _await_turn(self, op: Op) -> None:
-        """Sleep until a leader answered `op` or handed this thread the lead."""
-        if op.deadline is None:
-            op.wake.acquire()
-            return
-        if op.wake.acquire(timeout=max(op.deadline - time.monotonic(), 0.0)):
-            return
-        with self._queue_cond:
-            if not op.taken and not op.lead:
-                self._queue.remove(op)
-                op.error = DeadlineExpired("deadline passed while the operation waited for the writer")
-                return
-        op.wake.acquire()  # in a batch already (or leading): answered within one batch
-
-    def _lead(self, mine: Op) -> None:
-        """Run batches until `mine` is answered, then pass the lead on."""
-        while True:
-            with self._queue_cond:
-                ops = self._take_locked()
-            try:
-                self._process(ops)
-            except BaseException as exc:  # a bug or a store failure: fail-stop
-                log.exception("writer failed")
-                for op in ops:
-                    if op.error is None and op.result is None:
-                        op.error = StoreFailed(str(exc))
-                self._fail(exc)
-                for op in ops:
-                    if op is not mine:
-                        op.wake.release()
-                return
-            for op in ops:
-                if op is not mine:
-                    op.wake.release()
-            if mine.taken:
-                with self._queue_cond:
-                    if self._queue:
-                        nxt = self._queue[0]
-                        nxt.lead = True
-                        nxt.wake.release()
-                    else:
-                        self._leading = False
-                        if self._stopping:  # close() waits for the last batch
-                            self._queue_cond.notify_all()
-                return
-
-    def _take_locked(self) -> list[Op]:
-        q = self._queue
-        op = q.popleft()
-        op.taken = True
-        ops = [op]
-        n = op.n
-        while q and n + q[0].n <= self.max_batch:
-            op = q.popleft()
-            op.taken = True
-            ops.append(op)
-            n += op.n
-        return ops
+    @on_fatal.setter
+    def on_fatal(self, callback) -> None:
+        self.writer.on_fatal = callback
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Refuse new mutations, let the queued ones finish, close the store."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._queue_cond:
-            self._stopping = True
-            while self._leading or self._queue:
-                remaining = None if end is None else end - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._queue_cond.wait(remaining)
+        self.writer.close(timeout)
         self.store.close()
 
-    def _fail(self, exc: BaseException) -> None:
-        self.broken = exc
-        with self._queue_cond:
-            self._stopping = True
-            pending = list(self._queue)
-            self._queue.clear()
-            self._leading = False
-            self._queue_cond.notify_all()
-        for op in pending:
-            op.error = StoreFailed(f"store failed: {exc}")
-            op.wake.release()
-        if self.on_fatal is not None:
-            self.on_fatal(exc)
-
     def _process(self, ops: list[Op]) -> None:
-        records: list[Record] = []
+        """Apply a batch under the lock and append its events in one transaction."""
+        events = _Events(self.sequence)
         outcomes: list[tuple[Op, object, BaseException | None]] = []
         now = time.monotonic()
-        # Event.time (field 3) serialized once for the whole batch.
-        ts = _event_time(time.time_ns())
         n_place = 0
         with self.lock:
-            seq0 = self.sequence
             i = 0
             while i < len(ops):
                 op = ops[i]
-                if op.deadline is not None and op.deadline < now:
+                if op.expired(now):
                     outcomes.append((op, None, DeadlineExpired("deadline passed before the operation ran")))
                     i += 1
                     continue
-                if op.kind == "place*":
-                    group = [op]
-                    n_place += op.n
-                    j = i + 1
-                    if j < len(ops):  # (the id set only when there is something to join)
-                        ids = {it.wid for it in op.args[0]}
-                        while j < len(ops) and ops[j].kind == "place*" and ops[j].args[2] == op.args[2] \
-                                and (ops[j].deadline is None or ops[j].deadline >= now) \
-                                and ids.isdisjoint(it.wid for it in ops[j].args[0]):
-                            ids.update(it.wid for it in ops[j].args[0])
-                            group.append(ops[j])
-                            n_place += ops[j].n
-                            j += 1
-                    outcomes.extend(self._place_group(group, records, ts))
-                    i = j
+                if op.kind == "place":
+                    group = self._coalesced(ops, i, now)
+                    n_place += sum(o.n for o in group)
+                    outcomes.extend(self._place_group(group, events))
+                    i += len(group)
                     continue
                 try:
-                    result = getattr(self, "_do_" + op.kind)(*op.args, records=records, ts=ts)
-                    outcomes.append((op, result, None))
+                    outcomes.append((op, getattr(self, "_do_" + op.kind)(*op.args, events=events), None))
                 except SchedulerError as exc:
                     outcomes.append((op, None, exc))
-                if op.kind == "place":
-                    n_place += op.n
                 i += 1
-            if records:
+            if events.records:
                 # Durable before any reply; one transaction (one fsync) for the whole batch.
-                self.store.append(records)
-            assert self.sequence == seq0 + len(records)
+                self.store.append(events.records)
+                self.sequence = events.seq
         if self.metrics is not None:
             self.metrics.batch(n_place)
         for op, result, exc in outcomes:
             op.result = result
             op.error = exc
-        if records and self._event_waiters:
+        if events.records and self._event_waiters:
             with self.events_cond:
                 self.events_cond.notify_all()
 
-    # -- events --------------------------------------------------------------
+    @staticmethod
+    def _coalesced(ops: list[Op], i: int, now: float) -> list[Op]:
+        """ops[i] and the coalescable Place ops right after it (same strategy, live,
+        no workload id in common)."""
+        op = ops[i]
+        group = [op]
+        if not op.coalesce or i + 1 == len(ops):
+            return group
+        ids = {it.wid for it in op.args[0]}
+        for nxt in ops[i + 1:]:
+            if not (nxt.kind == "place" and nxt.coalesce and nxt.args[2] == op.args[2] and not nxt.expired(now)
+                    and ids.isdisjoint(it.wid for it in nxt.args[0])):
+                break
+            ids.update(it.wid for it in nxt.args[0])
+            group.append(nxt)
+        return group
 
-    def _event(self, records: list[Record], ts: bytes, etype: int, *, host_id: str = "",
-               workload_id: str = "", host: pb.Host | None = None, spec: bytes | None = None,
-               **repeated) -> int:
-        """Append one Event record; `ts` is the serialized Event.time field (tag included).
-        repeated: replica_host_ids, volumes, per_host_workload_ids, volume_id."""
-        self.sequence += 1
-        if host is None and not repeated:
-            # Hot path (releases): write the Event's wire format directly; fields may
-            # come in any order and concatenate into one valid message. Three times
-            # cheaper than building a pb.Event.
-            hid = host_id.encode()
-            wid = workload_id.encode()
-            body = b"".join((b"\x08", varint(self.sequence), b"\x10", varint(etype), ts,
-                             b"\x22", varint(len(hid)), hid, b"\x2a", varint(len(wid)), wid))
-        else:
-            ev = pb.Event(sequence=self.sequence, type=etype, host_id=host_id,
-                          workload_id=workload_id, host=host, **repeated)
-            body = ev.SerializeToString() + ts
-        if spec is not None:
-            body += _EVENT_WORKLOAD_TAG + varint(len(spec)) + spec
-        records.append(Record(self.sequence, etype, body))
-        return self.sequence
-
-    # -- mutations (leader thread, under self.lock) --------------------------
-
-    def _do_register(self, hosts: list[pb.Host], models: list, *, records, ts):
-        self.cluster.add_hosts(models)  # all or nothing
-        replicas = self._new_host_replicas([h.id for h in hosts])
+    def _do_register(self, hosts: list[pb.Host], models: list, *, events: _Events):
+        added = self.cluster.add_hosts(models)  # all or nothing
         for h in hosts:
-            self.hosts[h.id] = h
-            daemons = replicas.get(h.id)
-            if daemons:
-                self._event(records, ts, pb.EVENT_TYPE_HOST_ADDED, host_id=h.id, host=h,
-                            per_host_workload_ids=daemons)
+            started = added.replicas.get(h.id)
+            if started:
+                events.add(pb.EVENT_TYPE_HOST_ADDED, h.id, host=h, per_host_workload_ids=started)
             else:
-                self._event(records, ts, pb.EVENT_TYPE_HOST_ADDED, host_id=h.id, host=h)
+                events.add(pb.EVENT_TYPE_HOST_ADDED, h.id, host=h)
         return hosts
 
-    def _do_update(self, host_id: str, labels, taints, state, *, records, ts):
-        old = self.hosts.get(host_id)
-        if old is None:
-            raise NotFound(f"host_id {host_id!r} is not registered")
-        new = pb.Host()
-        new.CopyFrom(old)
-        if labels is not None:
-            new.ClearField("labels")
-            new.labels.update(labels)
-        if taints is not None:
-            del new.taints[:]
-            new.taints.extend(taints)
-        if state is not None:
-            new.state = state
-        convert.host_to_model(new)  # validate before touching the cluster
-        self._apply_host_update(new)
-        self.hosts[host_id] = new
-        self._event(records, ts, pb.EVENT_TYPE_HOST_UPDATED, host_id=host_id, host=new)
-        return new
+    def _do_update(self, host_id: str, labels, taints, state, *, events: _Events):
+        host = convert.host_to_proto(self.cluster.update_host(host_id, labels=labels, taints=taints, state=state))
+        events.add(pb.EVENT_TYPE_HOST_UPDATED, host_id, host=host)
+        return host
 
-    def _do_remove(self, host_id: str, *, records, ts):
-        if host_id not in self.hosts:
-            raise NotFound(f"host_id {host_id!r} is not registered")
+    def _do_remove(self, host_id: str, *, events: _Events):
         self.cluster.remove_host(host_id)  # per-host service replicas go with it
-        del self.hosts[host_id]
-        self._host_gone(host_id)
-        return self._event(records, ts, pb.EVENT_TYPE_HOST_REMOVED, host_id=host_id)
+        return events.add(pb.EVENT_TYPE_HOST_REMOVED, host_id)
 
-    def _do_release(self, workload_ids: list[str], allow_missing: bool, *, records, ts):
-        missing = [w for w in workload_ids if w not in self.allocations]
+    def _do_release(self, workload_ids: list[str], allow_missing: bool, *, events: _Events):
+        missing = [w for w in workload_ids if w not in self._placed]
         if missing and not allow_missing:
             raise NotFound(f"workload_ids not placed: {missing[:10]!r}")
         released = []
         for wid in dict.fromkeys(workload_ids):
-            alloc = self.allocations.get(wid)
-            if alloc is None:
+            if wid not in self._placed:
                 continue
-            self.cluster.release(wid)  # a per-host service: every replica
-            self._forget(wid)
-            self._event(records, ts, pb.EVENT_TYPE_RELEASED, host_id=alloc.host_id, workload_id=wid)
+            where = self.cluster.release(wid)  # a per-host service: every replica
+            del self._placed[wid]
+            events.add(pb.EVENT_TYPE_RELEASED, where.host_id or "", wid)
             released.append(wid)
         return released
 
-    def _do_delete_volume(self, volume_id: str, *, records, ts):
-        if volume_id not in self.volumes:
-            raise NotFound(f"volume_id {volume_id!r} does not exist")
-        self.cluster.remove_volume(volume_id)  # StateConflict while a workload mounts it
-        del self.volumes[volume_id]
-        seq = self._event(records, ts, pb.EVENT_TYPE_VOLUME_DELETED, volume_id=volume_id)
-        return seq
+    def _do_delete_volume(self, volume_id: str, *, events: _Events):
+        self.cluster.remove_volume(volume_id)  # NotFound; StateConflict while a workload mounts it
+        return events.add(pb.EVENT_TYPE_VOLUME_DELETED, volume_id=volume_id)
 
-    def _do_place(self, items: list[PlaceItem], gang: bool, strategy: str, preempt: bool, *, records, ts):
-        # Gang, preempting and per-host/volume calls are never coalesced.
-        answers, fresh = self._idempotent(items)
-        if fresh:
-            placed, unplaced = self._apply_place(fresh, gang, strategy, preempt)
-            self._record(placed, unplaced, answers, records, ts)
-        return [answers[it.wid] for it in items]
+    # -- placing -------------------------------------------------------------
 
-    def _place_group(self, group: list[Op], records, ts):
-        """Place the workloads of several coalescable Place calls in one core call."""
-        strategy = group[0].args[2]
-        outcomes, live, fresh_all = [], [], []
+    def _place_group(self, group: list[Op], events: _Events):
+        """Place the workloads of one or more Place calls (args: items, gang, strategy,
+        preempt) in one cluster call; each call keeps its order and the calls go in
+        arrival order, as if they had come one after another."""
+        outcomes, live, fresh = [], [], []
         for op in group:
             try:
-                answers, fresh = self._idempotent(op.args[0])
+                answers = self._retried(op.args[0])
             except SchedulerError as exc:
                 outcomes.append((op, None, exc))
                 continue
             live.append((op, answers))
-            fresh_all.extend(fresh)
-        if fresh_all:
+            fresh.extend(it for it in op.args[0] if answers[it.wid] is None)
+        if fresh:
+            _, gang, strategy, preempt = live[0][0].args
+            # largest_first also sums the cluster's capacity, O(hosts): not worth it across calls.
+            order = "arrival" if len(live) > 1 else "largest_first"
             try:
-                # Several calls: each keeps its order and the calls go in arrival order,
-                # as if they had come one after another. (largest_first also sums the
-                # cluster's capacity, O(hosts): a third of a coalesced unary call.)
-                placed, unplaced = self._apply_place(fresh_all, False, strategy, False,
-                                                     order="arrival" if len(live) > 1 else "largest_first")
+                result = self.cluster.place_batch([it.model for it in fresh], strategy=strategy, order=order,
+                                                  gang=gang, preempt=preempt)
             except SchedulerError as exc:
                 if len(live) == 1:
-                    outcomes.append((live[0][0], None, exc))
-                    return outcomes
+                    return outcomes + [(live[0][0], None, exc)]
                 # One call's bad workload must not fail the others: the cluster is
                 # unchanged, so place each call on its own.
                 for op, _ in live:
-                    try:
-                        outcomes.append((op, self._do_place(*op.args, records=records, ts=ts), None))
-                    except SchedulerError as exc2:
-                        outcomes.append((op, None, exc2))
+                    outcomes.extend(self._place_group([op], events))
                 return outcomes
-            merged: dict[str, pb.Placement] = {}
-            self._record(placed, unplaced, merged, records, ts)
+            merged: dict[str, object] = {}
+            self._record(fresh, result, merged, events)
             for _, answers in live:
                 for wid, a in answers.items():
                     if a is None:
@@ -641,165 +338,63 @@ class SchedulerState:
             outcomes.append((op, [answers[it.wid] for it in op.args[0]], None))
         return outcomes
 
-    def _idempotent(self, items: list[PlaceItem]):
-        """Split a call into answers already given (retries) and fresh workloads.
+    def _retried(self, items: list[PlaceItem]) -> dict[str, object]:
+        """workload id -> the answer already given (a retried call), or None for a fresh one.
 
         Raises DuplicateId when a placed workload id comes with a different spec.
         """
-        answers: dict[str, pb.Placement | tuple | None] = {}
-        fresh = []
-        allocs = self.allocations
+        answers: dict[str, object] = {}
+        placed = self._placed
+        where = None
         for it in items:
-            wid = it.wid
-            alloc = allocs.get(wid)
-            if alloc is None:
-                answers[wid] = None
-                fresh.append(it)
-            elif alloc.spec != it.spec:
-                raise DuplicateId(f"workload id {wid!r} is already placed with a different spec")
-            else:
-                answers[wid] = self._answer(wid, alloc)
-        return answers, fresh
-
-    def _apply_place(self, fresh: list[PlaceItem], gang: bool, strategy: str, preempt: bool,
-                     order: str = "largest_first"):
-        """Place `fresh` in the cluster; returns (placed, unplaced).
-
-        placed lists (item, host id, model Placement or None) in the order the
-        cluster applied them, which is the order their events are recorded and
-        replayed in. All or nothing: a SchedulerError (not Unschedulable) undoes
-        what this call placed, so a failed call changes nothing.
-        """
-        c = self.cluster
-        placed: list[tuple[PlaceItem, str, object]] = []
-        unplaced: dict[str, object] = {}
-        try:
-            if preempt:
-                if "preempt" not in inspect.signature(c.place).parameters:
-                    raise Unsupported("preempt needs Cluster.place(preempt=True), "
-                                      "which this core does not provide yet")
-                for it in fresh:
-                    try:
-                        p = c.place(it.model, strategy=strategy, preempt=True)
-                    except Unschedulable as exc:
-                        unplaced[it.wid] = exc.explanation
-                        continue
-                    placed.append((it, p.host_id or "", p))
-                return placed, unplaced
-            plain = fresh
-            if fresh[0].special if len(fresh) == 1 else any(it.special for it in fresh):
-                # Per-host services and workloads creating volumes: one `place` each,
-                # which reports their replica hosts (place_batch does not).
-                plain = []
-                for it in fresh:
-                    if not it.special:
-                        plain.append(it)
-                        continue
-                    try:
-                        p = c.place(it.model, strategy=strategy)
-                    except Unschedulable as exc:
-                        unplaced[it.wid] = exc.explanation
-                        continue
-                    placed.append((it, p.host_id or "", p))
-            if len(plain) == 1 and not gang:
-                it = plain[0]
-                try:
-                    placed.append((it, c.place(it.model, strategy=strategy).host_id, None))
-                except Unschedulable as exc:
-                    unplaced[it.wid] = exc.explanation
-            elif plain:
-                r = c.place_batch([it.model for it in plain], strategy=strategy, order=order, gang=gang)
-                by_id = {it.wid: it for it in plain}
-                # placements is filled in placement order (largest first): keep it.
-                placed += [(by_id[wid], host_id, None) for wid, host_id in r.placements.items()]
-                unplaced.update(r.unplaced)
-        except SchedulerError:
-            self._undo(placed)
-            raise
-        return placed, unplaced
-
-    def _undo(self, placed) -> None:
-        """Take back placements not yet recorded, newest first."""
-        c = self.cluster
-        for it, _host_id, p in reversed(placed):
-            c.release(it.wid)
-            if p is None:
+            known = placed.get(it.wid)
+            if known is None:
+                answers[it.wid] = None
                 continue
-            for vid in p.volumes:
-                c.remove_volume(vid)
-            for wid in p.evicted:
-                alloc = self.allocations[wid]
-                c.bind(convert.workload_to_model(pb.Workload.FromString(alloc.spec)), alloc.host_id, restore=True)
+            if known[1] != it.spec:
+                raise DuplicateId(f"workload id {it.wid!r} is already placed with a different spec")
+            if where is None:
+                where = {p.workload_id: p for p in self.cluster.placements()}
+            answers[it.wid] = self._answer(where[it.wid], known[0])
+        return answers
 
-    def _record(self, placed, unplaced: dict, answers: dict, records: list[Record], ts: bytes) -> None:
-        """Events, allocations and answers for what `_apply_place` did."""
-        allocs = self.allocations
-        hw = self.host_workloads
-        head = _EVENT_PLACED_TYPE + ts
-        kind = pb.EVENT_TYPE_PLACED
-        seq = self.sequence
-        for it, host_id, p in placed:
-            wid = it.wid
-            if p is not None:
-                self.sequence = seq
-                answers[wid] = self._placed_special(it, p, records, ts)
-                seq = self.sequence
+    def _record(self, items: list[PlaceItem], result, answers: dict, events: _Events) -> None:
+        """Events and answers for what `place_batch` did, in the order it committed."""
+        by_id = {it.wid: it for it in items}
+        placed = self._placed
+        for wid, host_id in result.placements.items():
+            spec = by_id[wid].spec
+            detail = result.details.get(wid)
+            if detail is None:  # the hot path: a workload on a host, nothing else
+                seq = events.add(_PLACED, host_id, wid, spec)
+                placed[wid] = (seq, spec)
+                answers[wid] = (wid, host_id, seq)  # see place_response
                 continue
-            # Plain placements, the hot path: the Event's wire format written directly.
-            seq += 1
-            spec = it.spec
-            records.append(Record(seq, kind, placed_event(seq, head, host_id, wid, spec)))
-            allocs[wid] = Allocation(host_id, spec, seq)
-            hw[host_id] += 1
-            answers[wid] = (wid, host_id, seq)  # see place_response
-        self.sequence = seq
-        if self.metrics is not None and placed:
-            self.metrics.placed(len(placed))
-        for wid, expl in unplaced.items():
+            for victim in detail.evicted:
+                del placed[victim]
+                events.add(pb.EVENT_TYPE_EVICTED, detail.host_id, victim)
+            extra = {}
+            if detail.replicas:
+                extra["replica_host_ids"] = detail.replicas
+            if detail.volumes:
+                extra["volumes"] = [pb.VolumeReplicas(volume_id=vid, host_ids=hosts,
+                                                      size_gib=self.cluster.volume(vid).size_gib)
+                                    for vid, hosts in detail.volumes.items()]
+            seq = events.add(_PLACED, detail.host_id or "", wid, spec, **extra)
+            placed[wid] = (seq, spec)
+            answers[wid] = self._answer(detail, seq)
+        if self.metrics is not None and result.placements:
+            self.metrics.placed(len(result.placements))
+        for wid, expl in result.unplaced.items():
             answers[wid] = self._refused(wid, expl)
 
-    def _placed_special(self, it: PlaceItem, p, records, ts) -> pb.Placement:
-        """Record a placement with evictions, per-host replicas or new volumes."""
-        wid = it.wid
-        for victim in p.evicted:
-            alloc = self.allocations[victim]
-            self._forget(victim)
-            self._event(records, ts, pb.EVENT_TYPE_EVICTED, host_id=alloc.host_id, workload_id=victim)
-        extra = {}
-        if it.model.per_host:
-            replicas = list(p.replicas)
-            extra["replica_host_ids"] = replicas
-            alloc = Allocation("", it.spec, 0, replicas=replicas)
-            for h in replicas:
-                self.host_workloads[h] += 1
-            self.daemons[wid] = it.model
-        else:
-            vols = ()
-            if p.volumes:
-                sizes = {v.id: v.size_gib for v in it.proto.new_volumes}
-                vols = tuple((vid, tuple(hosts), sizes[vid]) for vid, hosts in p.volumes.items())
-                extra["volumes"] = [pb.VolumeReplicas(volume_id=vid, host_ids=hosts, size_gib=size)
-                                    for vid, hosts, size in vols]
-                for vid, hosts, size in vols:
-                    self.volumes[vid] = (hosts, size)
-            alloc = Allocation(p.host_id, it.spec, 0, volumes=vols)
-            self.host_workloads[p.host_id] += 1
-        alloc.sequence = self._event(records, ts, pb.EVENT_TYPE_PLACED, host_id=alloc.host_id,
-                                     workload_id=wid, spec=it.spec, **extra)
-        self.allocations[wid] = alloc
-        out = self._answer(wid, alloc, evicted=p.evicted)
-        if it.model.per_host and p.explanation:
+    def _answer(self, p: Placement, sequence: int) -> pb.Placement:
+        out = pb.Placement(workload_id=p.workload_id, host_id=p.host_id or "", sequence=sequence,
+                           evicted_workload_ids=p.evicted, replica_host_ids=p.replicas)
+        for vid, hosts in p.volumes.items():
+            out.volumes.add(volume_id=vid, host_ids=hosts, size_gib=self.cluster.volume(vid).size_gib)
+        if p.explanation:  # a per-host service: the matching hosts without room
             out.explanation.CopyFrom(convert.explanation_to_proto(p.explanation))
-        return out
-
-    @staticmethod
-    def _answer(wid: str, alloc: Allocation, evicted=()) -> pb.Placement:
-        out = pb.Placement(workload_id=wid, host_id=alloc.host_id, sequence=alloc.sequence,
-                           evicted_workload_ids=evicted)
-        if alloc.replicas is not None:
-            out.replica_host_ids.extend(alloc.replicas)
-        for vid, hosts, size in alloc.volumes:
-            out.volumes.add(volume_id=vid, host_ids=hosts, size_gib=size)
         return out
 
     def _refused(self, wid: str, explanation) -> pb.Placement:
@@ -812,38 +407,40 @@ class SchedulerState:
 
     def list_hosts(self, state: int = 0) -> list[pb.Host]:
         with self.lock:
-            usage = self.cluster.usage()
+            c = self.cluster
+            usage = c.usage()
+            counts = c.workload_counts()
             dims = self.dimensions
             out = []
-            for hid, h in self.hosts.items():
-                if state and h.state != state:
+            for h in c.hosts():
+                m = convert.host_to_proto(h)
+                if state and m.state != state:
                     continue
-                row = usage[self.cluster.host_index(hid)]
-                m = pb.Host()
-                m.CopyFrom(h)
-                for d, v in zip(dims, row.tolist()):
+                for d, v in zip(dims, usage[c.host_index(h.id)].tolist()):
                     if v:
                         m.used[d] = v
-                m.workload_count = self.host_workloads.get(hid, 0)
+                m.workload_count = counts.get(h.id, 0)
                 out.append(m)
             return out
 
     def list_allocations(self, host_id: str = "", include_workloads: bool = False) -> list[pb.Placement]:
         with self.lock:
-            if host_id and host_id not in self.hosts:
-                raise NotFound(f"host_id {host_id!r} is not registered")
-            items = [(w, a) for w, a in self.allocations.items()
-                     if not host_id or a.host_id == host_id or (a.replicas is not None and host_id in a.replicas)]
-            out = [self._answer(w, a) for w, a in items]
+            try:
+                placements = self.cluster.placements(host_id or None)
+            except NotFound:
+                raise NotFound(f"host_id {host_id!r} is not registered") from None
+            known = [self._placed[p.workload_id] for p in placements]
+            out = [self._answer(p, seq) for p, (seq, _) in zip(placements, known)]
         if include_workloads:
-            for p, (_, a) in zip(out, items):
-                p.workload.MergeFromString(a.spec)
+            for m, (_, spec) in zip(out, known):
+                m.workload.MergeFromString(spec)
         return out
 
     def list_volumes(self) -> list[pb.VolumeReplicas]:
         with self.lock:
-            return [pb.VolumeReplicas(volume_id=vid, host_ids=hosts, size_gib=size)
-                    for vid, (hosts, size) in self.volumes.items()]
+            c = self.cluster
+            return [pb.VolumeReplicas(volume_id=vid, host_ids=hosts, size_gib=c.volume(vid).size_gib)
+                    for vid, hosts in c.volumes().items()]
 
     def explain(self, model) -> pb.Explanation:
         with self.lock:
@@ -852,18 +449,15 @@ class SchedulerState:
     def status(self) -> pb.GetStatusResponse:
         with self.lock:
             c = self.cluster
-            out = pb.GetStatusResponse(dimensions=self.dimensions, allocations=len(self.allocations),
+            out = pb.GetStatusResponse(dimensions=self.dimensions, allocations=len(self._placed),
                                        last_sequence=self.sequence, hosts_used=int(c.hosts_used()))
             for name in convert.HOST_STATES.values():
                 out.hosts_by_state[name] = 0
-            live = []
-            for hid, h in self.hosts.items():
-                out.hosts_by_state[convert.HOST_STATES.get(h.state, "ready")] += 1
-                live.append(c.host_index(hid))
-            usage, alloc = c.usage(), c.allocatable()
-            used_tot = usage[live].sum(axis=0).tolist() if live else [0] * len(self.dimensions)
-            alloc_tot = alloc[live].sum(axis=0).tolist() if live else [0] * len(self.dimensions)
-            for d, u, a in zip(self.dimensions, used_tot, alloc_tot):
+            for h in c.hosts():
+                out.hosts_by_state[h.state] += 1
+            # Rows of removed hosts are all zero, so sums over every row are sums over live hosts.
+            for d, u, a in zip(self.dimensions, c.usage().sum(axis=0).tolist(),
+                               c.allocatable().sum(axis=0).tolist()):
                 out.used[d] = int(u)
                 out.allocatable[d] = int(a)
             for d, v in c.utilization().items():
@@ -884,8 +478,3 @@ class SchedulerState:
             finally:
                 self._event_waiters -= 1
 
-
-def _current_exception() -> BaseException:
-    import sys
-
-    return sys.exc_info()[1]

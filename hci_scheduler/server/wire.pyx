@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Protobuf wire format by hand where the unary Place path spends its time: the
-plain workloads of a PlaceRequest decoded straight from its bytes, and the
-PLACED events written straight into bytes (`varint`, `placed_event`).
+plain workloads of a PlaceRequest decoded straight from its bytes, and every
+event of the log written straight into bytes (`event_head`, `event`). The one
+module that writes wire bytes by hand; everything else goes through protobuf.
 
 Why: converting a batch of 1,000 plain containers through the protobuf objects
 (one attribute read per field, a dict from the map, a deterministic re-encode
@@ -95,19 +96,51 @@ def varint(uint64_t n):
     return PyBytes_FromStringAndSize(<const char*>out, _put_varint(out, n))
 
 
-def placed_event(uint64_t sequence, bytes head not None, str host_id not None, str workload_id not None,
-                 bytes spec not None):
-    """A PLACED Event's wire bytes: sequence (field 1), `head` (the type and time
-    fields, already encoded, shared by a batch), host_id (4), workload_id (5) and
-    the workload's canonical spec bytes (7). Fields may come in any order and
-    concatenate into one valid message. Written in Python with a varint helper
-    this was a seventh of a unary Place's writer work."""
+def event_head(int event_type, int64_t time_ns):
+    """The type (field 2) and time (field 3, a Timestamp) of an Event, encoded once
+    and shared by every event of a writer batch."""
+    if event_type < 0 or time_ns < 0:
+        raise ValueError(f"event_type and time_ns must be >= 0, got {event_type}, {time_ns}")
+    cdef unsigned char out[40]
+    cdef uint64_t seconds = <uint64_t>(time_ns // 1_000_000_000)
+    cdef uint64_t nanos = <uint64_t>(time_ns % 1_000_000_000)
+    cdef Py_ssize_t n = 0, body
+    out[n] = 0x10
+    n += 1
+    n += _put_varint(out + n, <uint64_t>event_type)
+    out[n] = 0x1a
+    body = ((1 + _varint_size(seconds)) if seconds else 0) + ((1 + _varint_size(nanos)) if nanos else 0)
+    n += 1 + _put_varint(out + n + 1, <uint64_t>body)
+    if seconds:
+        out[n] = 0x08
+        n += 1 + _put_varint(out + n + 1, seconds)
+    if nanos:
+        out[n] = 0x10
+        n += 1 + _put_varint(out + n + 1, nanos)
+    return PyBytes_FromStringAndSize(<const char*>out, n)
+
+
+def event(uint64_t sequence, bytes head not None, str host_id not None, str workload_id not None,
+          bytes spec not None, bytes extra not None):
+    """An Event's wire bytes: sequence (field 1), `head` (type and time, see
+    `event_head`), host_id (4) and workload_id (5) when not empty, the workload's
+    canonical spec bytes (7) when not empty, then `extra`: the other fields,
+    already encoded (by protobuf, for the rare events that carry a host, replica
+    hosts, volumes or a volume id). Fields may come in any order and concatenate
+    into one valid message, so this is byte for byte what protobuf writes for the
+    same fields in field order. The writer calls it once per event."""
     cdef Py_ssize_t nh, nw
     cdef const char* h = PyUnicode_AsUTF8AndSize(host_id, &nh)
     cdef const char* w = PyUnicode_AsUTF8AndSize(workload_id, &nw)
     cdef Py_ssize_t nhead = PyBytes_GET_SIZE(head), nspec = PyBytes_GET_SIZE(spec)
-    cdef Py_ssize_t size = (1 + _varint_size(sequence) + nhead + 1 + _varint_size(nh) + nh
-                            + 1 + _varint_size(nw) + nw + 1 + _varint_size(nspec) + nspec)
+    cdef Py_ssize_t nextra = PyBytes_GET_SIZE(extra)
+    cdef Py_ssize_t size = 1 + _varint_size(sequence) + nhead + nextra
+    if nh:
+        size += 1 + _varint_size(nh) + nh
+    if nw:
+        size += 1 + _varint_size(nw) + nw
+    if nspec:
+        size += 1 + _varint_size(nspec) + nspec
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char* o = <unsigned char*>PyBytes_AS_STRING(out)
     cdef Py_ssize_t n = 1
@@ -115,9 +148,13 @@ def placed_event(uint64_t sequence, bytes head not None, str host_id not None, s
     n += _put_varint(o + n, sequence)
     memcpy(o + n, PyBytes_AS_STRING(head), nhead)
     n += nhead
-    n += _put_bytes(o + n, 0x22, <const unsigned char*>h, nh)
-    n += _put_bytes(o + n, 0x2a, <const unsigned char*>w, nw)
-    _put_bytes(o + n, 0x3a, <const unsigned char*>PyBytes_AS_STRING(spec), nspec)
+    if nh:
+        n += _put_bytes(o + n, 0x22, <const unsigned char*>h, nh)
+    if nw:
+        n += _put_bytes(o + n, 0x2a, <const unsigned char*>w, nw)
+    if nspec:
+        n += _put_bytes(o + n, 0x3a, <const unsigned char*>PyBytes_AS_STRING(spec), nspec)
+    memcpy(o + n, PyBytes_AS_STRING(extra), nextra)
     return out
 
 
@@ -214,7 +251,9 @@ cdef class PlainDecoder:
             if not _varint(buf, end, &pos, &key):
                 return None
             if key == 0x0A:  # 1: id
-                if not _length(buf, end, &pos, &id_start, &id_stop):
+                # A string field given twice: protobuf checks the UTF-8 of both, the
+                # decoder only reads the last, so the protobuf path decides.
+                if id_stop or not _length(buf, end, &pos, &id_start, &id_stop):
                     return None
             elif key == 0x12:  # 2: one requests entry {1: key, 2: value}
                 if not _length(buf, end, &pos, &start, &stop):
@@ -252,10 +291,10 @@ cdef class PlainDecoder:
                 else:
                     isolation = v
             elif key == 0x22:  # 4: tenant
-                if not _length(buf, end, &pos, &tenant_start, &tenant_stop):
+                if tenant_stop or not _length(buf, end, &pos, &tenant_start, &tenant_stop):
                     return None
             elif key == 0x32:  # 6: group
-                if not _length(buf, end, &pos, &group_start, &group_stop):
+                if group_stop or not _length(buf, end, &pos, &group_start, &group_stop):
                     return None
             elif key == 0x80:  # 16: priority (tag 16 << 3, two bytes on the wire)
                 if not _varint(buf, end, &pos, &v):

@@ -30,8 +30,8 @@ class Store(abc.ABC):
 
     Implementations must make `append` atomic (all records of one call or none
     survive a crash) and durable (they survive a crash once `append` returns),
-    and must be safe to call from several threads: concurrent `append` calls may
-    share one commit (group commit).
+    and must be safe to call from several threads (calls take turns). Grouping
+    many mutations into one append is the caller's job (the server's writer).
     """
 
     @abc.abstractmethod

@@ -4,11 +4,9 @@ With `journal_mode=WAL` and `synchronous=FULL` SQLite fsyncs the WAL on every
 commit, so a committed transaction survives a process kill and a power loss,
 and a transaction that did not commit leaves no trace (atomic batches).
 
-Group commit: `append` may be called from many threads at once. The first
-caller to find no commit in flight becomes the leader: it takes every pending
-batch, writes them in one transaction and one fsync, and wakes the followers
-whose batches it carried. A follower waits for the commit that carries its
-records, so `append` still returns only once its records are durable.
+`append` writes its records in one transaction; calls from several threads
+take turns (and give the background checkpoint its turn between two commits).
+Grouping many mutations into one commit is the server's writer's job.
 """
 from __future__ import annotations
 
@@ -46,15 +44,6 @@ def _connect(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
     return conn
 
 
-class _Batch:
-    __slots__ = ("records", "done", "error")
-
-    def __init__(self, records: Sequence[Record]):
-        self.records = records
-        self.done = False
-        self.error: BaseException | None = None
-
-
 class SQLiteStore(Store):
     """An event log in one SQLite database file (created when missing).
 
@@ -79,7 +68,6 @@ class SQLiteStore(Store):
         self.synchronous = synchronous
         self._wconn = _connect(path, synchronous)
         self._cond = threading.Condition()
-        self._pending: list[_Batch] = []
         self._committing = False
         self._checkpoint_wanted = False
         self._waiting = 0  # threads in _wait: a commit with none skips notify_all
@@ -153,68 +141,44 @@ class SQLiteStore(Store):
             self._waiting -= 1
 
     def append(self, records: Sequence[Record]) -> None:
+        """One transaction (one fsync) for all `records`. Calls are serialized, not
+        grouped: the server's writer already hands over one batch at a time."""
         if not records:
             return
-        batch = _Batch(records)
         with self._cond:
+            while self._committing or self._checkpoint_wanted:
+                self._wait()
             if self._closed:
                 raise StoreError("store is closed")
-            self._pending.append(batch)
-            while (self._committing or self._checkpoint_wanted) and not batch.done:
-                self._wait()
-            if batch.done:
-                if batch.error is not None:
-                    raise batch.error
-                return
-            # Leader: carry every batch pending now, ours included.
-            group, self._pending = self._pending, []
             self._committing = True
         try:
-            self._commit_group(group)
+            self._commit(records)
         finally:
             with self._cond:
                 self._committing = False
-                for b in group:
-                    b.done = True
                 if self._waiting:
                     self._cond.notify_all()
-        if batch.error is not None:
-            raise batch.error
 
-    def _commit_group(self, group: list[_Batch]) -> None:
-        # Batches that do not continue the log fail alone; the rest commit together.
-        good: list[_Batch] = []
-        last = self._last
-        for b in group:
-            try:
-                check_contiguous(last, b.records)
-            except StoreError as exc:
-                b.error = exc
-                continue
-            good.append(b)
-            last = b.records[-1].sequence
-        if not good:
-            return
-        rows = [r for b in good for r in b.records]  # Records are (seq, kind, body) tuples
+    def _commit(self, rows: Sequence[Record]) -> None:
+        check_contiguous(self._last, rows)
+        conn = self._wconn
         try:
             if len(rows) == 1:
                 # One statement outside BEGIN is its own transaction, committed (and
                 # fsynced) as the statement ends: one round trip instead of three.
-                self._wconn.execute(_INSERT, rows[0])
+                conn.execute(_INSERT, rows[0])  # Records are (seq, kind, body) tuples
             else:
-                self._wconn.execute("BEGIN IMMEDIATE")
+                conn.execute("BEGIN IMMEDIATE")
                 try:
-                    self._wconn.executemany(_INSERT, rows)
-                    self._wconn.execute("COMMIT")
+                    conn.executemany(_INSERT, rows)
+                    conn.execute("COMMIT")
                 except BaseException:
-                    self._wconn.execute("ROLLBACK")
+                    if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                        conn.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
-            err = StoreError(f"{self.path}: commit failed: {exc}")
-            for b in good:
-                b.error = err
-            return
-        self._last = last
+            raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+        self._last = rows[-1].sequence
         self.commits += 1
 
     # -- reading -------------------------------------------------------------

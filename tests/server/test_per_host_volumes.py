@@ -210,7 +210,7 @@ def test_replay_follows_the_log_where_the_core_would_choose_otherwise():
     state.execute("place", (items, False, "binpack", False))
     hosts = [convert.normalize_host(make_host(f"h{i}", cpu=500 if i == 2 else 4000)) for i in (1, 2)]
     state.execute("register", (hosts, [convert.host_to_model(h) for h in hosts]))
-    assert state.allocations["agent"].replicas == ["h0", "h1"]  # h2 lacks room for 1000m
+    assert _replicas(state, "agent") == ("h0", "h1")  # h2 lacks room for 1000m
 
     records = store.read()
     edited = MemoryStore()
@@ -221,9 +221,14 @@ def test_replay_follows_the_log_where_the_core_would_choose_otherwise():
         rec = Record(rec.sequence, rec.kind, ev.SerializeToString())
         edited.append([rec])
     replayed = SchedulerState(edited)
-    assert replayed.allocations["agent"].replicas == ["h0"]
+    assert _replicas(replayed, "agent") == ("h0",)
     assert replayed.cluster.workloads_on("h1") == []
-    assert replayed.host_workloads == {"h0": 1}
+    assert {h.id: h.workload_count for h in replayed.list_hosts()} == {"h0": 1, "h1": 0, "h2": 0}
+
+
+def _replicas(state, workload_id):
+    (p,) = [p for p in state.list_allocations() if p.workload_id == workload_id]
+    return tuple(p.replica_host_ids)
 
 
 def _items(state, workloads):

@@ -35,31 +35,59 @@ def test_restart_after_a_rolled_back_gang_that_held_the_spread(tmp_path):
 
 
 def test_hand_written_event_fields_match_protobuf_encoding():
-    """Placement events are written as raw wire bytes; the varints must be exactly what
-    protobuf writes (and reads back) at every length, sequence numbers included, and a
-    PLACED event byte for byte what protobuf serializes."""
+    """Events are written as raw wire bytes; the varints must be exactly what protobuf
+    writes (and reads back) at every length, sequence numbers included, and every kind
+    of event byte for byte what protobuf serializes."""
     from google.protobuf.internal import encoder
 
-    from hci_scheduler.server.state import _EVENT_PLACED_TYPE, _event_time
-    from hci_scheduler.server.wire import placed_event, varint
+    from hci_scheduler.server.wire import event, event_head, varint
 
     for n in [*range(300), *(1 << k for k in range(7, 64)), *((1 << k) - 1 for k in range(7, 65))]:
         assert varint(n) == encoder._VarintBytes(n), n
     ev = pb.Event.FromString(b"\x08" + varint(2**21 + 5) + b"\x22" + varint(3) + b"h17")
     assert (ev.sequence, ev.host_id) == (2**21 + 5, "h17")
 
-    ns = 1_764_000_000_123_456_789
-    head = _EVENT_PLACED_TYPE + _event_time(ns)
-    for seq, host, wid, spec in [(1, "h1", "w1", pb.Workload(id="w1", requests={"cpu": 100})),
-                                 (2**35 + 3, "hôte-é" * 30, "w" * 253, pb.Workload(id="w" * 253, priority=7)),
-                                 (127, "h", "😀", pb.Workload(id="😀", requests={"memory": 2**40}))]:
-        spec_bytes = spec.SerializeToString(deterministic=True)
-        want = pb.Event(sequence=seq, type=pb.EVENT_TYPE_PLACED, host_id=host, workload_id=wid, workload=spec)
+    for ns in (1_764_000_000_123_456_789, 5 * 10**9, 7, 0):
+        head = event_head(pb.EVENT_TYPE_PLACED, ns)
+        for seq, host, wid, spec in [(1, "h1", "w1", pb.Workload(id="w1", requests={"cpu": 100})),
+                                     (2**35 + 3, "hôte-é" * 30, "w" * 253, pb.Workload(id="w" * 253, priority=7)),
+                                     (127, "h", "😀", pb.Workload(id="😀", requests={"memory": 2**40}))]:
+            spec_bytes = spec.SerializeToString(deterministic=True)
+            want = pb.Event(sequence=seq, type=pb.EVENT_TYPE_PLACED, host_id=host, workload_id=wid, workload=spec)
+            want.time.FromNanoseconds(ns)
+            assert event(seq, head, host, wid, spec_bytes, b"") == want.SerializeToString(deterministic=True)
+    # The other kinds: empty ids are left out, the rare fields come encoded by protobuf.
+    ns = 1_764_000_000_000_000_001
+    host = pb.Host(id="h1", capacity={"cpu": 4000}, labels={"zone": "a"}, state=pb.HOST_STATE_READY)
+    cases = [
+        (pb.EVENT_TYPE_HOST_ADDED, "h1", "", {"host": host, "per_host_workload_ids": ["agent", "osd"]}),
+        (pb.EVENT_TYPE_HOST_REMOVED, "h1", "", {}),
+        (pb.EVENT_TYPE_RELEASED, "h1", "w1", {}),
+        (pb.EVENT_TYPE_RELEASED, "", "agent", {}),
+        (pb.EVENT_TYPE_VOLUME_DELETED, "", "", {"volume_id": "v1"}),
+    ]
+    for etype, hid, wid, fields in cases:
+        extra = pb.Event(**fields).SerializeToString(deterministic=True) if fields else b""
+        want = pb.Event(sequence=9, type=etype, host_id=hid, workload_id=wid, **fields)
         want.time.FromNanoseconds(ns)
-        assert placed_event(seq, head, host, wid, spec_bytes) == want.SerializeToString(deterministic=True)
+        assert event(9, event_head(etype, ns), hid, wid, b"", extra) == want.SerializeToString(deterministic=True)
+    # A PLACED event with replica hosts and volumes: the spec (7) comes before them (8, 9).
+    spec = pb.Workload(id="db", requests={"cpu": 1})
+    fields = {"replica_host_ids": ["h1", "h2"],
+              "volumes": [pb.VolumeReplicas(volume_id="v", host_ids=["h1"], size_gib=5)]}
+    want = pb.Event(sequence=3, type=pb.EVENT_TYPE_PLACED, host_id="h1", workload_id="db", workload=spec, **fields)
+    want.time.FromNanoseconds(ns)
+    got = event(3, event_head(pb.EVENT_TYPE_PLACED, ns), "h1", "db", spec.SerializeToString(deterministic=True),
+                pb.Event(**fields).SerializeToString())
+    assert got == want.SerializeToString(deterministic=True)
     # Written with bounds checks off: what it cannot encode is refused, never written.
-    for bad in [(1, None, "h", "w", b""), (1, head, None, "w", b""), (-1, head, "h", "w", b"")]:
+    head = event_head(pb.EVENT_TYPE_PLACED, ns)
+    for bad in [(1, None, "h", "w", b"", b""), (1, head, None, "w", b"", b""), (-1, head, "h", "w", b"", b""),
+                (1, head, "h", "w", None, b""), (1, head, "h", "w", b"", None)]:
         with pytest.raises((TypeError, OverflowError)):
-            placed_event(*bad)
+            event(*bad)
     with pytest.raises(UnicodeEncodeError):
-        placed_event(1, head, "h\udc80", "w", b"")
+        event(1, head, "h\udc80", "w", b"", b"")
+    for bad in [(-1, ns), (pb.EVENT_TYPE_PLACED, -1)]:
+        with pytest.raises((ValueError, OverflowError)):
+            event_head(*bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,12 +119,28 @@ def _varint(n: int) -> bytes:
 
 def test_repeated_map_keys_and_scalars_keep_the_last_value():
     w = pb.Workload(id="a", requests={"cpu": 5}, kind=1).SerializeToString()
-    w += pb.Workload(requests={"cpu": 7, "memory": 0}, kind=2, id="b").SerializeToString()  # concatenation merges
+    w += pb.Workload(requests={"cpu": 7, "memory": 0}, kind=2).SerializeToString()  # concatenation merges
     data = b"\x0a" + _varint(len(w)) + w
     (item,), *_ = decoder().decode(data)
     (ref,), *_ = reference(data)
     assert (item.wid, item.spec, item.model.__dict__) == (ref.wid, ref.spec, ref.model.__dict__)
     assert item.model.requests == {"cpu": 7} and item.model.kind == "vm"
+
+
+@pytest.mark.parametrize("field", ["id", "tenant", "group"])
+def test_a_repeated_string_field_goes_the_protobuf_way(field):
+    # Protobuf checks the UTF-8 of every occurrence, the decoder would read only the
+    # last one: an invalid first value must not slip through.
+    first = pb.Workload(id="a", **({} if field == "id" else {field: "x"})).SerializeToString()
+    tag = {"id": b"\x0a", "tenant": b"\x22", "group": b"\x32"}[field]
+    w = first.replace(tag + b"\x01" + (b"a" if field == "id" else b"x"), tag + b"\x01\x80") \
+        + pb.Workload(**{field: "b"}).SerializeToString()
+    if field != "id":
+        w = pb.Workload(id="a").SerializeToString() + w
+    data = b"\x0a" + _varint(len(w)) + w
+    assert decoder().decode(data) is None
+    with pytest.raises(DecodeError):
+        reference(data)
 
 
 @pytest.mark.parametrize("workload", [

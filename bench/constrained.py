@@ -1,8 +1,9 @@
 """Constrained placement speed: the cost of constraints, against no constraints, in one run.
 
-Issue 4's check: on 10,000 hosts, with a node selector, a soft and a hard
+The check: on 10,000 hosts, with a node selector, a soft and a hard
 anti-affinity term and a zone spread active on every workload, throughput
-stays at least half of the unconstrained figure measured in the same run.
+stays at least half of the unconstrained figure measured in the same run, so
+that constraints never cost more than the placement itself.
 
 Hosts come from `workloads.host_pool` (Google 2011 machines) and get labels
 by row: zone a/b/c (row % 3), rack r<row // 40>. The workload is a web tier:
@@ -11,11 +12,10 @@ by row: zone a/b/c (row % 3), rack r<row // 40>. The workload is a web tier:
 group per rack, and a hard zone spread (max skew 1). The requests are the
 same trace stream for both runs, `repeats` runs each on fresh clusters,
 alternating. Each figure is the best run, as timeit reports it: on a shared
-machine a run is only ever slowed down by other work, and one run of 10-20 ms
-here swings by up to 2x, so that even the median of seven adjacent-pair
-ratios moved between 0.57 and 1.04 while the ratio of the best runs stayed
-within 0.67-0.72 (idle or with a busy neighbour; the instruction-count ratio
-is 0.69). The medians are reported as well.
+machine a run is only ever slowed down by other work, and a run this short
+swings so much that even the median of adjacent-pair ratios moves far more
+than the ratio of the best runs does (figures in bench/README.md, Measured).
+The medians are reported as well.
 """
 from __future__ import annotations
 
@@ -97,8 +97,8 @@ def format_result(r: dict) -> str:
 
 def main(argv=None) -> int:
     quick = "--quick" in (argv if argv is not None else sys.argv[1:])
-    # A quick run lasts ~10 ms per repeat: seven repeats give each variant a good
-    # chance of one undisturbed run.
+    # A quick repeat is short, so one disturbance spoils it: seven repeats give each
+    # variant a good chance of one undisturbed run.
     r = run(n_requests=20_000 if quick else 50_000, repeats=7 if quick else 5)
     print(format_result(r))
     return 0

@@ -75,8 +75,8 @@ __all__ = ["improve_assignment", "WORK_UNITS_PER_SECOND"]
 # wall-clock cap (which breaks determinism) bites.
 WORK_UNITS_PER_SECOND = 18_000_000
 STEP_UNITS = 3_000
-# Array elements per work unit: a vectorised comparison costs a few ns per
-# element against ~40 ns for a unit of Python overhead.
+# Array elements per work unit: a vectorised comparison of one element costs a
+# small fraction of a unit of Python overhead (figures: bench/README.md, Measured).
 ELEMENTS_PER_UNIT = 8
 # Steps without a new lowest pending weight before an attempt gives up.
 STALL_STEPS = 150
@@ -98,10 +98,9 @@ COVER_MAX_SETS = 20_000
 COVER_TERM_UNITS = 60
 # Work of the set-cover stage, as a share of the budget's work units, given
 # on top of the search's (which runs unchanged after it when the stage does
-# not prove its packing optimal). Measured for improve_s=0.5 on the 840
-# shared instances under 100 items (2-core machine, shared): whole
-# improvement 0.016 s at the median, 0.16 s at the 90th percentile, 0.37-0.40 s
-# at the 99th, 0.48 s at most; the search alone takes 0.12-0.29 s there.
+# not prove its packing optimal). With this share the whole improvement of the
+# shared instances under 100 items still ends within improve_s (the wall times
+# are in bench/README.md, Measured).
 COVER_SHARE = 0.6
 # Share of the wall time left at which the set-cover stage is cut.
 COVER_WALL_SHARE = 0.5
@@ -145,8 +144,8 @@ def _fits(room: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """fits[i, j] = sizes[i] <= room[j] in every dimension.
 
     room (a, d), sizes (b, d) -> (b, a) bool. One 2-D comparison per
-    dimension: for d <= 10 this is several times faster than broadcasting to
-    (b, a, d) and reducing over the last axis.
+    dimension, ANDed in place: broadcasting to (b, a, d) and reducing over the
+    last axis would build a temporary d times larger, and d is small (<= 10).
     """
     out = sizes[:, 0][:, None] <= room[:, 0][None, :]
     for k in range(1, sizes.shape[1]):
@@ -399,13 +398,13 @@ class _BinEmptier:
         packing lies in some maximal filling, so its optimum is the packing
         optimum, and its linear relaxation is very close to that optimum,
         which lets CP-SAT prove it on instances where the item-to-bin model
-        of `_cpsat_polish` stays at the volume bound (New/class3_40_10_2:
-        16 bins proved in 0.01 deterministic seconds; the search stops at
-        18). A cover becomes a packing by keeping each item in the first
-        chosen column that holds it. No hint: hinting the packing `best`
-        made CP-SAT 2-5 times slower to prove the optimum on the instances
-        measured. Returns ``(packing, proved)``: `best` unless a packing into
-        fewer bins is found, and whether the packing returned is optimal.
+        of `_cpsat_polish` stays at the volume bound (an example is in
+        bench/README.md, Measured). A cover becomes a packing by keeping each
+        item in the first chosen column that holds it. No hint: hinting the
+        packing `best` made CP-SAT slower to prove the optimum on the
+        instances measured. Returns ``(packing, proved)``: `best` unless a
+        packing into fewer bins is found, and whether the packing returned is
+        optimal.
         """
         bins = np.unique(best)
         cap_b = self.cap[bins]
@@ -418,10 +417,9 @@ class _BinEmptier:
                                  for level, off in zip(sets, offsets)])
         item_of = np.concatenate([level.ravel() for level in sets])
         n_columns = int(col_of[-1]) + 1
-        # The model is written straight into its proto: for ~10^4 columns this
-        # is 7x faster than new_bool_var / add (16 ms against 110 ms on
-        # Triplet/classC_60_3_5), and building was most of this stage's wall
-        # time.
+        # The model is written straight into its proto, not through new_bool_var /
+        # add: those Python calls per variable and per term were most of this
+        # stage's wall time on models of thousands of columns.
         model = cp_model.CpModel()
         proto = model.proto
         # Variables: column c is a bin of the packing.
@@ -445,10 +443,9 @@ class _BinEmptier:
         # far more wall time per deterministic second than the search and
         # does not help here (measured on the New/class3-4 instances).
         # The wall clock may stop this stage at COVER_WALL_SHARE of the time
-        # left, never the search after it (measured: 0.12-0.29 s for
-        # improve_s=0.5 on a loaded 2-core machine): the search's result is
-        # the one that must not depend on the machine; this stage can only
-        # improve on it.
+        # left, never the search after it: the search's result is the one
+        # that must not depend on the machine; this stage can only improve
+        # on it.
         status, solver = self._solve(model, t0, wall_share=COVER_WALL_SHARE,
                                      linearization_level=2, cp_model_presolve=False)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):

@@ -1,0 +1,4 @@
+"""The Cluster facade and the parts it delegates to (see _facade.Cluster)."""
+from ._facade import MAX_QUANTITY, Cluster
+
+__all__ = ["Cluster", "MAX_QUANTITY"]

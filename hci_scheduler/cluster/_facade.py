@@ -1,0 +1,589 @@
+"""Cluster: the public API over the compiled core.
+
+The Cluster compiles hosts and workloads into integer arrays once (on
+registration), keeps ids <-> rows, validates every input before it touches
+the state, and calls sched_core for filter -> score -> select -> commit:
+
+  compile   Workload -> request vector + Terms (cached per spec)     cluster/_compile.py, constraints.py
+  filter    hard constraints, cheapest first, per host               sched_core/_constraint.pyx
+  score     strategy cost + soft-term penalties                      sched_core/_place.pyx
+  select    lowest cost, then key order, then lowest host row        sched_core/_place.pyx
+  commit    used/free/load, group and tenant counters, records      cluster/_ledger.py -> sched_core/_state.pyx
+
+The Cluster itself only validates, takes the lock and delegates to parts with one
+job each:
+
+  _hosts.HostTable      rows <-> host ids, capacity/allocatable/limit arrays, schedulable state
+  _ledger.Ledger        the one commit and release path of named workloads, per-service
+                        replicas and volume charges; records and per-host counts
+  _arrays.ArrayRows     anonymous array rows (place_array), committed by the core's row loops
+  _volumes.Volumes      volume replicas and workloads that create volumes
+  _services.Services    per-host services: registration and where replicas go
+  _preempt              which victims to evict
+  _batch.BatchPlacer    batch order, runs of one spec, gangs
+  _explanations         the core's reason codes -> explain.Explanation
+
+Any call that raises leaves the state exactly as it was.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .. import explain as _explain
+from ..errors import DuplicateId, NotFound, SchedulerError, StateConflict, Unschedulable, ValidationError
+from ..model import DEFAULT_DIMENSIONS, AddedHosts, BatchResult, Host, Placement, Volume, Workload
+from ..policy import Policy, check_order, strategy_code
+from ._arrays import ArrayRows
+from ._batch import BatchPlacer, batch_order
+from ._compile import MAX_QUANTITY, Compiler, as_request_matrix
+from ._explanations import explain_request
+from ._hosts import HostTable
+from ._ledger import Ledger
+from ._preempt import preempt as _preempt
+from ._services import Services, check_service
+from ._volumes import Volumes, creates_volumes, mounted_only
+
+__all__ = ["Cluster", "MAX_QUANTITY"]
+
+
+class Cluster:
+    """A set of hosts and the workloads placed on them.
+
+    Parameters
+    ----------
+    dimensions : sequence of str
+        Resource dimensions, fixed for the cluster's life. Default: cpu
+        (millicores), memory (MiB), ssd (GiB), net (Mbit/s), gpu (count).
+        Add e.g. "hugepages" for VMs that ask for them.
+    policy : Policy, optional
+        Per-dimension weights of the scores.
+    """
+
+    def __init__(self, dimensions: Sequence[str] = DEFAULT_DIMENSIONS, policy: Policy | None = None):
+        dims = tuple(dimensions)
+        if not dims or not all(isinstance(d, str) and d for d in dims):
+            raise ValidationError(f"dimensions must be non-empty strings, got {dimensions!r}")
+        if len(set(dims)) != len(dims):
+            raise ValidationError(f"dimensions must be unique, got {dims}")
+        self.dimensions: tuple[str, ...] = dims
+        self.policy = policy or Policy()
+        self._lock = threading.RLock()
+        self._hosts = HostTable(dims, self.policy.weight_vector(dims))
+        self._ledger = Ledger(self._hosts)
+        self._volumes = Volumes(self._hosts, self._ledger)
+        self._compiler = Compiler(self._hosts, self._volumes.rows_of)
+        self._services = Services(self._hosts, self._ledger, self._compiler)
+        self._arrays = ArrayRows(self._hosts)
+        self._batch = BatchPlacer(self._hosts, self._ledger, self._compiler, self._place_checked)
+
+    # The core's state and the constraint index, for tests and benchmarks that check the
+    # core directly (the host table replaces the state when it grows).
+    @property
+    def _state(self):
+        return self._hosts.state
+
+    @property
+    def _cons(self):
+        return self._hosts.cons
+
+    @property
+    def _arr_n(self) -> int:
+        return self._arrays.n
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_arrays(cls, capacity, dimensions: Sequence[str] | None = None,
+                    host_ids: Sequence[str] | None = None, policy: Policy | None = None) -> "Cluster":
+        """A cluster of `n_hosts` hosts from a capacity matrix.
+
+        Parameters
+        ----------
+        capacity : int ndarray (n_hosts, n_dims)
+        dimensions : sequence of str, optional
+            Names of the columns; default the standard five when n_dims is 5,
+            else "d0", "d1", ...
+        host_ids : sequence of str, optional
+            Default "h0", "h1", ...
+        """
+        if not isinstance(capacity, np.ndarray):
+            raise ValidationError(f"capacity must be a numpy ndarray, got {type(capacity).__name__}")
+        if capacity.ndim != 2 or capacity.shape[1] == 0:
+            raise ValidationError(f"capacity must have shape (n_hosts, n_dims), got {capacity.shape}")
+        n_hosts, n_dims = capacity.shape
+        if dimensions is None:
+            dimensions = DEFAULT_DIMENSIONS if n_dims == len(DEFAULT_DIMENSIONS) else [f"d{i}" for i in range(n_dims)]
+        if len(dimensions) != n_dims:
+            raise ValidationError(f"dimensions has {len(dimensions)} names for {n_dims} capacity columns")
+        cap = as_request_matrix(capacity, n_dims, "capacity")
+        if host_ids is None:
+            host_ids = [f"h{i}" for i in range(n_hosts)]
+        host_ids = list(host_ids)
+        if len(host_ids) != n_hosts:
+            raise ValidationError(f"host_ids has {len(host_ids)} ids for {n_hosts} hosts")
+        c = cls(dimensions, policy=policy)
+        dims = c.dimensions
+        c.add_hosts([Host(hid, dict(zip(dims, map(int, row)))) for hid, row in zip(host_ids, cap)])
+        return c
+
+    # ------------------------------------------------------------------ hosts
+
+    def add_host(self, host: Host) -> int:
+        """Register one host; returns its row index."""
+        return self.add_hosts([host])[0]
+
+    def add_hosts(self, hosts: Iterable[Host],
+                  replicas: Mapping[str, Sequence[str]] | None = None) -> AddedHosts:
+        """Register hosts, all or nothing; returns their row indices (an `AddedHosts`
+        list whose `replicas` maps host id -> the per-host services started there).
+
+        Per-host services already registered get a replica on every new host
+        that matches them, before the host takes any other work. `replicas`
+        (a store replaying its log) names exactly which services get one where,
+        each checked as `bind` checks.
+        """
+        hosts = list(hosts)
+        with self._lock:
+            daemons = self._services.daemons
+            if replicas is not None:
+                new_ids = {h.id for h in hosts if isinstance(h, Host)}
+                for hid, services in replicas.items():
+                    if hid not in new_ids:
+                        raise ValidationError(f"replicas: host {hid!r} is not among the hosts added")
+                    for sid in services:
+                        if sid not in daemons:
+                            raise NotFound(f"replicas: {sid!r} is not a registered per-host service")
+            compiled = self._hosts.check_new(hosts)
+            rows = self._hosts.add(hosts, compiled)
+            self._ledger.fit_rows()
+            started: dict[str, list[str]] = {}
+            if replicas is None:
+                for daemon in daemons.values():
+                    for hid in self._services.place_on(daemon, rows)[0]:
+                        started.setdefault(hid, []).append(daemon.id)
+            else:
+                for hid, services in replicas.items():
+                    for sid in services:
+                        self.bind_replicas(daemons[sid], [hid])
+                    if services:
+                        started[hid] = list(services)
+            return AddedHosts(rows, started)
+
+    def remove_host(self, host_id: str) -> list[str]:
+        """Forget a host. Refused (StateConflict) while workloads or volume replicas remain on it.
+        Returns the per-host services whose replica went with it."""
+        with self._lock:
+            row = self._hosts.row(host_id)
+            # Per-host services follow their host out.
+            load = int(self._hosts.state.load_array[row]) - self._services.replicas_on(row)
+            if load:
+                raise StateConflict(f"host {host_id!r} still runs {load} workloads or volume replicas; "
+                                    f"release or drain them first")
+            gone = self._services.host_leaving(row)
+            self._hosts.remove(row)
+            return gone
+
+    def set_host_state(self, host_id: str, state: str) -> None:
+        """ready takes new work; cordoned, draining and down take nothing new."""
+        self.update_host(host_id, state=state)
+
+    def cordon(self, host_id: str) -> None:
+        self.set_host_state(host_id, "cordoned")
+
+    def uncordon(self, host_id: str) -> None:
+        self.set_host_state(host_id, "ready")
+
+    def update_host(self, host_id: str, labels=None, taints=None, state: str | None = None) -> Host:
+        """Replace a host's labels, taints and/or state; returns the host as it now is.
+        Placed workloads stay where they are; counters per topology domain follow the
+        new labels. All checked before anything changes."""
+        with self._lock:
+            return self._hosts.update(self._hosts.row(host_id), labels, taints, state)
+
+    def host(self, host_id: str) -> Host:
+        return self._hosts.row_hosts[self._hosts.row(host_id)]
+
+    def hosts(self) -> list[Host]:
+        return [h for h in self._hosts.row_hosts if h is not None]
+
+    def host_ids(self) -> list[str | None]:
+        """Host id per row (None for free rows), in row order."""
+        return self._hosts.ids()
+
+    def host_index(self, host_id: str) -> int:
+        return self._hosts.row(host_id)
+
+    def host_id(self, row: int) -> str:
+        table = self._hosts
+        if not 0 <= row < table.n_rows or table.row_hosts[row] is None:
+            raise NotFound(f"no host at row {row}")
+        return table.row_hosts[row].id
+
+    @property
+    def n_hosts(self) -> int:
+        return len(self._hosts.host_rows)
+
+    # ------------------------------------------------------------------ named workloads
+
+    def _check_new(self, workload: Workload) -> None:
+        if not isinstance(workload, Workload):
+            raise ValidationError(f"expected a Workload, got {type(workload).__name__}")
+        if workload.id in self._ledger.records or workload.id in self._services.daemons:
+            raise DuplicateId(f"workload id {workload.id!r} is already placed")
+
+    def _check_new_workload(self, workload: Workload) -> np.ndarray:
+        self._check_new(workload)
+        return self._compiler.request(workload)
+
+    def place(self, workload: Workload, strategy: str = "binpack", preempt: bool = False) -> Placement:
+        """Place one workload; raises Unschedulable (with the explanation) when nothing fits.
+
+        With preempt=True a workload that fits nowhere may evict lower-priority
+        workloads from one host (fewest victims, then lowest priority); the
+        Placement lists them in `evicted` so the caller can reschedule them.
+        Per-host services (per_host=True) get a replica on every matching host.
+        """
+        code = strategy_code(strategy)
+        with self._lock:
+            return self._place_checked(workload, self._check_new_workload(workload), code, preempt)
+
+    def _place_checked(self, workload: Workload, request: np.ndarray, code: int, preempt: bool) -> Placement:
+        """Place one checked workload (the path `place` and a batch's special members take)."""
+        if workload.per_host:
+            return self._services.place(workload, request)
+        if creates_volumes(workload):
+            return self._volumes.place_with_new(workload, request, code, self._compiler)
+        terms = self._compiler.terms(workload)
+        row = self._ledger.place_best(workload, request, terms, code)
+        if row >= 0:
+            return Placement(workload.id, self._hosts.row_hosts[row].id)
+        if preempt:
+            placement = _preempt(self._hosts, self._ledger, self._compiler, workload, request, terms)
+            if placement is not None:
+                return placement
+        raise Unschedulable(workload.id, explain_request(self._hosts, workload, request, terms))
+
+    def _check_special(self, workloads: Sequence[Workload]) -> None:
+        """What `place` would refuse of per-host services and workloads creating volumes,
+        refused before a batch places anything."""
+        new_volumes: set[str] = set()
+        for w in workloads:
+            if w.per_host:
+                check_service(w)
+                self._compiler.terms(w)
+                continue
+            if w.gang:
+                # Rolling a gang back releases its members' records, not the volumes a
+                # member created with it.
+                raise ValidationError(f"workload {w.id}: a workload that creates volumes cannot be a gang member")
+            self._volumes.check_new(w, new_volumes)
+            self._compiler.terms(mounted_only(w))
+
+    def place_batch(self, workloads: Iterable[Workload], strategy: str = "binpack",
+                    order: str = "largest_first", gang: bool = False, preempt: bool = False) -> BatchResult:
+        """Place many workloads in one pass.
+
+        order="largest_first" places by dominant share, largest first (denser);
+        "arrival" keeps the given order. gang=True makes the whole batch one
+        gang; workloads with the same `gang` id form a gang too. A gang is
+        placed whole or not at all (its members are then listed as unplaced).
+        preempt=True places each workload as `place(..., preempt=True)` does, in
+        the batch's order (not with gangs). Per-host services and workloads
+        that create volumes may not be gang members.
+
+        Every workload is checked before anything is placed, so a call that
+        raises changes nothing. `result.placements` lists the placements in the
+        order they were committed; `result.details` holds the full Placement of
+        those that evicted workloads, started per-host replicas or created volumes.
+        """
+        code = strategy_code(strategy)
+        check_order(order)
+        workloads = list(workloads)
+        if preempt and (gang or any(w.gang for w in workloads if isinstance(w, Workload))):
+            raise ValidationError("gang and preempt cannot be combined")
+        with self._lock:
+            values = []
+            seen = set()
+            request_values = self._compiler.request_values
+            for w in workloads:
+                self._check_new(w)
+                values.append(request_values(w))
+                if w.id in seen:
+                    raise DuplicateId(f"workload id {w.id!r} appears twice in the batch")
+                seen.add(w.id)
+            requests = np.array(values, dtype=np.int64).reshape(len(workloads), len(self.dimensions))
+            special = [w.per_host or creates_volumes(w) for w in workloads]
+            if gang and any(special):
+                raise ValidationError("a gang may not hold per-host services or workloads that create volumes")
+            # Compile every spec before placing anything, so a bad constraint changes nothing.
+            terms = [None if sp else self._compiler.terms(w) for w, sp in zip(workloads, special)]
+            self._check_special([w for w, sp in zip(workloads, special) if sp])
+            rows = batch_order(self._hosts, requests, order)
+            return self._batch.place(workloads, requests, terms, rows, code, gang, preempt)
+
+    def bind(self, workload: Workload, host_id: str, *, restore: bool = False) -> Placement:
+        """Place a workload on a named host, after checking every constraint there.
+
+        For callers that decided the host themselves (a store rebuilding its
+        state, an operator pinning a workload). Raises Unschedulable when the
+        host is not schedulable, lacks room or breaks a hard constraint.
+
+        restore=True is for a placement decided earlier and replayed from a log:
+        hard affinity, anti-affinity and spread are not checked again, because
+        they held against the workloads present when it was decided, and some
+        may be gone by the time it is replayed (a gang member rolled back in the
+        same batch, for one). Room, labels, taints, tenancy, volume locality and
+        NUMA are still checked, so a restore never overcommits a host.
+        """
+        with self._lock:
+            request = self._check_new_workload(workload)
+            if workload.per_host:
+                raise ValidationError(f"workload {workload.id}: per-host services cannot be bound to one host")
+            row = self._hosts.row(host_id)
+            terms = self._compiler.terms(workload)
+            if self._ledger.place_at(workload, request, terms, row, counters=not restore) != 0:
+                raise Unschedulable(workload.id, explain_request(self._hosts, workload, request, terms, only_row=row))
+            return Placement(workload.id, host_id)
+
+    def release(self, workload_id: str) -> Placement:
+        """Remove a placed workload (or every replica of a per-host service) and give its
+        resources back; returns where it was."""
+        with self._lock:
+            if workload_id in self._services.daemons:
+                return self._services.release(workload_id)
+            if workload_id not in self._ledger.records:
+                raise NotFound(f"unknown workload id {workload_id!r}")
+            rec = self._ledger.release(workload_id)
+            return Placement(workload_id, self._hosts.row_hosts[rec.row].id)
+
+    def restore(self, workload: Workload, placement: Placement) -> Placement:
+        """Commit a placement decided earlier (a store replaying its log): the host, the
+        per-host replicas or the new volumes' replica hosts that `placement` records,
+        each checked as `bind(restore=True)` checks. All or nothing."""
+        with self._lock:
+            if workload.per_host:
+                return self.bind_replicas(workload, placement.replicas)
+            created: list[str] = []
+            try:
+                for v in workload.volumes:
+                    if isinstance(v, Volume):
+                        if v.id not in placement.volumes:
+                            raise ValidationError(f"workload {workload.id}: no replica hosts recorded for "
+                                                  f"new volume {v.id!r}")
+                        self.add_volume(v, hosts=placement.volumes[v.id])
+                        created.append(v.id)
+                p = self.bind(workload, placement.host_id, restore=True)
+            except SchedulerError:
+                for vid in reversed(created):
+                    self.remove_volume(vid)
+                raise
+            return Placement(p.workload_id, p.host_id, volumes={vid: placement.volumes[vid] for vid in created})
+
+    def bind_replicas(self, workload: Workload, host_ids: Sequence[str]) -> Placement:
+        """Register a per-host service (unless it is registered) and put one replica on
+        each named host, checking each like `bind`; all or nothing.
+
+        For a store rebuilding its state: `place` and `add_hosts` choose the
+        hosts themselves, this repeats a recorded choice exactly.
+        """
+        with self._lock:
+            if not isinstance(workload, Workload) or not workload.per_host:
+                raise ValidationError(f"bind_replicas expects a per-host service, got {workload!r}")
+            if workload.id in self._services.daemons:
+                request = self._compiler.request(workload)
+            else:
+                request = self._check_new_workload(workload)
+            return self._services.bind(workload, host_ids, request)
+
+    # ------------------------------------------------------------------ read-outs of named workloads
+
+    def placements(self, host_id: str | None = None) -> list[Placement]:
+        """Every placed named workload (a per-host service once, with its replica hosts;
+        a workload that created volumes with their replica hosts), in placement order;
+        with host_id, those that run there."""
+        with self._lock:
+            row = None if host_id is None else self._hosts.row(host_id)
+            out: list[Placement] = []
+            hosts = self._hosts.row_hosts
+            volumes = self._volumes.records
+            for wid, rec in self._ledger.records.items():
+                if row is not None and rec.row != row:
+                    continue
+                w = rec.workload
+                if w.volumes and creates_volumes(w):
+                    vols = {v.id: self._volumes.host_ids(v.id)
+                            for v in w.volumes if isinstance(v, Volume) and v.id in volumes}
+                    out.append(Placement(wid, hosts[rec.row].id, volumes=vols))
+                else:
+                    out.append(Placement(wid, hosts[rec.row].id))
+            for sid in self._services.daemons:
+                if row is None or row in self._ledger.replicas.get(sid, ()):
+                    out.append(Placement(sid, None, replicas=self._services.replica_hosts(sid)))
+            return out
+
+    def workload_counts(self) -> dict[str, int]:
+        """host id -> named workloads placed there (per-host replicas included), for hosts
+        that run any."""
+        with self._lock:
+            counts = self._ledger.counts[: self._hosts.n_rows]
+            hosts = self._hosts.row_hosts
+            rows = np.flatnonzero(counts)
+            return {hosts[r].id: n for r, n in zip(rows.tolist(), counts[rows].tolist())}
+
+    def workload(self, workload_id: str) -> Workload:
+        if workload_id in self._services.daemons:
+            return self._services.daemons[workload_id]
+        try:
+            return self._ledger.records[workload_id].workload
+        except (KeyError, TypeError):
+            raise NotFound(f"unknown workload id {workload_id!r}") from None
+
+    def assignments(self) -> dict[str, str]:
+        """workload id -> host id for every named workload (per-host service replicas as "id@host")."""
+        with self._lock:
+            hosts = self._hosts.row_hosts
+            out = {wid: hosts[rec.row].id for wid, rec in self._ledger.records.items()}
+            out.update(self._services.assignments())
+            return out
+
+    def workloads_on(self, host_id: str) -> list[str]:
+        """Named workloads on a host (per-host service replicas as "id@host")."""
+        with self._lock:
+            row = self._hosts.row(host_id)
+            out = [wid for wid, rec in self._ledger.records.items() if rec.row == row]
+            out += [wid for wid, hid in self._services.assignments().items() if hid == host_id]
+            return out
+
+    # ------------------------------------------------------------------ volumes
+
+    def add_volume(self, volume: Volume, hosts: Sequence[str] | None = None) -> list[str]:
+        """Place a volume's replicas on distinct hosts (or distinct values of the `spread`
+        label) with free SSD; returns the replica hosts. Unschedulable when too few fit.
+
+        hosts pins the replicas to named hosts (a store rebuilding its state, an operator
+        restoring a volume); they are checked like chosen ones.
+        """
+        if not isinstance(volume, Volume):
+            raise ValidationError(f"add_volume expects a Volume, got {type(volume).__name__}")
+        with self._lock:
+            return self._volumes.add(volume, None if hosts is None else list(hosts))
+
+    def remove_volume(self, volume_id: str) -> None:
+        """Delete a volume's replicas. Refused while a placed workload mounts it."""
+        with self._lock:
+            self._volumes.remove(volume_id)
+
+    def volumes(self) -> dict[str, list[str]]:
+        """volume id -> replica host ids."""
+        with self._lock:
+            return {vid: self._volumes.host_ids(vid) for vid in self._volumes.records}
+
+    def volume(self, volume_id: str) -> Volume:
+        try:
+            return self._volumes.records[volume_id].volume
+        except (KeyError, TypeError):
+            raise NotFound(f"unknown volume id {volume_id!r}") from None
+
+    # ------------------------------------------------------------------ explanations
+
+    def explain(self, workload: Workload) -> "_explain.Explanation":
+        """Why `workload` would or would not fit now; places nothing."""
+        if not isinstance(workload, Workload):
+            raise ValidationError(f"expected a Workload, got {type(workload).__name__}")
+        with self._lock:
+            request = self._compiler.request(workload)
+            plain = mounted_only(workload)
+            return explain_request(self._hosts, plain, request, self._compiler.terms(plain))
+
+    # ------------------------------------------------------------------ array fast path
+
+    def place_array(self, requests, strategy: str = "binpack", order: str = "arrival",
+                    improve_s: float = 0.0, template: Workload | None = None) -> np.ndarray:
+        """Place a matrix of requests; the fast path for orchestrators and benchmarks.
+
+        Parameters
+        ----------
+        requests : int ndarray (n_workloads, n_dims)
+        strategy : {"binpack", "spread", "balanced", "dot"}
+        order : {"arrival", "largest_first"}
+        improve_s : float
+            Seconds the batch may spend improving the greedy packing (0: greedy
+            only). Unconstrained batches only.
+        template : Workload, optional
+            Constraints every row shares, as the replicas of one service do
+            (selector, tolerations, group, affinity, anti-affinity, spread,
+            tenant, kind). Its id and requests are ignored.
+
+        Returns
+        -------
+        int64 ndarray (n_workloads,)
+            Host row per request, -1 where nothing fit. The requests get array
+            rows numbered across calls (first call 0..n-1, the next continues),
+            which `release_array` takes.
+        """
+        code = strategy_code(strategy)
+        check_order(order)
+        if not isinstance(improve_s, (int, float)) or isinstance(improve_s, bool) or not improve_s >= 0:
+            raise ValidationError(f"improve_s must be a number >= 0, got {improve_s!r}")
+        req = as_request_matrix(requests, len(self.dimensions))
+        with self._lock:
+            terms = None
+            if template is not None:
+                if not isinstance(template, Workload):
+                    raise ValidationError(f"template must be a Workload, got {type(template).__name__}")
+                if template.per_host or template.volumes or template.gang:
+                    raise ValidationError("template: per-host services, volumes and gangs need named workloads")
+                if improve_s > 0:
+                    raise ValidationError("improve_s applies to batches without a template")
+                terms = self._compiler.terms(template)
+            elif self._hosts.cons.has_hard_taints:
+                terms = self._compiler.terms(Workload("<array>"))  # taints still apply to plain rows
+            return self._arrays.place(req, batch_order(self._hosts, req, order), code, terms, improve_s)
+
+    def release_array(self, indices) -> None:
+        """Release array workloads by their row numbers (see place_array)."""
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ValidationError(f"indices must be a 1-D integer array, got shape {idx.shape} dtype {idx.dtype}")
+        with self._lock:
+            self._arrays.release(idx.astype(np.intp))
+
+    # ------------------------------------------------------------------ read-outs
+
+    def usage(self) -> np.ndarray:
+        """int64 (n_rows, n_dims): resources charged per host row (a copy). VMs are
+        charged request x allocation ratio; volume replicas their size in ssd."""
+        return self._hosts.state.used_array[: self._hosts.n_rows].copy()
+
+    def allocatable(self) -> np.ndarray:
+        """int64 (n_rows, n_dims): capacity minus reserved per host row (a copy)."""
+        return self._hosts.allocatable[: self._hosts.n_rows].copy()
+
+    def limits(self) -> np.ndarray:
+        """int64 (n_rows, n_dims): allocatable times allocation ratio per host row (a copy)."""
+        return self._hosts.state.limit_array[: self._hosts.n_rows].copy()
+
+    def free(self) -> np.ndarray:
+        """int64 (n_rows, n_dims): limit minus usage per host row (a copy)."""
+        return self._hosts.state.free_array[: self._hosts.n_rows].copy()
+
+    def hosts_used(self) -> int:
+        """Hosts that run at least one workload or volume replica."""
+        return int((self._hosts.state.load_array[: self._hosts.n_rows] > 0).sum())
+
+    def utilization(self) -> dict[str, float]:
+        """Used / allocatable per dimension, over live hosts (0 where nothing is
+        allocatable); above 1 where allocation ratios overcommit a dimension."""
+        table = self._hosts
+        n = table.n_rows
+        live = table.live[:n]
+        used = table.state.used_array[:n][live].sum(axis=0)
+        alloc = table.allocatable[:n][live].sum(axis=0)
+        return {d: (float(u) / float(a) if a else 0.0) for d, u, a in zip(self.dimensions, used, alloc)}
+
+    def __repr__(self) -> str:
+        return (f"Cluster({self.n_hosts} hosts, {len(self._ledger.records)} workloads, "
+                f"{self._arrays.n_placed()} array workloads)")

@@ -1,0 +1,183 @@
+"""The placement ledger: the one path that commits and releases named workloads.
+
+Every feature that puts a named workload on a host (place, place_batch, bind,
+restore, preemption, per-host service replicas, workloads that create volumes)
+commits here, and every release comes back here, so the core's used/free/load
+rows, the constraint counters (`ConstraintIndex.record`), the per-host workload
+counts and the records never disagree. Volume replicas charge their SSD through
+here too. Array workloads (anonymous numbered rows, `_arrays.ArrayRows`) have no
+record and are committed by the core's row loops there.
+
+It sits between the host table (which it charges, never resizes) and the parts
+that decide where things go (batch, preemption, services, volumes), which
+decide and then call one of the commit methods below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+import sched_core
+
+from ..constraints import CompiledTerms
+from ..model import Workload
+from ._hosts import HostTable
+
+
+@dataclass
+class Record:
+    """A placed named workload (or one replica of a per-host service): what it costs its
+    host, and the terms it was counted under (released with the same terms)."""
+
+    workload: Workload
+    row: int
+    charge: np.ndarray
+    numa: int
+    terms: CompiledTerms
+
+
+class Ledger:
+    """Records of placed named workloads, and the commit/release methods that keep them.
+
+    Attributes
+    ----------
+    records : dict str -> Record
+        named workloads by id, in placement order.
+    replicas : dict str -> dict int -> Record
+        per-host service id -> host row -> its replica there (the record's workload is
+        the service itself: nothing is keyed by a composed id).
+    counts : int64 (n_rows_allocated,)
+        named workloads and replicas per host row, kept on every commit and release.
+    """
+
+    def __init__(self, hosts: HostTable):
+        self._hosts = hosts
+        self._n_dims = len(hosts.dimensions)
+        self.records: dict[str, Record] = {}
+        self.replicas: dict[str, dict[int, Record]] = {}
+        self.counts = np.zeros(hosts.state.n_rows, dtype=np.int64)
+
+    def fit_rows(self) -> None:
+        """Follow the host table after it grew."""
+        n = self._hosts.state.n_rows
+        if n > len(self.counts):
+            counts = np.zeros(n, dtype=np.int64)
+            counts[: len(self.counts)] = self.counts
+            self.counts = counts
+
+    # ------------------------------------------------------------------ commit
+
+    def place_best(self, workload: Workload, request: np.ndarray, terms: CompiledTerms, code: int) -> int:
+        """Select and commit one workload in the core (filter, score, select, commit);
+        returns its row, or -1 with nothing changed."""
+        hosts = self._hosts
+        charge = np.empty(self._n_dims, dtype=np.int64)
+        row, numa = sched_core.place_single(hosts.state, hosts.cons.state, terms.core, request, code, charge)
+        if row >= 0:
+            hosts.cons.record(terms, (row,), +1)
+            self.counts[row] += 1
+            self.records[workload.id] = Record(workload, row, charge, numa, terms)
+        return row
+
+    def place_run(self, workloads, requests: np.ndarray, terms: CompiledTerms, run: list[int], code: int,
+                  placements: dict[str, str], placed_ids: list[str]) -> list[int]:
+        """Select and commit workloads[run], in that order, that share `terms`, in one call
+        of the core; adds each placed one to `placements` (id -> host id) and `placed_ids`.
+        Returns the indices in `run` that did not fit."""
+        hosts = self._hosts
+        order = np.asarray(run, dtype=np.intp)
+        n = len(workloads)
+        host_out = np.full(n, -1, dtype=np.int64)
+        charge = np.zeros((n, self._n_dims), dtype=np.int64)
+        numa = np.full(n, -1, dtype=np.int64)
+        sched_core.place_rows_constrained(hosts.state, hosts.cons.state, terms.core, requests, order, code,
+                                          host_out, charge, numa)
+        placed_rows = host_out[order]
+        placed_rows = placed_rows[placed_rows >= 0]
+        hosts.cons.record(terms, placed_rows, +1)
+        np.add.at(self.counts, placed_rows, 1)
+        records, row_hosts = self.records, hosts.row_hosts
+        host_of, numa_of = host_out.tolist(), numa.tolist()  # Python ints once, not a numpy scalar per row
+        missed = []
+        for i in run:
+            w = workloads[i]
+            h = host_of[i]
+            if h >= 0:
+                records[w.id] = Record(w, h, charge[i], numa_of[i], terms)
+                placements[w.id] = row_hosts[h].id
+                placed_ids.append(w.id)
+            else:
+                missed.append(i)
+        return missed
+
+    def place_at(self, workload: Workload, request: np.ndarray, terms: CompiledTerms, row: int, *,
+                 counters: bool = True, service: str | None = None) -> int:
+        """Check `row` for one workload (counters=False: skip affinity, anti-affinity and
+        spread, for replayed decisions) and commit it there if it passes. With `service`,
+        the workload is that per-host service and the record is its replica on `row`.
+        Returns the core's reason code: 0 committed, else nothing changed."""
+        hosts = self._hosts
+        charge = np.zeros(self._n_dims, dtype=np.int64)
+        code = sched_core.check_host(hosts.state, hosts.cons.state, terms.core, request, row, charge, counters)
+        if code == 0:
+            self._commit_host(Record(workload, row, charge, -1, terms), service)
+        return code
+
+    def recommit(self, rec: Record, terms: CompiledTerms) -> None:
+        """Put a released record back as it was (its host was checked when it was placed),
+        under `terms` compiled for the current host layout."""
+        self._commit_host(replace(rec, terms=terms), None)
+
+    def _commit_host(self, rec: Record, service: str | None) -> None:
+        hosts = self._hosts
+        rec.numa = int(sched_core.commit_host(hosts.state, hosts.cons.state, rec.terms.core, rec.row, rec.charge))
+        hosts.cons.record(rec.terms, (rec.row,), +1)
+        self.counts[rec.row] += 1
+        if service is None:
+            self.records[rec.workload.id] = rec
+        else:
+            self.replicas.setdefault(service, {})[rec.row] = rec
+
+    def give_to_volumes(self, workload_id: str, workload: Workload, extra: np.ndarray) -> Record:
+        """A workload placed with room for replicas of the volumes it creates: hand `extra`
+        (their SSD on its host) over to the volumes, which charge it through
+        `commit_volume`, and record the workload under its full spec."""
+        rec = self.records.pop(workload_id)
+        self._hosts.state.adjust_row(rec.row, -extra)
+        rec = replace(rec, workload=workload, charge=rec.charge - extra)
+        self.records[workload.id] = rec
+        return rec
+
+    def commit_volume(self, rows: list[int], charge: np.ndarray) -> None:
+        """Charge one volume replica per row (SSD only; no workload record or count)."""
+        state = self._hosts.state
+        for r in rows:
+            state.commit_row(r, charge)
+
+    def release_volume(self, rows: list[int], charge: np.ndarray) -> None:
+        state = self._hosts.state
+        for r in rows:
+            state.release_row(r, charge)
+
+    # ------------------------------------------------------------------ release
+
+    def release(self, workload_id: str) -> Record:
+        """Release a named workload (KeyError if it is not placed); returns its record."""
+        rec = self.records.pop(workload_id)
+        self._uncommit(rec)
+        return rec
+
+    def release_replica(self, service_id: str, row: int) -> Record:
+        reps = self.replicas[service_id]
+        rec = reps.pop(row)
+        if not reps:
+            del self.replicas[service_id]
+        self._uncommit(rec)
+        return rec
+
+    def _uncommit(self, rec: Record) -> None:
+        hosts = self._hosts
+        sched_core.release_constrained(hosts.state, hosts.cons.state, rec.terms.core, rec.row, rec.charge, rec.numa)
+        hosts.cons.record(rec.terms, (rec.row,), -1)
+        self.counts[rec.row] -= 1

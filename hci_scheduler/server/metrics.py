@@ -3,8 +3,8 @@
 The hot path only adds to plain counters under one lock; everything is turned
 into Prometheus families at scrape time by a collector. prometheus_client's
 own Counter and Histogram take a lock per value and walk the buckets in
-Python: about 30,000 instructions of a 430,000-instruction unary Place on
-the server (callgrind), 7% of it, for four updates. Gauges that need the
+Python, a visible share of a unary Place's server work for four updates
+(bench/README.md has the count). Gauges that need the
 cluster (hosts by state, utilisation per dimension) are computed at scrape
 time too, so they cost nothing between scrapes.
 """

@@ -6,8 +6,8 @@ module that writes wire bytes by hand; everything else goes through protobuf.
 
 Why: converting a batch of 1,000 plain containers through the protobuf objects
 (one attribute read per field, a dict from the map, a deterministic re-encode
-for the idempotency key, the model object) was a third of a batched Place
-call. Here one pass over the bytes yields, per workload, its id, its canonical
+for the idempotency key, the model object) was the largest part of a
+batched Place call. Here one pass over the bytes yields, per workload, its id, its canonical
 spec bytes (byte for byte what `normalize_workload(w).SerializeToString(
 deterministic=True)` gives, tested against protobuf) and its model.
 

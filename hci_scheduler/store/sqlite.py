@@ -100,9 +100,8 @@ class SQLiteStore(Store):
         """Checkpoint with no commit in flight, so every frame is copied and the next
         commit rewrites the WAL from its start. A checkpoint racing the writer rarely
         catches up with it: the WAL then only grows, and appending to a growing file
-        costs an fsync of its metadata too (commit p50 0.36 -> 0.21 ms, p99 0.62 ->
-        0.31 ms on this machine's ext4 when the WAL is rewritten instead). At most
-        one commit a second waits for a checkpoint."""
+        costs an fsync of its metadata too, which roughly doubled a commit's time on
+        ext4 (bench/README.md). At most one commit a second waits for a checkpoint."""
         conn = _connect(self.path, self.synchronous)
         try:
             while not self._stop_checkpoints.wait(self.checkpoint_interval_s):

@@ -79,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", help="bearer tokens, one per line (never logged)")
     s.add_argument("--allow-insecure-remote", action="store_true", default=None,
                    help="listen on a non-loopback address without TLS or tokens")
-    s.add_argument("--transport", choices=["lean", "grpcio"], help="lean (default): unary calls run on the "
-                   "threads that poll gRPC's queue; grpcio: grpcio's own server (public API only, ~0.2 ms slower "
-                   "per call)")
-    s.add_argument("--pollers", type=int, help="threads taking calls and running unary handlers (default 16)")
-    s.add_argument("--max-workers", type=int, help="threads for streaming calls (default 128)")
+    s.add_argument("--transport", choices=["grpcio", "aio", "lean"], help="grpcio (default): grpcio's own "
+                   "server; aio: grpc.aio's server, handlers on a thread pool; lean: unary calls run on the threads "
+                   "that poll gRPC's queue (grpcio internals, tested releases only: otherwise grpcio's server, "
+                   "logged)")
+    s.add_argument("--pollers", type=int, help="unary calls handled at once; lean: threads polling gRPC's queue "
+                   "(default 16)")
+    s.add_argument("--max-workers", type=int, help="streaming calls handled at once (default 128)")
     s.add_argument("--grace", type=float, help="seconds in-flight calls get on SIGTERM (default 5)")
     s.add_argument("--port-file", help="write the bound port here once serving")
     s.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
@@ -464,10 +466,10 @@ def run_client(args) -> int:
 #: gRPC core experiments the server turns off unless GRPC_EXPERIMENTS is set (set it
 #: empty for gRPC's defaults). With EventEngine endpoints every call's bytes are read
 #: on an EventEngine thread and handed to the thread polling the completion queue;
-#: without them the polling thread reads them itself. Against the same server with
-#: the defaults, interleaved (2 x 12 rounds of 500 unary Place calls, 10,000 hosts):
-#: 540 vs 604-625 us of server CPU per call, median p99 1.24-1.27 vs 1.35-1.40 ms.
-#: Names gRPC no longer knows are reported once in its log and ignored.
+#: without them the polling thread reads them itself, which costs every transport
+#: less server CPU per unary call (bench/README.md). It is a setting of gRPC core,
+#: read from the environment, not an API: names gRPC no longer knows are reported
+#: once in its log and ignored.
 SERVE_GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_for_all_other_endpoints"
 
 
@@ -510,7 +512,7 @@ def run_serve(args) -> int:
             opt("listen", DEFAULT_SERVER),
             ServerOptions(data_dir=opt("data_dir"), fsync=str(opt("fsync", "full")).upper(), dimensions=dims, tls=tls, token_file=opt("token_file"),
                           allow_insecure_remote=bool(opt("allow_insecure_remote", False)),
-                          transport=str(opt("transport", "lean")), pollers=int(opt("pollers", 16)),
+                          transport=str(opt("transport", "grpcio")), pollers=int(opt("pollers", 16)),
                           max_workers=int(opt("max_workers", 128))))
     except (ValueError, OSError) as exc:
         print(f"hci-scheduler serve: {exc}", file=sys.stderr)

@@ -39,7 +39,7 @@ log = logging.getLogger("hci_scheduler.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-TRANSPORTS = ("lean", "grpcio")
+TRANSPORTS = ("grpcio", "aio", "lean")
 
 
 @dataclass
@@ -60,9 +60,9 @@ class ServerOptions:
     tls: TLSConfig | None = None
     token_file: str | None = None
     allow_insecure_remote: bool = False
-    transport: str = "lean"  # or "grpcio": see _grpc_server
-    pollers: int = 16  # threads that take calls and run unary handlers (at most this many at once)
-    max_workers: int = 128  # threads for streaming calls (WatchEvents, health Watch, reflection)
+    transport: str = "grpcio"  # or "aio", "lean": see _grpc_server
+    pollers: int = 16  # unary calls handled at once (lean: threads polling gRPC's queue)
+    max_workers: int = 128  # streaming calls handled at once (WatchEvents, health Watch, reflection)
     grace_s: float = 5.0
     metrics: Metrics | None = field(default=None, repr=False)
 
@@ -264,17 +264,29 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
 
 
 def _grpc_server(opts: ServerOptions, interceptors: list):
-    """The transport: LeanServer (default), or grpcio's own server, which gives
-    about 0.2 ms of every unary call to thread hand-offs (see transport.py) but
-    relies only on grpcio's public API."""
+    """The transport. `grpcio` (the default) is grpcio's own server, `aio` grpc.aio's
+    server with the handlers on a thread pool: both public API only. `lean` is
+    LeanServer (transport.py), built on grpcio internals: when it refuses the
+    installed grpcio or fails its start-up self-check, the server is grpcio's own
+    and the log says why."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.so_reuseport", 0)]
     if opts.transport == "lean":
-        from .transport import LeanServer  # here: grpcio's Cython layer is only needed by this transport
+        try:
+            from .transport import LeanServer, lean_self_check  # here: a failing import falls back too
 
-        return LeanServer(pollers=opts.pollers, stream_workers=opts.max_workers, interceptors=interceptors,
-                          options=options)
+            lean_self_check(options=options)
+            return LeanServer(pollers=opts.pollers, stream_workers=opts.max_workers, interceptors=interceptors,
+                              options=options)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, grpcio's own server serves
+            log.warning("transport lean unavailable: serving with grpcio's server instead",
+                        extra={"fields": {"reason": str(exc)}})
+    if opts.transport == "aio":
+        from .transport import AioServer
+
+        return AioServer(workers=opts.pollers + opts.max_workers, interceptors=interceptors, options=options)
+    # A thread per call, unary or streaming, for as long as it runs; idle threads are reused.
     return grpc.server(futures.ThreadPoolExecutor(max_workers=opts.pollers + opts.max_workers,
                                                   thread_name_prefix="grpc"),
                        interceptors=interceptors, options=options)

@@ -1,25 +1,33 @@
-"""A lean gRPC server: grpc's completion queue polled by a few threads, each of
-which runs the unary handler of the call whose message it took.
+"""The server's transports besides grpcio's own (`grpc.server`, the default,
+built in app.py), all behind the methods of grpc.Server this package uses.
 
-Why not grpc.server: its polling thread hands every unary call to a pool worker
-and back three times (the call, its message, the reply), each a thread wake-up
-and a GIL hand-over. On the 2-core machine the benchmarks run on that is about
-0.2 ms of a 0.55 ms bare health check (0.35 ms here, same client). Here the
-pollers follow each other (leader/followers): the thread that receives a
-call's message runs the handler and starts the reply itself, while the other
-pollers take the next events. Streaming calls run on a thread pool of their
-own, since they block for as long as the stream lives.
+AioServer is grpc.aio's server with the synchronous handlers on a thread pool,
+public API only (`hci-scheduler serve --transport aio`).
 
-It serves what this package registers: generic and registered method handlers
-(so the generated add_*Servicer_to_server functions work), server
+LeanServer (`--transport lean`, opt-in) is grpc's completion queue polled by a
+few threads, each of which runs the unary handler of the call whose message it
+took. grpcio's own server hands every unary call from its polling thread to a
+pool worker and back three times (the call, its message, the reply), each a
+thread wake-up and a GIL hand-over; here the pollers follow each other
+(leader/followers): the thread that receives a call's message runs the handler
+and starts the reply itself, while the other pollers take the next events.
+Streaming calls run on a thread pool of their own, since they block for as
+long as the stream lives. bench/README.md has what that saves.
+
+LeanServer serves what this package registers: generic and registered method
+handlers (so the generated add_*Servicer_to_server functions work), server
 interceptors, insecure and TLS ports, the four call shapes, the non-blocking
 streaming handler of grpc_health, deadlines, cancellation and graceful stop.
-It is built on grpc's Cython layer (grpc._cython.cygrpc), as grpc.server and
-grpc.aio are; pyproject pins grpcio to the range the tests ran on.
+It is built on grpc._cython.cygrpc, grpcio's internals, which carry no
+compatibility promise: it refuses grpcio releases outside LEAN_TESTED_GRPCIO,
+and app.py serves with grpcio's own server when it refuses or when a call
+through a throwaway LeanServer fails at start-up (lean_self_check).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
+import inspect
 import logging
 import threading
 import time
@@ -27,18 +35,22 @@ from concurrent import futures
 from typing import Callable, Iterable, Sequence
 
 import grpc
-from grpc._cython import cygrpc
+
+try:
+    from grpc._cython import cygrpc
+
+    _QUEUE_SHUTDOWN = cygrpc.CompletionType.queue_shutdown
+    _QUEUE_TIMEOUT = cygrpc.CompletionType.queue_timeout
+except (ImportError, AttributeError):  # internals moved: LeanServer refuses to start, AioServer still works
+    cygrpc = None
 
 log = logging.getLogger("hci_scheduler.server.transport")
-
-_QUEUE_SHUTDOWN = cygrpc.CompletionType.queue_shutdown
-_QUEUE_TIMEOUT = cygrpc.CompletionType.queue_timeout
 
 # How many threads wait on the completion queue: a parked poller is woken when a
 # handler would leave fewer than _POLLING_LOW of them, and a poller whose handler
 # ended parks when _POLLING_HIGH already wait. Every waiting thread takes part in
-# gRPC's wake-ups: a unary call cost the server 21 futex calls with 16 threads
-# waiting, 9.5 with 2 (strace), and one client keeps two threads polling here.
+# gRPC's wake-ups (futex calls per unary call grow with the threads waiting), and
+# one client keeps two threads polling here.
 _POLLING_LOW = 1
 _POLLING_HIGH = 2
 
@@ -366,6 +378,9 @@ class LeanServer:
                  interceptors: Sequence[grpc.ServerInterceptor] = (), options: Sequence[tuple] = ()):
         if pollers < 1 or stream_workers < 1:
             raise ValueError("pollers and stream_workers must be at least 1")
+        check_lean_supported()
+        if cygrpc is None:
+            raise LeanUnavailable(f"LeanServer cannot find the grpcio internals it uses in grpcio {grpc.__version__}")
         self._cq = cygrpc.CompletionQueue()
         self._server = cygrpc.Server(tuple(options), False)
         self._server.register_completion_queue(self._cq)
@@ -559,3 +574,308 @@ class LeanServer:
             self._cq.shutdown()  # the pollers drain the queue and leave
         self._streams.shutdown(wait=False)
         self._stopped.set()
+
+
+
+# -- the lean transport's guard and start-up check ------------------------------
+
+#: The grpcio releases (major, minor), inclusive, LeanServer's tests ran on. It is
+#: built on grpc._cython.cygrpc, which carries no compatibility promise, so it
+#: refuses any other release; `hci-scheduler serve --transport lean` then serves
+#: with grpcio's own server and says so in its log.
+LEAN_TESTED_GRPCIO = ((1, 81), (1, 85))
+
+
+class LeanUnavailable(RuntimeError):
+    """LeanServer cannot serve with the installed grpcio."""
+
+
+def check_lean_supported(version: str | None = None) -> None:
+    """Raise LeanUnavailable unless grpcio `version` (default: the installed one)
+    is a release LeanServer was tested on (LEAN_TESTED_GRPCIO)."""
+    version = grpc.__version__ if version is None else version
+    (lo_major, lo_minor), (hi_major, hi_minor) = LEAN_TESTED_GRPCIO
+    tested = f"{lo_major}.{lo_minor}-{hi_major}.{hi_minor}"
+    parts = version.split(".")
+    try:
+        major_minor = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        raise LeanUnavailable(f"LeanServer cannot read grpcio's version {version!r}; it was tested "
+                              f"on grpcio {tested}") from None
+    if not LEAN_TESTED_GRPCIO[0] <= major_minor <= LEAN_TESTED_GRPCIO[1]:
+        raise LeanUnavailable(f"LeanServer was tested on grpcio {tested}, not on {version}: "
+                              "it relies on grpcio internals that may have changed")
+
+
+_SELF_CHECK_METHOD = "/hci_scheduler.transport.SelfCheck/Echo"
+
+
+def lean_self_check(timeout: float = 5.0, options: Sequence[tuple] = ()) -> None:
+    """Raise LeanUnavailable unless LeanServer works with the installed grpcio: the
+    version guard, then one unary call through grpcio's client to a throwaway
+    LeanServer on a loopback port (the real server's ports may need credentials
+    the check does not have)."""
+    check_lean_supported()
+    payload = b"lean-self-check"
+    probe = None
+    try:
+        probe = LeanServer(pollers=1, stream_workers=1, options=options)
+        service, method = _SELF_CHECK_METHOD[1:].split("/")
+        probe.add_registered_method_handlers(service, {method: grpc.unary_unary_rpc_method_handler(
+            lambda request, context: request)})
+        port = probe.add_insecure_port("127.0.0.1:0")
+        probe.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = channel.unary_unary(_SELF_CHECK_METHOD)(payload, timeout=timeout)
+        if reply != payload:
+            raise LeanUnavailable(f"LeanServer's self-check got {reply!r} back, not {payload!r}")
+    except LeanUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not serve with it
+        raise LeanUnavailable(f"LeanServer's self-check failed on grpcio {grpc.__version__}: {exc!r}") from exc
+    finally:
+        if probe is not None:
+            probe.stop(None).wait(timeout)
+
+
+# -- grpc.aio's server, behind the synchronous interface --------------------------
+
+
+class _AioAbort(Exception):
+    """Raised by _AioContext.abort on a worker thread; the call is aborted on the loop."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+
+class _AioContext(grpc.ServicerContext):
+    """grpc.ServicerContext of a synchronous handler running on a worker thread,
+    over grpc.aio's context of its call (whose coroutines run on the loop)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop):
+        self._context = context
+        self._loop = loop
+
+    def _on_loop(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def is_active(self) -> bool:
+        return not self._context.done()
+
+    def time_remaining(self):
+        return self._context.time_remaining()
+
+    def cancel(self) -> None:
+        self.abort(grpc.StatusCode.CANCELLED, "cancelled by the server")
+
+    def add_callback(self, callback) -> bool:
+        self._loop.call_soon_threadsafe(self._context.add_done_callback, lambda _: callback())
+        return True
+
+    def invocation_metadata(self):
+        return self._context.invocation_metadata()
+
+    def peer(self) -> str:
+        return self._context.peer()
+
+    def peer_identities(self):
+        return self._context.peer_identities()
+
+    def peer_identity_key(self):
+        return self._context.peer_identity_key()
+
+    def auth_context(self):
+        return self._context.auth_context()
+
+    def send_initial_metadata(self, initial_metadata) -> None:
+        self._on_loop(self._context.send_initial_metadata(initial_metadata))
+
+    def set_trailing_metadata(self, trailing_metadata) -> None:
+        self._context.set_trailing_metadata(trailing_metadata)
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise _AioAbort(code, details)
+
+    def abort_with_status(self, status):
+        self.set_trailing_metadata(status.trailing_metadata)
+        raise _AioAbort(status.code, status.details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self._context.set_details(details)
+
+    def set_compression(self, compression) -> None:
+        self._context.set_compression(compression)
+
+    def disable_next_message_compression(self) -> None:
+        self._context.disable_next_message_compression()
+
+
+_END = object()
+
+
+def _off_loop(handler: grpc.RpcMethodHandler | None, loop: asyncio.AbstractEventLoop,
+              pool: futures.Executor) -> grpc.RpcMethodHandler | None:
+    """`handler` (synchronous) as a grpc.aio handler that runs it on `pool`: a
+    thread per call, for as long as the handler runs, as grpcio's own server does."""
+    if handler is None:
+        return None
+    shape = ("stream" if handler.request_streaming else "unary") + "_" + \
+            ("stream" if handler.response_streaming else "unary")
+    behavior = getattr(handler, shape)
+    if asyncio.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
+        return handler
+
+    def requests_of(request_iterator):
+        """The call's request stream, read on the loop, as a synchronous iterator."""
+        while True:
+            try:
+                yield asyncio.run_coroutine_threadsafe(request_iterator.__anext__(), loop).result()
+            except StopAsyncIteration:
+                return
+
+    def start(request, context):
+        first = requests_of(request) if handler.request_streaming else request
+        return loop.run_in_executor(pool, behavior, first, _AioContext(context, loop))
+
+    async def unary_response(request, context):
+        try:
+            return await start(request, context)
+        except _AioAbort as exc:
+            await context.abort(exc.code, exc.details)
+
+    async def stream_response(request, context):
+        responses = iter(await start(request, context))
+        pending = None
+
+        def close(_=None) -> None:
+            # However the call ends (cancelled, the server stopped, ended), the handler's
+            # generator is closed, so its cleanup runs: here on the loop when it is
+            # suspended, else on its worker once the step it is taking ends.
+            if pending is not None and not pending.done():
+                pending.add_done_callback(close)
+            elif hasattr(responses, "close"):
+                responses.close()
+
+        context.add_done_callback(close)
+        try:
+            while True:
+                pending = pool.submit(next, responses, _END)
+                response = await asyncio.wrap_future(pending)
+                if response is _END:
+                    return
+                yield response
+        except _AioAbort as exc:
+            await context.abort(exc.code, exc.details)
+
+    make = getattr(grpc, f"{shape}_rpc_method_handler")
+    return make(stream_response if handler.response_streaming else unary_response,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class _AioOffLoop(grpc.aio.ServerInterceptor):
+    """The outermost interceptor: whatever handler the others chose runs off the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: futures.Executor):
+        self._loop, self._pool = loop, pool
+
+    async def intercept_service(self, continuation, handler_call_details):
+        return _off_loop(await continuation(handler_call_details), self._loop, self._pool)
+
+
+class _AioInterceptor(grpc.aio.ServerInterceptor):
+    """A synchronous grpc.ServerInterceptor run by grpc.aio's server: the handler is
+    looked up first and handed to the interceptor as its continuation's answer."""
+
+    def __init__(self, interceptor: grpc.ServerInterceptor):
+        self._interceptor = interceptor
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        return self._interceptor.intercept_service(lambda details: handler, handler_call_details)
+
+
+class AioServer:
+    """grpc.aio's server with the methods of grpc.Server this package uses, through
+    grpcio's public API only. Its event loop runs on a thread of its own and the
+    synchronous handlers on a thread pool, with a full grpc.ServicerContext
+    (grpc.aio's own way, `migration_thread_pool`, gives them a context without
+    is_active, which WatchEvents polls).
+
+    Registered method handlers become a generic handler placed before the others:
+    grpc.aio ignored add_registered_method_handlers before it implemented it, and
+    generic handlers answer in the order they were added.
+    """
+
+    def __init__(self, *, workers: int = 144, interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 options: Sequence[tuple] = ()):
+        self._loop = asyncio.new_event_loop()
+        self._pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._thread.start()
+        self._registered: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._stop_lock = threading.Lock()
+        self._stopping: threading.Event | None = None
+
+        async def build():  # grpc.aio's server belongs to the loop it is created on
+            return grpc.aio.server(
+                interceptors=[_AioOffLoop(self._loop, self._pool)] + [_AioInterceptor(i) for i in interceptors],
+                options=list(options))
+
+        self._server = self._run(build())
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _on_loop(self, fn, *args):
+        async def call():
+            return fn(*args)
+
+        return self._run(call())
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
+        self._registered.setdefault(service_name, {}).update(method_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._on_loop(self._server.add_insecure_port, address)
+
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
+        return self._on_loop(self._server.add_secure_port, address, credentials)
+
+    def start(self) -> None:
+        handlers = [grpc.method_handlers_generic_handler(service, methods)
+                    for service, methods in self._registered.items()] + self._generic
+        self._on_loop(self._server.add_generic_rpc_handlers, handlers)
+        self._run(self._server.start())
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls; cancel the ones still running after `grace` seconds (at
+        once when None). The returned event is set once every call has ended."""
+        with self._stop_lock:
+            if self._stopping is not None:
+                return self._stopping
+            self._stopping = done = threading.Event()
+
+        async def stop():
+            try:
+                await self._server.stop(grace)
+                # The cancelled calls' tasks end, and their done callbacks run, before the loop stops.
+                others = asyncio.all_tasks() - {asyncio.current_task()}
+                if others:
+                    await asyncio.wait(others, timeout=5)
+                await asyncio.sleep(0)
+            finally:
+                self._pool.shutdown(wait=False)
+                self._loop.stop()
+                done.set()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop)
+        return done

@@ -21,3 +21,18 @@ def test_grpc_bench_places_every_workload_it_times():
         ch.close()
     finally:
         server.stop()
+
+
+def test_grpc_bench_compares_transports_measured_in_turn(capsys):
+    def fake(p50: float, per_s: float) -> dict:
+        return {"health": {"p50_ms": 0.3, "p99_ms": 0.5},
+                "unary": [{"p50_ms": p50, "p99_ms": 2 * p50, "server_cpu_us_per_call": 500, "calls_per_s": 1000},
+                          {"p50_ms": 3.0, "p99_ms": 6.0, "calls_per_s": 2500}],
+                "batched": {"placements_per_s": per_s}, "batched_2_clients": {"placements_per_s": per_s}}
+
+    table = g.compare({"grpcio": [fake(0.7, 60_000), fake(0.9, 50_000), fake(0.8, 70_000)],
+                       "aio": [fake(1.0, 40_000)] * 3})
+    # grpcio: median of 0.7, 0.9, 0.8 = 0.8 (0.7-0.9); batched median 60,000 (50,000-70,000)
+    assert "| grpcio | 0.3 (0.3-0.3) | 0.5 (0.5-0.5) | 0.8 (0.7-0.9) |" in table
+    assert "60,000 (50,000-70,000)" in table
+    assert "median (min-max) of 3 round(s)" in table

@@ -1,7 +1,10 @@
-"""LeanServer (hci_scheduler.server.transport) against grpcio's own client: the four
-call shapes, status codes, metadata, cancellation, deadlines, interceptors and stop."""
+"""The transports (grpcio's own server, AioServer and LeanServer from
+hci_scheduler.server.transport) against grpcio's own client: the four call shapes,
+status codes, metadata, cancellation, deadlines, interceptors and stop; LeanServer's
+version guard, its start-up self-check and the fallback to grpcio's server."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent import futures
@@ -9,7 +12,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from hci_scheduler.server.transport import LeanServer
+from hci_scheduler.server import transport
+from hci_scheduler.server.transport import AioServer, LeanServer, LeanUnavailable
 
 SERVICE = "test.Echo"
 
@@ -91,10 +95,35 @@ class DenyRefuseless(grpc.ServerInterceptor):
         return continuation(details)
 
 
+def lean_or_skip() -> None:
+    try:
+        transport.check_lean_supported()
+    except LeanUnavailable as exc:  # the fallback's tests below still run
+        pytest.skip(str(exc))
+
+
+def make_server(kind: str, interceptors=(), options=()):
+    """A transport with two threads for unary calls (few, so that calls queue up)."""
+    if kind == "grpcio":
+        return grpc.server(futures.ThreadPoolExecutor(6), interceptors=interceptors, options=options)
+    if kind == "aio":
+        return AioServer(workers=6, interceptors=interceptors, options=options)
+    lean_or_skip()
+    return LeanServer(pollers=2, stream_workers=4, interceptors=interceptors, options=options)
+
+
+KINDS = ["grpcio", "aio", "lean"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def served():
+def served(kind):
     rec = Recorder()
-    server = LeanServer(pollers=2, stream_workers=4, interceptors=[DenyRefuseless()])
+    server = make_server(kind, interceptors=[DenyRefuseless()])
     server.add_registered_method_handlers(SERVICE, handlers(rec))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -124,17 +153,19 @@ def test_unary_echo_with_metadata_and_deadline(served):
     assert 0 < rec.time_remaining <= 5.5
 
 
-def test_status_codes(served):
+def test_status_codes(served, kind):
     _, channel, _ = served
     assert code_and_details(lambda: call(channel, "Missing")(b"x", timeout=5)) == \
         (grpc.StatusCode.NOT_FOUND, "no such thing")
     code, details = code_and_details(lambda: call(channel, "Boom")(b"x", timeout=5))
     assert code == grpc.StatusCode.UNKNOWN and "bad day" in details
-    for _ in range(3):  # more than the two pollers: none of them may die of it
+    for _ in range(3 if kind == "lean" else 0):  # more than the two pollers: none of them may die of it
         assert code_and_details(lambda: call(channel, "Leave")(b"x", timeout=5))[0] == grpc.StatusCode.UNKNOWN
     assert code_and_details(lambda: call(channel, "Refuse")(b"x", timeout=5)) == \
         (grpc.StatusCode.FAILED_PRECONDITION, "not now")
-    assert code_and_details(lambda: call(channel, "Strict")(b"x", timeout=5))[0] == grpc.StatusCode.INTERNAL
+    # grpc.aio's server answers a request it cannot deserialize with UNKNOWN, the others with INTERNAL.
+    assert code_and_details(lambda: call(channel, "Strict")(b"x", timeout=5))[0] == \
+        (grpc.StatusCode.UNKNOWN if kind == "aio" else grpc.StatusCode.INTERNAL)
     assert code_and_details(lambda: call(channel, "Nope")(b"x", timeout=5))[0] == grpc.StatusCode.UNIMPLEMENTED
     assert code_and_details(lambda: call(channel, "Echo")(b"x", metadata=(("x-deny", "1"),), timeout=5)) == \
         (grpc.StatusCode.PERMISSION_DENIED, "denied")
@@ -169,6 +200,7 @@ def test_more_concurrent_calls_than_pollers_all_complete(served):
 def test_parked_pollers_wake_up_for_handlers_that_block_together():
     """Only two pollers wait on the queue when idle; the others must be woken as
     handlers block, up to `pollers` handlers at once, and all leave on stop."""
+    lean_or_skip()
     meet = threading.Barrier(5, timeout=20)
 
     def together(req, ctx):
@@ -192,9 +224,9 @@ def test_parked_pollers_wake_up_for_handlers_that_block_together():
         assert not t.is_alive(), t.name
 
 
-def test_stop_cancels_open_streams_after_grace():
+def test_stop_cancels_open_streams_after_grace(kind):
     rec = Recorder()
-    server = LeanServer(pollers=2, stream_workers=2)
+    server = make_server(kind)
     server.add_registered_method_handlers(SERVICE, handlers(rec))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -213,6 +245,7 @@ def test_stop_cancels_open_streams_after_grace():
 
 
 def test_registration_after_start_and_bad_ports_are_refused():
+    lean_or_skip()
     server = LeanServer(pollers=1, stream_workers=1)
     with pytest.raises(RuntimeError, match="bind"):
         server.add_insecure_port("256.0.0.1:1")
@@ -236,9 +269,9 @@ def test_create_server_refuses_unknown_transport_and_no_pollers(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before the store was opened
 
 
-def test_a_message_over_the_size_limit_is_refused_and_the_server_goes_on():
+def test_a_message_over_the_size_limit_is_refused_and_the_server_goes_on(kind):
     rec = Recorder()
-    server = LeanServer(pollers=1, stream_workers=1, options=[("grpc.max_receive_message_length", 1024)])
+    server = make_server(kind, options=[("grpc.max_receive_message_length", 1024)])
     server.add_registered_method_handlers(SERVICE, handlers(rec))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -250,3 +283,105 @@ def test_a_message_over_the_size_limit_is_refused_and_the_server_goes_on():
     finally:
         channel.close()
         assert server.stop(None).wait(10)
+
+
+# -- LeanServer's version guard, its self-check and the fallback ----------------
+
+
+@pytest.mark.parametrize("version, accepted", [
+    ("1.81.0", True),    # the lowest tested release
+    ("1.85.3", True),    # the highest tested minor, any patch
+    ("1.80.9", False),   # below the range
+    ("1.86.0", False),   # a newer minor: internals may have changed
+    ("2.0.0", False),    # a new major
+    ("1.86.0rc1", False),
+    ("banana", False),   # unreadable
+], ids=["lowest", "highest-patch", "below", "newer-minor", "new-major", "rc", "unreadable"])
+def test_lean_accepts_only_the_tested_grpcio_releases(version, accepted):
+    if accepted:
+        transport.check_lean_supported(version)
+    else:
+        with pytest.raises(LeanUnavailable, match="tested on grpcio"):
+            transport.check_lean_supported(version)
+
+
+def test_lean_refuses_an_untested_grpcio(monkeypatch):
+    monkeypatch.setattr(grpc, "__version__", "1.99.0")
+    with pytest.raises(LeanUnavailable, match="1.99.0"):
+        LeanServer()
+    with pytest.raises(LeanUnavailable, match="1.99.0"):
+        transport.lean_self_check()
+
+
+def break_lean_reply(monkeypatch) -> None:
+    """As if grpcio had changed an internal LeanServer relies on to build a reply
+    (LeanServer's view of grpcio's internals only: grpcio's client keeps working)."""
+    real = transport.cygrpc
+
+    class Changed:
+        SendMessageOperation = None
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(transport, "cygrpc", Changed())
+
+
+def test_lean_self_check_fails_when_a_call_through_it_fails(monkeypatch):
+    lean_or_skip()
+    transport.lean_self_check(timeout=10)  # passes as installed
+    break_lean_reply(monkeypatch)
+    with pytest.raises(LeanUnavailable, match="self-check"):
+        transport.lean_self_check(timeout=2)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("breakage", ["untested-grpcio", "self-check-fails"])
+def test_create_server_falls_back_to_grpcio_when_lean_is_unavailable(tmp_path, monkeypatch, breakage):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from hci_scheduler.server import app
+
+    if breakage == "untested-grpcio":
+        monkeypatch.setattr(grpc, "__version__", "1.99.0")
+    else:  # as if grpcio had changed an internal LeanServer relies on to build the reply
+        lean_or_skip()
+        break_lean_reply(monkeypatch)
+    records = _Records()
+    logger = logging.getLogger("hci_scheduler.server")
+    logger.addHandler(records)
+    try:
+        srv, port = app.create_server("127.0.0.1:0", data_dir=str(tmp_path / "data"), transport="lean")
+    finally:
+        logger.removeHandler(records)
+    assert isinstance(srv.grpc, grpc.Server)  # grpcio's own server
+    [warning] = [r for r in records.records if "transport lean unavailable" in r.getMessage()]
+    assert ("1.99.0" if breakage == "untested-grpcio" else "self-check failed") in warning.fields["reason"]
+    srv.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.stop(0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_create_server_builds_each_transport(tmp_path, kind):
+    from hci_scheduler.server import app
+
+    if kind == "lean":
+        lean_or_skip()
+    srv, port = app.create_server("127.0.0.1:0", data_dir=str(tmp_path / "data"), transport=kind)
+    expected = {"grpcio": grpc.Server, "aio": AioServer, "lean": LeanServer}[kind]
+    assert isinstance(srv.grpc, expected)
+    srv.start()
+    srv.stop(0)

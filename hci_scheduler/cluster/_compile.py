@@ -42,12 +42,15 @@ class Compiler:
 
     def __init__(self, hosts: HostTable, volume_rows):
         self._hosts = hosts
+        self._dims = hosts.dimensions
+        self._dim_index = hosts.dim_index
+        self._cons = hosts.cons
         self._volume_rows = volume_rows
         self._cache: dict[tuple, CompiledTerms] = {}
 
     def request_values(self, workload: Workload) -> list[int]:
         """The request per dimension, checked (a batch turns all of them into one array)."""
-        dims, dim_index = self._hosts.dimensions, self._hosts.dim_index
+        dims, dim_index = self._dims, self._dim_index
         req = workload.requests
         if req.keys() <= dim_index.keys():
             # Fast path for the common case (plain non-negative ints); anything else takes
@@ -87,7 +90,7 @@ class Compiler:
 
     def terms(self, workload: Workload, allowed: np.ndarray | None = None) -> CompiledTerms:
         """Compiled constraints of a workload, cached per spec while the host layout is unchanged."""
-        cons = self._hosts.cons
+        cons = self._cons
         if allowed is None and workload.volumes:
             allowed = self.volume_mask(workload)
         if allowed is not None:
@@ -104,4 +107,4 @@ class Compiler:
 
     def current(self, terms: CompiledTerms, workload: Workload) -> CompiledTerms:
         """`terms` if the host layout has not changed since they were compiled, else fresh ones."""
-        return terms if terms.version == self._hosts.cons.version else self.terms(workload)
+        return terms if terms.version == self._cons.version else self.terms(workload)

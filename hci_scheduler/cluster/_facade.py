@@ -248,7 +248,10 @@ class Cluster:
         """
         code = strategy_code(strategy)
         with self._lock:
-            return self._place_checked(workload, self._check_new_workload(workload), code, preempt)
+            self._check_new(workload)
+            # request_values directly: the single-placement path is hot, one call layer less.
+            request = np.array(self._compiler.request_values(workload), dtype=np.int64)
+            return self._place_checked(workload, request, code, preempt)
 
     def _place_checked(self, workload: Workload, request: np.ndarray, code: int, preempt: bool) -> Placement:
         """Place one checked workload (the path `place` and a batch's special members take)."""
@@ -428,10 +431,8 @@ class Cluster:
         """host id -> named workloads placed there (per-host replicas included), for hosts
         that run any."""
         with self._lock:
-            counts = self._ledger.counts[: self._hosts.n_rows]
             hosts = self._hosts.row_hosts
-            rows = np.flatnonzero(counts)
-            return {hosts[r].id: n for r, n in zip(rows.tolist(), counts[rows].tolist())}
+            return {hosts[r].id: n for r, n in enumerate(self._ledger.counts[: self._hosts.n_rows]) if n}
 
     def workload(self, workload_id: str) -> Workload:
         if workload_id in self._services.daemons:

@@ -466,8 +466,8 @@ def run_client(args) -> int:
 #: gRPC core experiments the server turns off unless GRPC_EXPERIMENTS is set (set it
 #: empty for gRPC's defaults). With EventEngine endpoints every call's bytes are read
 #: on an EventEngine thread and handed to the thread polling the completion queue;
-#: without them the polling thread reads them itself, which costs every transport
-#: less server CPU per unary call (bench/README.md). It is a setting of gRPC core,
+#: without them the polling thread reads them itself, which costs grpcio's server
+#: and LeanServer less CPU per unary call (bench/README.md). It is a setting of gRPC core,
 #: read from the environment, not an API: names gRPC no longer knows are reported
 #: once in its log and ignored.
 SERVE_GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_for_all_other_endpoints"

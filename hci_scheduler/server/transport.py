@@ -583,7 +583,7 @@ class LeanServer:
 #: built on grpc._cython.cygrpc, which carries no compatibility promise, so it
 #: refuses any other release; `hci-scheduler serve --transport lean` then serves
 #: with grpcio's own server and says so in its log.
-LEAN_TESTED_GRPCIO = ((1, 81), (1, 85))
+LEAN_TESTED_GRPCIO = ((1, 85), (1, 85))
 
 
 class LeanUnavailable(RuntimeError):

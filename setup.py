@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_py import build_py
 
 DEBUG = os.environ.get("SCHED_CORE_DEBUG") == "1"
@@ -66,6 +66,11 @@ class BuildWithProtos(build_py):
 
 generate_protos()
 setup(
+    # bench/ stays at the top of the repository but is installed inside the project's namespace.
+    # (Absent from the scratch copy in which CI builds the core alone.)
+    packages=find_packages(include=["hci_scheduler", "hci_scheduler.*", "sched_core", "sched_core.*"])
+    + (["hci_scheduler.bench"] if (ROOT / "bench").is_dir() else []),
+    package_dir={"hci_scheduler.bench": "bench"},
     ext_modules=cythonize(extensions, compiler_directives=directives, annotate=False),
     cmdclass={"build_py": BuildWithProtos},
 )

@@ -1,7 +1,8 @@
 """hci-scheduler benchmarks: density and latency suites, peers, report, CI gate.
 
-Run ``python -m bench [--suite density|latency|all] [--quick] [--out DIR]``;
-``hci-scheduler bench`` forwards its arguments to :func:`main`.
+Installed as ``hci_scheduler.bench`` (the folder bench/ of the repository).
+Run ``hci-scheduler bench [--suite density|latency|all] [--quick] [--out DIR]``,
+which forwards its arguments to :func:`main`, or ``python -m hci_scheduler.bench``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="hci-scheduler bench", description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=("density", "latency", "all"), default="all")
     p.add_argument("--quick", action="store_true", help="a subset that finishes in a few minutes")
     p.add_argument("--out", default="bench-out", help="directory for results.json, report.md, plots")
@@ -41,8 +42,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from hci_scheduler import datasets
 
-    from . import report
+    from . import peers, report
 
+    peers.clear_skipped()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = _progress(args.no_progress)
@@ -64,8 +66,11 @@ def main(argv=None) -> int:
         heat = _latency(args, results, progress, have_data)
     results["seconds"] = time.perf_counter() - t_start
     results["plots"] = report.plots(results, out, heat)
+    results["notes"] = peers.skipped_notes()
     report.write_json(results, out)
     text = report.markdown(results)
+    if results["notes"]:
+        text += "\n" + "\n".join(f"Note: {n}." for n in results["notes"]) + "\n"
     (out / "report.md").write_text(text + "\n")
     print(text)
     print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and {len(results['plots'])} plots "

@@ -3,6 +3,10 @@
 Each peer takes the same arrays as the cluster: ``capacity`` (n_hosts,
 n_dims) int64 and ``requests`` (n, n_dims) int64, and returns an int64
 assignment (n,) of host indices, -1 where a request was refused.
+
+A peer whose package is not installed (``binpacking`` comes with the test
+extra only) is skipped: it returns None, and :func:`skipped_notes` gives the
+one-line note the report prints for it.
 """
 from __future__ import annotations
 
@@ -21,7 +25,22 @@ __all__ = [
     "hosts_used",
     "check_feasible",
     "stranded_fraction",
+    "skipped_notes",
+    "clear_skipped",
 ]
+
+# Peers skipped in this process because their package is missing: name -> one-line note.
+_skipped: dict[str, str] = {}
+
+
+def skipped_notes() -> list[str]:
+    """One line per peer skipped so far because its package is not installed."""
+    return list(_skipped.values())
+
+
+def clear_skipped() -> None:
+    """Forget the skipped peers (a new run starts)."""
+    _skipped.clear()
 
 
 def hosts_used(assignment: np.ndarray) -> int:
@@ -237,18 +256,23 @@ def cpsat_exact(capacity: np.ndarray, requests: np.ndarray, time_limit_s: float 
     return CpSatResult(assignment, name, hosts, bound, time.perf_counter() - t0)
 
 
-def binpacking_1d(capacity: np.ndarray, requests: np.ndarray) -> int:
+def binpacking_1d(capacity: np.ndarray, requests: np.ndarray) -> int | None:
     """Bins the PyPI ``binpacking`` package needs on the 1-D projections.
 
     The package packs one dimension at a time (``to_constant_volume``), so
     this is the max over dimensions of its bin count: a relaxation of the
     vector problem (each dimension on its own), not a feasible vector packing.
-    Requires identical hosts.
+    Requires identical hosts. None when the package is not installed (the
+    peer is skipped; see :func:`skipped_notes`).
     """
-    import binpacking
-
     if not (capacity == capacity[0]).all():
         raise ValueError("binpacking_1d needs identical hosts")
+    try:
+        import binpacking
+    except ImportError:
+        _skipped["binpacking_1d"] = ("peer binpacking 1-D skipped: the binpacking package is not "
+                                     "installed (it comes with hci-scheduler[test])")
+        return None
     best = 0
     for k in range(requests.shape[1]):
         col = requests[:, k]

@@ -5,8 +5,8 @@ Each benchmark checks its setup first, so a failed plan is never timed.
 import numpy as np
 import pytest
 
-from bench import peers
-from bench.workloads import host_pool, request_stream
+from . import peers
+from .workloads import host_pool, request_stream
 
 pytest.importorskip("pytest_benchmark")
 SIZES = (1_000, 10_000, 50_000)

@@ -525,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # bench and demo take their own arguments verbatim.
     if argv and argv[0] == "bench":
-        import bench
+        from . import bench
 
         return bench.main(argv[1:]) or 0
     if argv and argv[0] == "demo":

@@ -1,7 +1,7 @@
 import numpy as np
 
-from bench import compaction
 from hci_scheduler import datasets
+from hci_scheduler.bench import compaction
 
 
 def test_compact_finds_smallest_passing_size():

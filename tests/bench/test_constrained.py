@@ -1,6 +1,6 @@
 """bench.constrained: its figures are the best runs, the ratio is theirs, and the
 constrained run it times keeps its constraints (checked from host labels)."""
-from bench import constrained
+from hci_scheduler.bench import constrained
 
 
 def test_constrained_bench_reports_best_runs_and_their_ratio():

@@ -1,6 +1,6 @@
 import pytest
 
-from bench import density, gate
+from hci_scheduler.bench import density, gate
 
 
 def _row(name, best, opt=10):

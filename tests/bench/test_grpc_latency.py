@@ -1,6 +1,6 @@
 """bench.grpc_latency against a real server: every timed call is a fresh placement
 (a repeated id would be an idempotent retry, answered without placing)."""
-from bench import grpc_latency as g
+from hci_scheduler.bench import grpc_latency as g
 
 
 def test_grpc_bench_places_every_workload_it_times():

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench import peers
+from hci_scheduler.bench import peers
 from hci_scheduler.errors import ValidationError
 from hci_scheduler.improve import _BinEmptier, improve_assignment
 

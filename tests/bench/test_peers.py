@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bench import peers
+from hci_scheduler.bench import peers
 
 
 def _cap(n_hosts, *cap):

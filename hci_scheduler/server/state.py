@@ -16,7 +16,7 @@ the spec it was placed with (the idempotency key of a retried Place).
 
 The log record is the public `Event` message itself. That is the right trade
 here: WatchEvents hands out the records as they were written, with no second
-encoding to keep in step; agents and other orchestrators rebuild their view
+format to keep in step with the first; agents and other orchestrators rebuild their view
 from exactly the facts replay rebuilds the server from; and the record
 evolves under protobuf's rules for the versioned wire contract (fields are
 only ever added), which a private format would have to reinvent. The price

@@ -18,10 +18,11 @@ from .conftest import ServerProcess, make_host, make_workload, restart_after, st
 SERVICE = "hci_scheduler.v1.SchedulerService"
 
 
-@pytest.fixture(scope="module", params=["lean", "grpcio"])
+@pytest.fixture(scope="module", params=["grpcio", "aio", "lean"])
 def server(request, tmp_path_factory):
-    """Every test here runs on both transports: the default LeanServer and grpcio's
-    own server, the fallback that uses grpcio's public API only."""
+    """Every test here runs on every transport: grpcio's own server (the default, public
+    API only), grpc.aio, and the opt-in LeanServer (which falls back to grpcio's server
+    on a grpcio release it was not tested on)."""
     tmp = tmp_path_factory.mktemp(f"srv-{request.param}")
     srv = ServerProcess(tmp, data_dir=tmp / "data", extra=["--transport", request.param]).start()
     yield srv

@@ -283,7 +283,7 @@ def _grpc_server(opts: ServerOptions, interceptors: list):
             log.warning("transport lean unavailable: serving with grpcio's server instead",
                         extra={"fields": {"reason": str(exc)}})
     if opts.transport == "aio":
-        from .transport import AioServer
+        from .aio import AioServer
 
         return AioServer(workers=opts.pollers + opts.max_workers, interceptors=interceptors, options=options)
     # A thread per call, unary or streaming, for as long as it runs; idle threads are reused.

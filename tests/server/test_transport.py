@@ -1,5 +1,5 @@
-"""The transports (grpcio's own server, AioServer and LeanServer from
-hci_scheduler.server.transport) against grpcio's own client: the four call shapes,
+"""The transports (grpcio's own server, AioServer from hci_scheduler.server.aio and
+LeanServer from hci_scheduler.server.transport) against grpcio's own client: the four call shapes,
 status codes, metadata, cancellation, deadlines, interceptors and stop; LeanServer's
 version guard, its start-up self-check and the fallback to grpcio's server."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from hci_scheduler.server import transport
-from hci_scheduler.server.transport import AioServer, LeanServer, LeanUnavailable
+from hci_scheduler.server.aio import AioServer
+from hci_scheduler.server.transport import LeanServer, LeanUnavailable
 
 SERVICE = "test.Echo"
 
@@ -385,3 +386,16 @@ def test_create_server_builds_each_transport(tmp_path, kind):
     assert isinstance(srv.grpc, expected)
     srv.start()
     srv.stop(0)
+
+
+def test_public_transports_do_not_import_grpc_internals():
+    # grpcio's server and the aio transport must work where grpc._cython has moved or
+    # changed: building either one imports nothing of it (only LeanServer does).
+    import subprocess
+    import sys
+
+    code = ("import sys; from hci_scheduler.server import app; from hci_scheduler.server.aio import AioServer; "
+            "app._grpc_server(app.ServerOptions(transport='grpcio'), []); "
+            "print(any(m == 'hci_scheduler.server.transport' for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

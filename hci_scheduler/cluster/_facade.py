@@ -409,23 +409,34 @@ class Cluster:
         with host_id, those that run there."""
         with self._lock:
             row = None if host_id is None else self._hosts.row(host_id)
-            out: list[Placement] = []
-            hosts = self._hosts.row_hosts
-            volumes = self._volumes.records
-            for wid, rec in self._ledger.records.items():
-                if row is not None and rec.row != row:
-                    continue
-                w = rec.workload
-                if w.volumes and creates_volumes(w):
-                    vols = {v.id: self._volumes.host_ids(v.id)
-                            for v in w.volumes if isinstance(v, Volume) and v.id in volumes}
-                    out.append(Placement(wid, hosts[rec.row].id, volumes=vols))
-                else:
-                    out.append(Placement(wid, hosts[rec.row].id))
+            out = [self._placement_of(rec) for rec in self._ledger.records.values()
+                   if row is None or rec.row == row]
             for sid in self._services.daemons:
                 if row is None or row in self._ledger.replicas.get(sid, ()):
-                    out.append(Placement(sid, None, replicas=self._services.replica_hosts(sid)))
+                    out.append(self._placement_of_service(sid))
             return out
+
+    def placement(self, workload_id: str) -> Placement:
+        """Where one placed named workload is, as `placements` lists it."""
+        with self._lock:
+            if workload_id in self._services.daemons:
+                return self._placement_of_service(workload_id)
+            rec = self._ledger.records.get(workload_id)
+            if rec is None:
+                raise NotFound(f"unknown workload id {workload_id!r}")
+            return self._placement_of(rec)
+
+    def _placement_of(self, rec) -> Placement:
+        w = rec.workload
+        host_id = self._hosts.row_hosts[rec.row].id
+        if w.volumes and creates_volumes(w):
+            records = self._volumes.records
+            return Placement(w.id, host_id, volumes={v.id: self._volumes.host_ids(v.id) for v in w.volumes
+                                                     if isinstance(v, Volume) and v.id in records})
+        return Placement(w.id, host_id)
+
+    def _placement_of_service(self, service_id: str) -> Placement:
+        return Placement(service_id, None, replicas=self._services.replica_hosts(service_id))
 
     def workload_counts(self) -> dict[str, int]:
         """host id -> named workloads placed there (per-host replicas included), for hosts

@@ -345,7 +345,6 @@ class SchedulerState:
         """
         answers: dict[str, object] = {}
         placed = self._placed
-        where = None
         for it in items:
             known = placed.get(it.wid)
             if known is None:
@@ -353,9 +352,7 @@ class SchedulerState:
                 continue
             if known[1] != it.spec:
                 raise DuplicateId(f"workload id {it.wid!r} is already placed with a different spec")
-            if where is None:
-                where = {p.workload_id: p for p in self.cluster.placements()}
-            answers[it.wid] = self._answer(where[it.wid], known[0])
+            answers[it.wid] = self._answer(self.cluster.placement(it.wid), known[0])
         return answers
 
     def _record(self, items: list[PlaceItem], result, answers: dict, events: _Events) -> None:

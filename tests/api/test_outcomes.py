@@ -204,3 +204,13 @@ def make_host_2d(id, cpu, memory, **kw):
     from hci_scheduler import Host
 
     return Host(id, capacity={"cpu": cpu, "memory": memory}, **kw)
+
+
+def test_placement_of_one_workload_is_what_placements_lists():
+    c = Cluster()
+    c.add_hosts([make_host("h0", ssd=100), make_host("h1", ssd=100)])
+    c.place_batch([make_workload("a", cpu=100), Workload("osd", {"cpu": 10}, per_host=True),
+                   Workload("db", {"cpu": 100}, volumes=[Volume("v1", 30, replicas=2)])], order="arrival")
+    assert [c.placement(p.workload_id) for p in c.placements()] == c.placements()
+    with pytest.raises(NotFound):
+        c.placement("nobody")

@@ -187,7 +187,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             seen.add(wid)
             item = convert.place_item(w, wid, dims)
             if item.special:
-                self._check_special(item.proto, gang, volume_ids)
+                self._check_special(item.proto, volume_ids)
                 coalesce = False
             elif item.model.gang:
                 coalesce = False
@@ -195,25 +195,15 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         return items, coalesce
 
     @staticmethod
-    def _check_special(w: pb.Workload, gang: bool, volume_ids: set[str]) -> None:
-        """What the cluster would refuse for a per-host service or a workload creating
-        volumes, refused up front with the field named."""
-        if gang or w.gang:
-            raise ValidationError(f"workload {w.id!r}: a gang may not hold per-host services or "
-                                  f"workloads that create volumes")
-        if w.per_host and (len(w.volume_ids) or len(w.new_volumes)):
-            raise ValidationError(f"workload {w.id!r}: per-host services take no volumes")
+    def _check_special(w: pb.Workload, volume_ids: set[str]) -> None:
+        """The wire-level checks of new volumes' ids (length, and a volume id twice in one
+        call); the rules of per-host services, gangs and volumes are the Cluster's, which
+        checks a whole batch before placing any of it."""
         for v in w.new_volumes:
             _check_id(f"workload {w.id!r} new_volumes id", v.id)
             if v.id in volume_ids:
                 raise ValidationError(f"workload {w.id!r} new_volumes: volume id {v.id!r} appears twice")
             volume_ids.add(v.id)
-            if v.size_gib <= 0:
-                raise ValidationError(f"workload {w.id!r} new_volumes {v.id!r}: size_gib must be > 0, "
-                                      f"got {v.size_gib}")
-            if v.replicas < 0:
-                raise ValidationError(f"workload {w.id!r} new_volumes {v.id!r}: replicas must be >= 0, "
-                                      f"got {v.replicas}")
 
     @_rpc
     def Place(self, request, context):

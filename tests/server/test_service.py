@@ -382,3 +382,24 @@ def test_preempt_evicts_lower_priority_and_reports_it(stub):
     # The eviction is logged before the placement, so a replay frees the room first.
     assert [(e.type, e.workload_id) for e in events] == [(pb.EVENT_TYPE_EVICTED, "pre-low"),
                                                           (pb.EVENT_TYPE_PLACED, "pre-high")]
+
+
+@pytest.mark.parametrize("request_", [
+    # a per-host service in a gang call; one with a gang id of its own; one with volumes
+    pb.PlaceRequest(workloads=[pb.Workload(id="ph-a", requests={"cpu": 1}, per_host=True)], gang=True),
+    pb.PlaceRequest(workloads=[pb.Workload(id="ph-b", requests={"cpu": 1}, per_host=True, gang="g")]),
+    pb.PlaceRequest(workloads=[pb.Workload(id="ph-c", requests={"cpu": 1}, per_host=True, volume_ids=["v"])]),
+    # a workload creating a volume in a gang; a volume of 0 GiB; negative replicas; the same new volume twice
+    pb.PlaceRequest(workloads=[pb.Workload(id="nv-a", requests={"cpu": 1}, gang="g",
+                                           new_volumes=[pb.Volume(id="nv-a-v", size_gib=1)])]),
+    pb.PlaceRequest(workloads=[pb.Workload(id="nv-b", new_volumes=[pb.Volume(id="nv-b-v", size_gib=0)])]),
+    pb.PlaceRequest(workloads=[pb.Workload(id="nv-c", new_volumes=[pb.Volume(id="nv-c-v", size_gib=1,
+                                                                               replicas=-1)])]),
+    pb.PlaceRequest(workloads=[pb.Workload(id="nv-d", new_volumes=[pb.Volume(id="same", size_gib=1)]),
+                               pb.Workload(id="nv-e", new_volumes=[pb.Volume(id="same", size_gib=1)])]),
+], ids=["per-host-gang-call", "per-host-gang-id", "per-host-volumes", "volume-gang", "volume-0-gib",
+        "volume-negative-replicas", "volume-twice"])
+def test_place_special_workload_misuse_is_invalid_argument_and_places_nothing(stub, request_):
+    assert code_of(lambda: stub.Place(request_)) == grpc.StatusCode.INVALID_ARGUMENT
+    placed = allocations(stub)
+    assert not any(w.id in placed for w in request_.workloads)

@@ -70,9 +70,8 @@ class ServerOptions:
 def _quiet_gc() -> None:
     """Keep the cyclic GC off the reply path: the replayed state (hosts, allocations)
     moves to the permanent generation, so collections never walk it, and young
-    collections run 30x less often. Without this a full collection over a large
-    state stalled a unary Place by up to 50 ms; with it the worst call measured
-    5-11 ms and p99 improved by about 0.5 ms (bench/grpc_latency.py)."""
+    collections run far less often: a full collection over a large state stalled
+    unary Place calls (bench/README.md)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 1000)

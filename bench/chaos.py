@@ -1,0 +1,900 @@
+"""Chaos: SIGKILL the server under concurrent clients, restart it, and check what it kept.
+
+    python -m hci_scheduler.bench.chaos [--trials 40] [--clients 8] [--min-s 1] [--max-s 4]
+                                        [--hosts 32] [--seed S] [--full-check-every 10]
+                                        [--no-disk-faults] [--keep] [--no-progress]
+
+Runs a real `hci-scheduler serve` (its SQLite store in a temp dir, fsync full) and, in each
+trial, `--clients` threads (one gRPC channel each, the generated stubs) that place plain
+workloads and gangs, release, and register hosts, plus one thread that watches the events.
+At a random moment the server is SIGKILLed; it is restarted on the same, ever-growing store
+and the restarted server is checked against what the clients were told, with no code of
+the server's own:
+
+* placement lost or moved: every acknowledged, not-since-released placement is listed on
+  the host and at the sequence it was acknowledged with;
+* release undone: no acknowledged release (nor any workload found absent after an earlier
+  restart: refused, or in flight at a kill and not kept) is listed again;
+* host lost: every acknowledged host registration is listed;
+* overcommit: usage per host recomputed from the listed workloads' requests (a VM charged
+  its request x the allocation ratio, rounded up, as the core does) stays within
+  floor((capacity - reserved) x ratio), and equals the usage the server reports;
+* sequence gap: WatchEvents runs gap-free up to GetStatus.last_sequence, which never goes
+  back; events the watcher saw before the kill are the same after it; every
+  `--full-check-every` trials (and on the last) the log is read from its first available
+  sequence (GetStatus.first_sequence, once snapshots compacted the start) and, when it
+  starts at 1, its replay must give exactly the listed allocations;
+* partial gang: every gang is listed with all its members or none (the gang id carries
+  its size, so this needs no client record).
+
+Then the disk faults, on a small tmpfs (as root; skipped with one line elsewhere): the disk
+fills while clients run, then the server must keep serving reads, refuse mutations with
+UNAVAILABLE naming the cause (GetStatus.writable false), resume by itself once space is
+freed, and do the same after a restart on the full disk; and a restart on a read-only
+remount of the store (a remount is refused while the server holds its files open for
+writing, so the read-only case is a restart) must serve reads, refuse writes, and resume
+after the remount read-write.
+
+One line per trial (events, acknowledged placements and releases, restart time), totals at
+the end; the exit code is 1 when any check failed, and the failed checks are named. The
+store and the server's log are kept (and their path printed) when a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from hci_scheduler.v1 import scheduler_pb2 as pb
+from hci_scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Status codes a call gets when the server died under it: its outcome is unknown.
+_IN_DOUBT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+CHECKS = ("server died", "unexpected error", "placement lost or moved", "release undone", "host lost",
+          "overcommit", "usage differs", "sequence gap", "watched event changed", "partial gang",
+          "disk full", "read-only")
+PAGE_SIZE = 5000
+
+
+@dataclass
+class ChaosConfig:
+    trials: int = 40
+    clients: int = 8
+    min_s: float = 1.0  # each trial's clients run for a random time in [min_s, max_s] before the kill
+    max_s: float = 4.0
+    hosts: int = 32
+    seed: int | None = None
+    full_check_every: int = 10
+    disk_faults: bool = True
+    keep: bool = False
+
+
+@dataclass
+class TrialResult:
+    trial: int
+    events: int  # events written during the trial
+    last_sequence: int
+    placed: int  # acknowledged during the trial
+    released: int
+    gangs: int
+    hosts: int
+    restart_s: float
+    failures: list[str] = field(default_factory=list)
+
+    def line(self, n_trials: int) -> str:
+        state = "ok" if not self.failures else "FAILED: " + "; ".join(self.failures[:5])
+        return (f"trial {self.trial:>3}/{n_trials}: {self.events:>7,} events (last {self.last_sequence:,}), "
+                f"{self.placed:>6,} placements, {self.released:>6,} releases, {self.gangs:>4,} gangs, "
+                f"{self.hosts} hosts acknowledged; restart {self.restart_s:.2f} s; {state}")
+
+
+# -- the server ---------------------------------------------------------------------------
+
+class Server:
+    """`hci-scheduler serve` on one data dir, restartable; its output goes to one log."""
+
+    def __init__(self, data_dir: Path, log_path: Path):
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+        self.channel: grpc.Channel | None = None
+        self.stub: pb_grpc.SchedulerServiceStub | None = None
+
+    def start(self, timeout: float = 300.0) -> float:
+        """Start and wait until GetStatus answers; returns the seconds that took."""
+        port_file = self.data_dir.parent / f"port-{time.monotonic_ns()}"
+        t0 = time.perf_counter()
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", "127.0.0.1:0",
+                 "--data-dir", str(self.data_dir), "--fsync", "full", "--port-file", str(port_file),
+                 "--log-level", "warning"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server did not start (exit code {self.proc.returncode}): "
+                                   f"{self.log_tail()}")
+            time.sleep(0.01)
+        self.address = f"127.0.0.1:{int(port_file.read_text())}"
+        port_file.unlink()
+        self.channel, self.stub = channel(self.address)
+        self.stub.GetStatus(pb.GetStatusRequest(), timeout=timeout)
+        return time.perf_counter() - t0
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(60)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(60)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 3) -> str:
+        try:
+            lines = self.log_path.read_text().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-n:])
+
+
+def channel(address: str):
+    ch = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20),
+                                                 ("grpc.max_receive_message_length", 256 << 20)])
+    grpc.channel_ready_future(ch).result(timeout=60)
+    return ch, pb_grpc.SchedulerServiceStub(ch)
+
+
+def paged(call, request, field_name: str) -> list:
+    """Every item of a paged listing (a server without paging answers in one page)."""
+    items = []
+    request.page_size = PAGE_SIZE
+    while True:
+        resp = call(request, timeout=120)
+        items.extend(getattr(resp, field_name))
+        if not resp.next_page_token:
+            return items
+        request.page_token = resp.next_page_token
+
+
+# -- what the clients were told -----------------------------------------------------------
+
+def make_host(hid: str, i: int) -> pb.Host:
+    """Hosts of a few sizes; every third runs VMs (kvm) and containers may overcommit cpu 2x
+    on every other one, so the check covers ratios and VM charges."""
+    labels = {"kvm": "true"} if i % 3 == 0 else {}
+    ratios = {"cpu": 2.0} if i % 2 == 0 else {}
+    return pb.Host(id=hid, capacity={"cpu": 8000 + 4000 * (i % 3), "memory": 16384 + 8192 * (i % 4)},
+                   reserved={"cpu": 500, "memory": 1024}, allocation_ratios=ratios, labels=labels)
+
+
+def make_workload(wid: str, rng: random.Random, gang: str = "") -> pb.Workload:
+    vm = rng.random() < 0.2
+    return pb.Workload(id=wid, kind=pb.WORKLOAD_KIND_VM if vm else pb.WORKLOAD_KIND_CONTAINER,
+                       requests={"cpu": rng.choice((250, 500, 1000, 2000)),
+                                 "memory": rng.choice((512, 1024, 2048, 4096))}, gang=gang)
+
+
+def gang_size(gang: str) -> int:
+    """A gang id ends with -s<size>: the partial-gang check needs no client record."""
+    return int(gang.rpartition("-s")[2])
+
+
+class Ledger:
+    """What the server acknowledged, over the whole campaign (ids are never reused).
+
+    A call that got no answer (the server died under it) is in doubt until the next
+    restart settles it: what the restarted server lists is then known durable."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.placed: dict[str, tuple[str, int]] = {}  # workload id -> (host id, sequence)
+        self.gone: set[str] = set()  # released (acknowledged or settled), refused, or lost in doubt
+        self.acked_releases: set[str] = set()
+        self.hosts: set[str] = set()
+        self.units: list[list[str]] = []  # releasable: one workload, or a whole gang
+        self.doubt_place: set[str] = set()
+        self.doubt_release: list[list[str]] = []
+        self.doubt_hosts: set[str] = set()
+        self.gang_of: dict[str, str] = {}  # gang id of each gang member in doubt
+        self.failures: list[tuple[str, str]] = []  # (check, detail) seen by the clients
+        self.trial = Counter()  # placed, released, gangs, hosts acknowledged this trial
+
+    def fail(self, check: str, detail: str) -> None:
+        with self.lock:
+            self.failures.append((check, detail))
+
+    def take_unit(self, rng: random.Random) -> list[str] | None:
+        with self.lock:
+            if not self.units:
+                return None
+            i = rng.randrange(len(self.units))
+            self.units[i], self.units[-1] = self.units[-1], self.units[i]
+            return self.units.pop()
+
+    def settle(self, listed: dict[str, tuple[str, int]], hosts: set[str]) -> None:
+        """After a restart's checks: calls in doubt take the outcome the server kept."""
+        with self.lock:
+            for wid in self.doubt_place:
+                if wid in listed:
+                    self.placed[wid] = listed[wid]
+                else:
+                    self.gone.add(wid)
+            units: dict[str, list[str]] = {}
+            for wid in self.doubt_place:
+                if wid in listed:
+                    w_gang = self.gang_of.get(wid, "")
+                    units.setdefault(w_gang or wid, []).append(wid)
+            self.units.extend(units.values())
+            for unit in self.doubt_release:
+                if any(w in listed for w in unit):
+                    self.units.append(unit)
+                else:
+                    for w in unit:
+                        self.placed.pop(w, None)
+                        self.gone.add(w)
+            self.hosts |= self.doubt_hosts & hosts
+            self.doubt_place.clear()
+            self.doubt_release.clear()
+            self.doubt_hosts.clear()
+            self.gang_of.clear()
+
+
+class Client(threading.Thread):
+    """One orchestrator: a random mix of calls until told to stop or the server dies."""
+
+    def __init__(self, name: str, address: str, ledger: Ledger, rng: random.Random, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.prefix = name
+        self.address = address
+        self.ledger = ledger
+        self.rng = rng
+        self.stop_event = stop
+        self.n = 0
+
+    def run(self) -> None:
+        try:
+            ch, self.stub = channel(self.address)
+        except grpc.FutureTimeoutError:
+            return
+        try:
+            while not self.stop_event.is_set():
+                r = self.rng.random()
+                try:
+                    if r < 0.45:
+                        self.place(gang=False)
+                    elif r < 0.60:
+                        self.place(gang=True)
+                    elif r < 0.995:
+                        self.release()
+                    else:
+                        self.register()
+                except grpc.RpcError as exc:
+                    if exc.code() not in _IN_DOUBT:
+                        self.ledger.fail("unexpected error", f"{exc.code().name}: {exc.details()}")
+                    return  # in doubt: the server is gone (or going)
+        finally:
+            ch.close()
+
+    def _id(self, kind: str) -> str:
+        self.n += 1
+        return f"{self.prefix}{kind}{self.n}"
+
+    def place(self, gang: bool) -> None:
+        rng, led = self.rng, self.ledger
+        if gang:
+            size = rng.randint(2, 4)
+            gid = f"{self._id('g')}-s{size}"
+            ws = [make_workload(f"{gid}-{k}", rng, gang=gid) for k in range(size)]
+        else:
+            ws = [make_workload(self._id("w"), rng) for _ in range(rng.randint(1, 3))]
+        ids = [w.id for w in ws]
+        with led.lock:
+            led.doubt_place.update(ids)
+            if gang:
+                for wid in ids:
+                    led.gang_of[wid] = gid
+        try:
+            resp = self.stub.Place(pb.PlaceRequest(workloads=ws, gang=gang), timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() not in _IN_DOUBT:
+                with led.lock:
+                    led.doubt_place.difference_update(ids)
+                    led.gone.update(ids)
+            raise
+        got = {p.workload_id: (p.host_id, p.sequence) for p in resp.placements}
+        placed = [w for w in ids if got.get(w, ("", 0))[0]]
+        if gang and len(placed) not in (0, len(ids)):
+            led.fail("partial gang", f"Place answered {len(placed)} of gang {gid}'s {len(ids)} members")
+        with led.lock:
+            led.doubt_place.difference_update(ids)
+            for wid in ids:
+                led.gang_of.pop(wid, None)
+                if wid in placed:
+                    led.placed[wid] = got[wid]
+                else:
+                    led.gone.add(wid)
+                    led.trial["refused"] += 1
+            if placed:
+                led.units.extend([placed] if gang else [[w] for w in placed])
+                led.trial["placed"] += len(placed)
+                led.trial["gangs"] += gang
+
+    def release(self) -> None:
+        led = self.ledger
+        unit = led.take_unit(self.rng)
+        if unit is None:
+            return
+        with led.lock:
+            led.doubt_release.append(unit)
+        try:
+            resp = self.stub.Release(pb.ReleaseRequest(workload_ids=unit), timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                led.fail("placement lost or moved", f"Release of acknowledged {unit} said NOT_FOUND: "
+                                                    f"{exc.details()}")
+            raise
+        with led.lock:
+            led.doubt_release.remove(unit)
+            if sorted(resp.released_workload_ids) != sorted(unit):
+                led.failures.append(("unexpected error", f"Release {unit} answered {list(resp.released_workload_ids)}"))
+            for w in unit:
+                led.placed.pop(w, None)
+                led.gone.add(w)
+                led.acked_releases.add(w)
+            led.trial["released"] += len(unit)
+
+    def register(self) -> None:
+        led = self.ledger
+        hosts = [make_host(self._id("h"), self.rng.randrange(12)) for _ in range(self.rng.randint(1, 2))]
+        with led.lock:
+            led.doubt_hosts.update(h.id for h in hosts)
+        self.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=hosts), timeout=30)
+        with led.lock:
+            led.doubt_hosts.difference_update(h.id for h in hosts)
+            led.hosts.update(h.id for h in hosts)
+            led.trial["hosts"] += len(hosts)
+
+
+class Watcher(threading.Thread):
+    """Follows WatchEvents live: what it saw must still be there, unchanged, after the kill."""
+
+    def __init__(self, address: str, after: int):
+        super().__init__(daemon=True)
+        self.address = address
+        self.after = after
+        self.seen: dict[int, tuple] = {}
+        self.call = None
+
+    def run(self) -> None:
+        try:
+            ch, stub = channel(self.address)
+        except grpc.FutureTimeoutError:
+            return
+        try:
+            self.call = stub.WatchEvents(pb.WatchEventsRequest(after_sequence=self.after))
+            for resp in self.call:
+                self.seen[resp.event.sequence] = event_key(resp.event)
+        except grpc.RpcError:
+            pass
+        finally:
+            ch.close()
+
+
+def event_key(e: pb.Event) -> tuple:
+    return (e.type, e.workload_id, e.host_id or e.host.id)
+
+
+# -- the checks -------------------------------------------------------------------------
+
+@dataclass
+class Snapshot:
+    """What the restarted server lists."""
+
+    status: pb.GetStatusResponse
+    allocations: list
+    hosts: list
+
+    @classmethod
+    def read(cls, stub) -> "Snapshot":
+        status = stub.GetStatus(pb.GetStatusRequest(), timeout=60)
+        allocs = paged(stub.ListAllocations, pb.ListAllocationsRequest(include_workloads=True), "allocations")
+        hosts = paged(stub.ListHosts, pb.ListHostsRequest(), "hosts")
+        return cls(status, allocs, hosts)
+
+    def listed(self) -> dict[str, tuple[str, int]]:
+        return {p.workload_id: (p.host_id, p.sequence) for p in self.allocations}
+
+
+def check_ledger(snap: Snapshot, led: Ledger) -> list[tuple[str, str]]:
+    """Acknowledged placements, releases and hosts against the listing."""
+    out = []
+    listed = snap.listed()
+    releasing = {w for unit in led.doubt_release for w in unit}  # may or may not have been applied
+    lost = [(w, hs, listed.get(w)) for w, hs in led.placed.items()
+            if listed.get(w) != hs and not (w in releasing and w not in listed)]
+    if lost:
+        w, hs, got = lost[0]
+        out.append(("placement lost or moved",
+                    f"{len(lost)} acknowledged placements, e.g. {w} acknowledged on {hs[0]} at sequence "
+                    f"{hs[1]}, listed as {got}"))
+    back = sorted(w for w in led.gone if w in listed)
+    if back:
+        acked = [w for w in back if w in led.acked_releases]
+        out.append(("release undone", f"{len(back)} workloads listed again ({len(acked)} of them released "
+                                      f"with an acknowledgement), e.g. {back[0]} on {listed[back[0]][0]}"))
+    host_ids = {h.id for h in snap.hosts}
+    missing = sorted(led.hosts - host_ids)
+    if missing:
+        out.append(("host lost", f"{len(missing)} acknowledged hosts not listed, e.g. {missing[0]}"))
+    return out
+
+
+def check_capacity(snap: Snapshot) -> list[tuple[str, str]]:
+    """Usage recomputed from the listed workloads against each host's limit and reported usage."""
+    out = []
+    hosts = {h.id: h for h in snap.hosts}
+    used: dict[str, Counter] = defaultdict(Counter)
+    for p in snap.allocations:
+        h = hosts.get(p.host_id)
+        if h is None:
+            out.append(("overcommit", f"{p.workload_id} listed on unknown host {p.host_id!r}"))
+            continue
+        vm = p.workload.kind == pb.WORKLOAD_KIND_VM
+        for dim, q in p.workload.requests.items():
+            if vm:  # a VM never overcommits: it is charged its request x the ratio (the core rounds up)
+                milli = round(h.allocation_ratios.get(dim, 1.0) * 1000)
+                q = (q * milli + 999) // 1000
+            used[h.id][dim] += q
+    over, differ = [], []
+    for hid, h in hosts.items():
+        for dim in set(h.capacity) | set(used[hid]):
+            allocatable = h.capacity.get(dim, 0) - h.reserved.get(dim, 0)
+            limit = int(allocatable * h.allocation_ratios.get(dim, 1.0))
+            if used[hid][dim] > limit:
+                over.append(f"{hid} {dim} {used[hid][dim]} > {limit}")
+            if used[hid][dim] != h.used.get(dim, 0):
+                differ.append(f"{hid} {dim}: recomputed {used[hid][dim]}, reported {h.used.get(dim, 0)}")
+    if over:
+        out.append(("overcommit", f"{len(over)} host dimensions, e.g. {over[0]}"))
+    if differ:
+        out.append(("usage differs", f"{len(differ)} host dimensions, e.g. {differ[0]}"))
+    return out
+
+
+def check_gangs(snap: Snapshot) -> list[tuple[str, str]]:
+    members = Counter(p.workload.gang for p in snap.allocations if p.workload.gang)
+    partial = sorted(f"{g}: {n} of {gang_size(g)}" for g, n in members.items() if n != gang_size(g))
+    return [("partial gang", f"{len(partial)} gangs, e.g. {partial[0]}")] if partial else []
+
+
+def read_events(stub, after: int, last: int) -> tuple[list[pb.Event], str]:
+    """The events after `after` up to `last`, and the incarnation the stream named."""
+    events, incarnation = [], ""
+    if last <= after:
+        return events, incarnation
+    call = stub.WatchEvents(pb.WatchEventsRequest(after_sequence=after), timeout=600)
+    try:
+        for resp in call:
+            incarnation = incarnation or resp.incarnation
+            events.append(resp.event)
+            if resp.event.sequence >= last:
+                break
+    finally:
+        call.cancel()
+    return events, incarnation
+
+
+def check_events(stub, snap: Snapshot, verified: int, full: bool,
+                 watched: dict[int, tuple]) -> tuple[list[tuple[str, str]], int]:
+    """Gap-free events to last_sequence; returns failures and the sequence checked up to."""
+    out = []
+    last = snap.status.last_sequence
+    first = max(snap.status.first_sequence, 1)
+    if last < verified:
+        out.append(("sequence gap", f"last_sequence went back from {verified} to {last}"))
+    start = first - 1 if full else max(min(verified, last), first - 1)
+    events, incarnation = read_events(stub, start, last)
+    expect = start
+    for e in events:
+        if e.sequence != expect + 1:
+            out.append(("sequence gap", f"event {e.sequence} follows {expect} (reading after {start})"))
+            break
+        expect = e.sequence
+        if incarnation and e.incarnation and e.incarnation != incarnation:
+            out.append(("sequence gap", f"event {e.sequence} has incarnation {e.incarnation}, "
+                                        f"the stream {incarnation}"))
+            break
+    if not out and expect != last:
+        out.append(("sequence gap", f"events end at {expect}, last_sequence is {last}"))
+    by_seq = {e.sequence: event_key(e) for e in events}
+    changed = [(s, k, by_seq.get(s)) for s, k in sorted(watched.items())
+               if s > start and by_seq.get(s) != k]
+    if changed:
+        s, k, now = changed[0]
+        out.append(("watched event changed", f"{len(changed)} events seen live, e.g. {s}: {k} -> {now}"))
+    if full and first == 1 and not out:
+        live: dict[str, str] = {}
+        for e in events:
+            if e.type == pb.EVENT_TYPE_PLACED:
+                live[e.workload_id] = e.host_id
+            elif e.type in (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED):
+                live.pop(e.workload_id, None)
+        listed = {w: h for w, (h, _) in snap.listed().items()}
+        if live != listed:
+            diff = sorted(set(live.items()) ^ set(listed.items()))
+            out.append(("sequence gap", f"replaying the log gives {len(live)} allocations, the listing "
+                                        f"{len(listed)}; {len(diff)} differ, e.g. {diff[0]}"))
+    return out, last
+
+
+# -- the campaign -----------------------------------------------------------------------
+
+class Campaign:
+    def __init__(self, cfg: ChaosConfig, out=sys.stdout):
+        self.cfg = cfg
+        self.out = out
+        self.seed = cfg.seed if cfg.seed is not None else random.randrange(1 << 30)
+        self.rng = random.Random(self.seed)
+        self.tmp = Path(tempfile.mkdtemp(prefix="hci-chaos-"))
+        self.ledger = Ledger()
+        self.server = Server(self.tmp / "data", self.tmp / "server.log")
+        self.verified = 0
+        self.results: list[TrialResult] = []
+        self.failed: Counter = Counter()
+        self.disk_notes: list[str] = []
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def run(self, progress=None) -> int:
+        cfg = self.cfg
+        self.say(f"chaos: {cfg.trials} trials, {cfg.clients} clients, kill after {cfg.min_s}-{cfg.max_s} s, "
+                 f"seed {self.seed}, store {self.tmp / 'data'} (fsync full)")
+        t0 = time.perf_counter()
+        try:
+            self.server.start()
+            hosts = [make_host(f"base{i}", i) for i in range(cfg.hosts)]
+            self.server.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=hosts), timeout=60)
+            self.ledger.hosts.update(h.id for h in hosts)
+            bar = progress(total=cfg.trials, desc="chaos trials") if progress else None
+            for k in range(1, cfg.trials + 1):
+                res = self.trial(k)
+                self.results.append(res)
+                self.say(res.line(cfg.trials))
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+            code = self.server.stop()
+            if code != 0:
+                self.failed["server died"] += 1
+                self.say(f"FAILED (server died): a clean stop (SIGTERM) exited with code {code}: "
+                         f"{self.server.log_tail()}")
+            if cfg.disk_faults:
+                self.disk_faults()
+        except RuntimeError as exc:  # the server did not (re)start: nothing further can be checked
+            self.failed["server died"] += 1
+            self.say(f"FAILED (server died): {exc}")
+        finally:
+            self.server.kill()
+        self.say(self.totals(time.perf_counter() - t0))
+        if self.failed and not cfg.keep:
+            self.say(f"kept for inspection: {self.tmp} (store in data/, server output in server.log)")
+        elif not cfg.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return 1 if self.failed else 0
+
+    def trial(self, k: int) -> TrialResult:
+        cfg, led, srv = self.cfg, self.ledger, self.server
+        led.trial.clear()
+        led.failures.clear()
+        before = srv.stub.GetStatus(pb.GetStatusRequest(), timeout=60).last_sequence
+        stop = threading.Event()
+        watcher = Watcher(srv.address, before)
+        clients = [Client(f"t{k}c{i}", srv.address, led, random.Random(self.rng.random()), stop)
+                   for i in range(cfg.clients)]
+        watcher.start()
+        for c in clients:
+            c.start()
+        time.sleep(self.rng.uniform(cfg.min_s, cfg.max_s))
+        failures: list[tuple[str, str]] = []
+        if not srv.alive():
+            failures.append(("server died", f"exit code {srv.proc.returncode} before the kill: {srv.log_tail()}"))
+        srv.kill()
+        stop.set()
+        for c in clients:
+            c.join(60)
+        watcher.join(60)
+        restart_s = srv.start()
+        snap = Snapshot.read(srv.stub)
+        full = k == cfg.trials or (cfg.full_check_every > 0 and k % cfg.full_check_every == 0)
+        failures += led.failures
+        failures += check_ledger(snap, led)
+        failures += check_capacity(snap)
+        failures += check_gangs(snap)
+        ev_failures, self.verified = check_events(srv.stub, snap, self.verified, full, watcher.seen)
+        failures += ev_failures
+        led.settle(snap.listed(), {h.id for h in snap.hosts})
+        self.count(failures)
+        return TrialResult(k, snap.status.last_sequence - before, snap.status.last_sequence, led.trial["placed"],
+                           led.trial["released"], led.trial["gangs"], led.trial["hosts"], restart_s,
+                           [f"{c}: {d}" for c, d in failures])
+
+    def count(self, failures) -> None:
+        for check, _ in failures:
+            self.failed[check] += 1
+
+    def totals(self, seconds: float) -> str:
+        rs = self.results
+        lines = []
+        if rs:
+            restarts = sorted(r.restart_s for r in rs)
+            lines.append(
+                f"totals: {len(rs)} trials in {seconds:.0f} s, {rs[-1].last_sequence:,} events, "
+                f"{sum(r.placed for r in rs):,} placements, {sum(r.released for r in rs):,} releases, "
+                f"{sum(r.gangs for r in rs):,} gangs, {sum(r.hosts for r in rs):,} hosts acknowledged; "
+                f"{len(self.ledger.placed):,} live at the end; restart median {restarts[len(rs) // 2]:.2f} s, "
+                f"max {restarts[-1]:.2f} s")
+        lines += self.disk_notes
+        if self.failed:
+            lines.append("FAILED checks: " + ", ".join(f"{c} ({n} trials)" for c, n in self.failed.items()))
+        else:
+            lines.append("all checks passed")
+        return "\n".join(lines)
+
+    # -- disk faults ------------------------------------------------------------------
+
+    def disk_faults(self) -> None:
+        mnt = self.tmp / "tmpfs"
+        mnt.mkdir()
+        if os.geteuid() != 0:
+            self.disk_notes.append("disk faults skipped: mounting a tmpfs needs root")
+            return
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            self.disk_notes.append(f"disk faults skipped: cannot mount a tmpfs ({r.stderr.strip()})")
+            return
+        try:
+            DiskFaults(self, mnt).run()
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+class DiskFaults:
+    """A full disk under load, a restart on it, and a restart on a read-only remount."""
+
+    def __init__(self, campaign: Campaign, mnt: Path):
+        self.c = campaign
+        self.mnt = mnt
+        self.ledger = Ledger()
+        self.server = Server(mnt / "data", campaign.tmp / "server-disk.log")
+        self.filler = mnt / "filler"
+
+    def note(self, check: str | None, text: str) -> None:
+        self.c.say(("disk faults: " if check is None else f"disk faults FAILED ({check}): ") + text)
+        if check is not None:
+            self.c.failed[check] += 1
+
+    def run(self) -> None:
+        try:
+            self.server.start()
+            hosts = [make_host(f"d{i}", i) for i in range(16)]
+            self.server.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=hosts), timeout=60)
+            self.ledger.hosts.update(h.id for h in hosts)
+            ok = self.full_under_load() and self.full_at_restart()
+            if ok:
+                self.read_only_restart()
+        except (RuntimeError, grpc.RpcError) as exc:
+            self.note("disk full" if self.filler.exists() else "read-only", f"{exc}")
+        finally:
+            self.server.kill()
+            with contextlib.suppress(OSError):
+                self.filler.unlink()
+
+    def load(self, seconds: float) -> None:
+        """Clients for `seconds` (they stop early when the disk refuses their writes)."""
+        stop = threading.Event()
+        clients = [Client(f"d{time.monotonic_ns()}c{i}", self.server.address, self.ledger,
+                          random.Random(self.c.rng.random()), stop) for i in range(4)]
+        for cl in clients:
+            cl.start()
+        time.sleep(seconds)
+        stop.set()
+        for cl in clients:
+            cl.join(60)
+
+    def fill(self) -> int:
+        """Write the filler until the disk is full; returns its size."""
+        n = 0
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            for chunk in (1 << 20, 1 << 14, 1 << 12, 1 << 9):
+                while True:
+                    try:
+                        n += os.write(fd, b"\0" * chunk)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+        finally:
+            os.close(fd)
+        return n
+
+    def refusing(self, check: str, words: tuple[str, ...], when: str) -> bool:
+        """Reads answer, a mutation gets UNAVAILABLE naming the cause, GetStatus says why."""
+        srv = self.server
+        if not srv.alive():
+            self.note(check, f"{when}: the server exited with code {srv.proc.returncode}: {srv.log_tail()}")
+            return False
+        try:
+            snap = Snapshot.read(srv.stub)
+        except grpc.RpcError as exc:
+            self.note(check, f"{when}: reads fail: {exc.code().name}: {exc.details()}")
+            return False
+        bad = check_ledger(snap, self.ledger) + check_capacity(snap) + check_gangs(snap)
+        if bad:
+            self.note(check, f"{when}: " + "; ".join(f"{c}: {d}" for c, d in bad))
+            return False
+        try:
+            srv.stub.Place(pb.PlaceRequest(workloads=[make_workload(f"probe{time.monotonic_ns()}",
+                                                                    random.Random(0))]), timeout=30)
+            self.note(check, f"{when}: a Place was accepted")
+            return False
+        except grpc.RpcError as exc:
+            details = (exc.details() or "").lower()
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or not any(w in details for w in words):
+                self.note(check, f"{when}: Place got {exc.code().name} {exc.details()!r}, expected UNAVAILABLE "
+                                 f"naming {' or '.join(words)!r}")
+                return False
+        if snap.status.writable or not snap.status.unwritable_reason:
+            self.note(check, f"{when}: GetStatus says writable={snap.status.writable} "
+                             f"reason={snap.status.unwritable_reason!r}")
+            return False
+        return True
+
+    def resumes(self, check: str, when: str, timeout: float = 15.0) -> bool:
+        """A Place succeeds again within `timeout`, without a restart."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline and self.server.alive():
+            try:
+                self.server.stub.Place(pb.PlaceRequest(workloads=[make_workload(
+                    f"resume{time.monotonic_ns()}", random.Random(0))]), timeout=10)
+                return True
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            time.sleep(0.2)
+        state = "alive" if self.server.alive() else f"exited with code {self.server.proc.returncode}"
+        self.note(check, f"{when}: no Place succeeded within {timeout:.0f} s (server {state}; last {last})")
+        return False
+
+    def full_under_load(self) -> bool:
+        self.load(1.0)
+        threads = threading.Thread(target=self.load, args=(3.0,))
+        threads.start()
+        time.sleep(0.5)
+        size = self.fill()
+        threads.join()
+        if not self.refusing("disk full", ("full",), f"disk filled under load ({size >> 20} MiB filler)"):
+            return False
+        self.filler.unlink()
+        if not self.resumes("disk full", "space freed"):
+            return False
+        self.load(1.0)
+        self.note(None, "full disk under load: reads kept, writes refused with UNAVAILABLE, resumed once freed")
+        return True
+
+    def full_at_restart(self) -> bool:
+        self.fill()
+        self.server.kill()
+        try:
+            self.server.start(timeout=60)
+        except RuntimeError as exc:
+            self.note("disk full", f"restart on a full disk: {exc}")
+            return False
+        self.ledger.settle(Snapshot.read(self.server.stub).listed(), self.ledger.hosts)
+        if not self.refusing("disk full", ("full",), "restarted on a full disk"):
+            return False
+        self.filler.unlink()
+        if not self.resumes("disk full", "restarted on a full disk, space freed"):
+            return False
+        self.note(None, "restart on a full disk: reads served, writes refused, resumed once freed")
+        return True
+
+    def read_only_restart(self) -> bool:
+        self.load(1.0)
+        self.server.kill()
+        r = subprocess.run(["mount", "-o", "remount,ro", str(self.mnt)], capture_output=True, text=True)
+        if r.returncode:
+            self.note(None, f"read-only remount skipped: {r.stderr.strip()}")
+            return True
+        try:
+            try:
+                self.server.start(timeout=60)
+            except RuntimeError as exc:
+                self.note("read-only", f"restart on a read-only store: {exc}")
+                return False
+            self.ledger.settle(Snapshot.read(self.server.stub).listed(), self.ledger.hosts)
+            if not self.refusing("read-only", ("read-only", "readonly", "read only"), "restarted read-only"):
+                return False
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(self.mnt)], capture_output=True)
+        if not self.resumes("read-only", "remounted read-write"):
+            return False
+        self.note(None, "restart on a read-only store: reads served, writes refused, resumed once writable")
+        return True
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = ChaosConfig()
+    p = argparse.ArgumentParser(prog="python -m hci_scheduler.bench.chaos", description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=d.trials)
+    p.add_argument("--clients", type=int, default=d.clients, help="concurrent client threads (default 8)")
+    p.add_argument("--min-s", type=float, default=d.min_s, help="shortest run before a kill (seconds)")
+    p.add_argument("--max-s", type=float, default=d.max_s, help="longest run before a kill (seconds)")
+    p.add_argument("--hosts", type=int, default=d.hosts, help="hosts registered before the first trial")
+    p.add_argument("--seed", type=int, help="the random seed (printed; default random)")
+    p.add_argument("--full-check-every", type=int, default=d.full_check_every,
+                   help="read the whole log every N trials (and on the last); others read what is new")
+    p.add_argument("--no-disk-faults", action="store_true", help="skip the tmpfs disk faults")
+    p.add_argument("--keep", action="store_true", help="keep the store and logs even when every check passes")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = ChaosConfig(trials=args.trials, clients=args.clients, min_s=args.min_s, max_s=args.max_s,
+                      hosts=args.hosts, seed=args.seed, full_check_every=args.full_check_every,
+                      disk_faults=not args.no_disk_faults, keep=args.keep)
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        progress = lambda **kw: tqdm(leave=False, file=sys.stderr, **kw)  # noqa: E731
+    return Campaign(cfg).run(progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,11 +10,11 @@ state it had (same hosts in the same order, same allocations, same sequence).
 restarts (tests, throwaway runs). Another backend (a replicated log, etcd, ...)
 implements the small `Store` interface.
 """
-from .base import Record, Store, StoreError
+from .base import Record, Store, StoreError, StoreUnwritable
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["Record", "Store", "StoreError", "MemoryStore", "SQLiteStore", "open_store"]
+__all__ = ["Record", "Store", "StoreError", "StoreUnwritable", "MemoryStore", "SQLiteStore", "open_store"]
 
 
 def open_store(data_dir: str | None, synchronous: str = "FULL") -> Store:

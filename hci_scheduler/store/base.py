@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import secrets
 from typing import Iterable, NamedTuple, Sequence
 
 from ..errors import SchedulerError
@@ -9,6 +10,20 @@ from ..errors import SchedulerError
 
 class StoreError(SchedulerError):
     """The store cannot honour a request (gap in the sequence, closed, I/O failure)."""
+
+
+class StoreUnwritable(StoreError):
+    """The store refuses writes for now (disk full, read-only database) but still reads:
+    nothing of the failed write was kept, and a later write may succeed."""
+
+
+#: The meta key of the log's incarnation (see Store.incarnation).
+INCARNATION_KEY = "incarnation"
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation id: 16 random hex characters."""
+    return secrets.token_hex(8)
 
 
 class Record(NamedTuple):
@@ -57,6 +72,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release files and connections; later calls raise StoreError."""
+
+    def incarnation(self) -> str:
+        """The identity of this log: a sequence number names one event only within one
+        incarnation. Made when the log is created (set here on first use), replaced when
+        the log is found to have lost acknowledged events (see SQLiteStore)."""
+        value = self.get_meta(INCARNATION_KEY)
+        if value is None:
+            value = new_incarnation()
+            self.set_meta(INCARNATION_KEY, value)
+        return value
+
+    def probe_write(self) -> None:
+        """A harmless durable write; raises StoreUnwritable while the store refuses writes
+        (the server probes with it to learn when writes work again)."""
 
     def iter_all(self, chunk: int = 10_000) -> Iterable[Record]:
         """Every record in order, read in chunks (for replay on restart)."""

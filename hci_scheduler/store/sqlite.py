@@ -7,14 +7,27 @@ and a transaction that did not commit leaves no trace (atomic batches).
 `append` writes its records in one transaction; calls from several threads
 take turns (and give the background checkpoint its turn between two commits).
 Grouping many mutations into one commit is the server's writer's job.
+
+A full disk or a read-only database raises StoreUnwritable (reads go on; the
+failed transaction left nothing); any other SQLite error raises StoreError.
+Beside the database, a high-water mark (mark.py) records the incarnation and
+the last sequence at each checkpoint and at close: a store that opens below
+it lost acknowledged events, says so in an ERROR and starts a new incarnation.
 """
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import sqlite3
 import threading
 from typing import Sequence
 
-from .base import Record, Store, StoreError, check_contiguous
+from .base import (INCARNATION_KEY, Record, Store, StoreError, StoreUnwritable, check_contiguous,
+                   new_incarnation)
+from .mark import Mark, mark_path, read_mark, write_mark
+
+log = logging.getLogger("hci_scheduler.store")
 
 SCHEMA_VERSION = "1"
 
@@ -33,6 +46,34 @@ CREATE TABLE IF NOT EXISTS meta (
 
 SYNC_MODES = ("FULL", "NORMAL")
 _INSERT = "INSERT INTO events (seq, kind, body) VALUES (?, ?, ?)"
+
+
+#: SQLite's primary result codes for "writes refused for now" (SQLITE_READONLY, SQLITE_FULL).
+_UNWRITABLE_CODES = (8, 13)
+
+
+def _store_error(path: str, what: str, exc: sqlite3.Error) -> StoreError:
+    """StoreUnwritable for a full disk or a read-only database, StoreError otherwise."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    cls = StoreUnwritable if code is not None and code & 0xFF in _UNWRITABLE_CODES else StoreError
+    return cls(f"{path}: {what}: {exc}")
+
+
+def check_files_writable(path: str) -> None:
+    """Raise StoreError naming the first store file that exists and cannot be opened for
+    writing (immutable, read-only file system, permissions). SQLite would open it
+    read-only and map its shared memory anyway; a write to that mapping kills the
+    process with SIGBUS, with nothing in the log."""
+    for p in (path, path + "-wal", path + "-shm"):
+        try:
+            fd = os.open(p, os.O_RDWR)  # opening changes nothing in the file
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            hint = " (immutable? see lsattr)" if exc.errno == errno.EPERM else ""
+            raise StoreError(f"{p}: store file not writable: {reason}{hint}") from exc
+        os.close(fd)
 
 
 def _connect(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
@@ -66,6 +107,7 @@ class SQLiteStore(Store):
             raise StoreError(f"synchronous must be one of {SYNC_MODES}, got {synchronous!r}")
         self.path = path
         self.synchronous = synchronous
+        check_files_writable(path)
         self._wconn = _connect(path, synchronous)
         self._cond = threading.Condition()
         self._committing = False
@@ -88,6 +130,10 @@ class SQLiteStore(Store):
             raise StoreError(f"{path}: schema_version {version!r}, this build reads {SCHEMA_VERSION!r}")
         row = self._wconn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         self._last = int(row[0])
+        self.mark_path = mark_path(path)
+        self._marked: Mark | None = None
+        self._mark_failing = False
+        self._settle_incarnation()
         # Checkpoints copy the WAL into the database file and fsync it. Run inline (SQLite's
         # default, every 1000 pages) one lands on some commit and stalls its reply: the p99.
         # A background thread checkpoints instead, once a second, between two commits.
@@ -95,6 +141,66 @@ class SQLiteStore(Store):
         self._stop_checkpoints = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True)
         self._checkpointer.start()
+
+    def _settle_incarnation(self) -> None:
+        """The store's incarnation, checked against the high-water mark: a log below its
+        mark (or of another incarnation) lost acknowledged events, so it gets a new
+        incarnation and watchers of the old one are told (DATA_LOSS) instead of being
+        handed other events under numbers they have seen."""
+        current = self.get_meta(INCARNATION_KEY)
+        try:
+            mark = read_mark(self.mark_path)
+        except StoreError as exc:
+            log.warning("high-water mark ignored", extra={"fields": {"reason": str(exc)}})
+            mark = None
+        lost = None
+        if current is not None and mark is not None:
+            if mark.incarnation != current:
+                lost = (f"the store's incarnation {current} is not the one its high-water mark "
+                        f"records ({mark.incarnation} at sequence {mark.sequence}): the database was replaced")
+            elif self._last < mark.sequence:
+                lost = (f"the store's last sequence {self._last} is below the sequence {mark.sequence} "
+                        "it recorded at a checkpoint or clean stop: acknowledged events were lost")
+        if current is None or lost:
+            fresh = new_incarnation()
+            if lost:
+                log.error("store lost acknowledged events; starting a new log incarnation", extra={"fields": {
+                    "path": self.path, "reason": lost, "last_sequence": self._last,
+                    "mark_sequence": mark.sequence, "old_incarnation": current, "incarnation": fresh}})
+            try:
+                self.set_meta(INCARNATION_KEY, fresh)
+            except sqlite3.Error as exc:
+                raise _store_error(self.path, "cannot record a new incarnation", exc) from exc
+            current = fresh
+        self._incarnation = current
+        self._write_mark(self._last)
+
+    def _write_mark(self, sequence: int) -> None:
+        """Record the high-water mark; a failure (full disk) is logged, not fatal: the
+        mark only adds detection."""
+        mark = Mark(self._incarnation, sequence)
+        if mark == self._marked:
+            return
+        try:
+            write_mark(self.mark_path, mark)
+        except OSError as exc:
+            if not self._mark_failing:  # once, not every second while the disk is full
+                log.warning("cannot write the high-water mark", extra={"fields": {
+                    "path": self.mark_path, "reason": str(exc)}})
+            self._mark_failing = True
+            return
+        self._mark_failing = False
+        self._marked = mark
+
+    def incarnation(self) -> str:
+        return self._incarnation
+
+    def probe_write(self) -> None:
+        """Rewrite one meta row: a real commit, so it fails as long as the disk is full."""
+        try:
+            self.set_meta("probe", "1")
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "write probe failed", exc) from exc
 
     def _checkpoint_loop(self) -> None:
         """Checkpoint with no commit in flight, so every frame is copied and the next
@@ -116,6 +222,7 @@ class SQLiteStore(Store):
                         self._cond.notify_all()  # appends held back by the request go on
                         return
                     self._committing = True
+                reached = self._last  # durable: no commit is in flight
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
@@ -125,6 +232,7 @@ class SQLiteStore(Store):
                         self._committing = False
                         if self._waiting:
                             self._cond.notify_all()
+                self._write_mark(reached)  # outside the turn: its fsync delays no commit
         finally:
             conn.close()
 
@@ -176,7 +284,7 @@ class SQLiteStore(Store):
                         conn.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+            raise _store_error(self.path, "commit failed", exc) from exc
         self._last = rows[-1].sequence
         self.commits += 1
 
@@ -215,11 +323,18 @@ class SQLiteStore(Store):
         with self._cond:
             while self._committing:
                 self._wait()
+            self._committing = True  # its own transaction, never inside an append's
+        try:
             self._wconn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+        finally:
+            with self._cond:
+                self._committing = False
+                if self._waiting:
+                    self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -234,6 +349,7 @@ class SQLiteStore(Store):
             self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
             pass
+        self._write_mark(self._last)
         with self._readers_lock:
             for conn in self._readers:
                 try:

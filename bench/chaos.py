@@ -174,7 +174,7 @@ class Server:
             lines = self.log_path.read_text().splitlines()
         except OSError:
             return ""
-        return " | ".join(lines[-n:])
+        return " | ".join(line if len(line) < 400 else line[:200] + " ... " + line[-200:] for line in lines[-n:])
 
 
 def channel(address: str):
@@ -533,7 +533,10 @@ def check_events(stub, snap: Snapshot, verified: int, full: bool,
     if last < verified:
         out.append(("sequence gap", f"last_sequence went back from {verified} to {last}"))
     start = first - 1 if full else max(min(verified, last), first - 1)
-    events, incarnation = read_events(stub, start, last)
+    try:
+        events, incarnation = read_events(stub, start, last)
+    except grpc.RpcError as exc:
+        return out + [("sequence gap", f"WatchEvents after {start}: {exc.code().name}: {exc.details()}")], verified
     expect = start
     for e in events:
         if e.sequence != expect + 1:
@@ -582,6 +585,9 @@ class Campaign:
         self.results: list[TrialResult] = []
         self.failed: Counter = Counter()
         self.disk_notes: list[str] = []
+        # Called with the data dir between each kill and restart: tests damage the store
+        # there to show that the checks name the loss.
+        self.before_restart = None
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -645,6 +651,8 @@ class Campaign:
         for c in clients:
             c.join(60)
         watcher.join(60)
+        if self.before_restart is not None:
+            self.before_restart(srv.data_dir)
         restart_s = srv.start()
         snap = Snapshot.read(srv.stub)
         full = k == cfg.trials or (cfg.full_check_every > 0 and k % cfg.full_check_every == 0)
@@ -677,7 +685,7 @@ class Campaign:
                 f"max {restarts[-1]:.2f} s")
         lines += self.disk_notes
         if self.failed:
-            lines.append("FAILED checks: " + ", ".join(f"{c} ({n} trials)" for c, n in self.failed.items()))
+            lines.append("FAILED checks: " + ", ".join(f"{c} ({n}x)" for c, n in self.failed.items()))
         else:
             lines.append("all checks passed")
         return "\n".join(lines)

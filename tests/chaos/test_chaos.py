@@ -111,3 +111,23 @@ def test_check_ledger_finds_lost_moved_and_undone():
     led.doubt_release = [["c"]]
     assert chaos.check_ledger(_snapshot(good[:2], hosts), led) == []
     assert chaos.check_ledger(_snapshot(good, hosts), led) == []
+
+
+def test_chaos_names_the_loss_of_a_store_damaged_between_kill_and_restart():
+    # The store's files removed after the second kill: whatever the server then does (start
+    # empty, or refuse to start), the campaign fails and names what was lost.
+    out = io.StringIO()
+    campaign = chaos.Campaign(chaos.ChaosConfig(trials=2, clients=4, min_s=0.3, max_s=0.5, hosts=8, seed=13,
+                                                disk_faults=False), out=out)
+    kills = []
+
+    def damage(data_dir):
+        kills.append(data_dir)
+        if len(kills) == 2:
+            for f in data_dir.iterdir():
+                f.unlink()
+
+    campaign.before_restart = damage
+    assert campaign.run() == 1, out.getvalue()
+    assert campaign.failed.keys() & {"placement lost or moved", "host lost", "server died"}, out.getvalue()
+    assert "FAILED" in out.getvalue()

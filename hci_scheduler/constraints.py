@@ -230,6 +230,7 @@ class ConstraintIndex:
             a["numa_n"][row] = len(nodes)
             a["host_tenant"][row] = -1
             a["ded_tenant"][row] = -1
+            a["accounted_load"][row] = 0
         self._count_live_rows(rows)
         self.version += 1
 
@@ -326,17 +327,19 @@ class ConstraintIndex:
             ratio[:m] = source[:m]
         numa_free = np.zeros((n, 8, 2), dtype=np.int64)
         numa_n = np.zeros(n, dtype=np.int32)
+        accounted_load = np.zeros(n, dtype=np.int64)  # kept by the core's count_in: carried over
         if old:
             m = min(n, len(old["numa_free"]))
             numa_free[:m] = old["numa_free"][:m]
             numa_n[:m] = old["numa_n"][:m]
+            accounted_load[:m] = old["accounted_load"][:m]
         for row, nodes in (numa or {}).items():
             numa_free[row] = 0
             numa_free[row, : len(nodes)] = nodes
             numa_n[row] = len(nodes)
         self._arrays = dict(
             labels=labels, taint_hard=taint_hard, taint_soft=taint_soft, domain=domain, ratio_milli=ratio,
-            host_tenant=host_tenant, ded_tenant=ded_tenant, pair_counts=pair_counts, pair_offset=pair_offset,
+            host_tenant=host_tenant, ded_tenant=ded_tenant, accounted_load=accounted_load, pair_counts=pair_counts, pair_offset=pair_offset,
             pair_topo=pair_topo, pair_ndom=pair_ndom, pair_total=pair_total, pair_nonzero=pair_nonzero,
             topo_live_doms=topo_live_doms, topo_missing=topo_missing, numa_free=numa_free, numa_n=numa_n,
         )
@@ -407,6 +410,18 @@ class ConstraintIndex:
     def forget_row(self, row: int) -> None:
         self.tenant_rows.pop(row, None)
         self.dedicated_rows.pop(row, None)
+        if self._arrays:
+            self._arrays["accounted_load"][row] = 0
+
+    def count_volume_replicas(self, rows, delta: int) -> None:
+        """Volume replicas add to a host's load but are storage, not a tenant's workload:
+        account for them (delta=+1 when charged, -1 when released) so that they never
+        count as tenant-less work against a dedicated tenant."""
+        np.add.at(self._arrays["accounted_load"], np.asarray(rows, dtype=np.intp), delta)
+
+    def has_dedicated_hosts(self) -> bool:
+        """Some host is held by a dedicated tenant (plain array rows must then be filtered)."""
+        return bool((self._arrays["ded_tenant"] >= 0).any())
 
     # ---------------------------------------------------------------- workloads
 
@@ -505,12 +520,14 @@ class ConstraintIndex:
             return np.array([it[k] for it in items], dtype=dtype)
 
         aff, anti, spread = terms["aff"], terms["anti"], terms["spread"]
-        tenant = self.tenant_id(w.tenant)
+        # Per-host services are exempt from tenant isolation (they run on every host and
+        # hold none), so they count under no tenant.
+        tenant = -1 if w.per_host else self.tenant_id(w.tenant)
+        dedicated = w.isolation == "dedicated" and not w.per_host
         core = sched_core.Terms(
             all_mask=all_mask, none_mask=none_mask, any_masks=any_masks, kvm_mask=kvm_mask,
             tol_hard=tol_hard, tol_soft=tol_soft, groups=np.array(groups, dtype=np.int32),
-            tenant=tenant,
-            dedicated=w.isolation == "dedicated", is_vm=w.kind == "vm", numa=bool(w.numa),
+            tenant=tenant, dedicated=dedicated, per_host=w.per_host, is_vm=w.kind == "vm", numa=bool(w.numa),
             aff_pair=col(aff, 0, np.int32), aff_hard=col(aff, 1, np.uint8), aff_weight=col(aff, 2, np.int64),
             aff_self=col(aff, 3, np.uint8), anti_pair=col(anti, 0, np.int32), anti_hard=col(anti, 1, np.uint8),
             anti_weight=col(anti, 2, np.int64), spread_pair=col(spread, 0, np.int32),
@@ -524,8 +541,7 @@ class ConstraintIndex:
             t = int(self._arrays["pair_topo"][terms["anti"][i][0]])
             labels[sched_core.REASON_ANTI_AFFINITY + i] = (
                 f"anti-affinity of placed workloads against group {w.group} on {topo_names[t]}")
-        return CompiledTerms(core, groups, tenant, w.isolation == "dedicated", self.version,
-                             labels)
+        return CompiledTerms(core, groups, tenant, dedicated, self.version, labels)
 
 
 class CompiledTerms:
@@ -569,4 +585,4 @@ def spec_key(w: Workload) -> tuple:
     """Everything about a workload that shapes its Terms (not its id or requests)."""
     vols = tuple(v if isinstance(v, str) else v.id for v in w.volumes) if w.volumes else ()
     return (w.kind, w.tenant, w.isolation, w.group, w.selector, w.tolerations, w.affinity, w.anti_affinity,
-            w.spread, vols, w.numa)
+            w.spread, vols, w.numa, w.per_host)

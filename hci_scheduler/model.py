@@ -272,6 +272,8 @@ class Workload:
     """A container or KVM guest to place.
 
     requests are integers in each dimension's base unit (missing dimensions are 0).
+    isolation="dedicated" (needs a tenant): the tenant's workloads share a host with
+    nobody else's, tenant-less ones included; per-host services are the one exception.
     """
 
     id: str

@@ -21,6 +21,9 @@ cdef class ConstraintState:
     cdef int64_t[:, ::1] ratio_milli  # (n_rows, n_dims) allocation ratio x 1000 (VMs are charged request x ratio)
     cdef int32_t[::1] host_tenant     # (n_rows,) -1 no tenant work, t the only tenant, -2 several tenants
     cdef int32_t[::1] ded_tenant      # (n_rows,) tenant that holds the host dedicated, -1 none
+    cdef int64_t[::1] accounted_load  # (n_rows,) load that is not tenant-less work: workloads of named
+                                      # tenants, per-host service replicas, volume replicas; so
+                                      # HostState.load - accounted_load = tenant-less workloads on the host
     cdef int32_t[::1] pair_counts     # flat counters: workloads of a group per domain of a topology
     cdef int64_t[::1] pair_offset     # (n_pairs,) start of each (group, topology) pair in pair_counts
     cdef int32_t[::1] pair_topo       # (n_pairs,) topology of each pair
@@ -46,6 +49,7 @@ cdef class Terms:
                                       # "holds anti-affinity against G" group per hard anti term
     cdef int32_t tenant               # tenant id, -1 none
     cdef bint dedicated               # isolation="dedicated"
+    cdef bint per_host                # a per-host service replica: exempt from tenant isolation
     cdef bint is_vm                   # charged at ratio 1.0
     cdef bint numa                    # must fit one NUMA node
     cdef int32_t[::1] aff_pair        # (n_aff,) pair of each affinity term
@@ -78,7 +82,7 @@ cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const in
 cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
                             int64_t* charge) noexcept nogil
 cdef int32_t reject_restored(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
-                             int64_t* charge) noexcept nogil
+                             int64_t* charge, bint tenancy) noexcept nogil
 cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef bint static_ok(ConstraintState cs, Terms t, intp_t h) noexcept nogil
 cdef int bind_counters(ConstraintState cs, Terms t) except -1

@@ -8,7 +8,7 @@ tenants become small integers. A workload's constraints become a Terms object,
 compiled once per workload spec and reused for every host and every replica.
 
 Filter order in `reject`, cheapest first (each host reports the first failure):
-  state bit -> label bits (selector, kvm) -> taint bits -> tenant ids ->
+  state bit -> label bits (selector, kvm) -> taint bits -> tenant ids and load ->
   resources (charge per host: VMs pay request x allocation ratio) -> volume
   locality -> affinity / anti-affinity / spread counters -> NUMA nodes.
 
@@ -47,12 +47,13 @@ cdef class ConstraintState:
         self.mem_dim = -1
 
     def bind(self, *, labels, taint_hard, taint_soft, domain, ratio_milli, host_tenant, ded_tenant,
-             pair_counts, pair_offset, pair_topo, pair_ndom, pair_total, pair_nonzero, topo_live_doms,
+             accounted_load, pair_counts, pair_offset, pair_topo, pair_ndom, pair_total, pair_nonzero, topo_live_doms,
              topo_missing, group_ptr, group_pairs, numa_free, numa_n, cpu_dim, mem_dim):
         """Point the state at the Python layer's arrays (shapes documented in _constraint.pxd)."""
         n = labels.shape[0]
         for name, arr in (("taint_hard", taint_hard), ("taint_soft", taint_soft), ("ratio_milli", ratio_milli),
-                          ("host_tenant", host_tenant), ("ded_tenant", ded_tenant), ("numa_free", numa_free),
+                          ("host_tenant", host_tenant), ("ded_tenant", ded_tenant),
+                          ("accounted_load", accounted_load), ("numa_free", numa_free),
                           ("numa_n", numa_n)):
             if arr.shape[0] != n:
                 raise ValueError(f"ConstraintState.bind: {name} has {arr.shape[0]} rows, labels has {n}")
@@ -66,6 +67,7 @@ cdef class ConstraintState:
         self.ratio_milli = ratio_milli
         self.host_tenant = host_tenant
         self.ded_tenant = ded_tenant
+        self.accounted_load = accounted_load
         self.pair_counts = pair_counts
         self.pair_offset = pair_offset
         self.pair_topo = pair_topo
@@ -86,7 +88,7 @@ cdef class Terms:
     """A workload's compiled constraints (see _constraint.pxd for the fields)."""
 
     def __init__(self, *, all_mask, none_mask, any_masks, kvm_mask, tol_hard, tol_soft, groups, tenant,
-                 dedicated, is_vm, numa, aff_pair, aff_hard, aff_weight, aff_self, anti_pair, anti_hard,
+                 dedicated, per_host, is_vm, numa, aff_pair, aff_hard, aff_weight, aff_self, anti_pair, anti_hard,
                  anti_weight, spread_pair, spread_skew, spread_hard, spread_dom_ptr, spread_doms, allowed,
                  prefer_weight):
         self.all_mask = all_mask
@@ -98,6 +100,7 @@ cdef class Terms:
         self.groups = groups
         self.tenant = tenant
         self.dedicated = dedicated
+        self.per_host = per_host
         self.is_vm = is_vm
         self.numa = numa
         self.aff_pair = aff_pair
@@ -322,15 +325,28 @@ cdef int32_t reject(HostState s, ConstraintState cs, Terms t, intp_t h, const in
     return reject_dynamic(s, cs, t, h, request, charge)
 
 
-cdef inline int32_t reject_room(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
-                                int64_t* charge) noexcept nogil:
-    """Tenancy, resources and volume locality of host h (charge filled when resources fit)."""
-    cdef intp_t d
-    # Tenants: a dedicated workload needs a host without other tenants' work,
-    # and a host held dedicated takes only its own tenant's work.
-    if t.dedicated and cs.host_tenant[h] != -1 and cs.host_tenant[h] != t.tenant:
-        return REASON_TENANT
+cdef inline bint tenant_conflict(HostState s, ConstraintState cs, Terms t, intp_t h) noexcept nogil:
+    """Workload t on host h would share it against tenant isolation: a dedicated tenant's
+    workloads share a host with nobody else's, tenant-less ones included. Per-host service
+    replicas are the one exception both ways (they run on every host and hold none)."""
+    if t.per_host:
+        return False
+    # A host held dedicated takes only its own tenant's work (a tenant-less workload has
+    # tenant -1, never the holder).
     if cs.ded_tenant[h] >= 0 and cs.ded_tenant[h] != t.tenant:
+        return True
+    # A dedicated workload needs a host whose work is all its tenant's: no other tenant
+    # marked, and no tenant-less workload (load the tenant marks do not account for).
+    return t.dedicated and ((cs.host_tenant[h] != -1 and cs.host_tenant[h] != t.tenant)
+                            or s.load[h] > cs.accounted_load[h])
+
+
+cdef inline int32_t reject_room(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
+                                int64_t* charge, bint tenancy=True) noexcept nogil:
+    """Tenancy (unless tenancy=False), resources and volume locality of host h (charge
+    filled when resources fit)."""
+    cdef intp_t d
+    if tenancy and tenant_conflict(s, cs, t, h):
         return REASON_TENANT
     # Resources: containers pay the request; VMs pay request x allocation ratio so
     # that they are never overcommitted.
@@ -383,19 +399,20 @@ cdef int32_t reject_dynamic(HostState s, ConstraintState cs, Terms t, intp_t h, 
 
 
 cdef int32_t reject_restored(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t* request,
-                             int64_t* charge) noexcept nogil:
+                             int64_t* charge, bint tenancy) noexcept nogil:
     """`reject` without the per-domain counter terms, for a placement decided earlier and
     being restored from a log: whether affinity, anti-affinity or spread held depended on
     workloads present at decision time (a gang member rolled back since, a workload
     released since), and a restore must rebuild the state the log describes. Room,
-    tenancy, labels, taints, volume locality and NUMA are still checked, so a restore
-    never overcommits a host."""
+    labels, taints, volume locality and NUMA are still checked, so a restore never
+    overcommits a host; tenancy too unless tenancy=False (an acknowledged placement
+    made before tenant-less work counted against a dedicated tenant)."""
     cdef int32_t code
     if not s.index.member[h]:
         return REASON_NOT_SCHEDULABLE
     code = static_reason(cs, t, h)
     if code == REASON_OK:
-        code = reject_room(s, cs, t, h, request, charge)
+        code = reject_room(s, cs, t, h, request, charge, tenancy)
     if code == REASON_OK and t.numa and numa_node(cs, h, charge) < 0:
         code = REASON_NUMA
     return code
@@ -434,7 +451,8 @@ cdef float64_t penalty(ConstraintState cs, Terms t, intp_t h) noexcept nogil:
 
 cdef void count_in(ConstraintState cs, Terms t, intp_t h, int delta) noexcept nogil:
     """Add (delta=1) or remove (delta=-1) one workload of t's groups on host h in every
-    counted topology; on add, record its tenant on the host."""
+    counted topology; on add, record its tenant on the host. A named tenant's workload or a
+    per-host replica is accounted load (see ConstraintState.accounted_load) both ways."""
     cdef intp_t k
     cdef int32_t dom
     cdef Counter* c
@@ -448,7 +466,9 @@ cdef void count_in(ConstraintState cs, Terms t, intp_t h, int delta) noexcept no
             elif delta < 0 and c.count[dom] == 0:
                 c.nonzero[0] -= 1
         c.total[0] += delta
-    if delta > 0 and t.tenant >= 0:
+    if t.per_host or t.tenant >= 0:
+        cs.accounted_load[h] += delta
+    if delta > 0 and t.tenant >= 0 and not t.per_host:
         if cs.host_tenant[h] == -1:
             cs.host_tenant[h] = t.tenant
         elif cs.host_tenant[h] != t.tenant:

@@ -510,10 +510,11 @@ def place_rows_constrained(HostState s, ConstraintState cs, Terms t, const int64
 
 
 def check_host(HostState s, ConstraintState cs, Terms t, const int64_t[::1] request, intp_t h,
-               int64_t[::1] charge_out, bint counters=True):
+               int64_t[::1] charge_out, bint counters=True, bint tenancy=True):
     """Reason code for placing `request` on host row h (REASON_OK: it may go there; charge_out filled).
 
-    counters=False skips hard affinity, anti-affinity and spread (see reject_restored)."""
+    counters=False skips hard affinity, anti-affinity and spread, and with tenancy=False
+    tenant isolation too (see reject_restored); tenancy applies only with counters=False."""
     cdef int32_t code
     bind_counters(cs, t)
     with nogil:
@@ -521,7 +522,7 @@ def check_host(HostState s, ConstraintState cs, Terms t, const int64_t[::1] requ
         if counters:
             code = reject(s, cs, t, h, &request[0], &charge_out[0])
         else:
-            code = reject_restored(s, cs, t, h, &request[0], &charge_out[0])
+            code = reject_restored(s, cs, t, h, &request[0], &charge_out[0], tenancy)
     return code
 
 

@@ -27,10 +27,13 @@ Any call that raises leaves the state exactly as it was.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+import sched_core
 
 from .. import explain as _explain
 from ..errors import DuplicateId, NotFound, SchedulerError, StateConflict, Unschedulable, ValidationError
@@ -47,6 +50,8 @@ from ._services import Services, check_service
 from ._volumes import Volumes, creates_volumes, mounted_only
 
 __all__ = ["Cluster", "MAX_QUANTITY"]
+
+log = logging.getLogger("hci_scheduler.cluster")
 
 
 class Cluster:
@@ -338,8 +343,12 @@ class Cluster:
         hard affinity, anti-affinity and spread are not checked again, because
         they held against the workloads present when it was decided, and some
         may be gone by the time it is replayed (a gang member rolled back in the
-        same batch, for one). Room, labels, taints, tenancy, volume locality and
-        NUMA are still checked, so a restore never overcommits a host.
+        same batch, for one). Room, labels, taints, volume locality and NUMA are
+        still checked, so a restore never overcommits a host. Tenancy is checked
+        too, but a restored placement that breaks only tenant isolation is kept
+        with a warning: it was acknowledged (logs written before tenant-less work
+        counted against a dedicated tenant hold such pairs), and refusing it would
+        stop the replay. Placements made after it follow the rule.
         """
         with self._lock:
             request = self._check_new_workload(workload)
@@ -347,7 +356,13 @@ class Cluster:
                 raise ValidationError(f"workload {workload.id}: per-host services cannot be bound to one host")
             row = self._hosts.row(host_id)
             terms = self._compiler.terms(workload)
-            if self._ledger.place_at(workload, request, terms, row, counters=not restore) != 0:
+            code = self._ledger.place_at(workload, request, terms, row, counters=not restore)
+            if code == sched_core.REASON_TENANT and restore:
+                code = self._ledger.place_at(workload, request, terms, row, counters=False, tenancy=False)
+                if code == 0:
+                    log.warning("restored workload %s on host %s breaks tenant isolation (%s); kept, as it "
+                                "was acknowledged", workload.id, host_id, terms.labels[sched_core.REASON_TENANT])
+            if code != 0:
                 raise Unschedulable(workload.id, explain_request(self._hosts, workload, request, terms, only_row=row))
             return Placement(workload.id, host_id)
 
@@ -551,8 +566,10 @@ class Cluster:
                 if improve_s > 0:
                     raise ValidationError("improve_s applies to batches without a template")
                 terms = self._compiler.terms(template)
-            elif self._hosts.cons.has_hard_taints:
-                terms = self._compiler.terms(Workload("<array>"))  # taints still apply to plain rows
+            elif self._hosts.cons.has_hard_taints or self._hosts.cons.has_dedicated_hosts():
+                # Taints and dedicated tenants' hosts still apply to plain (tenant-less) rows;
+                # such a batch takes the filtered path, without the improver.
+                terms = self._compiler.terms(Workload("<array>"))
             return self._arrays.place(req, batch_order(self._hosts, req, order), code, terms, improve_s)
 
     def release_array(self, indices) -> None:

@@ -113,14 +113,16 @@ class Ledger:
         return missed
 
     def place_at(self, workload: Workload, request: np.ndarray, terms: CompiledTerms, row: int, *,
-                 counters: bool = True, service: str | None = None) -> int:
+                 counters: bool = True, tenancy: bool = True, service: str | None = None) -> int:
         """Check `row` for one workload (counters=False: skip affinity, anti-affinity and
-        spread, for replayed decisions) and commit it there if it passes. With `service`,
-        the workload is that per-host service and the record is its replica on `row`.
+        spread, for replayed decisions; with tenancy=False tenant isolation too) and commit
+        it there if it passes. With `service`, the workload is that per-host service and
+        the record is its replica on `row`.
         Returns the core's reason code: 0 committed, else nothing changed."""
         hosts = self._hosts
         charge = np.zeros(self._n_dims, dtype=np.int64)
-        code = sched_core.check_host(hosts.state, hosts.cons.state, terms.core, request, row, charge, counters)
+        code = sched_core.check_host(hosts.state, hosts.cons.state, terms.core, request, row, charge, counters,
+                                     tenancy)
         if code == 0:
             self._commit_host(Record(workload, row, charge, -1, terms), service)
         return code
@@ -155,11 +157,13 @@ class Ledger:
         state = self._hosts.state
         for r in rows:
             state.commit_row(r, charge)
+        self._cons.count_volume_replicas(rows, +1)
 
     def release_volume(self, rows: list[int], charge: np.ndarray) -> None:
         state = self._hosts.state
         for r in rows:
             state.release_row(r, charge)
+        self._cons.count_volume_replicas(rows, -1)
 
     # ------------------------------------------------------------------ release
 

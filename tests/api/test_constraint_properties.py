@@ -44,7 +44,8 @@ def check_placement(w: Workload, h: Host, hosts: dict, live: dict) -> None:
     others = [(ow, hosts[hid]) for ow, hid in live.values()]
     on_host = [ow for ow, oh in others if oh.id == h.id]
     if w.isolation == "dedicated":
-        assert all(ow.tenant in (None, w.tenant) for ow in on_host), f"{w.id} dedicated on a shared host"
+        # nobody else's workloads, tenant-less ones included
+        assert all(ow.tenant == w.tenant for ow in on_host), f"{w.id} dedicated on a shared host"
     for ow in on_host:
         if ow.isolation == "dedicated":
             assert w.tenant == ow.tenant, f"{w.id} on {h.id} held dedicated by {ow.tenant}"

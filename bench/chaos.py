@@ -693,30 +693,61 @@ class Campaign:
     # -- disk faults ------------------------------------------------------------------
 
     def disk_faults(self) -> None:
+        if os.geteuid() != 0:
+            self.disk_notes.append("disk faults skipped: mounting a file system needs root")
+            return
         mnt = self.tmp / "tmpfs"
         mnt.mkdir()
-        if os.geteuid() != 0:
-            self.disk_notes.append("disk faults skipped: mounting a tmpfs needs root")
-            return
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
                            capture_output=True, text=True)
         if r.returncode:
             self.disk_notes.append(f"disk faults skipped: cannot mount a tmpfs ({r.stderr.strip()})")
-            return
+        else:
+            try:
+                DiskFaults(self, mnt, "disk").run_tmpfs()
+            finally:
+                subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        self.read_only_live()
+
+    def read_only_live(self) -> None:
+        """A file system that turns read-only under the running server: a remount is refused
+        while files are open for writing, but ext4 mounted errors=remount-ro goes read-only
+        at once when told of an error (its sysfs trigger_fs_error), as it does on a real one."""
+        image, mnt = self.tmp / "ext4.img", self.tmp / "ext4"
+        mnt.mkdir()
+        with open(image, "wb") as f:
+            f.truncate(64 << 20)
+        steps = (["mkfs.ext4", "-q", "-F", str(image)], ["mount", "-o", "loop,errors=remount-ro", str(image), str(mnt)])
+        for cmd in steps:
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True)
+            except OSError as exc:
+                r = subprocess.CompletedProcess(cmd, 1, "", str(exc))
+            if r.returncode:
+                self.disk_notes.append(f"live read-only fault skipped: {' '.join(cmd[:2])}: {r.stderr.strip()}")
+                return
         try:
-            DiskFaults(self, mnt).run()
+            dev = subprocess.run(["findmnt", "-no", "SOURCE", str(mnt)], capture_output=True, text=True).stdout
+            trigger = Path("/sys/fs/ext4") / Path(dev.strip()).name / "trigger_fs_error"
+            if not trigger.exists():
+                self.disk_notes.append(f"live read-only fault skipped: no {trigger}")
+                return
+            DiskFaults(self, mnt, "ro").run_ext4(trigger, image)
         finally:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 class DiskFaults:
-    """A full disk under load, a restart on it, and a restart on a read-only remount."""
+    """A full disk under load and a restart on it, a restart on a read-only remount (tmpfs);
+    a file system turning read-only under load (ext4)."""
 
-    def __init__(self, campaign: Campaign, mnt: Path):
+    READ_ONLY = ("read-only", "readonly", "read only", "not writable")
+
+    def __init__(self, campaign: Campaign, mnt: Path, name: str):
         self.c = campaign
         self.mnt = mnt
         self.ledger = Ledger()
-        self.server = Server(mnt / "data", campaign.tmp / "server-disk.log")
+        self.server = Server(mnt / "data", campaign.tmp / f"server-{name}.log")
         self.filler = mnt / "filler"
 
     def note(self, check: str | None, text: str) -> None:
@@ -724,21 +755,34 @@ class DiskFaults:
         if check is not None:
             self.c.failed[check] += 1
 
-    def run(self) -> None:
+    def begin(self) -> None:
+        self.server.start()
+        hosts = [make_host(f"d{i}", i) for i in range(16)]
+        self.server.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=hosts), timeout=60)
+        self.ledger.hosts.update(h.id for h in hosts)
+
+    def run_tmpfs(self) -> None:
+        check = "disk full"
         try:
-            self.server.start()
-            hosts = [make_host(f"d{i}", i) for i in range(16)]
-            self.server.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=hosts), timeout=60)
-            self.ledger.hosts.update(h.id for h in hosts)
-            ok = self.full_under_load() and self.full_at_restart()
-            if ok:
+            self.begin()
+            if self.full_under_load() and self.full_at_restart():
+                check = "read-only"
                 self.read_only_restart()
         except (RuntimeError, grpc.RpcError) as exc:
-            self.note("disk full" if self.filler.exists() else "read-only", f"{exc}")
+            self.note(check, f"{exc}")
         finally:
             self.server.kill()
             with contextlib.suppress(OSError):
                 self.filler.unlink()
+
+    def run_ext4(self, trigger: Path, image: Path) -> None:
+        try:
+            self.begin()
+            self.read_only_under_load(trigger, image)
+        except (RuntimeError, grpc.RpcError) as exc:
+            self.note("read-only", f"{exc}")
+        finally:
+            self.server.kill()
 
     def load(self, seconds: float) -> None:
         """Clients for `seconds` (they stop early when the disk refuses their writes)."""
@@ -851,6 +895,8 @@ class DiskFaults:
         return True
 
     def read_only_restart(self) -> bool:
+        """Restart on a read-only remount: serve reads and refuse writes, or refuse to start
+        with a non-zero exit naming the cause (never start and fail at the first write)."""
         self.load(1.0)
         self.server.kill()
         r = subprocess.run(["mount", "-o", "remount,ro", str(self.mnt)], capture_output=True, text=True)
@@ -861,16 +907,54 @@ class DiskFaults:
             try:
                 self.server.start(timeout=60)
             except RuntimeError as exc:
-                self.note("read-only", f"restart on a read-only store: {exc}")
+                code, tail = self.server.proc.returncode, self.server.log_tail(5).lower()
+                if code and any(w in tail for w in self.READ_ONLY):
+                    self.note(None, f"restart on a read-only remount: refused to start (exit code {code}), "
+                                    f"naming the cause")
+                    return True
+                self.note("read-only", f"restart on a read-only remount: {exc}")
                 return False
             self.ledger.settle(Snapshot.read(self.server.stub).listed(), self.ledger.hosts)
-            if not self.refusing("read-only", ("read-only", "readonly", "read only"), "restarted read-only"):
+            if not self.refusing("read-only", self.READ_ONLY, "restarted on a read-only remount"):
                 return False
         finally:
             subprocess.run(["mount", "-o", "remount,rw", str(self.mnt)], capture_output=True)
         if not self.resumes("read-only", "remounted read-write"):
             return False
-        self.note(None, "restart on a read-only store: reads served, writes refused, resumed once writable")
+        self.note(None, "restart on a read-only remount: reads served, writes refused, resumed once writable")
+        return True
+
+    def read_only_under_load(self, trigger: Path, image: Path) -> bool:
+        """The file system turns read-only under load: reads go on, writes are refused. ext4
+        refuses a read-write remount after an error until fsck, so resuming is checked by a
+        restart after fsck: everything acknowledged before the error is still there."""
+        self.load(1.0)
+        worker = threading.Thread(target=self.load, args=(2.0,))
+        worker.start()
+        time.sleep(0.5)
+        trigger.write_text("hci-scheduler chaos: read-only fault\n")
+        worker.join()
+        # SQLite reports a write refused by a read-only file system as a disk I/O error.
+        if not self.refusing("read-only", self.READ_ONLY + ("i/o error",), "file system turned read-only under load"):
+            return False
+        self.server.kill()
+        subprocess.run(["umount", str(self.mnt)], capture_output=True)
+        subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True)
+        r = subprocess.run(["mount", "-o", "loop", str(image), str(self.mnt)], capture_output=True, text=True)
+        if r.returncode:
+            self.note(None, f"file system read-only under load: reads kept, writes refused; no remount after "
+                            f"fsck ({r.stderr.strip()})")
+            return True
+        self.server.start(timeout=60)
+        snap = Snapshot.read(self.server.stub)
+        bad = check_ledger(snap, self.ledger) + check_capacity(snap) + check_gangs(snap)
+        if bad:
+            self.note("read-only", "restarted after fsck: " + "; ".join(f"{c}: {d}" for c, d in bad))
+            return False
+        if not self.resumes("read-only", "restarted after fsck"):
+            return False
+        self.note(None, "file system read-only under load: reads kept, writes refused with UNAVAILABLE; "
+                        "after fsck and a restart nothing acknowledged was lost and writes resumed")
         return True
 
 

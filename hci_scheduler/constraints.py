@@ -339,7 +339,8 @@ class ConstraintIndex:
             numa_n[row] = len(nodes)
         self._arrays = dict(
             labels=labels, taint_hard=taint_hard, taint_soft=taint_soft, domain=domain, ratio_milli=ratio,
-            host_tenant=host_tenant, ded_tenant=ded_tenant, accounted_load=accounted_load, pair_counts=pair_counts, pair_offset=pair_offset,
+            host_tenant=host_tenant, ded_tenant=ded_tenant, accounted_load=accounted_load,
+            pair_counts=pair_counts, pair_offset=pair_offset,
             pair_topo=pair_topo, pair_ndom=pair_ndom, pair_total=pair_total, pair_nonzero=pair_nonzero,
             topo_live_doms=topo_live_doms, topo_missing=topo_missing, numa_free=numa_free, numa_n=numa_n,
         )
@@ -566,8 +567,11 @@ def describe_terms(w: Workload) -> dict[int, str]:
         if w.selector else "node selector",
         sched_core.REASON_KVM: "VM needs a host labelled kvm=true",
         sched_core.REASON_TAINT: "untolerated taint (NoSchedule)",
-        sched_core.REASON_TENANT: f"tenant isolation ({w.tenant or 'no tenant'}"
-                                   f"{', dedicated' if w.isolation == 'dedicated' else ''})",
+        # A dedicated workload is refused where anyone else's work runs; any other only
+        # where another tenant holds the host dedicated.
+        sched_core.REASON_TENANT: f"tenant isolation ({w.tenant}, dedicated: host runs other tenants' or "
+                                   f"tenant-less workloads)" if w.isolation == "dedicated" and not w.per_host else
+                                   f"tenant isolation ({w.tenant or 'no tenant'}: host held by a dedicated tenant)",
         sched_core.REASON_VOLUME: "volume locality: no replica of " + ", ".join(
             v if isinstance(v, str) else v.id for v in w.volumes) if w.volumes else "volume locality",
         sched_core.REASON_NUMA: "no NUMA node with room for all vCPUs and memory",

@@ -21,6 +21,10 @@ def wl(id, cpu=1000, memory=1000, **kw):
     return Workload(id, requests={"cpu": cpu, "memory": memory}, **kw)
 
 
+DEDICATED_REFUSED = "tenant isolation (secure, dedicated: host runs other tenants' or tenant-less workloads)"
+HELD_REFUSED = "tenant isolation (no tenant: host held by a dedicated tenant)"
+
+
 def secure(id, **kw):
     return wl(id, tenant="secure", isolation="dedicated", **kw)
 
@@ -63,7 +67,7 @@ def test_dedicated_tenant_isolation_one_at_a_time(first):
     # The one host is refused for tenancy (not for resources: it has room).
     assert exc.value.explanation.feasible == 0
     assert list(exc.value.explanation.filters) == [
-        "tenant isolation (secure, dedicated)" if first == "plain" else "tenant isolation (no tenant)"]
+        DEDICATED_REFUSED if first == "plain" else HELD_REFUSED]
     assert c.explain(second).filters == exc.value.explanation.filters
 
 
@@ -213,7 +217,7 @@ def test_plain_workload_never_lands_next_to_a_dedicated_tenant_by_evicting():
     before = c.assignments()
     with pytest.raises(Unschedulable) as exc:
         c.place(wl("plain", priority=10), preempt=True)
-    assert "tenant isolation (no tenant)" in exc.value.explanation.filters
+    assert HELD_REFUSED in exc.value.explanation.filters
     assert c.assignments() == before
 
 
@@ -250,4 +254,4 @@ def test_bind_without_restore_refuses_the_pair():
     c.bind(wl("plain"), "h0")
     with pytest.raises(Unschedulable) as exc:
         c.bind(secure("sec"), "h0")
-    assert exc.value.explanation.filters == {"tenant isolation (secure, dedicated)": 1}
+    assert exc.value.explanation.filters == {DEDICATED_REFUSED: 1}

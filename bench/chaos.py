@@ -93,6 +93,7 @@ class TrialResult:
     last_sequence: int
     placed: int  # acknowledged during the trial
     released: int
+    refused: int  # workloads answered "fits nowhere": the cluster was full, the limits were in play
     gangs: int
     hosts: int
     restart_s: float
@@ -101,7 +102,8 @@ class TrialResult:
     def line(self, n_trials: int) -> str:
         state = "ok" if not self.failures else "FAILED: " + "; ".join(self.failures[:5])
         return (f"trial {self.trial:>3}/{n_trials}: {self.events:>7,} events (last {self.last_sequence:,}), "
-                f"{self.placed:>6,} placements, {self.released:>6,} releases, {self.gangs:>4,} gangs, "
+                f"{self.placed:>6,} placements, {self.released:>6,} releases, {self.refused:>5,} refused, "
+                f"{self.gangs:>4,} gangs, "
                 f"{self.hosts} hosts acknowledged; restart {self.restart_s:.2f} s; {state}")
 
 
@@ -507,6 +509,11 @@ def check_gangs(snap: Snapshot) -> list[tuple[str, str]]:
     return [("partial gang", f"{len(partial)} gangs, e.g. {partial[0]}")] if partial else []
 
 
+def check_listing(snap: Snapshot, led: Ledger) -> list[tuple[str, str]]:
+    """Every check that reads only the listings."""
+    return check_ledger(snap, led) + check_capacity(snap) + check_gangs(snap)
+
+
 def read_events(stub, after: int, last: int) -> tuple[list[pb.Event], str]:
     """The events after `after` up to `last`, and the incarnation the stream named."""
     events, incarnation = [], ""
@@ -657,15 +664,13 @@ class Campaign:
         snap = Snapshot.read(srv.stub)
         full = k == cfg.trials or (cfg.full_check_every > 0 and k % cfg.full_check_every == 0)
         failures += led.failures
-        failures += check_ledger(snap, led)
-        failures += check_capacity(snap)
-        failures += check_gangs(snap)
+        failures += check_listing(snap, led)
         ev_failures, self.verified = check_events(srv.stub, snap, self.verified, full, watcher.seen)
         failures += ev_failures
         led.settle(snap.listed(), {h.id for h in snap.hosts})
         self.count(failures)
         return TrialResult(k, snap.status.last_sequence - before, snap.status.last_sequence, led.trial["placed"],
-                           led.trial["released"], led.trial["gangs"], led.trial["hosts"], restart_s,
+                           led.trial["released"], led.trial["refused"], led.trial["gangs"], led.trial["hosts"], restart_s,
                            [f"{c}: {d}" for c, d in failures])
 
     def count(self, failures) -> None:
@@ -680,6 +685,7 @@ class Campaign:
             lines.append(
                 f"totals: {len(rs)} trials in {seconds:.0f} s, {rs[-1].last_sequence:,} events, "
                 f"{sum(r.placed for r in rs):,} placements, {sum(r.released for r in rs):,} releases, "
+                f"{sum(r.refused for r in rs):,} refused, "
                 f"{sum(r.gangs for r in rs):,} gangs, {sum(r.hosts for r in rs):,} hosts acknowledged; "
                 f"{len(self.ledger.placed):,} live at the end; restart median {restarts[len(rs) // 2]:.2f} s, "
                 f"max {restarts[-1]:.2f} s")
@@ -824,7 +830,7 @@ class DiskFaults:
         except grpc.RpcError as exc:
             self.note(check, f"{when}: reads fail: {exc.code().name}: {exc.details()}")
             return False
-        bad = check_ledger(snap, self.ledger) + check_capacity(snap) + check_gangs(snap)
+        bad = check_listing(snap, self.ledger)
         if bad:
             self.note(check, f"{when}: " + "; ".join(f"{c}: {d}" for c, d in bad))
             return False
@@ -947,7 +953,7 @@ class DiskFaults:
             return True
         self.server.start(timeout=60)
         snap = Snapshot.read(self.server.stub)
-        bad = check_ledger(snap, self.ledger) + check_capacity(snap) + check_gangs(snap)
+        bad = check_listing(snap, self.ledger)
         if bad:
             self.note("read-only", "restarted after fsck: " + "; ".join(f"{c}: {d}" for c, d in bad))
             return False

@@ -64,9 +64,11 @@ from hci_scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Status codes a call gets when the server died under it: its outcome is unknown.
-_IN_DOUBT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+#: Status codes a call gets when the server died under it (or refused to write): its outcome
+#: is in doubt until the next restart shows it. Any other failure is a finding.
+_IN_DOUBT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+#: Failures that should not happen, whose outcome is in doubt as well.
+_BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS}
 CHECKS = ("server died", "unexpected error", "placement lost or moved", "release undone", "host lost",
           "overcommit", "usage differs", "sequence gap", "watched event changed", "partial gang",
           "disk full", "read-only")
@@ -338,7 +340,7 @@ class Client(threading.Thread):
         try:
             resp = self.stub.Place(pb.PlaceRequest(workloads=ws, gang=gang), timeout=30)
         except grpc.RpcError as exc:
-            if exc.code() not in _IN_DOUBT:
+            if exc.code() not in _IN_DOUBT | _BROKEN:  # refused: "a failed call changes nothing"
                 with led.lock:
                     led.doubt_place.difference_update(ids)
                     led.gone.update(ids)
@@ -830,7 +832,7 @@ class DiskFaults:
         except grpc.RpcError as exc:
             self.note(check, f"{when}: reads fail: {exc.code().name}: {exc.details()}")
             return False
-        bad = check_listing(snap, self.ledger)
+        bad = self.ledger.failures + check_listing(snap, self.ledger)
         if bad:
             self.note(check, f"{when}: " + "; ".join(f"{c}: {d}" for c, d in bad))
             return False

@@ -25,7 +25,9 @@ the server's own:
   sequence (GetStatus.first_sequence, once snapshots compacted the start) and, when it
   starts at 1, its replay must give exactly the listed allocations;
 * partial gang: every gang is listed with all its members or none (the gang id carries
-  its size, so this needs no client record).
+  its size, so this needs no client record);
+* log differs: on a full check from sequence 1, replaying the log's placements and releases
+  gives exactly the listed allocations.
 
 Then the disk faults, on a small tmpfs (as root; skipped with one line elsewhere): the disk
 fills while clients run, then the server must keep serving reads, refuse mutations with
@@ -39,6 +41,7 @@ One line per trial (events, acknowledged placements and releases, restart time),
 the end; the exit code is 1 when any check failed, and the failed checks are named. The
 store and the server's log are kept (and their path printed) when a check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,12 +69,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Status codes a call gets when the server died under it (or refused to write): its outcome
 #: is in doubt until the next restart shows it. Any other failure is a finding.
-_IN_DOUBT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+_IN_DOUBT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 #: Failures that should not happen, whose outcome is in doubt as well.
 _BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS}
-CHECKS = ("server died", "unexpected error", "placement lost or moved", "release undone", "host lost",
-          "overcommit", "usage differs", "sequence gap", "watched event changed", "partial gang",
-          "disk full", "read-only")
 PAGE_SIZE = 5000
 
 
@@ -79,7 +83,9 @@ PAGE_SIZE = 5000
 class ChaosConfig:
     trials: int = 40
     clients: int = 8
-    min_s: float = 1.0  # each trial's clients run for a random time in [min_s, max_s] before the kill
+    min_s: float = (
+        1.0  # each trial's clients run for a random time in [min_s, max_s] before the kill
+    )
     max_s: float = 4.0
     hosts: int = 32
     seed: int | None = None
@@ -99,17 +105,21 @@ class TrialResult:
     gangs: int
     hosts: int
     restart_s: float
+    check_s: float  # reading the listings and the log back, and checking them
     failures: list[str] = field(default_factory=list)
 
     def line(self, n_trials: int) -> str:
         state = "ok" if not self.failures else "FAILED: " + "; ".join(self.failures[:5])
-        return (f"trial {self.trial:>3}/{n_trials}: {self.events:>7,} events (last {self.last_sequence:,}), "
-                f"{self.placed:>6,} placements, {self.released:>6,} releases, {self.refused:>5,} refused, "
-                f"{self.gangs:>4,} gangs, "
-                f"{self.hosts} hosts acknowledged; restart {self.restart_s:.2f} s; {state}")
+        return (
+            f"trial {self.trial:>3}/{n_trials}: {self.events:>7,} events (last {self.last_sequence:,}), "
+            f"{self.placed:>6,} placements, {self.released:>6,} releases, {self.refused:>5,} refused, "
+            f"{self.gangs:>4,} gangs, "
+            f"{self.hosts} hosts acknowledged; restart {self.restart_s:.2f} s, checks {self.check_s:.2f} s; {state}"
+        )
 
 
 # -- the server ---------------------------------------------------------------------------
+
 
 class Server:
     """`hci-scheduler serve` on one data dir, restartable; its output goes to one log."""
@@ -128,16 +138,34 @@ class Server:
         t0 = time.perf_counter()
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", "127.0.0.1:0",
-                 "--data-dir", str(self.data_dir), "--fsync", "full", "--port-file", str(port_file),
-                 "--log-level", "warning"],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                [
+                    sys.executable,
+                    "-m",
+                    "hci_scheduler.cli",
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--fsync",
+                    "full",
+                    "--port-file",
+                    str(port_file),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + timeout
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"server did not start (exit code {self.proc.returncode}): "
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"server did not start (exit code {self.proc.returncode}): {self.log_tail()}"
+                )
             time.sleep(0.01)
         self.address = f"127.0.0.1:{int(port_file.read_text())}"
         port_file.unlink()
@@ -178,12 +206,19 @@ class Server:
             lines = self.log_path.read_text().splitlines()
         except OSError:
             return ""
-        return " | ".join(line if len(line) < 400 else line[:200] + " ... " + line[-200:] for line in lines[-n:])
+        return " | ".join(
+            line if len(line) < 400 else line[:200] + " ... " + line[-200:] for line in lines[-n:]
+        )
 
 
 def channel(address: str):
-    ch = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20),
-                                                 ("grpc.max_receive_message_length", 256 << 20)])
+    ch = grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_send_message_length", 256 << 20),
+            ("grpc.max_receive_message_length", 256 << 20),
+        ],
+    )
     grpc.channel_ready_future(ch).result(timeout=60)
     return ch, pb_grpc.SchedulerServiceStub(ch)
 
@@ -202,20 +237,32 @@ def paged(call, request, field_name: str) -> list:
 
 # -- what the clients were told -----------------------------------------------------------
 
+
 def make_host(hid: str, i: int) -> pb.Host:
     """Hosts of a few sizes; every third runs VMs (kvm) and containers may overcommit cpu 2x
     on every other one, so the check covers ratios and VM charges."""
     labels = {"kvm": "true"} if i % 3 == 0 else {}
     ratios = {"cpu": 2.0} if i % 2 == 0 else {}
-    return pb.Host(id=hid, capacity={"cpu": 8000 + 4000 * (i % 3), "memory": 16384 + 8192 * (i % 4)},
-                   reserved={"cpu": 500, "memory": 1024}, allocation_ratios=ratios, labels=labels)
+    return pb.Host(
+        id=hid,
+        capacity={"cpu": 8000 + 4000 * (i % 3), "memory": 16384 + 8192 * (i % 4)},
+        reserved={"cpu": 500, "memory": 1024},
+        allocation_ratios=ratios,
+        labels=labels,
+    )
 
 
 def make_workload(wid: str, rng: random.Random, gang: str = "") -> pb.Workload:
     vm = rng.random() < 0.2
-    return pb.Workload(id=wid, kind=pb.WORKLOAD_KIND_VM if vm else pb.WORKLOAD_KIND_CONTAINER,
-                       requests={"cpu": rng.choice((250, 500, 1000, 2000)),
-                                 "memory": rng.choice((512, 1024, 2048, 4096))}, gang=gang)
+    return pb.Workload(
+        id=wid,
+        kind=pb.WORKLOAD_KIND_VM if vm else pb.WORKLOAD_KIND_CONTAINER,
+        requests={
+            "cpu": rng.choice((250, 500, 1000, 2000)),
+            "memory": rng.choice((512, 1024, 2048, 4096)),
+        },
+        gang=gang,
+    )
 
 
 def gang_size(gang: str) -> int:
@@ -286,7 +333,9 @@ class Ledger:
 class Client(threading.Thread):
     """One orchestrator: a random mix of calls until told to stop or the server dies."""
 
-    def __init__(self, name: str, address: str, ledger: Ledger, rng: random.Random, stop: threading.Event):
+    def __init__(
+        self, name: str, address: str, ledger: Ledger, rng: random.Random, stop: threading.Event
+    ):
         super().__init__(daemon=True)
         self.prefix = name
         self.address = address
@@ -348,7 +397,9 @@ class Client(threading.Thread):
         got = {p.workload_id: (p.host_id, p.sequence) for p in resp.placements}
         placed = [w for w in ids if got.get(w, ("", 0))[0]]
         if gang and len(placed) not in (0, len(ids)):
-            led.fail("partial gang", f"Place answered {len(placed)} of gang {gid}'s {len(ids)} members")
+            led.fail(
+                "partial gang", f"Place answered {len(placed)} of gang {gid}'s {len(ids)} members"
+            )
         with led.lock:
             led.doubt_place.difference_update(ids)
             for wid in ids:
@@ -374,13 +425,20 @@ class Client(threading.Thread):
             resp = self.stub.Release(pb.ReleaseRequest(workload_ids=unit), timeout=30)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                led.fail("placement lost or moved", f"Release of acknowledged {unit} said NOT_FOUND: "
-                                                    f"{exc.details()}")
+                led.fail(
+                    "placement lost or moved",
+                    f"Release of acknowledged {unit} said NOT_FOUND: {exc.details()}",
+                )
             raise
         with led.lock:
             led.doubt_release.remove(unit)
             if sorted(resp.released_workload_ids) != sorted(unit):
-                led.failures.append(("unexpected error", f"Release {unit} answered {list(resp.released_workload_ids)}"))
+                led.failures.append(
+                    (
+                        "unexpected error",
+                        f"Release {unit} answered {list(resp.released_workload_ids)}",
+                    )
+                )
             for w in unit:
                 led.placed.pop(w, None)
                 led.gone.add(w)
@@ -389,7 +447,9 @@ class Client(threading.Thread):
 
     def register(self) -> None:
         led = self.ledger
-        hosts = [make_host(self._id("h"), self.rng.randrange(12)) for _ in range(self.rng.randint(1, 2))]
+        hosts = [
+            make_host(self._id("h"), self.rng.randrange(12)) for _ in range(self.rng.randint(1, 2))
+        ]
         with led.lock:
             led.doubt_hosts.update(h.id for h in hosts)
         self.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=hosts), timeout=30)
@@ -430,6 +490,7 @@ def event_key(e: pb.Event) -> tuple:
 
 # -- the checks -------------------------------------------------------------------------
 
+
 @dataclass
 class Snapshot:
     """What the restarted server lists."""
@@ -439,9 +500,11 @@ class Snapshot:
     hosts: list
 
     @classmethod
-    def read(cls, stub) -> "Snapshot":
+    def read(cls, stub) -> Snapshot:
         status = stub.GetStatus(pb.GetStatusRequest(), timeout=60)
-        allocs = paged(stub.ListAllocations, pb.ListAllocationsRequest(include_workloads=True), "allocations")
+        allocs = paged(
+            stub.ListAllocations, pb.ListAllocationsRequest(include_workloads=True), "allocations"
+        )
         hosts = paged(stub.ListHosts, pb.ListHostsRequest(), "hosts")
         return cls(status, allocs, hosts)
 
@@ -454,22 +517,40 @@ def check_ledger(snap: Snapshot, led: Ledger) -> list[tuple[str, str]]:
     out = []
     listed = snap.listed()
     releasing = {w for unit in led.doubt_release for w in unit}  # may or may not have been applied
-    lost = [(w, hs, listed.get(w)) for w, hs in led.placed.items()
-            if listed.get(w) != hs and not (w in releasing and w not in listed)]
+    lost = [
+        (w, hs, listed.get(w))
+        for w, hs in led.placed.items()
+        if listed.get(w) != hs and not (w in releasing and w not in listed)
+    ]
     if lost:
         w, hs, got = lost[0]
-        out.append(("placement lost or moved",
-                    f"{len(lost)} acknowledged placements, e.g. {w} acknowledged on {hs[0]} at sequence "
-                    f"{hs[1]}, listed as {got}"))
+        out.append(
+            (
+                "placement lost or moved",
+                (
+                    f"{len(lost)} acknowledged placements, e.g. {w} acknowledged on {hs[0]} at "
+                    f"sequence {hs[1]}, listed as {got}"
+                ),
+            )
+        )
     back = sorted(w for w in led.gone if w in listed)
     if back:
         acked = [w for w in back if w in led.acked_releases]
-        out.append(("release undone", f"{len(back)} workloads listed again ({len(acked)} of them released "
-                                      f"with an acknowledgement), e.g. {back[0]} on {listed[back[0]][0]}"))
+        out.append(
+            (
+                "release undone",
+                (
+                    f"{len(back)} workloads listed again ({len(acked)} of them released with an "
+                    f"acknowledgement), e.g. {back[0]} on {listed[back[0]][0]}"
+                ),
+            )
+        )
     host_ids = {h.id for h in snap.hosts}
     missing = sorted(led.hosts - host_ids)
     if missing:
-        out.append(("host lost", f"{len(missing)} acknowledged hosts not listed, e.g. {missing[0]}"))
+        out.append(
+            ("host lost", f"{len(missing)} acknowledged hosts not listed, e.g. {missing[0]}")
+        )
     return out
 
 
@@ -485,7 +566,9 @@ def check_capacity(snap: Snapshot) -> list[tuple[str, str]]:
             continue
         vm = p.workload.kind == pb.WORKLOAD_KIND_VM
         for dim, q in p.workload.requests.items():
-            if vm:  # a VM never overcommits: it is charged its request x the ratio (the core rounds up)
+            if (
+                vm
+            ):  # a VM never overcommits: it is charged its request x the ratio (the core rounds up)
                 milli = round(h.allocation_ratios.get(dim, 1.0) * 1000)
                 q = (q * milli + 999) // 1000
             used[h.id][dim] += q
@@ -497,7 +580,9 @@ def check_capacity(snap: Snapshot) -> list[tuple[str, str]]:
             if used[hid][dim] > limit:
                 over.append(f"{hid} {dim} {used[hid][dim]} > {limit}")
             if used[hid][dim] != h.used.get(dim, 0):
-                differ.append(f"{hid} {dim}: recomputed {used[hid][dim]}, reported {h.used.get(dim, 0)}")
+                differ.append(
+                    f"{hid} {dim}: recomputed {used[hid][dim]}, reported {h.used.get(dim, 0)}"
+                )
     if over:
         out.append(("overcommit", f"{len(over)} host dimensions, e.g. {over[0]}"))
     if differ:
@@ -533,8 +618,9 @@ def read_events(stub, after: int, last: int) -> tuple[list[pb.Event], str]:
     return events, incarnation
 
 
-def check_events(stub, snap: Snapshot, verified: int, full: bool,
-                 watched: dict[int, tuple]) -> tuple[list[tuple[str, str]], int]:
+def check_events(
+    stub, snap: Snapshot, verified: int, full: bool, watched: dict[int, tuple]
+) -> tuple[list[tuple[str, str]], int]:
     """Gap-free events to last_sequence; returns failures and the sequence checked up to."""
     out = []
     last = snap.status.last_sequence
@@ -545,25 +631,38 @@ def check_events(stub, snap: Snapshot, verified: int, full: bool,
     try:
         events, incarnation = read_events(stub, start, last)
     except grpc.RpcError as exc:
-        return out + [("sequence gap", f"WatchEvents after {start}: {exc.code().name}: {exc.details()}")], verified
+        return out + [
+            ("sequence gap", f"WatchEvents after {start}: {exc.code().name}: {exc.details()}")
+        ], verified
     expect = start
     for e in events:
         if e.sequence != expect + 1:
-            out.append(("sequence gap", f"event {e.sequence} follows {expect} (reading after {start})"))
+            out.append(
+                ("sequence gap", f"event {e.sequence} follows {expect} (reading after {start})")
+            )
             break
         expect = e.sequence
         if incarnation and e.incarnation and e.incarnation != incarnation:
-            out.append(("sequence gap", f"event {e.sequence} has incarnation {e.incarnation}, "
-                                        f"the stream {incarnation}"))
+            out.append(
+                (
+                    "sequence gap",
+                    f"event {e.sequence} has incarnation {e.incarnation}, the stream {incarnation}",
+                )
+            )
             break
     if not out and expect != last:
         out.append(("sequence gap", f"events end at {expect}, last_sequence is {last}"))
     by_seq = {e.sequence: event_key(e) for e in events}
-    changed = [(s, k, by_seq.get(s)) for s, k in sorted(watched.items())
-               if s > start and by_seq.get(s) != k]
+    changed = [
+        (s, k, by_seq.get(s))
+        for s, k in sorted(watched.items())
+        if s > start and by_seq.get(s) != k
+    ]
     if changed:
         s, k, now = changed[0]
-        out.append(("watched event changed", f"{len(changed)} events seen live, e.g. {s}: {k} -> {now}"))
+        out.append(
+            ("watched event changed", f"{len(changed)} events seen live, e.g. {s}: {k} -> {now}")
+        )
     if full and first == 1 and not out:
         live: dict[str, str] = {}
         for e in events:
@@ -574,12 +673,20 @@ def check_events(stub, snap: Snapshot, verified: int, full: bool,
         listed = {w: h for w, (h, _) in snap.listed().items()}
         if live != listed:
             diff = sorted(set(live.items()) ^ set(listed.items()))
-            out.append(("sequence gap", f"replaying the log gives {len(live)} allocations, the listing "
-                                        f"{len(listed)}; {len(diff)} differ, e.g. {diff[0]}"))
+            out.append(
+                (
+                    "log differs",
+                    (
+                        f"replaying the log gives {len(live)} allocations, the "
+                        f"listing {len(listed)}; {len(diff)} differ, e.g. {diff[0]}"
+                    ),
+                )
+            )
     return out, last
 
 
 # -- the campaign -----------------------------------------------------------------------
+
 
 class Campaign:
     def __init__(self, cfg: ChaosConfig, out=sys.stdout):
@@ -603,8 +710,10 @@ class Campaign:
 
     def run(self, progress=None) -> int:
         cfg = self.cfg
-        self.say(f"chaos: {cfg.trials} trials, {cfg.clients} clients, kill after {cfg.min_s}-{cfg.max_s} s, "
-                 f"seed {self.seed}, store {self.tmp / 'data'} (fsync full)")
+        self.say(
+            f"chaos: {cfg.trials} trials, {cfg.clients} clients, kill after {cfg.min_s}-{cfg.max_s} s, "
+            f"seed {self.seed}, store {self.tmp / 'data'} (fsync full)"
+        )
         t0 = time.perf_counter()
         try:
             self.server.start()
@@ -623,8 +732,10 @@ class Campaign:
             code = self.server.stop()
             if code != 0:
                 self.failed["server died"] += 1
-                self.say(f"FAILED (server died): a clean stop (SIGTERM) exited with code {code}: "
-                         f"{self.server.log_tail()}")
+                self.say(
+                    f"FAILED (server died): a clean stop (SIGTERM) exited with code {code}: "
+                    f"{self.server.log_tail()}"
+                )
             if cfg.disk_faults:
                 self.disk_faults()
         except RuntimeError as exc:  # the server did not (re)start: nothing further can be checked
@@ -634,7 +745,9 @@ class Campaign:
             self.server.kill()
         self.say(self.totals(time.perf_counter() - t0))
         if self.failed and not cfg.keep:
-            self.say(f"kept for inspection: {self.tmp} (store in data/, server output in server.log)")
+            self.say(
+                f"kept for inspection: {self.tmp} (store in data/, server output in server.log)"
+            )
         elif not cfg.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return 1 if self.failed else 0
@@ -646,15 +759,22 @@ class Campaign:
         before = srv.stub.GetStatus(pb.GetStatusRequest(), timeout=60).last_sequence
         stop = threading.Event()
         watcher = Watcher(srv.address, before)
-        clients = [Client(f"t{k}c{i}", srv.address, led, random.Random(self.rng.random()), stop)
-                   for i in range(cfg.clients)]
+        clients = [
+            Client(f"t{k}c{i}", srv.address, led, random.Random(self.rng.random()), stop)
+            for i in range(cfg.clients)
+        ]
         watcher.start()
         for c in clients:
             c.start()
         time.sleep(self.rng.uniform(cfg.min_s, cfg.max_s))
         failures: list[tuple[str, str]] = []
         if not srv.alive():
-            failures.append(("server died", f"exit code {srv.proc.returncode} before the kill: {srv.log_tail()}"))
+            failures.append(
+                (
+                    "server died",
+                    f"exit code {srv.proc.returncode} before the kill: {srv.log_tail()}",
+                )
+            )
         srv.kill()
         stop.set()
         for c in clients:
@@ -663,6 +783,7 @@ class Campaign:
         if self.before_restart is not None:
             self.before_restart(srv.data_dir)
         restart_s = srv.start()
+        t_check = time.perf_counter()
         snap = Snapshot.read(srv.stub)
         full = k == cfg.trials or (cfg.full_check_every > 0 and k % cfg.full_check_every == 0)
         failures += led.failures
@@ -671,9 +792,20 @@ class Campaign:
         failures += ev_failures
         led.settle(snap.listed(), {h.id for h in snap.hosts})
         self.count(failures)
-        return TrialResult(k, snap.status.last_sequence - before, snap.status.last_sequence, led.trial["placed"],
-                           led.trial["released"], led.trial["refused"], led.trial["gangs"], led.trial["hosts"], restart_s,
-                           [f"{c}: {d}" for c, d in failures])
+        n = led.trial
+        return TrialResult(
+            k,
+            snap.status.last_sequence - before,
+            snap.status.last_sequence,
+            n["placed"],
+            n["released"],
+            n["refused"],
+            n["gangs"],
+            n["hosts"],
+            restart_s,
+            time.perf_counter() - t_check,
+            [f"{c}: {d}" for c, d in failures],
+        )
 
     def count(self, failures) -> None:
         for check, _ in failures:
@@ -690,10 +822,13 @@ class Campaign:
                 f"{sum(r.refused for r in rs):,} refused, "
                 f"{sum(r.gangs for r in rs):,} gangs, {sum(r.hosts for r in rs):,} hosts acknowledged; "
                 f"{len(self.ledger.placed):,} live at the end; restart median {restarts[len(rs) // 2]:.2f} s, "
-                f"max {restarts[-1]:.2f} s")
+                f"max {restarts[-1]:.2f} s"
+            )
         lines += self.disk_notes
         if self.failed:
-            lines.append("FAILED checks: " + ", ".join(f"{c} ({n}x)" for c, n in self.failed.items()))
+            lines.append(
+                "FAILED checks: " + ", ".join(f"{c} ({n}x)" for c, n in self.failed.items())
+            )
         else:
             lines.append("all checks passed")
         return "\n".join(lines)
@@ -706,15 +841,21 @@ class Campaign:
             return
         mnt = self.tmp / "tmpfs"
         mnt.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if r.returncode:
-            self.disk_notes.append(f"disk faults skipped: cannot mount a tmpfs ({r.stderr.strip()})")
+            self.disk_notes.append(
+                f"disk faults skipped: cannot mount a tmpfs ({r.stderr.strip()})"
+            )
         else:
             try:
                 DiskFaults(self, mnt, "disk").run_tmpfs()
             finally:
-                subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+                subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
         self.read_only_live()
 
     def read_only_live(self) -> None:
@@ -725,24 +866,31 @@ class Campaign:
         mnt.mkdir()
         with open(image, "wb") as f:
             f.truncate(64 << 20)
-        steps = (["mkfs.ext4", "-q", "-F", str(image)], ["mount", "-o", "loop,errors=remount-ro", str(image), str(mnt)])
+        steps = (
+            ["mkfs.ext4", "-q", "-F", str(image)],
+            ["mount", "-o", "loop,errors=remount-ro", str(image), str(mnt)],
+        )
         for cmd in steps:
             try:
-                r = subprocess.run(cmd, capture_output=True, text=True)
+                r = subprocess.run(cmd, check=False, capture_output=True, text=True)
             except OSError as exc:
                 r = subprocess.CompletedProcess(cmd, 1, "", str(exc))
             if r.returncode:
-                self.disk_notes.append(f"live read-only fault skipped: {' '.join(cmd[:2])}: {r.stderr.strip()}")
+                self.disk_notes.append(
+                    f"live read-only fault skipped: {' '.join(cmd[:2])}: {r.stderr.strip()}"
+                )
                 return
         try:
-            dev = subprocess.run(["findmnt", "-no", "SOURCE", str(mnt)], capture_output=True, text=True).stdout
+            dev = subprocess.run(
+                ["findmnt", "-no", "SOURCE", str(mnt)], check=False, capture_output=True, text=True
+            ).stdout
             trigger = Path("/sys/fs/ext4") / Path(dev.strip()).name / "trigger_fs_error"
             if not trigger.exists():
                 self.disk_notes.append(f"live read-only fault skipped: no {trigger}")
                 return
             DiskFaults(self, mnt, "ro").run_ext4(trigger, image)
         finally:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
 
 
 class DiskFaults:
@@ -795,8 +943,16 @@ class DiskFaults:
     def load(self, seconds: float) -> None:
         """Clients for `seconds` (they stop early when the disk refuses their writes)."""
         stop = threading.Event()
-        clients = [Client(f"d{time.monotonic_ns()}c{i}", self.server.address, self.ledger,
-                          random.Random(self.c.rng.random()), stop) for i in range(4)]
+        clients = [
+            Client(
+                f"d{time.monotonic_ns()}c{i}",
+                self.server.address,
+                self.ledger,
+                random.Random(self.c.rng.random()),
+                stop,
+            )
+            for i in range(4)
+        ]
         for cl in clients:
             cl.start()
         time.sleep(seconds)
@@ -825,7 +981,10 @@ class DiskFaults:
         """Reads answer, a mutation gets UNAVAILABLE naming the cause, GetStatus says why."""
         srv = self.server
         if not srv.alive():
-            self.note(check, f"{when}: the server exited with code {srv.proc.returncode}: {srv.log_tail()}")
+            self.note(
+                check,
+                f"{when}: the server exited with code {srv.proc.returncode}: {srv.log_tail()}",
+            )
             return False
         try:
             snap = Snapshot.read(srv.stub)
@@ -837,19 +996,29 @@ class DiskFaults:
             self.note(check, f"{when}: " + "; ".join(f"{c}: {d}" for c, d in bad))
             return False
         try:
-            srv.stub.Place(pb.PlaceRequest(workloads=[make_workload(f"probe{time.monotonic_ns()}",
-                                                                    random.Random(0))]), timeout=30)
+            srv.stub.Place(
+                pb.PlaceRequest(
+                    workloads=[make_workload(f"probe{time.monotonic_ns()}", random.Random(0))]
+                ),
+                timeout=30,
+            )
             self.note(check, f"{when}: a Place was accepted")
             return False
         except grpc.RpcError as exc:
             details = (exc.details() or "").lower()
             if exc.code() != grpc.StatusCode.UNAVAILABLE or not any(w in details for w in words):
-                self.note(check, f"{when}: Place got {exc.code().name} {exc.details()!r}, expected UNAVAILABLE "
-                                 f"naming {' or '.join(words)!r}")
+                self.note(
+                    check,
+                    f"{when}: Place got {exc.code().name} {exc.details()!r}, expected UNAVAILABLE "
+                    f"naming {' or '.join(words)!r}",
+                )
                 return False
         if snap.status.writable or not snap.status.unwritable_reason:
-            self.note(check, f"{when}: GetStatus says writable={snap.status.writable} "
-                             f"reason={snap.status.unwritable_reason!r}")
+            self.note(
+                check,
+                f"{when}: GetStatus says writable={snap.status.writable} "
+                f"reason={snap.status.unwritable_reason!r}",
+            )
             return False
         return True
 
@@ -859,14 +1028,23 @@ class DiskFaults:
         last = ""
         while time.monotonic() < deadline and self.server.alive():
             try:
-                self.server.stub.Place(pb.PlaceRequest(workloads=[make_workload(
-                    f"resume{time.monotonic_ns()}", random.Random(0))]), timeout=10)
+                self.server.stub.Place(
+                    pb.PlaceRequest(
+                        workloads=[make_workload(f"resume{time.monotonic_ns()}", random.Random(0))]
+                    ),
+                    timeout=10,
+                )
                 return True
             except grpc.RpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
             time.sleep(0.2)
-        state = "alive" if self.server.alive() else f"exited with code {self.server.proc.returncode}"
-        self.note(check, f"{when}: no Place succeeded within {timeout:.0f} s (server {state}; last {last})")
+        state = (
+            "alive" if self.server.alive() else f"exited with code {self.server.proc.returncode}"
+        )
+        self.note(
+            check,
+            f"{when}: no Place succeeded within {timeout:.0f} s (server {state}; last {last})",
+        )
         return False
 
     def full_under_load(self) -> bool:
@@ -876,13 +1054,18 @@ class DiskFaults:
         time.sleep(0.5)
         size = self.fill()
         threads.join()
-        if not self.refusing("disk full", ("full",), f"disk filled under load ({size >> 20} MiB filler)"):
+        if not self.refusing(
+            "disk full", ("full",), f"disk filled under load ({size >> 20} MiB filler)"
+        ):
             return False
         self.filler.unlink()
         if not self.resumes("disk full", "space freed"):
             return False
         self.load(1.0)
-        self.note(None, "full disk under load: reads kept, writes refused with UNAVAILABLE, resumed once freed")
+        self.note(
+            None,
+            "full disk under load: reads kept, writes refused with UNAVAILABLE, resumed once freed",
+        )
         return True
 
     def full_at_restart(self) -> bool:
@@ -907,7 +1090,12 @@ class DiskFaults:
         with a non-zero exit naming the cause (never start and fail at the first write)."""
         self.load(1.0)
         self.server.kill()
-        r = subprocess.run(["mount", "-o", "remount,ro", str(self.mnt)], capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-o", "remount,ro", str(self.mnt)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if r.returncode:
             self.note(None, f"read-only remount skipped: {r.stderr.strip()}")
             return True
@@ -917,8 +1105,11 @@ class DiskFaults:
             except RuntimeError as exc:
                 code, tail = self.server.proc.returncode, self.server.log_tail(5).lower()
                 if code and any(w in tail for w in self.READ_ONLY):
-                    self.note(None, f"restart on a read-only remount: refused to start (exit code {code}), "
-                                    f"naming the cause")
+                    self.note(
+                        None,
+                        f"restart on a read-only remount: refused to start (exit code {code}), "
+                        f"naming the cause",
+                    )
                     return True
                 self.note("read-only", f"restart on a read-only remount: {exc}")
                 return False
@@ -926,10 +1117,15 @@ class DiskFaults:
             if not self.refusing("read-only", self.READ_ONLY, "restarted on a read-only remount"):
                 return False
         finally:
-            subprocess.run(["mount", "-o", "remount,rw", str(self.mnt)], capture_output=True)
+            subprocess.run(
+                ["mount", "-o", "remount,rw", str(self.mnt)], check=False, capture_output=True
+            )
         if not self.resumes("read-only", "remounted read-write"):
             return False
-        self.note(None, "restart on a read-only remount: reads served, writes refused, resumed once writable")
+        self.note(
+            None,
+            "restart on a read-only remount: reads served, writes refused, resumed once writable",
+        )
         return True
 
     def read_only_under_load(self, trigger: Path, image: Path) -> bool:
@@ -943,56 +1139,95 @@ class DiskFaults:
         trigger.write_text("hci-scheduler chaos: read-only fault\n")
         worker.join()
         # SQLite reports a write refused by a read-only file system as a disk I/O error.
-        if not self.refusing("read-only", self.READ_ONLY + ("i/o error",), "file system turned read-only under load"):
+        if not self.refusing(
+            "read-only", self.READ_ONLY + ("i/o error",), "file system turned read-only under load"
+        ):
             return False
         self.server.kill()
-        subprocess.run(["umount", str(self.mnt)], capture_output=True)
-        subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True)
-        r = subprocess.run(["mount", "-o", "loop", str(image), str(self.mnt)], capture_output=True, text=True)
+        subprocess.run(["umount", str(self.mnt)], check=False, capture_output=True)
+        subprocess.run(["e2fsck", "-fy", str(image)], check=False, capture_output=True)
+        r = subprocess.run(
+            ["mount", "-o", "loop", str(image), str(self.mnt)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if r.returncode:
-            self.note(None, f"file system read-only under load: reads kept, writes refused; no remount after "
-                            f"fsck ({r.stderr.strip()})")
+            self.note(
+                None,
+                f"file system read-only under load: reads kept, writes refused; no remount after "
+                f"fsck ({r.stderr.strip()})",
+            )
             return True
         self.server.start(timeout=60)
         snap = Snapshot.read(self.server.stub)
         bad = check_listing(snap, self.ledger)
         if bad:
-            self.note("read-only", "restarted after fsck: " + "; ".join(f"{c}: {d}" for c, d in bad))
+            self.note(
+                "read-only", "restarted after fsck: " + "; ".join(f"{c}: {d}" for c, d in bad)
+            )
             return False
         if not self.resumes("read-only", "restarted after fsck"):
             return False
-        self.note(None, "file system read-only under load: reads kept, writes refused with UNAVAILABLE; "
-                        "after fsck and a restart nothing acknowledged was lost and writes resumed")
+        self.note(
+            None,
+            "file system read-only under load: reads kept, writes refused with UNAVAILABLE; "
+            "after fsck and a restart nothing acknowledged was lost and writes resumed",
+        )
         return True
 
 
 def _parser() -> argparse.ArgumentParser:
     d = ChaosConfig()
-    p = argparse.ArgumentParser(prog="python -m hci_scheduler.bench.chaos", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m hci_scheduler.bench.chaos", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--trials", type=int, default=d.trials)
-    p.add_argument("--clients", type=int, default=d.clients, help="concurrent client threads (default 8)")
-    p.add_argument("--min-s", type=float, default=d.min_s, help="shortest run before a kill (seconds)")
-    p.add_argument("--max-s", type=float, default=d.max_s, help="longest run before a kill (seconds)")
-    p.add_argument("--hosts", type=int, default=d.hosts, help="hosts registered before the first trial")
+    p.add_argument(
+        "--clients", type=int, default=d.clients, help="concurrent client threads (default 8)"
+    )
+    p.add_argument(
+        "--min-s", type=float, default=d.min_s, help="shortest run before a kill (seconds)"
+    )
+    p.add_argument(
+        "--max-s", type=float, default=d.max_s, help="longest run before a kill (seconds)"
+    )
+    p.add_argument(
+        "--hosts", type=int, default=d.hosts, help="hosts registered before the first trial"
+    )
     p.add_argument("--seed", type=int, help="the random seed (printed; default random)")
-    p.add_argument("--full-check-every", type=int, default=d.full_check_every,
-                   help="read the whole log every N trials (and on the last); others read what is new")
+    p.add_argument(
+        "--full-check-every",
+        type=int,
+        default=d.full_check_every,
+        help="read the whole log every N trials (and on the last); others read what is new",
+    )
     p.add_argument("--no-disk-faults", action="store_true", help="skip the tmpfs disk faults")
-    p.add_argument("--keep", action="store_true", help="keep the store and logs even when every check passes")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the store and logs even when every check passes"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    cfg = ChaosConfig(trials=args.trials, clients=args.clients, min_s=args.min_s, max_s=args.max_s,
-                      hosts=args.hosts, seed=args.seed, full_check_every=args.full_check_every,
-                      disk_faults=not args.no_disk_faults, keep=args.keep)
+    cfg = ChaosConfig(
+        trials=args.trials,
+        clients=args.clients,
+        min_s=args.min_s,
+        max_s=args.max_s,
+        hosts=args.hosts,
+        seed=args.seed,
+        full_check_every=args.full_check_every,
+        disk_faults=not args.no_disk_faults,
+        keep=args.keep,
+    )
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        progress = lambda **kw: tqdm(leave=False, file=sys.stderr, **kw)  # noqa: E731
+        progress = lambda **kw: tqdm(leave=False, file=sys.stderr, **kw)
     return Campaign(cfg).run(progress)
 
 

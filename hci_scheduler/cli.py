@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     client(vsub.add_parser("list", help="volumes and their replica hosts"))
     client(vsub.add_parser("delete", help="free a volume no workload mounts")).add_argument("volume_id")
 
+    ck = sub.add_parser("check", help="verify a store offline without changing it (exit 0: sound, 1: not)")
+    ck.add_argument("--data-dir", required=True, help="the data directory of the store (as given to serve)")
     b = sub.add_parser("bench", help="run the benchmark suite (arguments go to bench.main)", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     d = sub.add_parser("demo", help="the main job through gRPC", add_help=False)
@@ -480,6 +482,7 @@ def run_serve(args) -> int:
 
     from .server.app import ServerOptions, TLSConfig, create_server, serve
     from .server.logs import setup_logging
+    from .store import StoreError
 
     conf: dict = {}
     if args.config:
@@ -517,8 +520,26 @@ def run_serve(args) -> int:
     except (ValueError, OSError) as exc:
         print(f"hci-scheduler serve: {exc}", file=sys.stderr)
         return 2
-    serve(server, metrics_address=opt("metrics"), port_file=opt("port_file"), grace=float(opt("grace", 5.0)))
-    return 0
+    except StoreError as exc:  # the store cannot be opened or replayed
+        print(f"hci-scheduler serve: store failed: {exc}", file=sys.stderr)
+        return 1
+    code = serve(server, metrics_address=opt("metrics"), port_file=opt("port_file"),
+                 grace=float(opt("grace", 5.0)))
+    if server.fatal is not None:
+        print(f"hci-scheduler serve: stopped: store failed: {server.fatal}", file=sys.stderr)
+    return code
+
+
+def run_check(args) -> int:
+    """One line per problem of the store on stdout; exit 0 when it is sound, 1 when not."""
+    from .server.check import check_store
+
+    problems = check_store(args.data_dir)
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"{args.data_dir}: store is sound")
+    return 1 if problems else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -535,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "check":
+        return run_check(args)
     import grpc
 
     try:

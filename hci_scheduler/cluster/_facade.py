@@ -149,6 +149,9 @@ class Cluster:
         that matches them, before the host takes any other work. `replicas`
         (a store replaying its log) names exactly which services get one where,
         each checked as `bind` checks.
+
+        A host that would bring a dimension's total over all hosts past 2**63 - 1
+        is refused (ValidationError), so every cluster total is exact in int64.
         """
         hosts = list(hosts)
         with self._lock:

@@ -22,6 +22,12 @@ from ..model import HOST_STATES, Host, check_quantity
 
 _INITIAL_ROWS = 64
 _MAX_NUMA = 8
+#: The most a dimension may total over all live hosts (of each host's larger of capacity
+#: and limit, which bounds its reserved, allocatable, used and free too). Every sum over
+#: hosts then fits int64, exactly: numpy's column sums (utilization, batch order), the
+#: improver's, and GetStatus's int64 totals. One host holds at most 2**46 - 1 at a
+#: 64x allocation ratio (2**52), so 2,048 such hosts fit; hosts of real sizes, billions.
+MAX_CLUSTER_TOTAL = 2**63 - 1
 
 
 class HostTable:
@@ -43,6 +49,9 @@ class HostTable:
         the host per row (None for free rows).
     host_rows : dict str -> int
         row per host id.
+    bound_total : list of int (n_dims,)
+        sum over live hosts of max(capacity, limit), as Python ints: kept at most
+        MAX_CLUSTER_TOTAL per dimension (see check_new).
     """
 
     def __init__(self, dimensions: tuple[str, ...], weights: np.ndarray):
@@ -60,6 +69,7 @@ class HostTable:
         self.spare_rows: list[int] = []      # removed rows, reused lowest first (a heap)
         self.host_rows: dict[str, int] = {}
         self.row_hosts: list[Host | None] = []
+        self.bound_total = [0] * n_dims
         self.cons = ConstraintIndex(dimensions)
         self.cons.rebuild(self.row_hosts, _INITIAL_ROWS, self.ratio_milli)
 
@@ -135,17 +145,26 @@ class HostTable:
         return cap, allocatable, limit, ratio_milli, numa
 
     def check_new(self, hosts: list) -> list:
-        """Validate hosts to be added (type, unique new ids, dimensions); returns their
-        compiled rows for `add`. Changes nothing."""
+        """Validate hosts to be added (type, unique new ids, dimensions, the cluster's
+        totals within MAX_CLUSTER_TOTAL); returns their compiled rows for `add`.
+        Changes nothing."""
         compiled = []
         seen = set()
+        total = list(self.bound_total)
         for host in hosts:
             if not isinstance(host, Host):
                 raise ValidationError(f"add_hosts expects Host objects, got {type(host).__name__}")
             if host.id in self.host_rows or host.id in seen:
                 raise DuplicateId(f"host id {host.id!r} is already registered")
             seen.add(host.id)
-            compiled.append(self._compile_host(host))
+            row = self._compile_host(host)
+            for d, v in enumerate(np.maximum(row[0], row[2]).tolist()):
+                total[d] += v
+                if total[d] > MAX_CLUSTER_TOTAL:
+                    raise ValidationError(
+                        f"host {host.id} would bring the cluster's total {self.dimensions[d]} to {total[d]:,}, "
+                        f"past 2**63 - 1 (capacity, or capacity x allocation_ratio, summed over hosts)")
+            compiled.append(row)
         return compiled
 
     def add(self, hosts: list[Host], compiled: list) -> list[int]:
@@ -174,6 +193,7 @@ class HostTable:
             self.row_hosts[row] = host
             self.state.set_limit(row, limit)
             numa[row] = numa_nodes
+            self._count_bound(cap, limit, +1)
         self.cons.add_rows(rows, self.row_hosts, self.ratio_milli, numa)
         self.refresh_reference(added=rows)
         ready = [row for host, row in zip(hosts, rows) if host.state == "ready"]
@@ -183,6 +203,7 @@ class HostTable:
     def remove(self, row: int) -> None:
         """Free an empty row (the ledger has released everything on it)."""
         host_id = self.row_hosts[row].id
+        self._count_bound(self.capacity[row], self.state.limit_array[row], -1)
         self.state.clear_row(row)
         self.capacity[row] = 0
         self.allocatable[row] = 0
@@ -194,6 +215,10 @@ class HostTable:
         heapq.heappush(self.spare_rows, row)
         self.cons.rebuild(self.row_hosts, self.state.n_rows, self.ratio_milli)
         self.refresh_reference()
+
+    def _count_bound(self, cap: np.ndarray, limit: np.ndarray, sign: int) -> None:
+        for d, v in enumerate(np.maximum(cap, limit).tolist()):
+            self.bound_total[d] += sign * v
 
     def update(self, row: int, labels=None, taints=None, state: str | None = None) -> Host:
         """Replace a row's labels, taints and/or state, all checked first; returns the host."""

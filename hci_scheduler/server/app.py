@@ -13,12 +13,14 @@ credential the server refuses a non-loopback address unless
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import hmac
 import ipaddress
 import logging
 import os
 import signal
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -157,11 +159,26 @@ class Server:
         self.metrics = metrics
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self.fatal: BaseException | None = None  # the store failure that stopped the server
 
     def start(self) -> None:
         self.grpc.start()
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.writable_changed(self.state.unwritable_reason is None)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def writable_changed(self, writable: bool, reason: str = "") -> None:
+        """The scheduler service is NOT_SERVING while the store refuses writes (reads
+        still work; the overall "" status stays SERVING, so a supervisor does not restart
+        a server that a restart would not cure)."""
+        status = health_pb2.HealthCheckResponse.SERVING if writable else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(SERVICE_NAME, status)
+
+    def stop_fatally(self, exc: BaseException) -> None:
+        """A store failure the server cannot serve through: stop, and make the exit code
+        say so (see serve)."""
+        self.fatal = exc
+        log.error("store failed: stopping", extra={"fields": {"cause": str(exc)}})
+        threading.Thread(target=self.stop, args=(0,), daemon=True).start()
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Stop taking calls, give in-flight calls `grace` seconds, drain the writer,
@@ -258,7 +275,8 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     if opts.data_dir is None:
         log.warning("no data dir: state lives in memory and is lost on exit")
     srv = Server(server, port, state, servicer, health_servicer, metrics)
-    state.on_fatal = lambda exc: threading.Thread(target=srv.stop, args=(0,), daemon=True).start()
+    state.on_fatal = srv.stop_fatally
+    state.on_writable_change = srv.writable_changed
     return srv, port
 
 
@@ -313,8 +331,12 @@ def start_metrics_http(metrics: Metrics, address: str):
 
 
 def serve(server: Server, *, metrics_address: str | None = None, port_file: str | None = None,
-          grace: float = 5.0) -> None:
-    """Start `server`, block until SIGTERM or SIGINT, then stop it gracefully."""
+          grace: float = 5.0) -> int:
+    """Start `server`, block until SIGTERM or SIGINT, then stop it gracefully. Returns the
+    process exit code: 0 after a signal, 1 when a store failure stopped the server."""
+    # A fatal signal (SIGBUS from a store file's memory map, SIGSEGV) leaves a traceback on
+    # stderr instead of nothing.
+    faulthandler.enable(file=sys.stderr)
     httpd = None
     if metrics_address:
         httpd, mport = start_metrics_http(server.metrics, metrics_address)
@@ -337,3 +359,4 @@ def serve(server: Server, *, metrics_address: str | None = None, port_file: str 
         pass
     if httpd is not None:
         httpd.shutdown()
+    return 0 if server.fatal is None else 1

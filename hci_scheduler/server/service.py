@@ -281,13 +281,22 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         if bad:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"types must be among {sorted(convert.EVENT_TYPES)}, got {sorted(bad)}")
+        incarnation = self.state.incarnation
+        if request.incarnation and request.incarnation != incarnation:
+            # The log was started again after losing acknowledged events: the watcher's
+            # sequence numbers may name other events now.
+            context.abort(grpc.StatusCode.DATA_LOSS,
+                          f"incarnation {request.incarnation!r} is not the log's current one {incarnation!r}: "
+                          "the log lost events and numbers were reused; list and watch again")
         after = request.after_sequence
-        last = self.state.store.last_sequence()
-        if after > last:
-            context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                          f"after_sequence {after} is beyond the last sequence {last}")
         store = self.state.store
         while context.is_active() and not self.stopping:
+            # Checked on every idle round too: a watcher waiting at a sequence the store
+            # no longer holds must not wait for other events to reuse its numbers.
+            last = store.last_sequence()
+            if after > last:
+                context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                              f"after_sequence {after} is beyond the last sequence {last}")
             try:
                 records = store.read(after, 1000)
             except StoreError as exc:
@@ -299,4 +308,4 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                 after = rec.sequence
                 if types and rec.kind not in types:
                     continue
-                yield pb.WatchEventsResponse(event=pb.Event.FromString(rec.body))
+                yield pb.WatchEventsResponse(event=pb.Event.FromString(rec.body), incarnation=incarnation)

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from ..errors import DuplicateId, NotFound, SchedulerError, ValidationError
 from ..model import Placement
-from ..store import Record, Store, StoreError
+from ..store import Record, Store, StoreError, StoreUnwritable
 from ..v1 import scheduler_pb2 as pb
 from . import convert
 from .convert import PlaceItem
@@ -47,13 +47,14 @@ _NO_BYTES = b""
 class _Events:
     """The events of one writer batch, numbered on from the state's last sequence."""
 
-    __slots__ = ("records", "seq", "_ns", "_heads")
+    __slots__ = ("records", "seq", "_ns", "_heads", "_tail")
 
-    def __init__(self, last: int):
+    def __init__(self, last: int, incarnation_field: bytes = _NO_BYTES):
         self.records: list[Record] = []
         self.seq = last
         self._ns = time.time_ns()
         self._heads: dict[int, bytes] = {}
+        self._tail = incarnation_field  # Event.incarnation, encoded once: every event carries it
 
     def add(self, etype: int, host_id: str = "", workload_id: str = "", spec: bytes = _NO_BYTES,
             **fields) -> int:
@@ -61,7 +62,7 @@ class _Events:
         per_host_workload_ids, volume_id), encoded by protobuf. Returns its sequence."""
         head = self._heads.get(etype)
         if head is None:
-            head = self._heads[etype] = event_head(etype, self._ns)
+            head = self._heads[etype] = event_head(etype, self._ns) + self._tail
         extra = pb.Event(**fields).SerializeToString() if fields else _NO_BYTES
         self.seq += 1
         self.records.append(Record(self.seq, etype, event(self.seq, head, host_id, workload_id, spec, extra)))
@@ -119,12 +120,25 @@ class SchedulerState:
         self._placed: dict[str, tuple[int, bytes]] = {}
         self.events_cond = threading.Condition()
         self._event_waiters = 0  # threads in wait_events
+        self._cluster_factory = factory
+        self.incarnation = store.incarnation()
+        self._incarnation_field = pb.Event(incarnation=self.incarnation).SerializeToString()
+        # Why the store refuses writes (None: it takes them); see _refuse_writes.
+        self.unwritable_reason: str | None = None
+        self.on_writable_change: Callable[[bool, str], None] | None = None
+        self.probe_interval_s = 1.0
+        self._probe_stop = threading.Event()
+        self._prober: threading.Thread | None = None
         t0 = time.perf_counter()
         n = self._replay()
         log.info("state rebuilt", extra={"fields": {
             "events": n, "hosts": self.cluster.n_hosts, "allocations": len(self._placed),
             "sequence": self.sequence, "seconds": round(time.perf_counter() - t0, 3)}})
         self.writer = Writer(self._process, max_batch)
+        try:  # a restart on a full disk serves reads and refuses writes from the start
+            store.probe_write()
+        except StoreUnwritable as exc:
+            self._refuse_writes(exc)
 
     # -- replay --------------------------------------------------------------
 
@@ -204,11 +218,65 @@ class SchedulerState:
     def close(self, timeout: float | None = 10.0) -> None:
         """Refuse new mutations, let the queued ones finish, close the store."""
         self.writer.close(timeout)
+        self._probe_stop.set()
+        if self._prober is not None:
+            self._prober.join()
         self.store.close()
+
+    # -- a store that refuses writes ------------------------------------------
+
+    def _restore_durable(self, exc: StoreUnwritable) -> None:
+        """Put the Cluster back to the durable state after a batch whose events the store
+        refused: the batch already changed the Cluster, so it is rebuilt from the log
+        (replay), the one path that is known to give exactly the acknowledged state.
+        Called under the lock: reads wait for the rebuild and never see the lost batch."""
+        log.error("store refused a batch: rebuilding the state from the log", extra={"fields": {
+            "reason": str(exc), "sequence": self.sequence}})
+        self.cluster = self._cluster_factory(self.dimensions)
+        self._placed = {}
+        self.sequence = 0
+        self._replay()
+
+    def _refuse_writes(self, exc: StoreUnwritable) -> None:
+        """Serve reads and refuse mutations (UNAVAILABLE, with the reason) until a write
+        probe, once every probe_interval_s, succeeds; health follows."""
+        first = self.unwritable_reason is None
+        self.unwritable_reason = str(exc)
+        if not first:
+            return
+        log.error("store refuses writes: serving reads only until it takes writes again", extra={"fields": {
+            "reason": str(exc)}})
+        if self.on_writable_change is not None:
+            self.on_writable_change(False, str(exc))
+        if self._prober is None or not self._prober.is_alive():
+            self._prober = threading.Thread(target=self._probe_loop, name="store-probe", daemon=True)
+            self._prober.start()
+
+    def _probe_loop(self) -> None:
+        while not self._probe_stop.wait(self.probe_interval_s):
+            try:
+                self.store.probe_write()
+            except StoreUnwritable as exc:
+                self.unwritable_reason = str(exc)
+                continue
+            except StoreError as exc:  # a closed store ends the probe; anything else is fatal
+                if not self._probe_stop.is_set():
+                    self.writer.fail(exc)
+                return
+            self.unwritable_reason = None
+            log.info("store takes writes again", extra={"fields": {"sequence": self.sequence}})
+            if self.on_writable_change is not None:
+                self.on_writable_change(True, "")
+            return
 
     def _process(self, ops: list[Op]) -> None:
         """Apply a batch under the lock and append its events in one transaction."""
-        events = _Events(self.sequence)
+        reason = self.unwritable_reason
+        if reason is not None:
+            for op in ops:
+                op.error = StoreUnwritable(f"the store refuses writes: {reason}")
+            return
+        events = _Events(self.sequence, self._incarnation_field)
         outcomes: list[tuple[Op, object, BaseException | None]] = []
         now = time.monotonic()
         n_place = 0
@@ -233,8 +301,17 @@ class SchedulerState:
                 i += 1
             if events.records:
                 # Durable before any reply; one transaction (one fsync) for the whole batch.
-                self.store.append(events.records)
-                self.sequence = events.seq
+                try:
+                    self.store.append(events.records)
+                except StoreUnwritable as exc:
+                    self._restore_durable(exc)
+                    self._refuse_writes(exc)
+                    # Every call of the batch fails and changes nothing: the answers of the
+                    # others may have depended on what the lost ones did.
+                    outcomes = [(op, None, exc) for op, _, _ in outcomes]
+                    events.records.clear()
+                else:
+                    self.sequence = events.seq
         if self.metrics is not None:
             self.metrics.batch(n_place)
         for op, result, exc in outcomes:
@@ -446,8 +523,11 @@ class SchedulerState:
     def status(self) -> pb.GetStatusResponse:
         with self.lock:
             c = self.cluster
+            reason = self.unwritable_reason
             out = pb.GetStatusResponse(dimensions=self.dimensions, allocations=len(self._placed),
-                                       last_sequence=self.sequence, hosts_used=int(c.hosts_used()))
+                                       last_sequence=self.sequence, hosts_used=int(c.hosts_used()),
+                                       incarnation=self.incarnation, writable=reason is None,
+                                       unwritable_reason=reason or "")
             for name in convert.HOST_STATES.values():
                 out.hosts_by_state[name] = 0
             for h in c.hosts():

@@ -136,7 +136,7 @@ class Writer:
                 for op in ops:
                     if op.error is None and op.result is None:
                         op.error = StoreFailed(str(exc))
-                self._fail(exc)
+                self.fail(exc)
                 for op in ops:
                     if op is not mine:
                         op.wake.release()
@@ -180,7 +180,11 @@ class Writer:
                     break
                 self._cond.wait(remaining)
 
-    def _fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
+        """Stop for good (fail-stop): pending and later operations fail with StoreFailed,
+        and on_fatal runs once with the cause."""
+        if self.broken is not None:
+            return
         self.broken = exc
         with self._cond:
             self._stopping = True

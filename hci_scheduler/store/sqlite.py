@@ -16,6 +16,7 @@ it lost acknowledged events, says so in an ERROR and starts a new incarnation.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -76,6 +77,56 @@ def check_files_writable(path: str) -> None:
         os.close(fd)
 
 
+#: Bytes kept beside the database (`<db>.reserve`). SQLite cannot open a database in WAL
+#: mode without its shared-memory index (`-shm`, 32 KiB to start), which a clean stop
+#: deletes; on a full disk the reserve is given up to make room for it, so that a restart
+#: on a full disk serves reads (and refuses writes) instead of failing to start. Writes
+#: resume only once the reserve could be made again (see probe_write).
+RESERVE_BYTES = 128 * 1024
+
+
+def _keep_reserve(path: str) -> None:
+    """Make the reserve when it is missing; OSError when there is no room. Written, not
+    truncated: a sparse file would hold no blocks."""
+    reserve = path + ".reserve"
+    with contextlib.suppress(OSError):
+        if os.path.getsize(reserve) == RESERVE_BYTES:
+            return
+    try:
+        with open(reserve, "wb", buffering=0) as f:
+            data = memoryview(bytes(RESERVE_BYTES))
+            while data:  # a short write on a nearly full disk, then ENOSPC
+                data = data[f.write(data):]
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(reserve)
+        raise
+
+
+def _session(path: str, synchronous: str | None = None) -> sqlite3.Connection:
+    """Another connection to the open store (a reader, the checkpointer): the database is
+    in WAL mode already, so no statement that may write, and it opens on a full disk too."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    if synchronous is not None:
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    return conn
+
+
+def _open_with_reserve(path: str, synchronous: str) -> sqlite3.Connection:
+    """_connect, giving up the reserve once when the disk has no room to open."""
+    try:
+        return _connect(path, synchronous)
+    except sqlite3.Error as exc:
+        reserve = path + ".reserve"
+        if not os.path.exists(reserve):
+            raise
+        os.unlink(reserve)
+        log.warning("cannot open the store, giving up its reserve to make room", extra={"fields": {
+            "path": path, "reason": str(exc)}})
+        return _connect(path, synchronous)
+
+
 def _connect(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one append is
     # exactly one transaction.
@@ -108,7 +159,10 @@ class SQLiteStore(Store):
         self.path = path
         self.synchronous = synchronous
         check_files_writable(path)
-        self._wconn = _connect(path, synchronous)
+        try:
+            self._wconn = _open_with_reserve(path, synchronous)
+        except sqlite3.Error as exc:  # not a database, no room for the WAL index, ...
+            raise _store_error(path, "cannot open", exc) from exc
         self._cond = threading.Condition()
         self._committing = False
         self._checkpoint_wanted = False
@@ -134,6 +188,8 @@ class SQLiteStore(Store):
         self._marked: Mark | None = None
         self._mark_failing = False
         self._settle_incarnation()
+        with contextlib.suppress(OSError):  # on a full disk, probe_write says so
+            _keep_reserve(path)
         # Checkpoints copy the WAL into the database file and fsync it. Run inline (SQLite's
         # default, every 1000 pages) one lands on some commit and stalls its reply: the p99.
         # A background thread checkpoints instead, once a second, between two commits.
@@ -198,6 +254,11 @@ class SQLiteStore(Store):
     def probe_write(self) -> None:
         """Rewrite one meta row: a real commit, so it fails as long as the disk is full."""
         try:
+            _keep_reserve(self.path)
+        except OSError as exc:
+            raise StoreUnwritable(f"{self.path}: write probe failed: no room for the reserve: "
+                                  f"{os.strerror(exc.errno) if exc.errno else exc}") from exc
+        try:
             self.set_meta("probe", "1")
         except sqlite3.Error as exc:
             raise _store_error(self.path, "write probe failed", exc) from exc
@@ -208,7 +269,7 @@ class SQLiteStore(Store):
         catches up with it: the WAL then only grows, and appending to a growing file
         costs an fsync of its metadata too, which roughly doubled a commit's time on
         ext4 (bench/README.md). At most one commit a second waits for a checkpoint."""
-        conn = _connect(self.path, self.synchronous)
+        conn = _session(self.path, self.synchronous)
         try:
             while not self._stop_checkpoints.wait(self.checkpoint_interval_s):
                 with self._cond:
@@ -295,7 +356,7 @@ class SQLiteStore(Store):
         if conn is None:
             if self._closed:
                 raise StoreError("store is closed")
-            conn = _connect(self.path, self.synchronous)
+            conn = _session(self.path)
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
@@ -309,7 +370,10 @@ class SQLiteStore(Store):
         if limit is not None:
             sql += " LIMIT ?"
             args = (after, limit)
-        rows = self._reader().execute(sql, args).fetchall()
+        try:
+            rows = self._reader().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "read failed", exc) from exc
         return [Record(int(s), int(k), bytes(b)) for s, k, b in rows]
 
     def last_sequence(self) -> int:

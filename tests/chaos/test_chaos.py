@@ -1,6 +1,7 @@
 """The chaos suite (bench/chaos.py) in short: three kill-and-restart trials of a real server
 under concurrent clients, the disk faults on a tmpfs, and each check shown to catch the fault
 it names on a listing built by hand. Select with `-m chaos`."""
+
 from __future__ import annotations
 
 import io
@@ -9,8 +10,8 @@ import subprocess
 import tempfile
 
 import pytest
-
 from hci_scheduler.bench import chaos
+
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
 pytestmark = pytest.mark.chaos
@@ -18,8 +19,19 @@ pytestmark = pytest.mark.chaos
 
 def test_chaos_kill_restart_trials_keep_every_acknowledged_write():
     out = io.StringIO()
-    campaign = chaos.Campaign(chaos.ChaosConfig(trials=3, clients=8, min_s=0.5, max_s=1.0, hosts=16, seed=13,
-                                                full_check_every=2, disk_faults=False), out=out)
+    campaign = chaos.Campaign(
+        chaos.ChaosConfig(
+            trials=3,
+            clients=8,
+            min_s=0.5,
+            max_s=1.0,
+            hosts=16,
+            seed=13,
+            full_check_every=2,
+            disk_faults=False,
+        ),
+        out=out,
+    )
     rc = campaign.run()
     assert rc == 0, out.getvalue()
     assert not campaign.failed, out.getvalue()
@@ -35,16 +47,27 @@ def _can_mount_tmpfs() -> bool:
     if os.geteuid() != 0:
         return False
     with tempfile.TemporaryDirectory() as d:
-        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d], capture_output=True).returncode == 0
+        ok = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d],
+                check=False,
+                capture_output=True,
+            ).returncode
+            == 0
+        )
         if ok:
-            subprocess.run(["umount", d], capture_output=True)
+            subprocess.run(["umount", d], check=False, capture_output=True)
         return ok
 
 
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="mounting a tmpfs needs root and a kernel that allows it")
+@pytest.mark.skipif(
+    not _can_mount_tmpfs(), reason="mounting a tmpfs needs root and a kernel that allows it"
+)
 def test_disk_full_and_read_only_keep_reads_refuse_writes_and_resume():
     out = io.StringIO()
-    campaign = chaos.Campaign(chaos.ChaosConfig(trials=0, hosts=8, seed=13, disk_faults=True), out=out)
+    campaign = chaos.Campaign(
+        chaos.ChaosConfig(trials=0, hosts=8, seed=13, disk_faults=True), out=out
+    )
     rc = campaign.run()
     assert rc == 0, out.getvalue()
     assert "FAILED" not in out.getvalue() and "resumed once freed" in out.getvalue(), out.getvalue()
@@ -52,15 +75,27 @@ def test_disk_full_and_read_only_keep_reads_refuse_writes_and_resume():
 
 # -- each check catches its fault --------------------------------------------------------
 
+
 def _host(hid: str, cpu: int, memory: int, ratio: float = 1.0, used: dict | None = None) -> pb.Host:
-    return pb.Host(id=hid, capacity={"cpu": cpu, "memory": memory}, reserved={"cpu": 100},
-                   allocation_ratios={"cpu": ratio}, used=used or {})
+    return pb.Host(
+        id=hid,
+        capacity={"cpu": cpu, "memory": memory},
+        reserved={"cpu": 100},
+        allocation_ratios={"cpu": ratio},
+        used=used or {},
+    )
 
 
-def _placed(wid: str, hid: str, seq: int, cpu: int, memory: int, vm: bool = False, gang: str = "") -> pb.Placement:
+def _placed(
+    wid: str, hid: str, seq: int, cpu: int, memory: int, vm: bool = False, gang: str = ""
+) -> pb.Placement:
     kind = pb.WORKLOAD_KIND_VM if vm else pb.WORKLOAD_KIND_CONTAINER
-    return pb.Placement(workload_id=wid, host_id=hid, sequence=seq,
-                        workload=pb.Workload(id=wid, kind=kind, requests={"cpu": cpu, "memory": memory}, gang=gang))
+    return pb.Placement(
+        workload_id=wid,
+        host_id=hid,
+        sequence=seq,
+        workload=pb.Workload(id=wid, kind=kind, requests={"cpu": cpu, "memory": memory}, gang=gang),
+    )
 
 
 def _snapshot(allocations, hosts) -> chaos.Snapshot:
@@ -74,15 +109,21 @@ def _checks(failures) -> set[str]:
 def test_check_capacity_recomputes_usage_with_ratios_and_vm_charges():
     # h1: allocatable cpu 1000 - 100 = 900, ratio 2 -> limit 1800.
     # containers 1000 + 700 = 1700 <= 1800: fits.
-    fits = _snapshot([_placed("a", "h1", 1, 1000, 10), _placed("b", "h1", 2, 700, 10)],
-                     [_host("h1", 1000, 100, ratio=2.0, used={"cpu": 1700, "memory": 20})])
+    fits = _snapshot(
+        [_placed("a", "h1", 1, 1000, 10), _placed("b", "h1", 2, 700, 10)],
+        [_host("h1", 1000, 100, ratio=2.0, used={"cpu": 1700, "memory": 20})],
+    )
     assert chaos.check_capacity(fits) == []
     # A VM is charged request x ratio: 1000 + 2 x 450 = 1900 > 1800: overcommitted.
-    vm = _snapshot([_placed("a", "h1", 1, 1000, 10), _placed("v", "h1", 2, 450, 10, vm=True)],
-                   [_host("h1", 1000, 100, ratio=2.0, used={"cpu": 1900, "memory": 20})])
+    vm = _snapshot(
+        [_placed("a", "h1", 1, 1000, 10), _placed("v", "h1", 2, 450, 10, vm=True)],
+        [_host("h1", 1000, 100, ratio=2.0, used={"cpu": 1900, "memory": 20})],
+    )
     assert _checks(chaos.check_capacity(vm)) == {"overcommit"}
     # The server reporting other usage than its own allocations add up to.
-    differ = _snapshot([_placed("a", "h1", 1, 500, 10)], [_host("h1", 1000, 100, used={"cpu": 400, "memory": 10})])
+    differ = _snapshot(
+        [_placed("a", "h1", 1, 500, 10)], [_host("h1", 1000, 100, used={"cpu": 400, "memory": 10})]
+    )
     assert _checks(chaos.check_capacity(differ)) == {"usage differs"}
 
 
@@ -103,7 +144,9 @@ def test_check_ledger_finds_lost_moved_and_undone():
     assert chaos.check_ledger(_snapshot(good, hosts), led) == []
     moved = [_placed("a", "h1", 1, 1, 1), _placed("b", "h2", 2, 1, 1), _placed("c", "h2", 3, 1, 1)]
     assert _checks(chaos.check_ledger(_snapshot(moved, hosts), led)) == {"placement lost or moved"}
-    assert _checks(chaos.check_ledger(_snapshot(good[:2], hosts), led)) == {"placement lost or moved"}
+    assert _checks(chaos.check_ledger(_snapshot(good[:2], hosts), led)) == {
+        "placement lost or moved"
+    }
     undone = good + [_placed("r", "h1", 4, 1, 1)]
     assert _checks(chaos.check_ledger(_snapshot(undone, hosts), led)) == {"release undone"}
     assert _checks(chaos.check_ledger(_snapshot(good, hosts[:1]), led)) == {"host lost"}
@@ -117,8 +160,12 @@ def test_chaos_names_the_loss_of_a_store_damaged_between_kill_and_restart():
     # The store's files removed after the second kill: whatever the server then does (start
     # empty, or refuse to start), the campaign fails and names what was lost.
     out = io.StringIO()
-    campaign = chaos.Campaign(chaos.ChaosConfig(trials=2, clients=4, min_s=0.3, max_s=0.5, hosts=8, seed=13,
-                                                disk_faults=False), out=out)
+    campaign = chaos.Campaign(
+        chaos.ChaosConfig(
+            trials=2, clients=4, min_s=0.3, max_s=0.5, hosts=8, seed=13, disk_faults=False
+        ),
+        out=out,
+    )
     kills = []
 
     def damage(data_dir):
@@ -129,5 +176,7 @@ def test_chaos_names_the_loss_of_a_store_damaged_between_kill_and_restart():
 
     campaign.before_restart = damage
     assert campaign.run() == 1, out.getvalue()
-    assert campaign.failed.keys() & {"placement lost or moved", "host lost", "server died"}, out.getvalue()
+    assert campaign.failed.keys() & {"placement lost or moved", "host lost", "server died"}, (
+        out.getvalue()
+    )
     assert "FAILED" in out.getvalue()

@@ -30,6 +30,17 @@ _MAX_NUMA = 8
 MAX_CLUSTER_TOTAL = 2**63 - 1
 
 
+def _bound_sums(compiled: list, n_dims: int) -> list[int]:
+    """Exact per-dimension sums, as Python ints, of max(capacity, limit) over hosts
+    compiled by `HostTable._compile_host`. Each entry is below 2**53 (2**46 x 64), so
+    it is summed as 26-bit halves: no int64 sum of up to 2**36 hosts can wrap."""
+    if not compiled:
+        return [0] * n_dims
+    bound = np.maximum(np.stack([c[0] for c in compiled]), np.stack([c[2] for c in compiled]))
+    high, low = (bound >> 26).sum(axis=0).tolist(), (bound & ((1 << 26) - 1)).sum(axis=0).tolist()
+    return [(h << 26) + lo for h, lo in zip(high, low)]
+
+
 class HostTable:
     """Rows <-> host ids and the per-row host arrays.
 
@@ -150,21 +161,22 @@ class HostTable:
         Changes nothing."""
         compiled = []
         seen = set()
-        total = list(self.bound_total)
         for host in hosts:
             if not isinstance(host, Host):
                 raise ValidationError(f"add_hosts expects Host objects, got {type(host).__name__}")
             if host.id in self.host_rows or host.id in seen:
                 raise DuplicateId(f"host id {host.id!r} is already registered")
             seen.add(host.id)
-            row = self._compile_host(host)
-            for d, v in enumerate(np.maximum(row[0], row[2]).tolist()):
-                total[d] += v
-                if total[d] > MAX_CLUSTER_TOTAL:
-                    raise ValidationError(
-                        f"host {host.id} would bring the cluster's total {self.dimensions[d]} to {total[d]:,}, "
-                        f"past 2**63 - 1 (capacity, or capacity x allocation_ratio, summed over hosts)")
-            compiled.append(row)
+            compiled.append(self._compile_host(host))
+        for d, added in enumerate(_bound_sums(compiled, len(self.dimensions))):
+            if self.bound_total[d] + added > MAX_CLUSTER_TOTAL:
+                total = self.bound_total[d]
+                for host, row in zip(hosts, compiled):  # name the first host past the bound
+                    total += max(int(row[0][d]), int(row[2][d]))
+                    if total > MAX_CLUSTER_TOTAL:
+                        raise ValidationError(
+                            f"host {host.id} would bring the cluster's total {self.dimensions[d]} to {total:,}, "
+                            f"past 2**63 - 1 (capacity, or capacity x allocation_ratio, summed over hosts)")
         return compiled
 
     def add(self, hosts: list[Host], compiled: list) -> list[int]:
@@ -184,6 +196,7 @@ class HostTable:
         self.spare_rows = spare
         self.n_rows = next_row
         numa = {}
+        self.bound_total = [t + added for t, added in zip(self.bound_total, _bound_sums(compiled, len(self.dimensions)))]
         for host, row, (cap, alloc, limit, ratio_milli, numa_nodes) in zip(hosts, rows, compiled):
             self.capacity[row] = cap
             self.allocatable[row] = alloc
@@ -193,7 +206,6 @@ class HostTable:
             self.row_hosts[row] = host
             self.state.set_limit(row, limit)
             numa[row] = numa_nodes
-            self._count_bound(cap, limit, +1)
         self.cons.add_rows(rows, self.row_hosts, self.ratio_milli, numa)
         self.refresh_reference(added=rows)
         ready = [row for host, row in zip(hosts, rows) if host.state == "ready"]
@@ -203,7 +215,8 @@ class HostTable:
     def remove(self, row: int) -> None:
         """Free an empty row (the ledger has released everything on it)."""
         host_id = self.row_hosts[row].id
-        self._count_bound(self.capacity[row], self.state.limit_array[row], -1)
+        bound = np.maximum(self.capacity[row], self.state.limit_array[row]).tolist()
+        self.bound_total = [t - b for t, b in zip(self.bound_total, bound)]
         self.state.clear_row(row)
         self.capacity[row] = 0
         self.allocatable[row] = 0
@@ -215,10 +228,6 @@ class HostTable:
         heapq.heappush(self.spare_rows, row)
         self.cons.rebuild(self.row_hosts, self.state.n_rows, self.ratio_milli)
         self.refresh_reference()
-
-    def _count_bound(self, cap: np.ndarray, limit: np.ndarray, sign: int) -> None:
-        for d, v in enumerate(np.maximum(cap, limit).tolist()):
-            self.bound_total[d] += sign * v
 
     def update(self, row: int, labels=None, taints=None, state: str | None = None) -> Host:
         """Replace a row's labels, taints and/or state, all checked first; returns the host."""

@@ -4,10 +4,12 @@ kept in a small file beside the database, outside SQLite's WAL.
 A damaged WAL (truncated, overwritten) makes SQLite drop every frame from the damage on,
 silently: the store opens with fewer events than it acknowledged, and the next events
 would reuse the lost sequence numbers. The mark is written (fsync, then rename) at each
-checkpoint and at a clean stop, so a store that opens below its mark has lost events
-that were acknowledged; the store then starts a new incarnation instead of reusing
-numbers a watcher may have seen (see SQLiteStore). Losses after the last mark (at most
-one checkpoint interval of commits) are not detectable this way.
+checkpoint and at a clean stop, and without fsync every 0.1 s between them (a process
+kill keeps it), so a store that opens below its mark has lost events that were
+acknowledged; the store then starts a new incarnation instead of reusing numbers a
+watcher may have seen (see SQLiteStore). The commits made after the mark was last
+written (0.1 s of them; after a power loss, one checkpoint interval) can be lost
+without detection.
 """
 from __future__ import annotations
 
@@ -45,19 +47,22 @@ def read_mark(path: str) -> Mark | None:
     return mark
 
 
-def write_mark(path: str, mark: Mark) -> None:
-    """Replace the mark atomically: a crash leaves the old mark or the new one, never half
-    of one. Raises OSError (a full disk, a read-only directory)."""
+def write_mark(path: str, mark: Mark, sync: bool = True) -> None:
+    """Replace the mark atomically: a process kill leaves the old mark or the new one,
+    never half of one; with `sync`, so does a power loss. Raises OSError (a full disk,
+    a read-only directory)."""
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, json.dumps({"incarnation": mark.incarnation, "sequence": mark.sequence}).encode())
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power loss
-    finally:
-        os.close(dir_fd)
+    if sync:
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power loss
+        finally:
+            os.close(dir_fd)

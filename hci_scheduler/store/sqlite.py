@@ -187,6 +187,9 @@ class SQLiteStore(Store):
         self.mark_path = mark_path(path)
         self._marked: Mark | None = None
         self._mark_failing = False
+        self._marked_synced = False
+        self._mark_lock = threading.Lock()
+        self.mark_interval_s = 0.1
         self._settle_incarnation()
         with contextlib.suppress(OSError):  # on a full disk, probe_write says so
             _keep_reserve(path)
@@ -197,6 +200,8 @@ class SQLiteStore(Store):
         self._stop_checkpoints = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True)
         self._checkpointer.start()
+        self._marker = threading.Thread(target=self._mark_loop, name="sqlite-mark", daemon=True)
+        self._marker.start()
 
     def _settle_incarnation(self) -> None:
         """The store's incarnation, checked against the high-water mark: a log below its
@@ -231,22 +236,30 @@ class SQLiteStore(Store):
         self._incarnation = current
         self._write_mark(self._last)
 
-    def _write_mark(self, sequence: int) -> None:
-        """Record the high-water mark; a failure (full disk) is logged, not fatal: the
-        mark only adds detection."""
+    def _write_mark(self, sequence: int, sync: bool = True) -> None:
+        """Record the high-water mark (fsynced with `sync`); a failure (full disk) is
+        logged, not fatal: the mark only adds detection."""
         mark = Mark(self._incarnation, sequence)
-        if mark == self._marked:
-            return
-        try:
-            write_mark(self.mark_path, mark)
-        except OSError as exc:
-            if not self._mark_failing:  # once, not every second while the disk is full
-                log.warning("cannot write the high-water mark", extra={"fields": {
-                    "path": self.mark_path, "reason": str(exc)}})
-            self._mark_failing = True
-            return
-        self._mark_failing = False
-        self._marked = mark
+        with self._mark_lock:
+            if mark == self._marked and (self._marked_synced or not sync):
+                return
+            try:
+                write_mark(self.mark_path, mark, sync)
+            except OSError as exc:
+                if not self._mark_failing:  # once, not every second while the disk is full
+                    log.warning("cannot write the high-water mark", extra={"fields": {
+                        "path": self.mark_path, "reason": str(exc)}})
+                self._mark_failing = True
+                return
+            self._mark_failing = False
+            self._marked, self._marked_synced = mark, sync
+
+    def _mark_loop(self) -> None:
+        """Keep the mark close behind the log (every mark_interval_s, without fsync: a
+        process kill keeps it, a power loss may leave an older one), so that damage to the
+        WAL, which holds the commits since the last checkpoint, is detected too."""
+        while not self._stop_checkpoints.wait(self.mark_interval_s):
+            self._write_mark(self._last, sync=False)
 
     def incarnation(self) -> str:
         return self._incarnation
@@ -409,6 +422,7 @@ class SQLiteStore(Store):
             self._closed = True
         self._stop_checkpoints.set()
         self._checkpointer.join()
+        self._marker.join()
         try:
             self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:

@@ -140,6 +140,41 @@ def test_store_below_its_mark_starts_a_new_incarnation(tmp_path, caplog):
         assert s.incarnation() == new
 
 
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_damaged_wal_after_a_kill_starts_a_new_incarnation(tmp_path, caplog, damage):
+    """The issue's campaign: after a kill, the WAL truncated in the middle or 4 KiB of it
+    overwritten. SQLite opens the store without the events from the damage on; the mark,
+    written 0.1 s behind the log, names how far the log had come."""
+    path = tmp_path / "s.db"
+    s = SQLiteStore(str(path), checkpoint_interval_s=3600)  # no checkpoint: the events stay in the WAL
+    try:
+        for i in range(1, 501, 10):
+            s.append([Record(j, 4, os.urandom(500)) for j in range(i, i + 10)])
+        deadline = time.monotonic() + 10
+        while read_mark(mark_path(str(path))) != (s.incarnation(), 500) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        old = s.incarnation()
+        crash = tmp_path / "crash"  # the files as a kill leaves them (the WAL index is rebuilt)
+        crash.mkdir()
+        for name in ("s.db", "s.db-wal", "s.db.mark"):
+            shutil.copy(tmp_path / name, crash / name)
+    finally:
+        s.close()
+    wal = crash / "s.db-wal"
+    size = wal.stat().st_size
+    with open(wal, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(size // 2)
+        else:
+            f.seek(size // 2)
+            f.write(os.urandom(4096))
+    with caplog.at_level("ERROR", logger="hci_scheduler.store"), SQLiteStore(str(crash / "s.db")) as s:
+        last = s.last_sequence()
+        assert last < 500 and s.incarnation() != old
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"last sequence {last} is below the sequence 500" in errors[0].fields["reason"]
+
+
 def test_checkpoint_records_the_mark(tmp_path):
     path = str(tmp_path / "s.db")
     s = SQLiteStore(path, checkpoint_interval_s=0.02)

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="directory of the SQLite store (omit: memory only, lost on exit)")
     s.add_argument("--fsync", choices=["full", "normal"], help="SQLite synchronous mode: full (default, "
                    "a reply survives power loss) or normal (survives a crash, not a power loss)")
+    s.add_argument("--snapshot-every", type=int, help="with --data-dir: write a snapshot of the state every N "
+                   "events in the background (default 100000; 0: only at a clean stop); restart reads the "
+                   "newest snapshot plus the events after it")
+    s.add_argument("--snapshot-tail", type=int, help="events kept in the log before the newest snapshot when "
+                   "it is compacted (default 100000): a watcher that far behind still resumes")
     s.add_argument("--metrics", help="HOST:PORT of the Prometheus endpoint, e.g. 127.0.0.1:9464")
     s.add_argument("--dimensions", help="comma-separated resource dimensions for a new store")
     s.add_argument("--tls-cert", help="server certificate (PEM)")
@@ -516,7 +521,9 @@ def run_serve(args) -> int:
             ServerOptions(data_dir=opt("data_dir"), fsync=str(opt("fsync", "full")).upper(), dimensions=dims, tls=tls, token_file=opt("token_file"),
                           allow_insecure_remote=bool(opt("allow_insecure_remote", False)),
                           transport=str(opt("transport", "grpcio")), pollers=int(opt("pollers", 16)),
-                          max_workers=int(opt("max_workers", 128))))
+                          max_workers=int(opt("max_workers", 128)),
+                          snapshot_every=int(opt("snapshot_every", 100_000)),
+                          snapshot_tail=int(opt("snapshot_tail", 100_000))))
     except (ValueError, OSError) as exc:
         print(f"hci-scheduler serve: {exc}", file=sys.stderr)
         return 2

@@ -403,6 +403,81 @@ class Cluster:
                 raise
             return Placement(p.workload_id, p.host_id, volumes={vid: placement.volumes[vid] for vid in created})
 
+    def restore_many(self, templates: Sequence[Workload], ids: Sequence[str], spec_of: Sequence[int],
+                     host_ids: Sequence[str]) -> None:
+        """Commit many plain placements decided earlier, in order (a snapshot being loaded):
+        workload i is templates[spec_of[i]] under the id ids[i], on host host_ids[i]. Plain:
+        no per-host service and no volume (`restore` takes those).
+
+        The state is the one `restore` called for each in turn gives, through the same
+        ledger commit, but built in bulk: one compile per template, room checked for the
+        whole set at once (nothing overcommits), and charges of workloads without group,
+        tenant or NUMA terms committed in one core call. Labels, taints and state are not
+        checked again: they held when the placement was decided, and a host relabelled
+        or cordoned since keeps what it runs. All or nothing.
+        """
+        import sched_core
+
+        from ._ledger import Record
+
+        with self._lock:
+            table, ledger, n = self._hosts, self._ledger, len(ids)
+            if len(spec_of) != n or len(host_ids) != n:
+                raise ValidationError(f"restore_many: {n} ids, {len(spec_of)} spec_of, {len(host_ids)} host_ids")
+            for t in templates:
+                if not isinstance(t, Workload) or t.per_host or t.volumes:
+                    raise ValidationError(f"restore_many takes plain workloads (no per-host service, no volume), "
+                                          f"got {t!r}")
+            if (len(set(ids)) != n or not self._ledger.records.keys().isdisjoint(ids)
+                    or not self._services.daemons.keys().isdisjoint(ids)):
+                raise DuplicateId("restore_many: a workload id repeats or is already placed")
+            if n and (set(map(type, ids)) != {str} or "" in ids):
+                raise ValidationError("restore_many: workload ids must be non-empty strings")
+            try:
+                rows = np.fromiter(map(table.host_rows.__getitem__, host_ids), dtype=np.int64, count=n)
+            except KeyError as exc:
+                raise NotFound(f"restore_many: host {exc.args[0]!r} is not registered") from None
+            which = np.asarray(spec_of, dtype=np.intp)
+            if n and (which.min() < 0 or which.max() >= len(templates)):
+                raise ValidationError("restore_many: spec_of must index templates")
+            compiled = [(self._compiler.request(t), self._compiler.terms(t)) for t in templates]
+            requests = np.stack([r for r, _ in compiled]) if compiled else np.zeros((0, len(self.dimensions)))
+            charge = np.ascontiguousarray(requests[which], dtype=np.int64)
+            vm = np.array([t.kind == "vm" for t in templates], dtype=bool)[which]
+            if vm.any():  # VMs pay request x allocation ratio, as the core charges them
+                charge[vm] = (charge[vm] * table.ratio_milli[rows[vm]] + 999) // 1000
+            need = np.zeros((table.n_rows, len(self.dimensions)), dtype=np.int64)
+            np.add.at(need, rows, charge)
+            short = np.flatnonzero((need > table.state.free_array[: table.n_rows]).any(axis=1))
+            if len(short):
+                raise StateConflict(f"restore_many: host {table.row_hosts[short[0]].id!r} lacks room for "
+                                    f"the workloads restored there")
+            # The ledger's commit (Ledger._commit_host) in bulk: workloads without group, tenant
+            # or NUMA terms are charged in one core call (the core counts nothing else for
+            # them), the others one by one; ConstraintIndex.record once per spec.
+            bulk_spec = [not terms.groups and terms.tenant < 0 and not t.numa
+                         for t, (_, terms) in zip(templates, compiled)]
+            bulk = np.array(bulk_spec, dtype=bool)[which]
+            sched_core.commit_rows(table.state, charge, np.where(bulk, rows, -1))
+            per_row = np.bincount(rows, minlength=table.n_rows)
+            counts = ledger.counts
+            for r in np.flatnonzero(per_row).tolist():
+                counts[r] += int(per_row[r])
+            per_spec = [(t.__dict__, terms, plain) for t, (_, terms), plain in zip(templates, compiled, bulk_spec)]
+            records, new, setattr_ = ledger.records, object.__new__, object.__setattr__
+            commit_host, host_state, cons = sched_core.commit_host, table.state, table.cons
+            for wid, k, row, ch in zip(ids, which.tolist(), rows.tolist(), charge):
+                shape, terms, plain = per_spec[k]
+                shape = shape.copy()  # the template under another id, validated once as the template
+                shape["id"] = wid
+                w = new(Workload)
+                setattr_(w, "__dict__", shape)
+                records[wid] = Record(w, row, ch, -1 if plain else
+                                      int(commit_host(host_state, cons.state, terms.core, row, ch)), terms)
+            for k, (_, terms) in enumerate(compiled):
+                if not bulk_spec[k]:
+                    cons.record(terms, rows[which == k], +1)
+
     def bind_replicas(self, workload: Workload, host_ids: Sequence[str]) -> Placement:
         """Register a per-host service (unless it is registered) and put one replica on
         each named host, checking each like `bind`; all or nothing.

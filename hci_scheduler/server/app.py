@@ -58,6 +58,10 @@ class TLSConfig:
 class ServerOptions:
     data_dir: str | None = None
     fsync: str = "FULL"  # SQLite synchronous mode: FULL (durable on power loss) or NORMAL
+    # With a data_dir: a snapshot every snapshot_every events (0: only at a clean stop), then the
+    # log is compacted, keeping snapshot_tail events before the newest snapshot (server/snapshot.py).
+    snapshot_every: int = 100_000
+    snapshot_tail: int = 100_000
     dimensions: Sequence[str] | None = None
     tls: TLSConfig | None = None
     token_file: str | None = None
@@ -227,7 +231,12 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     metrics = opts.metrics or Metrics()
     store = open_store(opts.data_dir, opts.fsync)
     try:
-        state = SchedulerState(store, opts.dimensions, metrics=metrics)
+        snapshots = None
+        if opts.data_dir is not None:
+            from .snapshot import Snapshots
+
+            snapshots = Snapshots(os.path.join(opts.data_dir, "snapshots"), opts.snapshot_every, opts.snapshot_tail)
+        state = SchedulerState(store, opts.dimensions, metrics=metrics, snapshots=snapshots)
     except BaseException:
         store.close()
         raise

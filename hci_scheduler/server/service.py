@@ -275,6 +275,20 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
 
     # -- events --------------------------------------------------------------
 
+    def _check_compacted(self, after: int, context) -> None:
+        """OUT_OF_RANGE when events after `after` were compacted into a snapshot, naming the
+        oldest sequence still available and the snapshot's (also in the trailing metadata
+        as first-sequence and snapshot-sequence): list, then watch from the listing's sequence."""
+        first = self.state.store.first_sequence()
+        if after + 1 < first:
+            snapshots = self.state.snapshots
+            snap = snapshots.sequence if snapshots is not None else 0
+            context.set_trailing_metadata((("first-sequence", str(first)), ("snapshot-sequence", str(snap))))
+            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                          f"after_sequence {after}: events up to {first - 1} were compacted (newest snapshot at "
+                          f"sequence {snap}); the oldest available is {first}: list, then watch from the "
+                          "listing's sequence")
+
     def WatchEvents(self, request, context):
         types = set(request.types)
         bad = types - set(convert.EVENT_TYPES)
@@ -297,10 +311,13 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             if after > last:
                 context.abort(grpc.StatusCode.OUT_OF_RANGE,
                               f"after_sequence {after} is beyond the last sequence {last}")
+            self._check_compacted(after, context)
             try:
                 records = store.read(after, 1000)
             except StoreError as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            if records and records[0].sequence != after + 1:  # compacted between the check and the read
+                self._check_compacted(after, context)
             if not records:
                 self.state.wait_events(after, self.watch_poll_s)
                 continue

@@ -98,7 +98,7 @@ class SchedulerState:
 
     def __init__(self, store: Store, dimensions: Sequence[str] | None = None,
                  cluster_factory: Callable | None = None, metrics=None,
-                 max_batch: int = MAX_BATCH_WORKLOADS):
+                 max_batch: int = MAX_BATCH_WORKLOADS, snapshots=None):
         from ..cluster import Cluster
 
         saved = store.get_meta("dimensions")
@@ -129,12 +129,15 @@ class SchedulerState:
         self.probe_interval_s = 1.0
         self._probe_stop = threading.Event()
         self._prober: threading.Thread | None = None
+        self.snapshots = snapshots  # a snapshot.Snapshots, or None: replay the whole log
         t0 = time.perf_counter()
         n = self._replay()
         log.info("state rebuilt", extra={"fields": {
             "events": n, "hosts": self.cluster.n_hosts, "allocations": len(self._placed),
             "sequence": self.sequence, "seconds": round(time.perf_counter() - t0, 3)}})
         self.writer = Writer(self._process, max_batch)
+        if snapshots is not None:
+            snapshots.start(self)
         try:  # a restart on a full disk serves reads and refuses writes from the start
             store.probe_write()
         except StoreUnwritable as exc:
@@ -154,7 +157,12 @@ class SchedulerState:
                             replicas={ev.host.id: list(ev.per_host_workload_ids) for ev in adds})
                 adds.clear()
 
-        for rec in self.store.iter_all():
+        if self.snapshots is not None:
+            self.snapshots.restore(self)  # the newest snapshot that checks out; the tail follows
+        elif self.store.compacted_sequence():
+            raise StoreError(f"the log is compacted up to sequence {self.store.compacted_sequence()}: "
+                             "start with its snapshots (a data directory)")
+        for rec in self.store.iter_all(after=self.sequence):
             ev = pb.Event.FromString(rec.body)
             if ev.sequence != self.sequence + 1:
                 raise StoreError(f"event sequence {ev.sequence} follows {self.sequence}")
@@ -218,6 +226,8 @@ class SchedulerState:
     def close(self, timeout: float | None = 10.0) -> None:
         """Refuse new mutations, let the queued ones finish, close the store."""
         self.writer.close(timeout)
+        if self.snapshots is not None:
+            self.snapshots.close(self)  # what changed since the last one: the next start reads no tail
         self._probe_stop.set()
         if self._prober is not None:
             self._prober.join()
@@ -528,6 +538,8 @@ class SchedulerState:
                                        last_sequence=self.sequence, hosts_used=int(c.hosts_used()),
                                        incarnation=self.incarnation, writable=reason is None,
                                        unwritable_reason=reason or "")
+            out.first_sequence = self.store.first_sequence()
+            out.snapshot_sequence = self.snapshots.sequence if self.snapshots is not None else 0
             for name in convert.HOST_STATES.values():
                 out.hosts_by_state[name] = 0
             for h in c.hosts():

@@ -19,6 +19,8 @@ class StoreUnwritable(StoreError):
 
 #: The meta key of the log's incarnation (see Store.incarnation).
 INCARNATION_KEY = "incarnation"
+#: The meta key of the last compacted sequence (see Store.compact).
+COMPACTED_KEY = "compacted_seq"
 
 
 def new_incarnation() -> str:
@@ -87,9 +89,24 @@ class Store(abc.ABC):
         """A harmless durable write; raises StoreUnwritable while the store refuses writes
         (the server probes with it to learn when writes work again)."""
 
-    def iter_all(self, chunk: int = 10_000) -> Iterable[Record]:
-        """Every record in order, read in chunks (for replay on restart)."""
-        after = 0
+    def compacted_sequence(self) -> int:
+        """The last sequence compacted away: records up to it are gone, a snapshot holds
+        their effect (0: nothing compacted)."""
+        value = self.get_meta(COMPACTED_KEY)
+        return int(value) if value else 0
+
+    def first_sequence(self) -> int:
+        """The oldest sequence `read` can still return (compacted_sequence() + 1)."""
+        return self.compacted_sequence() + 1
+
+    def compact(self, upto: int) -> None:
+        """Delete the records with sequence <= upto, whose effect a snapshot holds.
+        compacted_sequence() says upto before any is deleted, so a crash half-way
+        leaves a log that the next open finishes compacting (never a gap inside it)."""
+        raise StoreError(f"{type(self).__name__} does not compact")
+
+    def iter_all(self, chunk: int = 10_000, after: int = 0) -> Iterable[Record]:
+        """Every record with sequence > after in order, read in chunks (for replay on restart)."""
         while True:
             batch = self.read(after, chunk)
             if not batch:

@@ -1,0 +1,540 @@
+"""Snapshots: the server's state at one sequence, so that restart reads it and the log's
+tail instead of the whole history, and the log before it can be compacted (STYLE.md 14).
+
+Why this shape:
+
+- Own file format, not a copy of the database (`VACUUM INTO`): the database holds the
+  log, not the state, so a copy of it would replay as slowly as the original. Once the
+  log is compacted the snapshot is the only copy of the past, so its format is stable
+  and versioned (FORMAT; a reader refuses a version it does not know) and carries a
+  SHA-256 of everything before it: a restart uses the newest snapshot that checks out.
+- Facts in the log's own terms: hosts as `Host` messages in row order (empty entries
+  for free rows, so every host gets its row back and later placements tie-break the
+  same way), volumes with their replica hosts, per-host services and workloads with
+  volumes as PLACED `Event`s. Plain placements (the bulk) are columns: id, host row,
+  sequence of their PLACED event and an index into the distinct specs; a spec is the
+  canonical `Workload` bytes without the id (field 1, written first), so each spec is
+  decoded once and the stored spec bytes (idempotency key) are rebuilt as bytes,
+  never decoded. `Cluster.restore_many` commits them in bulk.
+- Consistent at one sequence without stalling the writer: `capture` copies what it
+  needs under the state's lock (dicts of ids, the host list: tens of milliseconds for
+  200,000 placements), the rest (encoding, SHA-256, write, fsync) runs on the
+  snapshot thread outside the lock.
+- Atomic: written to a temporary file, fsynced, renamed, directory fsynced; a crash
+  mid-way leaves the previous snapshot as it was (the temporary file is removed at start).
+- Compaction keeps the previous snapshot usable: after snapshot S it compacts the log
+  up to min(S - tail, previous snapshot), so a damaged newest snapshot falls back to
+  the previous one plus a longer tail; older snapshots are deleted. On disk: the live
+  state twice plus at most tail + 2 x every events.
+
+Restoring is exact except for one thing the log never said: the NUMA node of a VM that
+asked for NUMA fit is chosen again, among the workloads alive at the snapshot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import SchedulerError
+from ..model import Host, Volume
+from ..store import StoreError
+from ..v1 import scheduler_pb2 as pb
+from . import convert
+
+log = logging.getLogger("hci_scheduler.server")
+
+FORMAT = 1
+MAGIC = b"HCISNAP\x00"
+SUFFIX = ".snap"
+DEFAULT_EVERY = 100_000
+DEFAULT_TAIL = 100_000
+_DIGEST = 32  # SHA-256
+_LEN = struct.Struct("<I")
+
+
+class SnapshotError(StoreError):
+    """A snapshot file that does not check out (names the file and what is wrong)."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _id_prefix(id_bytes: bytes) -> bytes:
+    """How canonical Workload bytes start: field 1 (id), length-delimited."""
+    return _ID_TAGS[len(id_bytes)] + id_bytes if len(id_bytes) < len(_ID_TAGS) else \
+        b"\n" + _varint(len(id_bytes)) + id_bytes
+
+
+_ID_TAGS = [b"\n" + _varint(n) for n in range(1024)]  # the tag and length of an id of n bytes
+
+
+def _frames(items) -> bytes:
+    """Length-prefixed byte strings, one after another."""
+    return b"".join(_LEN.pack(len(b)) + b for b in items)
+
+
+def _unframe(data: bytes) -> list[bytes]:
+    out, i, n = [], 0, len(data)
+    while i < n:
+        (size,) = _LEN.unpack_from(data, i)
+        i += 4
+        out.append(data[i:i + size])
+        i += size
+    if i != n:
+        raise ValueError("framed section overruns its length")
+    return out
+
+
+class Captured(NamedTuple):
+    """What `capture` copies under the state's lock; encoded later, outside it."""
+
+    sequence: int
+    dimensions: tuple
+    row_hosts: list          # Host or None per row
+    placed: dict             # workload id -> (sequence of its PLACED event, canonical spec bytes)
+    where: dict              # workload id -> host id (named workloads)
+    services: dict           # per-host service id -> replica host ids
+    volumes: list            # (Volume, replica host ids), in creation order
+
+
+def capture(state) -> Captured:
+    """Copy the state at its current sequence; call with state.lock held (the copies
+    are shallow: hosts, volumes and specs are immutable)."""
+    c = state.cluster
+    placed = dict(state._placed)
+    where = c.assignments()  # named workloads, and per-host replicas as "id@host"
+    services = {wid: list(c.placement(wid).replicas) for wid in placed.keys() - where.keys()}
+    ids = c.host_ids()
+    row_hosts = [None if hid is None else c.host(hid) for hid in ids]
+    volumes = [(c.volume(vid), list(hosts)) for vid, hosts in c.volumes().items()]
+    return Captured(state.sequence, tuple(state.dimensions), row_hosts, placed, where, services, volumes)
+
+
+def encode(cap: Captured) -> bytes:
+    """The snapshot file's bytes (see the module docstring)."""
+    row_of = {h.id: r for r, h in enumerate(cap.row_hosts) if h is not None}
+    spec_index: dict[bytes, int] = {}
+    specs: list[bytes] = []
+    plain_spec: dict[bytes, bool] = {}
+    ids, rows, seqs, spec_of, events = [], [], [], [], []
+    for wid, (seq, spec) in cap.placed.items():
+        host_id = cap.where.get(wid)
+        idb = wid.encode()
+        prefix = _id_prefix(idb)
+        if host_id is not None and spec.startswith(prefix):
+            key = spec[len(prefix):]
+            plain = plain_spec.get(key)
+            if plain is None:
+                w = pb.Workload.FromString(key)
+                plain = plain_spec[key] = not (w.per_host or w.volume_ids or w.new_volumes)
+            if plain:
+                k = spec_index.get(key)
+                if k is None:
+                    k = spec_index[key] = len(specs)
+                    specs.append(key)
+                ids.append(idb)
+                rows.append(row_of[host_id])
+                seqs.append(seq)
+                spec_of.append(k)
+                continue
+        ev = pb.Event(type=pb.EVENT_TYPE_PLACED, sequence=seq, workload_id=wid, host_id=host_id or "",
+                      replica_host_ids=cap.services.get(wid, ()))
+        ev.workload.MergeFromString(spec)
+        events.append(ev.SerializeToString())
+    sections = {
+        "hosts": _frames(b"" if h is None else convert.host_to_proto(h).SerializeToString()
+                         for h in cap.row_hosts),
+        "events": _frames(events),
+        "specs": _frames(specs),
+        "id_len": np.array([len(b) for b in ids], dtype=np.uint32).tobytes(),
+        "ids": b"".join(ids),
+        "rows": np.array(rows, dtype=np.int32).tobytes(),
+        "seqs": np.array(seqs, dtype=np.uint64).tobytes(),
+        "spec_of": np.array(spec_of, dtype=np.int32).tobytes(),
+    }
+    header = {
+        "format": FORMAT, "sequence": cap.sequence, "dimensions": list(cap.dimensions),
+        "placements": len(cap.placed), "volumes": [
+            {"id": v.id, "size_gib": v.size_gib, "replicas": v.replicas, "spread": v.spread, "hosts": hosts}
+            for v, hosts in cap.volumes],
+        "sections": [[name, len(data)] for name, data in sections.items()],
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = b"".join([MAGIC, _LEN.pack(len(head)), head, *sections.values()])
+    return body + hashlib.sha256(body).digest()
+
+
+class Snapshot(NamedTuple):
+    """A snapshot file read and checked: its header and sections."""
+
+    path: str
+    sequence: int
+    header: dict
+    sections: dict
+
+
+def read(path: str) -> Snapshot:
+    """Read and check a snapshot file; SnapshotError (naming the file) when it does not
+    check out: truncated, checksum mismatch, unknown format."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise SnapshotError(f"snapshot {path}: cannot read: {exc}") from exc
+    if len(data) < len(MAGIC) + 4 + _DIGEST or not data.startswith(MAGIC):
+        raise SnapshotError(f"snapshot {path}: not a snapshot file (bad magic or truncated)")
+    body = memoryview(data)[:-_DIGEST]
+    if hashlib.sha256(body).digest() != data[-_DIGEST:]:
+        raise SnapshotError(f"snapshot {path}: checksum mismatch (damaged or truncated)")
+    try:
+        (n,) = _LEN.unpack_from(data, len(MAGIC))
+        at = len(MAGIC) + 4
+        header = json.loads(bytes(data[at:at + n]))
+        at += n
+        if header.get("format") != FORMAT:
+            raise SnapshotError(f"snapshot {path}: format {header.get('format')!r}, this build reads {FORMAT}")
+        sections = {}
+        for name, size in header["sections"]:
+            sections[name] = data[at:at + size]
+            at += size
+        if at != len(body):
+            raise ValueError("sections do not fill the file")
+        return Snapshot(path, int(header["sequence"]), header, sections)
+    except SnapshotError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"snapshot {path}: malformed: {exc}") from exc
+
+
+def verify(path: str) -> Snapshot:
+    """Check one snapshot file offline (for `hci-scheduler check`): raises SnapshotError
+    with a one-line reason, or returns it checked: checksum, format, and every section
+    decodes (hosts, events, specs, columns of equal length)."""
+    snap = read(path)
+    _decoded(snap)
+    return snap
+
+
+def _decoded(snap: Snapshot) -> "_Decoded":
+    try:
+        return _decode(snap)
+    except SnapshotError:
+        raise
+    except Exception as exc:  # a section that does not decode: say which file
+        raise SnapshotError(f"snapshot {snap.path}: does not decode: {exc}") from exc
+
+
+class _Decoded(NamedTuple):
+    hosts: list          # pb.Host or None per row
+    events: list         # pb.Event (PLACED)
+    specs: list          # canonical Workload bytes without the id
+    ids: list            # str
+    id_bytes: list       # bytes
+    rows: np.ndarray
+    seqs: np.ndarray
+    spec_of: np.ndarray
+
+
+def _decode(snap: Snapshot) -> _Decoded:
+    s = snap.sections
+    hosts = [pb.Host.FromString(b) if b else None for b in _unframe(s["hosts"])]
+    events = [pb.Event.FromString(b) for b in _unframe(s["events"])]
+    specs = _unframe(s["specs"])
+    lens = np.frombuffer(s["id_len"], dtype=np.uint32)
+    ends = np.cumsum(lens).tolist()
+    blob = bytes(s["ids"])
+    if (ends[-1] if ends else 0) != len(blob):
+        raise SnapshotError(f"snapshot {snap.path}: ids do not match their lengths")
+    starts = [0] + ends[:-1]
+    id_bytes = [blob[a:b] for a, b in zip(starts, ends)]
+    text = blob.decode()
+    # ASCII ids (the usual case): the same offsets slice the decoded text, at C speed.
+    ids = [text[a:b] for a, b in zip(starts, ends)] if len(text) == len(blob) else [b.decode() for b in id_bytes]
+    rows = np.frombuffer(s["rows"], dtype=np.int32)
+    seqs = np.frombuffer(s["seqs"], dtype=np.uint64)
+    spec_of = np.frombuffer(s["spec_of"], dtype=np.int32)
+    n = len(ids)
+    if not len(rows) == len(seqs) == len(spec_of) == n:
+        raise SnapshotError(f"snapshot {snap.path}: placement columns differ in length")
+    if n and (spec_of.min() < 0 or spec_of.max() >= len(specs) or rows.min() < 0 or rows.max() >= len(hosts)):
+        raise SnapshotError(f"snapshot {snap.path}: a placement names a spec or row that is not there")
+    return _Decoded(hosts, events, specs, ids, id_bytes, rows, seqs, spec_of)
+
+
+def _gap_id(row: int, taken) -> str:
+    hid = f"snapshot-free-row-{row}"
+    while hid in taken:
+        hid += "_"
+    return hid
+
+
+def restore(state, snap: Snapshot) -> None:
+    """Rebuild the state's (empty) cluster, placed map and sequence from a checked snapshot."""
+    c = state.cluster
+    if tuple(snap.header["dimensions"]) != tuple(state.dimensions):
+        raise SnapshotError(f"snapshot {snap.path}: dimensions {snap.header['dimensions']} differ from the "
+                            f"store's {list(state.dimensions)}")
+    d = _decoded(snap)
+    try:
+        templates = [convert.workload_to_model(pb.Workload.FromString(_id_prefix(b"t") + k)) for k in d.specs]
+        models = [None if h is None else convert.host_to_model(h) for h in d.hosts]
+        specials = sorted(((ev, convert.workload_to_model(ev.workload)) for ev in d.events),
+                          key=lambda e: e[0].sequence)
+    except SchedulerError as exc:
+        raise SnapshotError(f"snapshot {snap.path}: does not decode: {exc}") from exc
+    # Nothing changed so far: a snapshot that does not decode leaves the cluster empty for
+    # an older one. From here on a failure means the snapshot disagrees with itself.
+    try:
+        _rebuild(state, snap, d, templates, models, specials)
+    except SchedulerError as exc:
+        raise StoreError(f"snapshot {snap.path} checks out but does not restore: {exc}; "
+                         "move it aside to start from an older one") from exc
+
+
+def _rebuild(state, snap: Snapshot, d: _Decoded, templates: list, models: list, specials: list) -> None:
+    c = state.cluster
+    # Hosts in their rows, every one ready while placements are restored (a host cordoned
+    # or relabelled since keeps what it runs); free rows are filled and freed again.
+    taken = {m.id for m in models if m is not None}
+    gaps = {r: _gap_id(r, taken) for r, m in enumerate(models) if m is None}
+    c.add_hosts([dataclasses.replace(m, state="ready") if m is not None else
+                 Host(gaps[r], {}) for r, m in enumerate(models)],
+                replicas={})
+    for hid in gaps.values():
+        c.remove_host(hid)
+    for v in snap.header["volumes"]:
+        c.add_volume(Volume(v["id"], v["size_gib"], v["replicas"], v["spread"]), hosts=v["hosts"])
+    row_ids = [None if m is None else m.id for m in models]
+    specs = d.specs
+    placed: dict = {}
+    seqs = d.seqs.tolist()
+    spec_of = d.spec_of.tolist()
+    at = 0
+
+    def run(upto: int) -> None:
+        """Plain placements at..upto-1, in one bulk restore."""
+        nonlocal at
+        if upto > at:
+            ids = d.ids[at:upto]
+            c.restore_many(templates, ids, spec_of[at:upto], [row_ids[r] for r in d.rows[at:upto].tolist()])
+            tags = _ID_TAGS
+            placed.update(zip(ids, zip(seqs[at:upto], [tags[len(b)] + b + specs[k] if len(b) < 1024 else
+                                                       _id_prefix(b) + specs[k] for b, k in
+                                                       zip(d.id_bytes[at:upto], spec_of[at:upto])])))
+            at = upto
+
+    # Everything in the order it was placed: plain runs between the special placements.
+    for ev, model in specials:
+        run(int(np.searchsorted(d.seqs, ev.sequence)))
+        if model.per_host:
+            c.bind_replicas(model, list(ev.replica_host_ids))
+        else:
+            c.bind(model, ev.host_id, restore=True)  # its new volumes were restored above
+        placed[ev.workload_id] = (ev.sequence, convert.spec_bytes(ev.workload))
+    run(len(d.ids))
+    for m in models:
+        if m is not None and m.state != "ready":
+            c.update_host(m.id, state=m.state)
+    state._placed = placed
+    state.sequence = snap.sequence
+
+
+def snapshot_files(directory: str) -> list[tuple[int, str]]:
+    """(sequence, path) of the snapshot files in `directory`, newest first."""
+    out = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.startswith("snapshot-") and name.endswith(SUFFIX):
+            try:
+                out.append((int(name[len("snapshot-"):-len(SUFFIX)]), os.path.join(directory, name)))
+            except ValueError:
+                continue
+    return sorted(out, reverse=True)
+
+
+def check_directory(directory: str, compacted: int = 0) -> list[str]:
+    """Problems with the snapshots of a store, one line each (for `hci-scheduler check`):
+    files that do not check out, and no usable snapshot when the log is compacted."""
+    problems, usable = [], False
+    for seq, path in snapshot_files(directory):
+        try:
+            verify(path)
+        except SnapshotError as exc:
+            problems.append(str(exc))
+            continue
+        usable = usable or seq >= compacted
+    if compacted and not usable:
+        problems.append(f"the log is compacted up to sequence {compacted} and no snapshot at or after it checks out")
+    return problems
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write(directory: str, sequence: int, data: bytes) -> str:
+    """Write a snapshot atomically: a temporary file, fsync, rename, fsync the directory."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"snapshot-{sequence:020d}{SUFFIX}")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+    return path
+
+
+class Snapshots:
+    """The snapshots of one store: restore at start, a background thread that writes one
+    every `every` events and then compacts the log, keeping `tail` events before it.
+
+    Parameters
+    ----------
+    directory : str
+        Where snapshot files live (`<data dir>/snapshots`).
+    every : int
+        Events between two snapshots (0: none in the background; one is still written
+        at a clean stop).
+    tail : int
+        Events kept in the log before the newest snapshot, so that a watcher a little
+        behind is not cut off.
+    """
+
+    def __init__(self, directory: str, every: int = DEFAULT_EVERY, tail: int = DEFAULT_TAIL,
+                 poll_s: float = 0.5):
+        if every < 0 or tail < 0:
+            raise ValueError(f"snapshot every and tail must be >= 0, got {every} and {tail}")
+        self.directory = directory
+        self.every = every
+        self.tail = tail
+        self.poll_s = poll_s
+        self.sequence = 0           # the newest snapshot written or restored
+        self._floor = 0             # the snapshot before it (compaction never passes it)
+        self._lock = threading.Lock()  # one snapshot at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_pause_s = 0.0     # time the last capture held the state's lock
+        self.last_write_s = 0.0     # time it took to encode and write the last one
+
+    # -- start ---------------------------------------------------------------
+
+    def restore(self, state) -> None:
+        """Load the newest snapshot that checks out and can be followed by the log into the
+        state. A damaged one is logged and an older one tried; the server refuses to start
+        (SnapshotError naming the files) when the log is compacted past every usable one."""
+        if self._thread is None and os.path.isdir(self.directory):  # at start (also called to rebuild later)
+            for name in os.listdir(self.directory):
+                if name.endswith(".tmp"):  # a snapshot a crash interrupted
+                    os.remove(os.path.join(self.directory, name))
+        store = state.store
+        compacted, last = store.compacted_sequence(), store.last_sequence()
+        bad = []
+        for seq, path in snapshot_files(self.directory):
+            if seq > last:
+                bad.append(f"{path}: sequence {seq} is beyond the log's last sequence {last}")
+                continue
+            if seq < compacted:
+                break  # older ones cannot be followed by the log either
+            try:
+                snap = read(path)
+                enabled = gc.isenabled()
+                gc.disable()  # hundreds of thousands of objects, no cycles: collections only cost
+                try:
+                    restore(state, snap)
+                finally:
+                    if enabled:
+                        gc.enable()
+            except SnapshotError as exc:
+                log.error("snapshot does not check out; trying an older one", extra={"fields": {
+                    "path": path, "reason": str(exc)}})
+                bad.append(str(exc))
+                continue
+            self.sequence = seq
+            others = [s for s, _ in snapshot_files(self.directory) if s < seq]
+            self._floor = others[0] if others else seq
+            return
+        if compacted:
+            raise SnapshotError(f"the log is compacted up to sequence {compacted} and no snapshot at or after "
+                                f"it checks out in {self.directory}" + (f": {'; '.join(bad)}" if bad else ""))
+        for reason in bad:
+            log.error("snapshot ignored", extra={"fields": {"reason": reason}})
+
+    # -- background ----------------------------------------------------------
+
+    def start(self, state) -> None:
+        if self.every and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, args=(state,), name="snapshots", daemon=True)
+            self._thread.start()
+
+    def _loop(self, state) -> None:
+        while not self._stop.wait(self.poll_s):
+            if state.sequence - self.sequence >= self.every:
+                try:
+                    self.take(state)
+                except (OSError, StoreError) as exc:
+                    log.error("snapshot failed", extra={"fields": {"reason": str(exc)}})
+
+    def take(self, state) -> int:
+        """Write a snapshot of the state now, then compact the log; returns its sequence."""
+        with self._lock:
+            t0 = time.perf_counter()
+            with state.lock:
+                cap = capture(state)
+            t1 = time.perf_counter()
+            if cap.sequence <= self.sequence:
+                return self.sequence
+            path = write(self.directory, cap.sequence, encode(cap))
+            self.last_pause_s, self.last_write_s = t1 - t0, time.perf_counter() - t1
+            previous, self.sequence = self.sequence, cap.sequence
+            self._floor = previous
+            log.info("snapshot written", extra={"fields": {
+                "path": path, "sequence": cap.sequence, "placements": len(cap.placed),
+                "pause_s": round(self.last_pause_s, 4), "write_s": round(self.last_write_s, 3)}})
+            self._compact(state)
+            return cap.sequence
+
+    def _compact(self, state) -> None:
+        """Compact up to min(newest - tail, the snapshot before it); delete older snapshots."""
+        upto = min(self.sequence - self.tail, self._floor)
+        if upto > state.store.compacted_sequence():
+            state.store.compact(upto)
+        for seq, path in snapshot_files(self.directory):
+            if seq < self._floor:
+                os.remove(path)
+
+    def close(self, state, final: bool = True) -> None:
+        """Stop the thread; with final, write a snapshot of what changed since the last one
+        (the writer must be closed: nothing changes any more)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if final and state.sequence > self.sequence:
+            try:
+                self.take(state)
+            except (OSError, StoreError) as exc:
+                log.error("final snapshot failed", extra={"fields": {"reason": str(exc)}})

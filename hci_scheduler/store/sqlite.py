@@ -24,7 +24,7 @@ import sqlite3
 import threading
 from typing import Sequence
 
-from .base import (INCARNATION_KEY, Record, Store, StoreError, StoreUnwritable, check_contiguous,
+from .base import (COMPACTED_KEY, INCARNATION_KEY, Record, Store, StoreError, StoreUnwritable, check_contiguous,
                    new_incarnation)
 from .mark import Mark, mark_path, read_mark, write_mark
 
@@ -131,6 +131,9 @@ def _connect(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one append is
     # exactly one transaction.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    # Before WAL (which writes the header): a new database gives the pages of compacted
+    # events back to the file system (see compact); on an existing one this changes nothing.
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     return conn
@@ -184,6 +187,8 @@ class SQLiteStore(Store):
             raise StoreError(f"{path}: schema_version {version!r}, this build reads {SCHEMA_VERSION!r}")
         row = self._wconn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         self._last = int(row[0])
+        self._compacted = self._finish_compaction()
+        self._last = max(self._last, self._compacted)  # a log compacted whole goes on from there
         self.mark_path = mark_path(path)
         self._marked: Mark | None = None
         self._mark_failing = False
@@ -361,6 +366,64 @@ class SQLiteStore(Store):
             raise _store_error(self.path, "commit failed", exc) from exc
         self._last = rows[-1].sequence
         self.commits += 1
+
+    # -- compaction ----------------------------------------------------------
+
+    def _turn(self, fn):
+        """fn() between two commits (as a commit takes its turn), so appends go on around it."""
+        with self._cond:
+            while self._committing or self._checkpoint_wanted:
+                self._wait()
+            if self._closed:
+                raise StoreError("store is closed")
+            self._committing = True
+        try:
+            return fn()
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "compaction failed", exc) from exc
+        finally:
+            with self._cond:
+                self._committing = False
+                if self._waiting:
+                    self._cond.notify_all()
+
+    def _finish_compaction(self) -> int:
+        """Delete what a compaction interrupted by a crash left (at open); returns compacted_seq."""
+        upto = int(self.get_meta(COMPACTED_KEY) or 0)
+        if upto:
+            self._wconn.execute("DELETE FROM events WHERE seq <= ?", (upto,))
+        return upto
+
+    def compacted_sequence(self) -> int:
+        return self._compacted
+
+    def compact(self, upto: int, chunk: int = 20_000) -> None:
+        """Record compacted_seq, then delete in chunks of `chunk` events, each its own
+        transaction in its own turn (an append waits for one chunk at most); then give
+        the freed pages back (a database created with auto_vacuum) and truncate the WAL,
+        which the deletes grew."""
+        upto = min(upto, self._last)
+        done = self._compacted
+        if upto <= done:
+            return
+        conn = self._wconn
+
+        def record() -> None:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (COMPACTED_KEY, str(upto)))
+            self._compacted = upto
+
+        self._turn(record)
+        while done < upto:
+            step = min(done + chunk, upto)
+            self._turn(lambda lo=done, hi=step: conn.execute("DELETE FROM events WHERE seq > ? AND seq <= ?",
+                                                              (lo, hi)))
+            done = step
+        while self._turn(lambda: conn.execute("PRAGMA freelist_count").fetchone()[0]):
+            self._turn(lambda: conn.execute("PRAGMA incremental_vacuum(2000)").fetchall())
+            if self._turn(lambda: conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
+                break  # an older database without incremental vacuum: pages are reused instead
+        self._turn(lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     # -- reading -------------------------------------------------------------
 

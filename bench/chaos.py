@@ -134,7 +134,8 @@ class Server:
 
     def start(self, timeout: float = 300.0) -> float:
         """Start and wait until GetStatus answers; returns the seconds that took."""
-        port_file = self.data_dir.parent / f"port-{time.monotonic_ns()}"
+        # Beside the log, off the data's file system, which a disk fault may have filled.
+        port_file = self.log_path.parent / f"port-{time.monotonic_ns()}"
         t0 = time.perf_counter()
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
@@ -918,18 +919,35 @@ class DiskFaults:
         self.ledger.hosts.update(h.id for h in hosts)
 
     def run_tmpfs(self) -> None:
-        check = "disk full"
-        try:
-            self.begin()
-            if self.full_under_load() and self.full_at_restart():
-                check = "read-only"
-                self.read_only_restart()
-        except (RuntimeError, grpc.RpcError) as exc:
-            self.note(check, f"{exc}")
-        finally:
-            self.server.kill()
-            with contextlib.suppress(OSError):
-                self.filler.unlink()
+        self.begin()
+        for check, scenario in (
+            ("disk full", self.full_under_load),
+            ("disk full", self.full_at_restart),
+            ("read-only", self.read_only_restart),
+        ):
+            try:
+                if not self.server.alive():  # an earlier scenario's failure: start afresh
+                    self.server.start(timeout=60)
+                scenario()
+            except (RuntimeError, grpc.RpcError) as exc:
+                self.note(check, f"{scenario.__name__}: {exc}")
+            finally:
+                with contextlib.suppress(OSError):
+                    self.filler.unlink()
+        self.final_restart("disk full")
+
+    def final_restart(self, check: str) -> None:
+        """Kill, restart on the freed disk: everything acknowledged in the faults is kept."""
+        self.server.kill()
+        self.server.start(timeout=60)
+        snap = Snapshot.read(self.server.stub)
+        bad = check_listing(snap, self.ledger)
+        self.outcome(
+            check,
+            [f"final restart: {c}: {d}" for c, d in bad],
+            f"final restart: all {len(self.ledger.placed):,} acknowledged placements kept",
+        )
+        self.server.kill()
 
     def run_ext4(self, trigger: Path, image: Path) -> None:
         try:
@@ -977,115 +995,104 @@ class DiskFaults:
             os.close(fd)
         return n
 
-    def refusing(self, check: str, words: tuple[str, ...], when: str) -> bool:
-        """Reads answer, a mutation gets UNAVAILABLE naming the cause, GetStatus says why."""
+    def outcome(self, check: str, problems: list[str], success: str) -> None:
+        if problems:
+            self.note(check, "; ".join(problems))
+        else:
+            self.note(None, success)
+
+    def refusing(self, words: tuple[str, ...], when: str) -> list[str]:
+        """Reads answer and keep what was acknowledged, a mutation gets UNAVAILABLE naming
+        the cause, GetStatus says why; returns what is not so."""
         srv = self.server
         if not srv.alive():
-            self.note(
-                check,
-                f"{when}: the server exited with code {srv.proc.returncode}: {srv.log_tail()}",
-            )
-            return False
+            return [f"{when}: the server exited with code {srv.proc.returncode}: {srv.log_tail()}"]
+        problems = []
         try:
             snap = Snapshot.read(srv.stub)
         except grpc.RpcError as exc:
-            self.note(check, f"{when}: reads fail: {exc.code().name}: {exc.details()}")
-            return False
-        bad = self.ledger.failures + check_listing(snap, self.ledger)
-        if bad:
-            self.note(check, f"{when}: " + "; ".join(f"{c}: {d}" for c, d in bad))
-            return False
+            snap = None
+            problems.append(f"{when}: reads fail: {exc.code().name}: {exc.details()}")
+        if snap is not None:
+            bad = self.ledger.failures + check_listing(snap, self.ledger)
+            problems += [f"{when}: {c}: {d}" for c, d in bad]
+            if snap.status.writable or not snap.status.unwritable_reason:
+                problems.append(
+                    f"{when}: GetStatus says writable={snap.status.writable} "
+                    f"unwritable_reason={snap.status.unwritable_reason!r}"
+                )
+        probe = make_workload(f"probe{time.monotonic_ns()}", random.Random(0))
         try:
-            srv.stub.Place(
-                pb.PlaceRequest(
-                    workloads=[make_workload(f"probe{time.monotonic_ns()}", random.Random(0))]
-                ),
-                timeout=30,
-            )
-            self.note(check, f"{when}: a Place was accepted")
-            return False
+            resp = srv.stub.Place(pb.PlaceRequest(workloads=[probe]), timeout=30)
+            # Accepted (the store found room, e.g. space it kept in reserve): then it must be
+            # kept, which the final restart checks.
+            p = resp.placements[0]
+            if p.host_id:
+                self.ledger.placed[p.workload_id] = (p.host_id, p.sequence)
+            self.c.say(f"disk faults: {when}: a Place was accepted; checked at the final restart")
+            return [q for q in problems if "GetStatus says" not in q]
         except grpc.RpcError as exc:
             details = (exc.details() or "").lower()
             if exc.code() != grpc.StatusCode.UNAVAILABLE or not any(w in details for w in words):
-                self.note(
-                    check,
-                    f"{when}: Place got {exc.code().name} {exc.details()!r}, expected UNAVAILABLE "
-                    f"naming {' or '.join(words)!r}",
+                problems.append(
+                    f"{when}: Place got {exc.code().name} {exc.details()!r}, expected "
+                    f"UNAVAILABLE naming {' or '.join(words)!r}"
                 )
-                return False
-        if snap.status.writable or not snap.status.unwritable_reason:
-            self.note(
-                check,
-                f"{when}: GetStatus says writable={snap.status.writable} "
-                f"reason={snap.status.unwritable_reason!r}",
-            )
-            return False
-        return True
+        return problems
 
-    def resumes(self, check: str, when: str, timeout: float = 15.0) -> bool:
-        """A Place succeeds again within `timeout`, without a restart."""
+    def resumes(self, when: str, timeout: float = 15.0) -> list[str]:
+        """A Place succeeds again within `timeout`, without a restart; returns what is not so."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline and self.server.alive():
+            probe = make_workload(f"resume{time.monotonic_ns()}", random.Random(0))
             try:
-                self.server.stub.Place(
-                    pb.PlaceRequest(
-                        workloads=[make_workload(f"resume{time.monotonic_ns()}", random.Random(0))]
-                    ),
-                    timeout=10,
-                )
-                return True
+                self.server.stub.Place(pb.PlaceRequest(workloads=[probe]), timeout=10)
+                return []
             except grpc.RpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
             time.sleep(0.2)
+        srv = self.server
         state = (
-            "alive" if self.server.alive() else f"exited with code {self.server.proc.returncode}"
+            "alive" if srv.alive() else f"exited with code {srv.proc.returncode}: {srv.log_tail()}"
         )
-        self.note(
-            check,
-            f"{when}: no Place succeeded within {timeout:.0f} s (server {state}; last {last})",
-        )
-        return False
+        return [
+            f"{when}: no Place succeeded within {timeout:.0f} s (server {state}; last answer {last})"
+        ]
 
-    def full_under_load(self) -> bool:
+    def full_under_load(self) -> None:
         self.load(1.0)
-        threads = threading.Thread(target=self.load, args=(3.0,))
-        threads.start()
+        worker = threading.Thread(target=self.load, args=(3.0,))
+        worker.start()
         time.sleep(0.5)
         size = self.fill()
-        threads.join()
-        if not self.refusing(
-            "disk full", ("full",), f"disk filled under load ({size >> 20} MiB filler)"
-        ):
-            return False
+        worker.join()
+        problems = self.refusing(("full",), f"disk filled under load ({size >> 20} MiB filler)")
         self.filler.unlink()
-        if not self.resumes("disk full", "space freed"):
-            return False
-        self.load(1.0)
-        self.note(
-            None,
-            "full disk under load: reads kept, writes refused with UNAVAILABLE, resumed once freed",
+        if self.server.alive():
+            problems += self.resumes("space freed")
+        self.outcome(
+            "disk full",
+            problems,
+            "full disk under load: reads kept, writes refused with UNAVAILABLE (or accepted and kept), resumed once freed",
         )
-        return True
 
-    def full_at_restart(self) -> bool:
+    def full_at_restart(self) -> None:
         self.fill()
         self.server.kill()
-        try:
-            self.server.start(timeout=60)
-        except RuntimeError as exc:
-            self.note("disk full", f"restart on a full disk: {exc}")
-            return False
+        self.server.start(timeout=60)
         self.ledger.settle(Snapshot.read(self.server.stub).listed(), self.ledger.hosts)
-        if not self.refusing("disk full", ("full",), "restarted on a full disk"):
-            return False
+        problems = self.refusing(("full",), "restarted on a full disk")
         self.filler.unlink()
-        if not self.resumes("disk full", "restarted on a full disk, space freed"):
-            return False
-        self.note(None, "restart on a full disk: reads served, writes refused, resumed once freed")
-        return True
+        if self.server.alive():
+            problems += self.resumes("restarted on a full disk, space freed")
+        self.outcome(
+            "disk full",
+            problems,
+            "restart on a full disk: reads served, writes refused (or accepted and kept), resumed once freed",
+        )
 
-    def read_only_restart(self) -> bool:
+    def read_only_restart(self) -> None:
         """Restart on a read-only remount: serve reads and refuse writes, or refuse to start
         with a non-zero exit naming the cause (never start and fail at the first write)."""
         self.load(1.0)
@@ -1098,7 +1105,8 @@ class DiskFaults:
         )
         if r.returncode:
             self.note(None, f"read-only remount skipped: {r.stderr.strip()}")
-            return True
+            return
+        when = "restarted on a read-only remount"
         try:
             try:
                 self.server.start(timeout=60)
@@ -1110,25 +1118,24 @@ class DiskFaults:
                         f"restart on a read-only remount: refused to start (exit code {code}), "
                         f"naming the cause",
                     )
-                    return True
-                self.note("read-only", f"restart on a read-only remount: {exc}")
-                return False
+                else:
+                    self.note("read-only", f"{when}: {exc}")
+                return
             self.ledger.settle(Snapshot.read(self.server.stub).listed(), self.ledger.hosts)
-            if not self.refusing("read-only", self.READ_ONLY, "restarted on a read-only remount"):
-                return False
+            problems = self.refusing(self.READ_ONLY, when)
         finally:
             subprocess.run(
                 ["mount", "-o", "remount,rw", str(self.mnt)], check=False, capture_output=True
             )
-        if not self.resumes("read-only", "remounted read-write"):
-            return False
-        self.note(
-            None,
+        if self.server.alive():
+            problems += self.resumes("remounted read-write")
+        self.outcome(
+            "read-only",
+            problems,
             "restart on a read-only remount: reads served, writes refused, resumed once writable",
         )
-        return True
 
-    def read_only_under_load(self, trigger: Path, image: Path) -> bool:
+    def read_only_under_load(self, trigger: Path, image: Path) -> None:
         """The file system turns read-only under load: reads go on, writes are refused. ext4
         refuses a read-write remount after an error until fsck, so resuming is checked by a
         restart after fsck: everything acknowledged before the error is still there."""
@@ -1139,10 +1146,9 @@ class DiskFaults:
         trigger.write_text("hci-scheduler chaos: read-only fault\n")
         worker.join()
         # SQLite reports a write refused by a read-only file system as a disk I/O error.
-        if not self.refusing(
-            "read-only", self.READ_ONLY + ("i/o error",), "file system turned read-only under load"
-        ):
-            return False
+        problems = self.refusing(
+            self.READ_ONLY + ("i/o error",), "file system turned read-only under load"
+        )
         self.server.kill()
         subprocess.run(["umount", str(self.mnt)], check=False, capture_output=True)
         subprocess.run(["e2fsck", "-fy", str(image)], check=False, capture_output=True)
@@ -1153,28 +1159,20 @@ class DiskFaults:
             text=True,
         )
         if r.returncode:
-            self.note(
-                None,
-                f"file system read-only under load: reads kept, writes refused; no remount after "
-                f"fsck ({r.stderr.strip()})",
-            )
-            return True
-        self.server.start(timeout=60)
-        snap = Snapshot.read(self.server.stub)
-        bad = check_listing(snap, self.ledger)
-        if bad:
-            self.note(
-                "read-only", "restarted after fsck: " + "; ".join(f"{c}: {d}" for c, d in bad)
-            )
-            return False
-        if not self.resumes("read-only", "restarted after fsck"):
-            return False
-        self.note(
-            None,
-            "file system read-only under load: reads kept, writes refused with UNAVAILABLE; "
-            "after fsck and a restart nothing acknowledged was lost and writes resumed",
+            problems.append(f"no remount after fsck: {r.stderr.strip()}")
+        else:
+            self.server.start(timeout=60)
+            snap = Snapshot.read(self.server.stub)
+            problems += [
+                f"restarted after fsck: {c}: {d}" for c, d in check_listing(snap, self.ledger)
+            ]
+            problems += self.resumes("restarted after fsck")
+        self.outcome(
+            "read-only",
+            problems,
+            "file system read-only under load: reads kept, writes refused with UNAVAILABLE; after "
+            "fsck and a restart nothing acknowledged was lost and writes resumed",
         )
-        return True
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1002,52 +1002,57 @@ class DiskFaults:
             self.note(None, success)
 
     def refusing(self, words: tuple[str, ...], when: str) -> list[str]:
-        """Reads answer and keep what was acknowledged, a mutation gets UNAVAILABLE naming
-        the cause, GetStatus says why; returns what is not so."""
+        """Reads answer and keep what was acknowledged; a mutation gets UNAVAILABLE naming the
+        cause while GetStatus says why, or is accepted (the store found room: SQLite reuses
+        the WAL's space) and then must be kept. Returns what is not so."""
         srv = self.server
         if not srv.alive():
             return [f"{when}: the server exited with code {srv.proc.returncode}: {srv.log_tail()}"]
-        problems = []
         try:
             snap = Snapshot.read(srv.stub)
         except grpc.RpcError as exc:
-            snap = None
-            problems.append(f"{when}: reads fail: {exc.code().name}: {exc.details()}")
-        if snap is not None:
-            bad = self.ledger.failures + check_listing(snap, self.ledger)
-            problems += [f"{when}: {c}: {d}" for c, d in bad]
-            if snap.status.writable or not snap.status.unwritable_reason:
-                problems.append(
-                    f"{when}: GetStatus says writable={snap.status.writable} "
-                    f"unwritable_reason={snap.status.unwritable_reason!r}"
+            return [f"{when}: reads fail: {exc.code().name}: {exc.details()}"]
+        problems = [
+            f"{when}: {c}: {d}" for c, d in self.ledger.failures + check_listing(snap, self.ledger)
+        ]
+        for attempt in range(2):
+            try:
+                self.probe_place()
+                self.c.say(
+                    f"disk faults: {when}: a Place was accepted; checked at the final restart"
                 )
+                return problems
+            except grpc.RpcError as exc:
+                details = (exc.details() or "").lower()
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not any(
+                    w in details for w in words
+                ):
+                    got = f"{exc.code().name} {exc.details()!r}"
+                    return problems + [
+                        f"{when}: Place got {got}, expected UNAVAILABLE naming {words}"
+                    ]
+            # Refused: GetStatus says so, unless writes resumed in between (then retry once).
+            status = srv.stub.GetStatus(pb.GetStatusRequest(), timeout=30)
+            if not status.writable and status.unwritable_reason:
+                return problems
+        said = f"writable={status.writable} unwritable_reason={status.unwritable_reason!r}"
+        return problems + [f"{when}: Place refused twice while GetStatus says {said}"]
+
+    def probe_place(self) -> None:
+        """One Place; when accepted, it joins what must be kept."""
         probe = make_workload(f"probe{time.monotonic_ns()}", random.Random(0))
-        try:
-            resp = srv.stub.Place(pb.PlaceRequest(workloads=[probe]), timeout=30)
-            # Accepted (the store found room, e.g. space it kept in reserve): then it must be
-            # kept, which the final restart checks.
-            p = resp.placements[0]
-            if p.host_id:
+        p = self.server.stub.Place(pb.PlaceRequest(workloads=[probe]), timeout=10).placements[0]
+        if p.host_id:
+            with self.ledger.lock:
                 self.ledger.placed[p.workload_id] = (p.host_id, p.sequence)
-            self.c.say(f"disk faults: {when}: a Place was accepted; checked at the final restart")
-            return [q for q in problems if "GetStatus says" not in q]
-        except grpc.RpcError as exc:
-            details = (exc.details() or "").lower()
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or not any(w in details for w in words):
-                problems.append(
-                    f"{when}: Place got {exc.code().name} {exc.details()!r}, expected "
-                    f"UNAVAILABLE naming {' or '.join(words)!r}"
-                )
-        return problems
 
     def resumes(self, when: str, timeout: float = 15.0) -> list[str]:
         """A Place succeeds again within `timeout`, without a restart; returns what is not so."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline and self.server.alive():
-            probe = make_workload(f"resume{time.monotonic_ns()}", random.Random(0))
             try:
-                self.server.stub.Place(pb.PlaceRequest(workloads=[probe]), timeout=10)
+                self.probe_place()
                 return []
             except grpc.RpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
@@ -1067,7 +1072,9 @@ class DiskFaults:
         time.sleep(0.5)
         size = self.fill()
         worker.join()
-        problems = self.refusing(("full",), f"disk filled under load ({size >> 20} MiB filler)")
+        problems = self.refusing(
+            ("full", "no space"), f"disk filled under load ({size >> 20} MiB filler)"
+        )
         self.filler.unlink()
         if self.server.alive():
             problems += self.resumes("space freed")
@@ -1082,7 +1089,7 @@ class DiskFaults:
         self.server.kill()
         self.server.start(timeout=60)
         self.ledger.settle(Snapshot.read(self.server.stub).listed(), self.ledger.hosts)
-        problems = self.refusing(("full",), "restarted on a full disk")
+        problems = self.refusing(("full", "no space"), "restarted on a full disk")
         self.filler.unlink()
         if self.server.alive():
             problems += self.resumes("restarted on a full disk, space freed")
@@ -1149,6 +1156,11 @@ class DiskFaults:
         problems = self.refusing(
             self.READ_ONLY + ("i/o error",), "file system turned read-only under load"
         )
+        self.outcome(
+            "read-only",
+            problems,
+            "file system read-only under load: reads kept, writes refused with UNAVAILABLE",
+        )
         self.server.kill()
         subprocess.run(["umount", str(self.mnt)], check=False, capture_output=True)
         subprocess.run(["e2fsck", "-fy", str(image)], check=False, capture_output=True)
@@ -1159,19 +1171,17 @@ class DiskFaults:
             text=True,
         )
         if r.returncode:
-            problems.append(f"no remount after fsck: {r.stderr.strip()}")
-        else:
-            self.server.start(timeout=60)
-            snap = Snapshot.read(self.server.stub)
-            problems += [
-                f"restarted after fsck: {c}: {d}" for c, d in check_listing(snap, self.ledger)
-            ]
-            problems += self.resumes("restarted after fsck")
+            self.note(None, f"no remount after fsck: {r.stderr.strip()}")
+            return
+        self.server.start(timeout=60)
+        snap = Snapshot.read(self.server.stub)
+        problems = [f"restarted after fsck: {c}: {d}" for c, d in check_listing(snap, self.ledger)]
+        problems += self.resumes("restarted after fsck")
         self.outcome(
             "read-only",
             problems,
-            "file system read-only under load: reads kept, writes refused with UNAVAILABLE; after "
-            "fsck and a restart nothing acknowledged was lost and writes resumed",
+            f"restarted after fsck: all {len(self.ledger.placed):,} acknowledged "
+            f"placements kept, acknowledged releases not undone, writes resumed",
         )
 
 

@@ -1,7 +1,7 @@
 """Restart time with a long history: full replay against snapshot + tail.
 
     python -m hci_scheduler.bench.restart [--live 200000] [--events 1000000] [--hosts 2000]
-                                          [--shapes 1000] [--tail-events 0] [--quick] [--out DIR]
+                                          [--shapes 1000] [--tail-events 0] [--quick] [--grpc] [--out DIR]
 
 Builds a store in-process (SQLite, synchronous=NORMAL to build it fast; restart reads
 the same either way): `--hosts` hosts, `--live` placements, then release-and-place
@@ -15,7 +15,9 @@ one in ten in a group with a tenant (the per-workload restore path). Then measur
   are written back to back, against none;
 * compaction: the database's size before and after (`--tail-events` kept);
 * restart from the snapshot plus a tail of `--tail-events` events written after it
-  (0: a clean stop, which writes a snapshot; a crash leaves at most snapshot_every).
+  (0: a clean stop, which writes a snapshot; a crash leaves at most snapshot_every);
+* with `--grpc`: batched Place through gRPC (grpc_latency's `batched`) on a served store
+  of live/2 placements, with no background snapshot and with one every 2,000 events.
 
 Every restart is checked against the state before it (allocations, usage, sequence).
 Figures go to stdout and OUT/restart.json.
@@ -185,6 +187,48 @@ def run(live: int, events: int, hosts: int, shapes: int, tail_events: int, out: 
     return res
 
 
+def grpc_during_snapshots(live: int = 100_000, hosts: int = 10_000, rounds: int = 3) -> dict:
+    """Batched Place through gRPC (grpc_latency's `batched`: 1,000 per call, fsynced store)
+    on a server holding `live` placements, with no background snapshot against one every
+    2,000 events (each batch of 1,000 then runs beside a snapshot being written)."""
+    import subprocess
+    import sys
+
+    from hci_scheduler.bench.grpc_latency import _stub, batched
+
+    out = {}
+    for every in (0, 2_000):
+        tmp = tempfile.mkdtemp(prefix="restart-grpc-")
+        port_file = os.path.join(tmp, "port")
+        proc = subprocess.Popen([sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", "127.0.0.1:0",
+                                 "--data-dir", os.path.join(tmp, "data"), "--port-file", port_file,
+                                 "--log-level", "warning", "--snapshot-every", str(every),
+                                 "--snapshot-tail", "10000000"])
+        try:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(port_file):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("server did not start")
+                time.sleep(0.05)
+            address = f"127.0.0.1:{int(Path(port_file).read_text())}"
+            ch, stub = _stub(address)
+            for i in range(0, hosts, 2000):
+                stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[
+                    pb.Host(id=f"h{j}", capacity={"cpu": 64_000, "memory": 262_144, "ssd": 2_000, "net": 25_000})
+                    for j in range(i, min(hosts, i + 2000))]), timeout=120)
+            for i in range(0, live, 5000):
+                stub.Place(pb.PlaceRequest(workloads=[pb.Workload(id=f"pre{k}", requests={"cpu": 100, "memory": 256})
+                                                      for k in range(i, i + 5000)]), timeout=120)
+            ch.close()
+            rates = [batched(address, calls=5, batch=1000, tag=f"r{r}")["placements_per_s"] for r in range(rounds)]
+            out[f"grpc_batched_per_s_snapshot_every_{every}"] = round(float(np.median(rates)))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m hci_scheduler.bench.restart", description=__doc__.splitlines()[0])
     p.add_argument("--live", type=int, default=200_000)
@@ -195,10 +239,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="20,000 live of 100,000 events on 200 hosts")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--keep", action="store_true", help="keep the store and snapshot (the path is printed)")
+    p.add_argument("--grpc", action="store_true", help="also batched Place through gRPC (a served store of "
+                   "live/2 placements) with and without snapshots written beside it")
     a = p.parse_args(argv)
     if a.quick:
         a.live, a.events, a.hosts = 20_000, 100_000, 200
     res = run(a.live, a.events, a.hosts, a.shapes, a.tail_events, a.out, a.keep)
+    if a.grpc:
+        res.update(grpc_during_snapshots(live=a.live // 2))
+        (Path(a.out) / "restart.json").write_text(json.dumps(res, indent=2))
     width = max(map(len, res))
     for k, v in res.items():
         print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")

@@ -50,6 +50,7 @@ from ..model import Host, Volume
 from ..store import StoreError
 from ..v1 import scheduler_pb2 as pb
 from . import convert
+from .wire import varint
 
 log = logging.getLogger("hci_scheduler.server")
 
@@ -66,22 +67,13 @@ class SnapshotError(StoreError):
     """A snapshot file that does not check out (names the file and what is wrong)."""
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _id_prefix(id_bytes: bytes) -> bytes:
     """How canonical Workload bytes start: field 1 (id), length-delimited."""
     return _ID_TAGS[len(id_bytes)] + id_bytes if len(id_bytes) < len(_ID_TAGS) else \
-        b"\n" + _varint(len(id_bytes)) + id_bytes
+        b"\n" + varint(len(id_bytes)) + id_bytes
 
 
-_ID_TAGS = [b"\n" + _varint(n) for n in range(1024)]  # the tag and length of an id of n bytes
+_ID_TAGS = [b"\n" + varint(n) for n in range(1024)]  # the tag and length of an id of n bytes
 
 
 def _frames(items) -> bytes:
@@ -231,7 +223,7 @@ def verify(path: str) -> Snapshot:
     return snap
 
 
-def _decoded(snap: Snapshot) -> "_Decoded":
+def _decoded(snap: Snapshot) -> _Decoded:
     try:
         return _decode(snap)
     except SnapshotError:
@@ -286,7 +278,6 @@ def _gap_id(row: int, taken) -> str:
 
 def restore(state, snap: Snapshot) -> None:
     """Rebuild the state's (empty) cluster, placed map and sequence from a checked snapshot."""
-    c = state.cluster
     if tuple(snap.header["dimensions"]) != tuple(state.dimensions):
         raise SnapshotError(f"snapshot {snap.path}: dimensions {snap.header['dimensions']} differ from the "
                             f"store's {list(state.dimensions)}")
@@ -400,11 +391,16 @@ def write(directory: str, sequence: int, data: bytes) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"snapshot-{sequence:020d}{SUFFIX}")
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):  # a full disk: leave no partial file behind
+            os.remove(tmp)
+        raise
     _fsync_dir(directory)
     return path
 
@@ -492,12 +488,19 @@ class Snapshots:
             self._thread.start()
 
     def _loop(self, state) -> None:
+        failing = False
         while not self._stop.wait(self.poll_s):
             if state.sequence - self.sequence >= self.every:
                 try:
                     self.take(state)
                 except (OSError, StoreError) as exc:
-                    log.error("snapshot failed", extra={"fields": {"reason": str(exc)}})
+                    if not failing:  # once per streak (a full disk fails every round until freed)
+                        log.error("snapshot failed; retrying", extra={"fields": {"reason": str(exc)}})
+                    failing = True
+                else:
+                    if failing:
+                        log.info("snapshot written again", extra={"fields": {"sequence": self.sequence}})
+                    failing = False
 
     def take(self, state) -> int:
         """Write a snapshot of the state now, then compact the log; returns its sequence."""

@@ -329,21 +329,8 @@ class SQLiteStore(Store):
     def append(self, records: Sequence[Record]) -> None:
         """One transaction (one fsync) for all `records`. Calls are serialized, not
         grouped: the server's writer already hands over one batch at a time."""
-        if not records:
-            return
-        with self._cond:
-            while self._committing or self._checkpoint_wanted:
-                self._wait()
-            if self._closed:
-                raise StoreError("store is closed")
-            self._committing = True
-        try:
-            self._commit(records)
-        finally:
-            with self._cond:
-                self._committing = False
-                if self._waiting:
-                    self._cond.notify_all()
+        if records:
+            self._turn(self._commit, records)
 
     def _commit(self, rows: Sequence[Record]) -> None:
         check_contiguous(self._last, rows)
@@ -369,8 +356,9 @@ class SQLiteStore(Store):
 
     # -- compaction ----------------------------------------------------------
 
-    def _turn(self, fn):
-        """fn() between two commits (as a commit takes its turn), so appends go on around it."""
+    def _turn(self, fn, *args):
+        """fn(*args) in the store's turn: one commit (or compaction step) at a time, and
+        the background checkpoint gets its turn between two."""
         with self._cond:
             while self._committing or self._checkpoint_wanted:
                 self._wait()
@@ -378,9 +366,7 @@ class SQLiteStore(Store):
                 raise StoreError("store is closed")
             self._committing = True
         try:
-            return fn()
-        except sqlite3.Error as exc:
-            raise _store_error(self.path, "compaction failed", exc) from exc
+            return fn(*args)
         finally:
             with self._cond:
                 self._committing = False
@@ -402,6 +388,12 @@ class SQLiteStore(Store):
         transaction in its own turn (an append waits for one chunk at most); then give
         the freed pages back (a database created with auto_vacuum) and truncate the WAL,
         which the deletes grew."""
+        try:
+            self._compact(upto, chunk)
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "compaction failed", exc) from exc
+
+    def _compact(self, upto: int, chunk: int) -> None:
         upto = min(upto, self._last)
         done = self._compacted
         if upto <= done:
@@ -416,13 +408,11 @@ class SQLiteStore(Store):
         self._turn(record)
         while done < upto:
             step = min(done + chunk, upto)
-            self._turn(lambda lo=done, hi=step: conn.execute("DELETE FROM events WHERE seq > ? AND seq <= ?",
-                                                              (lo, hi)))
+            self._turn(conn.execute, "DELETE FROM events WHERE seq > ? AND seq <= ?", (done, step))
             done = step
-        while self._turn(lambda: conn.execute("PRAGMA freelist_count").fetchone()[0]):
-            self._turn(lambda: conn.execute("PRAGMA incremental_vacuum(2000)").fetchall())
-            if self._turn(lambda: conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
-                break  # an older database without incremental vacuum: pages are reused instead
+        if self._turn(lambda: conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2:  # else pages are reused
+            while self._turn(lambda: conn.execute("PRAGMA freelist_count").fetchone()[0]):
+                self._turn(lambda: conn.execute("PRAGMA incremental_vacuum(2000)").fetchall())
         self._turn(lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     # -- reading -------------------------------------------------------------

@@ -20,7 +20,7 @@ from hci_scheduler.cluster import Cluster
 from hci_scheduler.model import Host, Placement, Workload
 from hci_scheduler.server import snapshot as snap_mod
 from hci_scheduler.server.app import create_server
-from hci_scheduler.server.snapshot import SnapshotError, Snapshots
+from hci_scheduler.server.snapshot import SnapshotError
 from hci_scheduler.store import MemoryStore, Record, SQLiteStore, StoreError
 from hci_scheduler.v1 import scheduler_pb2 as pb
 from hci_scheduler.v1 import scheduler_pb2_grpc as pb_grpc
@@ -180,7 +180,7 @@ def test_restart_from_snapshot_and_tail_is_exactly_the_full_replay(tmp_path):
             assert _view(b.stub) == want
             assert _rows(b) == rows
             # A retried Place returns the first answer; the same id with another spec is refused.
-            first = [p for p in want[1] if p.workload_id == "r1w5"][0]
+            first = next(p for p in want[1] if p.workload_id == "r1w5")
             again = b.stub.Place(pb.PlaceRequest(workloads=[first.workload])).placements[0]
             assert (again.host_id, again.sequence) == (first.host_id, first.sequence)
             changed = pb.Workload(id="r1w5", requests={"cpu": 1})
@@ -250,7 +250,7 @@ def test_a_damaged_newest_snapshot_falls_back_to_the_older_one(tmp_path, caplog)
 
 
 def test_no_usable_snapshot_past_the_compacted_log_refuses_to_start_naming_it(tmp_path):
-    data, files, older, newer, want = _two_snapshots(tmp_path)
+    data, files, older, newer, _ = _two_snapshots(tmp_path)
     for path in files.values():
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) - 10)
@@ -386,7 +386,7 @@ def test_sigkill_during_snapshots_and_compactions_loses_nothing_acknowledged(tmp
 
 
 def test_watch_from_a_compacted_sequence_is_out_of_range_naming_the_oldest(tmp_path):
-    data, files, older, newer, want = _two_snapshots(tmp_path)
+    data, _, older, newer, _ = _two_snapshots(tmp_path)
     b = _Server(data)
     try:
         status = b.stub.GetStatus(pb.GetStatusRequest())

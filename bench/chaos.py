@@ -701,7 +701,6 @@ class Campaign:
         self.verified = 0
         self.results: list[TrialResult] = []
         self.failed: Counter = Counter()
-        self.disk_notes: list[str] = []
         # Called with the data dir between each kill and restart: tests damage the store
         # there to show that the checks name the loss.
         self.before_restart = None
@@ -825,7 +824,6 @@ class Campaign:
                 f"{len(self.ledger.placed):,} live at the end; restart median {restarts[len(rs) // 2]:.2f} s, "
                 f"max {restarts[-1]:.2f} s"
             )
-        lines += self.disk_notes
         if self.failed:
             lines.append(
                 "FAILED checks: " + ", ".join(f"{c} ({n}x)" for c, n in self.failed.items())
@@ -838,28 +836,27 @@ class Campaign:
 
     def disk_faults(self) -> None:
         if os.geteuid() != 0:
-            self.disk_notes.append("disk faults skipped: mounting a file system needs root")
+            self.say("disk faults skipped: mounting a file system needs root")
             return
-        mnt = self.tmp / "tmpfs"
-        mnt.mkdir()
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode:
-            self.disk_notes.append(
-                f"disk faults skipped: cannot mount a tmpfs ({r.stderr.strip()})"
-            )
-        else:
-            try:
-                DiskFaults(self, mnt, "disk").run_tmpfs()
-            finally:
-                subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+        self.full_disk()
         self.read_only_live()
 
-    def read_only_live(self) -> None:
+    def full_disk(self) -> bool:
+        """The tmpfs faults; False (and one line) when no tmpfs can be mounted here."""
+        mnt = self.tmp / "tmpfs"
+        mnt.mkdir(exist_ok=True)
+        mount = ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)]
+        r = subprocess.run(mount, check=False, capture_output=True, text=True)
+        if r.returncode:
+            self.say(f"disk faults skipped: cannot mount a tmpfs ({r.stderr.strip()})")
+            return False
+        try:
+            DiskFaults(self, mnt, "disk").run_tmpfs()
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+        return True
+
+    def read_only_live(self) -> bool:
         """A file system that turns read-only under the running server: a remount is refused
         while files are open for writing, but ext4 mounted errors=remount-ro goes read-only
         at once when told of an error (its sysfs trigger_fs_error), as it does on a real one."""
@@ -877,19 +874,18 @@ class Campaign:
             except OSError as exc:
                 r = subprocess.CompletedProcess(cmd, 1, "", str(exc))
             if r.returncode:
-                self.disk_notes.append(
-                    f"live read-only fault skipped: {' '.join(cmd[:2])}: {r.stderr.strip()}"
-                )
-                return
+                self.say(f"live read-only fault skipped: {' '.join(cmd[:2])}: {r.stderr.strip()}")
+                return False
         try:
             dev = subprocess.run(
                 ["findmnt", "-no", "SOURCE", str(mnt)], check=False, capture_output=True, text=True
             ).stdout
             trigger = Path("/sys/fs/ext4") / Path(dev.strip()).name / "trigger_fs_error"
             if not trigger.exists():
-                self.disk_notes.append(f"live read-only fault skipped: no {trigger}")
-                return
+                self.say(f"live read-only fault skipped: no {trigger}")
+                return False
             DiskFaults(self, mnt, "ro").run_ext4(trigger, image)
+            return True
         finally:
             subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
 

@@ -20,22 +20,26 @@ the server's own:
   its request x the allocation ratio, rounded up, as the core does) stays within
   floor((capacity - reserved) x ratio), and equals the usage the server reports;
 * sequence gap: WatchEvents runs gap-free up to GetStatus.last_sequence, which never goes
-  back; events the watcher saw before the kill are the same after it; every
-  `--full-check-every` trials (and on the last) the log is read from its first available
-  sequence (GetStatus.first_sequence, once snapshots compacted the start) and, when it
-  starts at 1, its replay must give exactly the listed allocations;
+  back; every `--full-check-every` trials (and on the last) from the log's first available
+  sequence (GetStatus.first_sequence, once snapshots compacted the start), otherwise from
+  where the previous check ended;
+* watched event changed: what a watcher saw live before the kill is unchanged after it;
 * partial gang: every gang is listed with all its members or none (the gang id carries
   its size, so this needs no client record);
 * log differs: on a full check from sequence 1, replaying the log's placements and releases
   gives exactly the listed allocations.
 
-Then the disk faults, on a small tmpfs (as root; skipped with one line elsewhere): the disk
-fills while clients run, then the server must keep serving reads, refuse mutations with
-UNAVAILABLE naming the cause (GetStatus.writable false), resume by itself once space is
-freed, and do the same after a restart on the full disk; and a restart on a read-only
-remount of the store (a remount is refused while the server holds its files open for
-writing, so the read-only case is a restart) must serve reads, refuse writes, and resume
-after the remount read-write.
+Then the disk faults (as root; each skipped with one line where it cannot run). On a small
+tmpfs: the disk fills while clients run, and the server must keep serving reads (keeping
+all that was acknowledged), refuse mutations with UNAVAILABLE naming the cause while
+GetStatus says it is not writable (or accept them, having found room, and keep them), and
+resume by itself once space is freed; the same after a restart on the full disk; a restart
+on a read-only remount serves reads and refuses writes, or refuses to start with a
+non-zero exit naming the cause. A remount is refused while the server holds its files open
+for writing, so the file system turning read-only under load is an ext4 image on a loop
+device mounted errors=remount-ro, told of an error through its sysfs trigger_fs_error: the
+server must keep serving reads and refuse writes, and after fsck and a restart nothing
+acknowledged may be missing.
 
 One line per trial (events, acknowledged placements and releases, restart time), totals at
 the end; the exit code is 1 when any check failed, and the failed checks are named. The
@@ -83,9 +87,8 @@ PAGE_SIZE = 5000
 class ChaosConfig:
     trials: int = 40
     clients: int = 8
-    min_s: float = (
-        1.0  # each trial's clients run for a random time in [min_s, max_s] before the kill
-    )
+    # Each trial's clients run for a random time in [min_s, max_s] before the kill.
+    min_s: float = 1.0
     max_s: float = 4.0
     hosts: int = 32
     seed: int | None = None
@@ -138,23 +141,10 @@ class Server:
         port_file = self.log_path.parent / f"port-{time.monotonic_ns()}"
         t0 = time.perf_counter()
         with open(self.log_path, "a") as log:
+            cmd = [sys.executable, "-m", "hci_scheduler.cli", "serve", "--fsync", "full"]
+            cmd += ["--listen", "127.0.0.1:0", "--port-file", str(port_file)]
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "hci_scheduler.cli",
-                    "serve",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    str(self.data_dir),
-                    "--fsync",
-                    "full",
-                    "--port-file",
-                    str(port_file),
-                    "--log-level",
-                    "warning",
-                ],
+                cmd + ["--data-dir", str(self.data_dir), "--log-level", "warning"],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -306,16 +296,13 @@ class Ledger:
     def settle(self, listed: dict[str, tuple[str, int]], hosts: set[str]) -> None:
         """After a restart's checks: calls in doubt take the outcome the server kept."""
         with self.lock:
+            units: dict[str, list[str]] = {}  # a gang is released as one unit
             for wid in self.doubt_place:
                 if wid in listed:
                     self.placed[wid] = listed[wid]
+                    units.setdefault(self.gang_of.get(wid) or wid, []).append(wid)
                 else:
                     self.gone.add(wid)
-            units: dict[str, list[str]] = {}
-            for wid in self.doubt_place:
-                if wid in listed:
-                    w_gang = self.gang_of.get(wid, "")
-                    units.setdefault(w_gang or wid, []).append(wid)
             self.units.extend(units.values())
             for unit in self.doubt_release:
                 if any(w in listed for w in unit):

@@ -2,7 +2,7 @@
 
     python -m hci_scheduler.bench.chaos [--trials 40] [--clients 8] [--min-s 1] [--max-s 4]
                                         [--hosts 32] [--seed S] [--full-check-every 10]
-                                        [--no-disk-faults] [--keep] [--no-progress]
+                                        [--disk-faults all|full|read-only|none] [--keep] [--no-progress]
 
 Runs a real `hci-scheduler serve` (its SQLite store in a temp dir, fsync full) and, in each
 trial, `--clients` threads (one gRPC channel each, the generated stubs) that place plain
@@ -93,7 +93,7 @@ class ChaosConfig:
     hosts: int = 32
     seed: int | None = None
     full_check_every: int = 10
-    disk_faults: bool = True
+    disk_faults: str = "all"  # or full (tmpfs), read-only (ext4), none
     keep: bool = False
 
 
@@ -723,8 +723,8 @@ class Campaign:
                     f"FAILED (server died): a clean stop (SIGTERM) exited with code {code}: "
                     f"{self.server.log_tail()}"
                 )
-            if cfg.disk_faults:
-                self.disk_faults()
+            if cfg.disk_faults != "none":
+                self.disk_faults(cfg.disk_faults)
         except RuntimeError as exc:  # the server did not (re)start: nothing further can be checked
             self.failed["server died"] += 1
             self.say(f"FAILED (server died): {exc}")
@@ -821,12 +821,14 @@ class Campaign:
 
     # -- disk faults ------------------------------------------------------------------
 
-    def disk_faults(self) -> None:
+    def disk_faults(self, which: str = "all") -> None:
         if os.geteuid() != 0:
             self.say("disk faults skipped: mounting a file system needs root")
             return
-        self.full_disk()
-        self.read_only_live()
+        if which in ("all", "full"):
+            self.full_disk()
+        if which in ("all", "read-only"):
+            self.read_only_live()
 
     def full_disk(self) -> bool:
         """The tmpfs faults; False (and one line) when no tmpfs can be mounted here."""
@@ -1193,7 +1195,12 @@ def _parser() -> argparse.ArgumentParser:
         default=d.full_check_every,
         help="read the whole log every N trials (and on the last); others read what is new",
     )
-    p.add_argument("--no-disk-faults", action="store_true", help="skip the tmpfs disk faults")
+    p.add_argument(
+        "--disk-faults",
+        choices=("all", "full", "read-only", "none"),
+        default="all",
+        help="full: a full disk (tmpfs); read-only: a file system turning read-only (ext4)",
+    )
     p.add_argument(
         "--keep", action="store_true", help="keep the store and logs even when every check passes"
     )
@@ -1211,7 +1218,7 @@ def main(argv=None) -> int:
         hosts=args.hosts,
         seed=args.seed,
         full_check_every=args.full_check_every,
-        disk_faults=not args.no_disk_faults,
+        disk_faults=args.disk_faults,
         keep=args.keep,
     )
     progress = None

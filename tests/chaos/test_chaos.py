@@ -27,7 +27,7 @@ def test_chaos_kill_restart_trials_keep_every_acknowledged_write():
             hosts=16,
             seed=13,
             full_check_every=2,
-            disk_faults=False,
+            disk_faults="none",
         ),
         out=out,
     )
@@ -160,7 +160,7 @@ def test_chaos_names_the_loss_of_a_store_damaged_between_kill_and_restart():
     out = io.StringIO()
     campaign = chaos.Campaign(
         chaos.ChaosConfig(
-            trials=2, clients=4, min_s=0.3, max_s=0.5, hosts=8, seed=13, disk_faults=False
+            trials=2, clients=4, min_s=0.3, max_s=0.5, hosts=8, seed=13, disk_faults="none"
         ),
         out=out,
     )

@@ -310,11 +310,11 @@ def restore(state, snap: Snapshot) -> None:
 
 def _rebuild(state, snap: Snapshot, d: _Decoded, templates: list, models: list, specials: list) -> None:
     c = state.cluster
-    # Hosts in their rows, every one ready while placements are restored (a host cordoned
-    # or relabelled since keeps what it runs); free rows are filled and freed again.
+    # Hosts in their rows, ready and untainted while placements are restored (a host
+    # tainted or cordoned since keeps what it runs); free rows are filled and freed again.
     taken = {m.id for m in models if m is not None}
     gaps = {r: _gap_id(r, taken) for r, m in enumerate(models) if m is None}
-    c.add_hosts([dataclasses.replace(m, state="ready") if m is not None else
+    c.add_hosts([dataclasses.replace(m, taints=(), state="ready") if m is not None else
                  Host(gaps[r], {}) for r, m in enumerate(models)],
                 replicas={})
     for hid in gaps.values():
@@ -349,9 +349,9 @@ def _rebuild(state, snap: Snapshot, d: _Decoded, templates: list, models: list, 
             c.bind(model, ev.host_id, restore=True)  # its new volumes were restored above
         placed[ev.workload_id] = (ev.sequence, convert.spec_bytes(ev.workload))
     run(len(d.ids))
-    for m in models:
-        if m is not None and m.state != "ready":
-            c.update_host(m.id, state=m.state)
+    for m in models:  # taints and states as they are now, over what the hosts run
+        if m is not None and (m.taints or m.state != "ready"):
+            c.update_host(m.id, taints=m.taints or None, state=m.state)
     state._placed = placed
     state.sequence = snap.sequence
 

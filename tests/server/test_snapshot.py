@@ -135,6 +135,8 @@ def _setup(s) -> None:
     s.RemoveHost(pb.RemoveHostRequest(host_id="h3"))  # a free row, reused by the next host
     s.RemoveHost(pb.RemoveHostRequest(host_id="h6"))
     s.RegisterHosts(pb.RegisterHostsRequest(hosts=[_host(10)]))
+    # Tainted under the agent's replica (which tolerates nothing): it stays.
+    s.UpdateHost(pb.UpdateHostRequest(host_id="h7", taints=[pb.Taint(key="maintenance", value="yes")]))
 
 
 def _view(s) -> tuple:

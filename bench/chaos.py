@@ -2,7 +2,8 @@
 
     python -m hci_scheduler.bench.chaos [--trials 40] [--clients 8] [--min-s 1] [--max-s 4]
                                         [--hosts 32] [--seed S] [--full-check-every 10]
-                                        [--disk-faults all|full|read-only|none] [--keep] [--no-progress]
+                                        [--disk-faults all|full|read-only|none] [--serve-arg ARG ...]
+                                        [--keep] [--no-progress]
 
 Runs a real `hci-scheduler serve` (its SQLite store in a temp dir, fsync full) and, in each
 trial, `--clients` threads (one gRPC channel each, the generated stubs) that place plain
@@ -95,6 +96,8 @@ class ChaosConfig:
     full_check_every: int = 10
     disk_faults: str = "all"  # or full (tmpfs), read-only (ext4), none
     keep: bool = False
+    # Passed to `serve`, e.g. ("--snapshot-every", "2000"): kills land in snapshots and compactions.
+    serve_args: tuple[str, ...] = ()
 
 
 @dataclass
@@ -102,6 +105,7 @@ class TrialResult:
     trial: int
     events: int  # events written during the trial
     last_sequence: int
+    first_sequence: int  # the oldest the log still holds (above 1 once compacted)
     placed: int  # acknowledged during the trial
     released: int
     refused: int  # workloads answered "fits nowhere": the cluster was full, the limits were in play
@@ -114,7 +118,7 @@ class TrialResult:
     def line(self, n_trials: int) -> str:
         state = "ok" if not self.failures else "FAILED: " + "; ".join(self.failures[:5])
         return (
-            f"trial {self.trial:>3}/{n_trials}: {self.events:>7,} events (last {self.last_sequence:,}), "
+            f"trial {self.trial:>3}/{n_trials}: {self.events:>7,} events (log {self.first_sequence:,}-{self.last_sequence:,}), "
             f"{self.placed:>6,} placements, {self.released:>6,} releases, {self.refused:>5,} refused, "
             f"{self.gangs:>4,} gangs, "
             f"{self.hosts} hosts acknowledged; restart {self.restart_s:.2f} s, checks {self.check_s:.2f} s; {state}"
@@ -127,9 +131,10 @@ class TrialResult:
 class Server:
     """`hci-scheduler serve` on one data dir, restartable; its output goes to one log."""
 
-    def __init__(self, data_dir: Path, log_path: Path):
+    def __init__(self, data_dir: Path, log_path: Path, serve_args: tuple[str, ...] = ()):
         self.data_dir = data_dir
         self.log_path = log_path
+        self.serve_args = list(serve_args)
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.channel: grpc.Channel | None = None
@@ -144,7 +149,9 @@ class Server:
             cmd = [sys.executable, "-m", "hci_scheduler.cli", "serve", "--fsync", "full"]
             cmd += ["--listen", "127.0.0.1:0", "--port-file", str(port_file)]
             self.proc = subprocess.Popen(
-                cmd + ["--data-dir", str(self.data_dir), "--log-level", "warning"],
+                cmd
+                + ["--data-dir", str(self.data_dir), "--log-level", "warning"]
+                + self.serve_args,
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -684,7 +691,7 @@ class Campaign:
         self.rng = random.Random(self.seed)
         self.tmp = Path(tempfile.mkdtemp(prefix="hci-chaos-"))
         self.ledger = Ledger()
-        self.server = Server(self.tmp / "data", self.tmp / "server.log")
+        self.server = Server(self.tmp / "data", self.tmp / "server.log", cfg.serve_args)
         self.verified = 0
         self.results: list[TrialResult] = []
         self.failed: Counter = Counter()
@@ -784,6 +791,7 @@ class Campaign:
             k,
             snap.status.last_sequence - before,
             snap.status.last_sequence,
+            max(snap.status.first_sequence, 1),
             n["placed"],
             n["released"],
             n["refused"],
@@ -889,7 +897,9 @@ class DiskFaults:
         self.c = campaign
         self.mnt = mnt
         self.ledger = Ledger()
-        self.server = Server(mnt / "data", campaign.tmp / f"server-{name}.log")
+        self.server = Server(
+            mnt / "data", campaign.tmp / f"server-{name}.log", campaign.cfg.serve_args
+        )
         self.filler = mnt / "filler"
 
     def note(self, check: str | None, text: str) -> None:
@@ -1202,6 +1212,13 @@ def _parser() -> argparse.ArgumentParser:
         help="full: a full disk (tmpfs); read-only: a file system turning read-only (ext4)",
     )
     p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument for `serve`, repeatable: --serve-arg=--snapshot-every --serve-arg=2000",
+    )
+    p.add_argument(
         "--keep", action="store_true", help="keep the store and logs even when every check passes"
     )
     p.add_argument("--no-progress", action="store_true")
@@ -1220,6 +1237,7 @@ def main(argv=None) -> int:
         full_check_every=args.full_check_every,
         disk_faults=args.disk_faults,
         keep=args.keep,
+        serve_args=tuple(args.serve_arg),
     )
     progress = None
     if not args.no_progress:

@@ -42,6 +42,26 @@ def test_chaos_kill_restart_trials_keep_every_acknowledged_write():
     assert "all checks passed" in out.getvalue()
 
 
+def test_chaos_kills_landing_in_snapshots_and_compactions_keep_every_acknowledged_write():
+    # A snapshot every 300 events and 100 kept before it: the kills land during snapshots and
+    # compactions, and the log is checked from its first available sequence.
+    out = io.StringIO()
+    cfg = chaos.ChaosConfig(
+        trials=3,
+        clients=8,
+        min_s=0.5,
+        max_s=1.0,
+        hosts=16,
+        seed=14,
+        full_check_every=1,
+        disk_faults="none",
+        serve_args=("--snapshot-every", "300", "--snapshot-tail", "100"),
+    )
+    campaign = chaos.Campaign(cfg, out=out)
+    assert campaign.run() == 0, out.getvalue()
+    assert campaign.results[-1].first_sequence > 1, out.getvalue()  # the log was compacted
+
+
 @pytest.fixture
 def campaign():
     """A campaign with no kill trials, for its disk faults; its temp dir removed after."""

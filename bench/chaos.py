@@ -1227,6 +1227,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    # gRPC's core logs every connection the kills cut at INFO; the campaign reports them itself.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     cfg = ChaosConfig(
         trials=args.trials,
         clients=args.clients,

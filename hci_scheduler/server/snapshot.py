@@ -97,6 +97,7 @@ class Captured(NamedTuple):
     """What `capture` copies under the state's lock; encoded later, outside it."""
 
     sequence: int
+    incarnation: str         # the log's: a snapshot belongs to one incarnation of the log
     dimensions: tuple
     row_hosts: list          # Host or None per row
     placed: dict             # workload id -> (sequence of its PLACED event, canonical spec bytes)
@@ -112,7 +113,8 @@ def capture(state) -> Captured:
     where = c.assignments()
     row_hosts = [None if hid is None else c.host(hid) for hid in c.host_ids()]
     volumes = [(c.volume(vid), list(hosts)) for vid, hosts in c.volumes().items()]
-    return Captured(state.sequence, tuple(state.dimensions), row_hosts, placed, where, volumes)
+    return Captured(state.sequence, state.store.incarnation(), tuple(state.dimensions), row_hosts, placed, where,
+                    volumes)
 
 
 def _replicas(cap: Captured) -> dict:
@@ -171,7 +173,8 @@ def encode(cap: Captured) -> bytes:
         "spec_of": np.array(spec_of, dtype=np.int32).tobytes(),
     }
     header = {
-        "format": FORMAT, "sequence": cap.sequence, "dimensions": list(cap.dimensions),
+        "format": FORMAT, "sequence": cap.sequence, "incarnation": cap.incarnation,
+        "dimensions": list(cap.dimensions),
         "placements": len(cap.placed), "volumes": [
             {"id": v.id, "size_gib": v.size_gib, "replicas": v.replicas, "spread": v.spread, "hosts": hosts}
             for v, hosts in cap.volumes],
@@ -468,6 +471,11 @@ class Snapshots:
                 break  # older ones cannot be followed by the log either
             try:
                 snap = read(path)
+                if snap.header.get("incarnation") != store.incarnation():
+                    # Sequence numbers of another log (one that lost events and was started
+                    # again): this snapshot's state is not the one this log continues.
+                    raise SnapshotError(f"snapshot {path}: of log incarnation {snap.header.get('incarnation')}, "
+                                        f"the store's is {store.incarnation()}")
                 enabled = gc.isenabled()
                 gc.disable()  # hundreds of thousands of objects, no cycles: collections only cost
                 try:

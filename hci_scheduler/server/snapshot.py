@@ -465,7 +465,11 @@ class Snapshots:
         bad = []
         for seq, path in snapshot_files(self.directory):
             if seq > last:
-                bad.append(f"{path}: sequence {seq} is beyond the log's last sequence {last}")
+                # The log lost the events it holds (see SQLiteStore's incarnation): moved aside,
+                # so that it is never taken for the state at a number the log reuses.
+                os.replace(path, path + ".beyond-log")
+                bad.append(f"{path}: sequence {seq} is beyond the log's last sequence {last} "
+                           f"(moved aside to {path}.beyond-log)")
                 continue
             if seq < compacted:
                 break  # older ones cannot be followed by the log either

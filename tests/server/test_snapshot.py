@@ -9,6 +9,7 @@ import dataclasses
 import os
 import random
 import shutil
+import sqlite3
 import threading
 import time
 
@@ -287,6 +288,32 @@ def test_a_snapshot_of_another_log_incarnation_is_never_loaded(tmp_path):
         assert b.state.snapshots.sequence == 0  # the whole log replayed instead
         view = _view(b.stub)
         assert view[:3] == want[:3]
+    finally:
+        b.stop(final_snapshot=False)
+
+
+def test_a_snapshot_beyond_the_log_is_moved_aside(tmp_path):
+    """The log lost its last events (a damaged WAL): the snapshot that holds them is moved
+    aside, not loaded, and not left where later events reusing its numbers would meet it."""
+    data = tmp_path / "data"
+    a = _Server(data)
+    _setup(a.stub)
+    _mutate(a.stub, 0)
+    kept = a.state.sequence
+    want = _view(a.stub)
+    _mutate(a.stub, 1)
+    seq = a.state.snapshots.take(a.state)
+    a.stop(final_snapshot=False)
+    db = sqlite3.connect(str(data / "scheduler.db"))
+    db.execute("DELETE FROM events WHERE seq > ?", (kept,))  # what the lost WAL frames held
+    db.commit()
+    db.close()
+    b = _Server(data)
+    try:
+        assert b.state.snapshots.sequence == 0 and b.state.sequence == kept
+        assert _view(b.stub)[:3] == want[:3]
+        assert not snap_mod.snapshot_files(str(data / "snapshots"))
+        assert (data / "snapshots" / f"snapshot-{seq:020d}.snap.beyond-log").exists()
     finally:
         b.stop(final_snapshot=False)
 

@@ -97,7 +97,8 @@ class Captured(NamedTuple):
     """What `capture` copies under the state's lock; encoded later, outside it."""
 
     sequence: int
-    incarnation: str         # the log's: a snapshot belongs to one incarnation of the log
+    incarnation: str         # the log's incarnation when it was taken
+    last_event: str          # SHA-256 of the event at `sequence`: which history it belongs to
     dimensions: tuple
     row_hosts: list          # Host or None per row
     placed: dict             # workload id -> (sequence of its PLACED event, canonical spec bytes)
@@ -113,8 +114,14 @@ def capture(state) -> Captured:
     where = c.assignments()
     row_hosts = [None if hid is None else c.host(hid) for hid in c.host_ids()]
     volumes = [(c.volume(vid), list(hosts)) for vid, hosts in c.volumes().items()]
-    return Captured(state.sequence, state.store.incarnation(), tuple(state.dimensions), row_hosts, placed, where,
-                    volumes)
+    return Captured(state.sequence, state.store.incarnation(), _event_digest(state.store, state.sequence),
+                    tuple(state.dimensions), row_hosts, placed, where, volumes)
+
+
+def _event_digest(store, sequence: int) -> str | None:
+    """SHA-256 of the stored event at `sequence` (None: not in the log, compacted or none)."""
+    rec = store.read(sequence - 1, 1) if sequence else []
+    return hashlib.sha256(rec[0].body).hexdigest() if rec and rec[0].sequence == sequence else None
 
 
 def _replicas(cap: Captured) -> dict:
@@ -173,7 +180,7 @@ def encode(cap: Captured) -> bytes:
         "spec_of": np.array(spec_of, dtype=np.int32).tobytes(),
     }
     header = {
-        "format": FORMAT, "sequence": cap.sequence, "incarnation": cap.incarnation,
+        "format": FORMAT, "sequence": cap.sequence, "incarnation": cap.incarnation, "last_event": cap.last_event,
         "dimensions": list(cap.dimensions),
         "placements": len(cap.placed), "volumes": [
             {"id": v.id, "size_gib": v.size_gib, "replicas": v.replicas, "spread": v.spread, "hosts": hosts}
@@ -359,6 +366,21 @@ def _rebuild(state, snap: Snapshot, d: _Decoded, templates: list, models: list, 
     state.sequence = snap.sequence
 
 
+def _check_history(snap: Snapshot, store) -> None:
+    """SnapshotError unless the log continues the snapshot's history: the log's event at
+    the snapshot's sequence is the one the snapshot saw (a log that lost events and started
+    a new incarnation still continues it up to the loss); when that event was compacted,
+    the log's incarnation must be the snapshot's."""
+    stored = _event_digest(store, snap.sequence)
+    if stored is not None:
+        if stored != snap.header.get("last_event"):
+            raise SnapshotError(f"snapshot {snap.path}: the log's event {snap.sequence} is not the one it saw "
+                                "(another history)")
+    elif snap.header.get("incarnation") != store.incarnation():
+        raise SnapshotError(f"snapshot {snap.path}: of log incarnation {snap.header.get('incarnation')}, "
+                            f"the store's is {store.incarnation()}")
+
+
 def snapshot_files(directory: str) -> list[tuple[int, str]]:
     """(sequence, path) of the snapshot files in `directory`, newest first."""
     out = []
@@ -475,11 +497,7 @@ class Snapshots:
                 break  # older ones cannot be followed by the log either
             try:
                 snap = read(path)
-                if snap.header.get("incarnation") != store.incarnation():
-                    # Sequence numbers of another log (one that lost events and was started
-                    # again): this snapshot's state is not the one this log continues.
-                    raise SnapshotError(f"snapshot {path}: of log incarnation {snap.header.get('incarnation')}, "
-                                        f"the store's is {store.incarnation()}")
+                _check_history(snap, store)
                 enabled = gc.isenabled()
                 gc.disable()  # hundreds of thousands of objects, no cycles: collections only cost
                 try:

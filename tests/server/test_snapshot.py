@@ -270,14 +270,15 @@ def test_no_usable_snapshot_past_the_compacted_log_refuses_to_start_naming_it(tm
     assert srv.proc.returncode == 1
 
 
-def test_a_snapshot_of_another_log_incarnation_is_never_loaded(tmp_path):
-    """A log that lost events starts a new incarnation and reuses their sequence numbers:
-    a snapshot taken before (same numbers, other events) must not be loaded."""
+def test_a_snapshot_is_loaded_only_by_the_log_whose_history_it_holds(tmp_path):
+    """A log that lost events starts a new incarnation but still continues the history up
+    to the loss: its snapshots there are loaded. A log whose event at the snapshot's
+    sequence is another one (another history, same numbers) never loads it."""
     data = tmp_path / "data"
     a = _Server(data)
     _setup(a.stub)
     _mutate(a.stub, 0)
-    a.state.snapshots.take(a.state)
+    seq = a.state.snapshots.take(a.state)
     want = _view(a.stub)
     a.stop(final_snapshot=False)
     store = SQLiteStore(str(data / "scheduler.db"))
@@ -285,11 +286,23 @@ def test_a_snapshot_of_another_log_incarnation_is_never_loaded(tmp_path):
     store.close()
     b = _Server(data)
     try:
-        assert b.state.snapshots.sequence == 0  # the whole log replayed instead
-        view = _view(b.stub)
-        assert view[:3] == want[:3]
+        assert b.state.snapshots.sequence == seq
+        assert _view(b.stub)[:3] == want[:3]
     finally:
         b.stop(final_snapshot=False)
+    db = sqlite3.connect(str(data / "scheduler.db"))
+    (body,) = db.execute("SELECT body FROM events WHERE seq = ?", (seq,)).fetchone()
+    other = pb.Event.FromString(body)
+    other.time.seconds += 1  # the same change at another time: another event under the number
+    db.execute("UPDATE events SET body = ? WHERE seq = ?", (other.SerializeToString(), seq))
+    db.commit()
+    db.close()
+    c = _Server(data)
+    try:
+        assert c.state.snapshots.sequence == 0  # the whole log replayed instead
+        assert _view(c.stub)[:3] == want[:3]
+    finally:
+        c.stop(final_snapshot=False)
 
 
 def test_a_snapshot_beyond_the_log_is_moved_aside(tmp_path):

@@ -20,6 +20,9 @@ Why this shape:
   what it needs under the state's lock (two dicts of ids and the host list: 50-70 ms
   of CPU for 200,000 placements), the rest (encoding, SHA-256, write, fsync) runs on
   the snapshot thread outside the lock.
+- Of one history: the header holds the SHA-256 of the event at its sequence, and a log
+  whose event there differs (same numbers, other events) never loads it; one beyond the
+  log's last sequence (the log lost events) is moved aside.
 - Atomic: written to a temporary file, fsynced, renamed, directory fsynced; a crash
   mid-way leaves the previous snapshot as it was (the temporary file is removed at start).
 - Compaction keeps the previous snapshot usable: after snapshot S it compacts the log

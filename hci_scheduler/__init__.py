@@ -11,7 +11,16 @@ from .policy import Policy
 
 __all__ = [
     "Affinity", "BatchResult", "Cluster", "DuplicateId", "Explanation", "Host", "LabelExpr", "NearestMiss",
-    "NotFound", "Placement", "Policy", "SchedulerError", "Spread", "StateConflict", "Taint", "Toleration",
-    "UnknownDimension", "Unschedulable", "ValidationError", "Volume", "Workload",
+    "NotFound", "Placement", "Policy", "SchedulerClient", "SchedulerError", "Spread", "StateConflict", "Taint",
+    "Toleration", "UnknownDimension", "Unschedulable", "ValidationError", "Volume", "Workload",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # SchedulerClient needs grpc, which `import hci_scheduler` does not load: imported on first use.
+    if name == "SchedulerClient":
+        from .client import SchedulerClient
+
+        return SchedulerClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

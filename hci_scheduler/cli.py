@@ -10,8 +10,9 @@
     hci-scheduler bench ...        (forwarded to bench.main)
     hci-scheduler demo             (the main job through gRPC)
 
-Client commands print tables for people and JSON with --json. The server
-address comes from --server or $HCI_SCHEDULER_SERVER (default 127.0.0.1:50051).
+Client commands print tables for people and JSON with --json; listings print every
+page (--page-size sets the items per call). The server address comes from --server or
+$HCI_SCHEDULER_SERVER (default 127.0.0.1:50051).
 """
 from __future__ import annotations
 
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print JSON for scripts")
         return sp
 
+    def page_size(sp):
+        sp.add_argument("--page-size", type=int, default=0, metavar="N",
+                        help="items per call; every page is printed (default: the server's, 1,000)")
+
     hosts = sub.add_parser("hosts", help="register, list, update, remove hosts")
     hsub = hosts.add_subparsers(dest="hosts_command", required=True, metavar="ACTION")
     ha = client(hsub.add_parser("add", help="register hosts from flags or a file"))
@@ -120,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     ha.add_argument("--ratio", action="append", metavar="DIM=RATIO", help="container overcommit ratio")
     ha.add_argument("--pool", default="")
     ha.add_argument("--file", help="YAML or JSON list of hosts (or {hosts: [...]})")
-    client(hsub.add_parser("list", help="list hosts")).add_argument(
-        "--state", choices=["ready", "cordoned", "draining", "down"])
+    hl = client(hsub.add_parser("list", help="list hosts"))
+    hl.add_argument("--state", choices=["ready", "cordoned", "draining", "down"])
+    page_size(hl)
     hu = client(hsub.add_parser("update", help="change labels, taints or state"))
     hu.add_argument("host_id")
     hu.add_argument("--label", action="append", metavar="KEY=VALUE", help="replaces all labels")
@@ -155,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     al = client(sub.add_parser("allocations", help="list placed workloads"))
     al.add_argument("--host", default="")
     al.add_argument("--workloads", action="store_true", help="include each workload's spec")
+    page_size(al)
     workload_flags(client(sub.add_parser("explain", help="why a workload would (not) fit")))
     wa = client(sub.add_parser("watch", help="stream events"))
     wa.add_argument("--after", type=int, default=0, help="start after this sequence number")
@@ -162,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     client(sub.add_parser("status", help="utilisation table"))
     vol = sub.add_parser("volumes", help="list or delete volumes created with workloads")
     vsub = vol.add_subparsers(dest="action", required=True)
-    client(vsub.add_parser("list", help="volumes and their replica hosts"))
+    page_size(client(vsub.add_parser("list", help="volumes and their replica hosts")))
     client(vsub.add_parser("delete", help="free a volume no workload mounts")).add_argument("volume_id")
 
     ck = sub.add_parser("check", help="verify a store offline without changing it (exit 0: sound, 1: not)")
@@ -265,36 +272,13 @@ def _workloads_from_args(args) -> list:
 # -- client ---------------------------------------------------------------------
 
 
-class Client:
-    """A channel, a stub and the call options (deadline, token) of the CLI."""
+def connect(args):
+    """The SchedulerClient of a client command's flags."""
+    from .client import SchedulerClient, read_token_file
 
-    def __init__(self, args):
-        import grpc
-
-        from .v1 import scheduler_pb2_grpc as pb_grpc
-
-        self.timeout = args.timeout
-        self.metadata = ()
-        if args.token_file:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = next((ln.strip() for ln in f if ln.strip() and not ln.startswith("#")), "")
-            self.metadata = (("authorization", f"Bearer {token}"),)
-        if args.tls_ca or args.tls_cert:
-            def read(path):
-                if not path:
-                    return None
-                with open(path, "rb") as f:
-                    return f.read()
-
-            creds = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
-            options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
-            self.channel = grpc.secure_channel(args.server, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(args.server)
-        self.stub = pb_grpc.SchedulerServiceStub(self.channel)
-
-    def call(self, method: str, request):
-        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+    return SchedulerClient(args.server, token=read_token_file(args.token_file) if args.token_file else None,
+                           tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           tls_server_name=args.tls_server_name, timeout=args.timeout)
 
 
 def _print_json(msg) -> None:
@@ -340,13 +324,23 @@ def _print_placements(placements) -> None:
     _table("placements", ("workload", "host", "seq", "refusal"), rows)
 
 
+def _print_listing(args, response_type, field: str, listing) -> list:
+    """Every item of a paged listing; with --json, printed as one response holding them all
+    (and the sequence of the first page)."""
+    items = list(listing)
+    if args.json:
+        _print_json(response_type(**{field: items}, sequence=listing.sequence or 0))
+    return items
+
+
 def run_client(args) -> int:
+    import contextlib
+
+    from .client import HOST_STATES
     from .v1 import scheduler_pb2 as pb
 
-    c = Client(args)
-    states = {"ready": pb.HOST_STATE_READY, "cordoned": pb.HOST_STATE_CORDONED,
-              "draining": pb.HOST_STATE_DRAINING, "down": pb.HOST_STATE_DOWN}
-    state_names = {v: k for k, v in states.items()}
+    c = connect(args)
+    state_names = {v: k for k, v in HOST_STATES.items()}
     cmd = args.command
     if cmd == "hosts":
         action = args.hosts_command
@@ -362,60 +356,44 @@ def run_client(args) -> int:
                 for k, v in _pairs(args.ratio).items():
                     h.allocation_ratios[k] = float(v)
                 hosts = [h]
-            resp = c.call("RegisterHosts", pb.RegisterHostsRequest(hosts=hosts))
+            resp = c.register_hosts(hosts)
             if args.json:
                 _print_json(resp)
             else:
                 print(f"registered {len(resp.hosts)} host(s)")
         elif action == "list":
-            resp = c.call("ListHosts", pb.ListHostsRequest(state=states.get(args.state, 0)))
-            if args.json:
-                _print_json(resp)
-            else:
+            hosts = _print_listing(args, pb.ListHostsResponse, "hosts",
+                                   c.hosts(args.state, page_size=args.page_size))
+            if not args.json:
                 _table("hosts", ("id", "state", "capacity", "used", "workloads", "labels", "taints"),
                        [(h.id, state_names.get(h.state, "?"), _fmt_map(h.capacity), _fmt_map(h.used),
                          h.workload_count, _fmt_map(h.labels),
-                         " ".join(f"{t.key}={t.value}" for t in h.taints)) for h in resp.hosts])
+                         " ".join(f"{t.key}={t.value}" for t in h.taints)) for h in hosts])
         elif action == "update":
-            req = pb.UpdateHostRequest(host_id=args.host_id)
-            if args.label or args.clear_labels:
-                req.labels.update(_pairs(args.label))
-                req.update_mask.paths.append("labels")
-            if args.taint or args.clear_taints:
-                req.taints.extend(_taint(t) for t in args.taint or ())
-                req.update_mask.paths.append("taints")
-            if args.state:
-                req.state = states[args.state]
-                req.update_mask.paths.append("state")
-            resp = c.call("UpdateHost", req)
+            labels = _pairs(args.label) if args.label or args.clear_labels else None
+            taints = [_taint(t) for t in args.taint or ()] if args.taint or args.clear_taints else None
+            resp = c.update_host(args.host_id, labels=labels, taints=taints, state=args.state)
             _print_json(resp) if args.json else print(f"updated {resp.host.id}")
         elif action == "remove":
-            resp = c.call("RemoveHost", pb.RemoveHostRequest(host_id=args.host_id))
+            resp = c.remove_host(args.host_id)
             _print_json(resp) if args.json else print(f"removed {args.host_id}")
     elif cmd == "place":
-        strategies = {"binpack": pb.STRATEGY_BINPACK, "spread": pb.STRATEGY_SPREAD,
-                      "balanced": pb.STRATEGY_BALANCED, "dot": pb.STRATEGY_DOT}
-        resp = c.call("Place", pb.PlaceRequest(workloads=_workloads_from_args(args), gang=args.gang,
-                                               strategy=strategies[args.strategy], preempt=args.preempt))
+        resp = c.place(_workloads_from_args(args), gang=args.gang, strategy=args.strategy, preempt=args.preempt)
         _print_json(resp) if args.json else _print_placements(resp.placements)
         return 0 if all(p.sequence for p in resp.placements) else 3
     elif cmd == "release":
-        resp = c.call("Release", pb.ReleaseRequest(workload_ids=args.workload_ids,
-                                                   allow_missing=args.allow_missing))
+        resp = c.release(args.workload_ids, allow_missing=args.allow_missing)
         _print_json(resp) if args.json else print(f"released {len(resp.released_workload_ids)} workload(s)")
     elif cmd == "allocations":
-        resp = c.call("ListAllocations", pb.ListAllocationsRequest(host_id=args.host,
-                                                                   include_workloads=args.workloads))
-        if args.json:
-            _print_json(resp)
-        else:
+        allocations = _print_listing(args, pb.ListAllocationsResponse, "allocations",
+                                     c.allocations(args.host, args.workloads, page_size=args.page_size))
+        if not args.json:
             _table("allocations", ("workload", "host", "seq", "requests"),
-                   [(p.workload_id, _where(p), p.sequence, _fmt_map(p.workload.requests))
-                    for p in resp.allocations])
+                   [(p.workload_id, _where(p), p.sequence, _fmt_map(p.workload.requests)) for p in allocations])
     elif cmd == "explain":
         ws = _workloads_from_args(args)
         for w in ws:
-            resp = c.call("Explain", pb.ExplainRequest(workload=w))
+            resp = c.explain(w)
             if args.json:
                 _print_json(resp)
             else:
@@ -429,10 +407,8 @@ def run_client(args) -> int:
         from google.protobuf import json_format
 
         n = 0
-        stream = c.stub.WatchEvents(pb.WatchEventsRequest(after_sequence=args.after), metadata=c.metadata)
-        try:
-            for resp in stream:
-                e = resp.event
+        with contextlib.closing(c.watch(args.after)) as events:
+            for e in events:
                 if args.json:
                     print(json.dumps(json_format.MessageToDict(e, preserving_proto_field_name=True)), flush=True)
                 else:
@@ -441,21 +417,17 @@ def run_client(args) -> int:
                 n += 1
                 if args.count and n >= args.count:
                     break
-        finally:
-            stream.cancel()
     elif cmd == "volumes":
         if args.action == "list":
-            resp = c.call("ListVolumes", pb.ListVolumesRequest())
-            if args.json:
-                _print_json(resp)
-            else:
+            volumes = _print_listing(args, pb.ListVolumesResponse, "volumes", c.volumes(page_size=args.page_size))
+            if not args.json:
                 _table("volumes", ("volume", "GiB", "replica hosts"),
-                       [(v.volume_id, v.size_gib, " ".join(v.host_ids)) for v in resp.volumes])
+                       [(v.volume_id, v.size_gib, " ".join(v.host_ids)) for v in volumes])
         else:
-            resp = c.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=args.volume_id))
+            resp = c.delete_volume(args.volume_id)
             _print_json(resp) if args.json else print(f"deleted {args.volume_id}")
     elif cmd == "status":
-        st = c.call("GetStatus", pb.GetStatusRequest())
+        st = c.status()
         if args.json:
             _print_json(st)
         else:

@@ -168,7 +168,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def ListHosts(self, request, context):
         if request.state:
             convert.host_state(request.state, "state")
-        return pb.ListHostsResponse(hosts=self.state.list_hosts(request.state))
+        return self.state.list_hosts(request.state, request.page_size, request.page_token)
 
     # -- workloads -----------------------------------------------------------
 
@@ -247,8 +247,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
 
     @_rpc
     def ListAllocations(self, request, context):
-        return pb.ListAllocationsResponse(
-            allocations=self.state.list_allocations(request.host_id, request.include_workloads))
+        return self.state.list_allocations(request.host_id, request.include_workloads, request.page_size,
+                                           request.page_token)
 
     @_rpc
     def Explain(self, request, context):
@@ -266,7 +266,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
 
     @_rpc
     def ListVolumes(self, request, context):
-        return pb.ListVolumesResponse(volumes=self.state.list_volumes())
+        return self.state.list_volumes(request.page_size, request.page_token)
 
     @_rpc
     def DeleteVolume(self, request, context):

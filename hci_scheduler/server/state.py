@@ -27,13 +27,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_left
+from functools import cached_property
 from typing import Callable, Sequence
 
 from ..errors import DuplicateId, NotFound, SchedulerError, ValidationError
 from ..model import Placement
 from ..store import Record, Store, StoreError, StoreUnwritable
 from ..v1 import scheduler_pb2 as pb
-from . import convert
+from . import convert, paging
 from .convert import PlaceItem
 from .wire import event, event_head
 from .writer import MAX_BATCH_WORKLOADS, DeadlineExpired, Op, StoreFailed, Writer  # noqa: F401 (re-exported)
@@ -489,42 +491,99 @@ class SchedulerState:
 
     # -- reads (any thread) --------------------------------------------------
 
-    def list_hosts(self, state: int = 0) -> list[pb.Host]:
+    def list_hosts(self, state: int = 0, page_size: int = 0, page_token: str = "") -> pb.ListHostsResponse:
+        """A page of hosts (in `state`, when given) in row order: a host keeps its row while
+        it is registered (see paging)."""
+        size = paging.page_size(page_size)
+        start = paging.decode_token(page_token, paging.HOSTS, f"state={state}")
         with self.lock:
             c = self.cluster
-            usage = c.usage()
-            counts = c.workload_counts()
+            # Per row, whole: the Cluster has no cheaper way to them, and they cost
+            # little beside converting a page of hosts.
+            ids, usage, counts = c.host_ids(), c.usage(), c.workload_counts()
             dims = self.dimensions
-            out = []
-            for h in c.hosts():
-                m = convert.host_to_proto(h)
-                if state and m.state != state:
-                    continue
-                for d, v in zip(dims, usage[c.host_index(h.id)].tolist()):
-                    if v:
-                        m.used[d] = v
-                m.workload_count = counts.get(h.id, 0)
-                out.append(m)
-            return out
+            wanted = convert.HOST_STATES.get(state) if state else None
 
-    def list_allocations(self, host_id: str = "", include_workloads: bool = False) -> list[pb.Placement]:
+            def entries():
+                for row in range(start, len(ids)):
+                    if ids[row] is None:
+                        continue
+                    h = c.host(ids[row])
+                    if wanted is not None and h.state != wanted:
+                        continue
+                    m = convert.host_to_proto(h)
+                    for d, v in zip(dims, usage[row].tolist()):
+                        if v:
+                            m.used[d] = v
+                    m.workload_count = counts.get(h.id, 0)
+                    yield row, m
+
+            hosts, next_row = paging.take_page(entries(), size, pb.Host.ByteSize)
+            sequence = self.sequence
+        token = "" if next_row is None else paging.encode_token(paging.HOSTS, f"state={state}", next_row)
+        return pb.ListHostsResponse(hosts=hosts, next_page_token=token, sequence=sequence)
+
+    @cached_property
+    def _placement_order(self) -> paging.PlacementOrder:
+        return paging.PlacementOrder()
+
+    @cached_property
+    def _volume_order(self) -> paging.CreationOrder:
+        return paging.CreationOrder()
+
+    def list_allocations(self, host_id: str = "", include_workloads: bool = False, page_size: int = 0,
+                         page_token: str = "") -> pb.ListAllocationsResponse:
+        """A page of placements (on `host_id`, when given) by the sequence of their PLACED event."""
+        size = paging.page_size(page_size)
+        start = paging.decode_token(page_token, paging.ALLOCATIONS, f"host_id={host_id!r}")
         with self.lock:
-            try:
-                placements = self.cluster.placements(host_id or None)
-            except NotFound:
-                raise NotFound(f"host_id {host_id!r} is not registered") from None
-            known = [self._placed[p.workload_id] for p in placements]
-            out = [self._answer(p, seq) for p, (seq, _) in zip(placements, known)]
-        if include_workloads:
-            for m, (_, spec) in zip(out, known):
-                m.workload.MergeFromString(spec)
-        return out
+            c, placed = self.cluster, self._placed
+            if host_id:
+                try:
+                    on_host = c.placements(host_id)  # O(allocations) in the Cluster
+                except NotFound:
+                    raise NotFound(f"host_id {host_id!r} is not registered") from None
+                order = paging.PlacementOrder()
+                order.reset((placed[p.workload_id][0], p.workload_id) for p in on_host)
+            else:
+                order = self._placement_order.sync(placed)
 
-    def list_volumes(self) -> list[pb.VolumeReplicas]:
+            def entries():
+                for seq, wid in order.live_from(start, order.live(placed)):
+                    m = self._answer(c.placement(wid), seq)
+                    yield seq, (m, placed[wid][1])
+
+            def cost(item) -> int:
+                return item[0].ByteSize() + (len(item[1]) if include_workloads else 0)
+
+            page, next_seq = paging.take_page(entries(), size, cost)
+            sequence = self.sequence
+        if include_workloads:
+            for m, spec in page:
+                m.workload.MergeFromString(spec)
+        token = "" if next_seq is None else paging.encode_token(paging.ALLOCATIONS, f"host_id={host_id!r}", next_seq)
+        return pb.ListAllocationsResponse(allocations=[m for m, _ in page], next_page_token=token,
+                                          sequence=sequence)
+
+    def list_volumes(self, page_size: int = 0, page_token: str = "") -> pb.ListVolumesResponse:
+        """A page of volumes in creation order."""
+        size = paging.page_size(page_size)
+        start = paging.decode_token(page_token, paging.VOLUMES, "")
         with self.lock:
             c = self.cluster
-            return [pb.VolumeReplicas(volume_id=vid, host_ids=hosts, size_gib=c.volume(vid).size_gib)
-                    for vid, hosts in c.volumes().items()]
+            volumes = c.volumes()  # whole: O(volumes) per page
+            ordered = self._volume_order.ordinals((vid, c.volume(vid)) for vid in volumes)
+
+            def entries():
+                for i in range(bisect_left(ordered, (start,)), len(ordered)):
+                    ordinal, vid = ordered[i]
+                    yield ordinal, pb.VolumeReplicas(volume_id=vid, host_ids=volumes[vid],
+                                                     size_gib=c.volume(vid).size_gib)
+
+            page, next_ordinal = paging.take_page(entries(), size, pb.VolumeReplicas.ByteSize)
+            sequence = self.sequence
+        token = "" if next_ordinal is None else paging.encode_token(paging.VOLUMES, "", next_ordinal)
+        return pb.ListVolumesResponse(volumes=page, next_page_token=token, sequence=sequence)
 
     def explain(self, model) -> pb.Explanation:
         with self.lock:

@@ -223,11 +223,11 @@ def test_replay_follows_the_log_where_the_core_would_choose_otherwise():
     replayed = SchedulerState(edited)
     assert _replicas(replayed, "agent") == ("h0",)
     assert replayed.cluster.workloads_on("h1") == []
-    assert {h.id: h.workload_count for h in replayed.list_hosts()} == {"h0": 1, "h1": 0, "h2": 0}
+    assert {h.id: h.workload_count for h in replayed.list_hosts().hosts} == {"h0": 1, "h1": 0, "h2": 0}
 
 
 def _replicas(state, workload_id):
-    (p,) = [p for p in state.list_allocations() if p.workload_id == workload_id]
+    (p,) = [p for p in state.list_allocations().allocations if p.workload_id == workload_id]
     return tuple(p.replica_host_ids)
 
 

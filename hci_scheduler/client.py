@@ -1,0 +1,205 @@
+"""SchedulerClient: the service from Python, connected as the CLI connects.
+
+One place knows how to reach the service (TLS, mutual TLS, a bearer token, a deadline
+per call) and how to follow a listing's pages, so that the CLI and programs importing
+the library do it the same way. Methods are thin: they take and return the wire
+messages of `hci_scheduler.v1.scheduler_pb2`; failures are `grpc.RpcError`.
+
+    with SchedulerClient("127.0.0.1:50051", token="s3cret", tls_ca="ca.pem") as c:
+        for host in c.hosts():
+            print(host.id, dict(host.used))
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
+
+import grpc
+
+from .v1 import scheduler_pb2 as pb
+from .v1 import scheduler_pb2_grpc as pb_grpc
+
+#: Host states by the names the CLI and configuration files use.
+HOST_STATES = {"ready": pb.HOST_STATE_READY, "cordoned": pb.HOST_STATE_CORDONED,
+               "draining": pb.HOST_STATE_DRAINING, "down": pb.HOST_STATE_DOWN}
+#: Placement strategies by name.
+STRATEGIES = {"binpack": pb.STRATEGY_BINPACK, "spread": pb.STRATEGY_SPREAD,
+              "balanced": pb.STRATEGY_BALANCED, "dot": pb.STRATEGY_DOT}
+
+T = TypeVar("T")
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The first token of a token file (one per line, '#' starts a comment line)."""
+    with open(path, encoding="utf-8") as f:
+        return next((ln.strip() for ln in f if ln.strip() and not ln.startswith("#")), "")
+
+
+def _pem(source) -> bytes | None:
+    """PEM bytes given as bytes or as the path of a file holding them."""
+    if source is None or isinstance(source, bytes):
+        return source
+    with open(source, "rb") as f:
+        return f.read()
+
+
+class Listing(Iterator[T], Generic[T]):
+    """The items of a paged listing, fetched a page at a time as iteration reaches them.
+
+    Attributes
+    ----------
+    sequence : int or None
+        The event sequence the first page reflects (None before it arrives): watching
+        from it follows every change made after the listing began.
+    pages : int
+        Pages fetched so far.
+    """
+
+    def __init__(self, fetch: Callable[[str], object], field: str):
+        self._fetch = fetch  # page token -> response
+        self._field = field
+        self._items: Iterator[T] = iter(())
+        self._token: str | None = ""  # None once the last page has arrived
+        self.sequence: int | None = None
+        self.pages = 0
+
+    def __next__(self) -> T:
+        while True:
+            for item in self._items:
+                return item
+            if self._token is None:
+                raise StopIteration
+            resp = self._fetch(self._token)
+            self.pages += 1
+            if self.sequence is None:
+                self.sequence = resp.sequence
+            self._token = resp.next_page_token or None
+            self._items = iter(getattr(resp, self._field))
+
+
+class SchedulerClient:
+    """A connection to the scheduler service.
+
+    Parameters
+    ----------
+    address : str
+        HOST:PORT of the service.
+    token : str, optional
+        Bearer token sent with every call.
+    tls_ca : path or PEM bytes, optional
+        CA that signs the server's certificate; TLS is on when it or `tls_cert` is given
+        (without it, the system's roots verify the server).
+    tls_cert, tls_key : path or PEM bytes, optional
+        Client certificate and key, for a server that asks for mutual TLS.
+    tls_server_name : str, optional
+        The name checked in the server's certificate, when it is not the address's host.
+    timeout : float
+        Deadline of each unary call, in seconds (a watch has none).
+    options : iterable of (str, value)
+        Extra gRPC channel options.
+    """
+
+    def __init__(self, address: str, *, token: str | None = None, tls_ca=None, tls_cert=None, tls_key=None,
+                 tls_server_name: str | None = None, timeout: float = 30.0, options: Iterable = ()):
+        self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = list(options)
+        if tls_ca is not None or tls_cert is not None:
+            creds = grpc.ssl_channel_credentials(_pem(tls_ca), _pem(tls_key), _pem(tls_cert))
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.SchedulerServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "SchedulerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, method: str, request):
+        """One unary call by its RPC name, with the deadline and the token."""
+        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+
+    def _listing(self, method: str, request, field: str) -> Listing:
+        def fetch(token: str):
+            request.page_token = token
+            return self.call(method, request)
+
+        return Listing(fetch, field)
+
+    # -- listings: iterators that follow pages -------------------------------------------
+
+    def hosts(self, state: str | int | None = None, *, page_size: int = 0) -> Listing[pb.Host]:
+        """Every host (in `state`, a name of HOST_STATES or its number, when given), in row order."""
+        state = HOST_STATES[state] if isinstance(state, str) else (state or 0)
+        return self._listing("ListHosts", pb.ListHostsRequest(state=state, page_size=page_size), "hosts")
+
+    def allocations(self, host_id: str | None = None, include_workloads: bool = False, *,
+                    page_size: int = 0) -> Listing[pb.Placement]:
+        """Every placement (on `host_id`, when given), in placement order."""
+        request = pb.ListAllocationsRequest(host_id=host_id or "", include_workloads=include_workloads,
+                                            page_size=page_size)
+        return self._listing("ListAllocations", request, "allocations")
+
+    def volumes(self, *, page_size: int = 0) -> Listing[pb.VolumeReplicas]:
+        """Every volume with its replica hosts, in creation order."""
+        return self._listing("ListVolumes", pb.ListVolumesRequest(page_size=page_size), "volumes")
+
+    # -- the other calls ---------------------------------------------------------------
+
+    def register_hosts(self, hosts: Iterable[pb.Host]) -> pb.RegisterHostsResponse:
+        return self.call("RegisterHosts", pb.RegisterHostsRequest(hosts=hosts))
+
+    def update_host(self, host_id: str, *, labels: dict | None = None, taints: Iterable[pb.Taint] | None = None,
+                    state: str | int | None = None) -> pb.UpdateHostResponse:
+        """Replace what is given (an empty dict or list clears labels or taints)."""
+        req = pb.UpdateHostRequest(host_id=host_id)
+        if labels is not None:
+            req.labels.update(labels)
+            req.update_mask.paths.append("labels")
+        if taints is not None:
+            req.taints.extend(taints)
+            req.update_mask.paths.append("taints")
+        if state is not None:
+            req.state = HOST_STATES[state] if isinstance(state, str) else state
+            req.update_mask.paths.append("state")
+        return self.call("UpdateHost", req)
+
+    def remove_host(self, host_id: str) -> pb.RemoveHostResponse:
+        return self.call("RemoveHost", pb.RemoveHostRequest(host_id=host_id))
+
+    def place(self, workloads: Iterable[pb.Workload], *, gang: bool = False, strategy: str | int = "binpack",
+              preempt: bool = False) -> pb.PlaceResponse:
+        strategy = STRATEGIES[strategy] if isinstance(strategy, str) else strategy
+        return self.call("Place", pb.PlaceRequest(workloads=workloads, gang=gang, strategy=strategy,
+                                                  preempt=preempt))
+
+    def release(self, workload_ids: Iterable[str], *, allow_missing: bool = False) -> pb.ReleaseResponse:
+        return self.call("Release", pb.ReleaseRequest(workload_ids=workload_ids, allow_missing=allow_missing))
+
+    def explain(self, workload: pb.Workload) -> pb.ExplainResponse:
+        return self.call("Explain", pb.ExplainRequest(workload=workload))
+
+    def delete_volume(self, volume_id: str) -> pb.DeleteVolumeResponse:
+        return self.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
+
+    def status(self) -> pb.GetStatusResponse:
+        return self.call("GetStatus", pb.GetStatusRequest())
+
+    def watch(self, after: int = 0, types: Iterable[int] = ()) -> Iterator[pb.Event]:
+        """Events after sequence `after` (of these types, when given), as they come, without
+        a deadline. Closing the iterator cancels the stream (`contextlib.closing` closes it
+        when a loop over it ends early)."""
+        stream = self.stub.WatchEvents(pb.WatchEventsRequest(after_sequence=after, types=types),
+                                       metadata=self.metadata)
+        try:
+            for resp in stream:
+                yield resp.event
+        finally:
+            stream.cancel()

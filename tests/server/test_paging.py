@@ -21,6 +21,7 @@ from hci_scheduler.store.memory import MemoryStore
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
 from .conftest import ROOT, ServerProcess, make_host, make_workload, stub_for
+from .test_security import TOKEN, pki  # noqa: F401 (pki is a fixture)
 
 LISTINGS = {  # RPC -> (request type, repeated field, id of an item)
     "ListHosts": (pb.ListHostsRequest, "hosts", lambda h: h.id),
@@ -344,3 +345,27 @@ def test_cli_listings_print_every_page(filled, srv):
     volumes = json.loads(_cli(srv.address, "volumes", "list", "--json", "--page-size", "5"))
     assert [v["volume_id"] for v in volumes["volumes"]] == [f"vol{i}" for i in range(12)]
     assert "vol11" in _cli(srv.address, "volumes", "list", "--page-size", "5")
+
+
+def test_client_and_cli_connect_with_mutual_tls_and_a_token(tmp_path, pki):  # noqa: F811
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# operators\n{TOKEN}\n")
+    (cert, key), (ca, _), (client_cert, client_key) = pki["server"], pki["ca"], pki["client"]
+    server = ServerProcess(tmp_path, extra=["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca",
+                                            str(ca), "--token-file", str(tokens)]).start()
+    address = f"localhost:{server.port}"
+    try:
+        tls = dict(tls_ca=ca, tls_cert=client_cert, tls_key=client_key.read_bytes())  # a path or PEM bytes
+        with SchedulerClient(address, token=TOKEN, **tls) as c:
+            c.register_hosts([make_host(f"t{i}") for i in range(3)])
+            assert [h.id for h in c.hosts(page_size=2)] == ["t0", "t1", "t2"]
+        with SchedulerClient(address, **tls) as c:
+            assert _code(c.status) == grpc.StatusCode.UNAUTHENTICATED
+        with SchedulerClient(address, token=TOKEN, tls_ca=ca) as c:  # no client certificate
+            assert _code(c.status) == grpc.StatusCode.UNAVAILABLE
+        listed = json.loads(_cli(address, "hosts", "list", "--json", "--page-size", "1", "--tls-ca", str(ca),
+                                 "--tls-cert", str(client_cert), "--tls-key", str(client_key),
+                                 "--token-file", str(tokens)))
+        assert [h["id"] for h in listed["hosts"]] == ["t0", "t1", "t2"]
+    finally:
+        server.kill()

@@ -62,6 +62,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,9 @@ class ChaosConfig:
     keep: bool = False
     # Passed to `serve`, e.g. ("--snapshot-every", "2000"): kills land in snapshots and compactions.
     serve_args: tuple[str, ...] = ()
+    # Called with the data dir between each kill and restart: tests damage the store there
+    # to show that the checks name the loss.
+    before_restart: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -695,9 +699,6 @@ class Campaign:
         self.verified = 0
         self.results: list[TrialResult] = []
         self.failed: Counter = Counter()
-        # Called with the data dir between each kill and restart: tests damage the store
-        # there to show that the checks name the loss.
-        self.before_restart = None
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -774,8 +775,8 @@ class Campaign:
         for c in clients:
             c.join(60)
         watcher.join(60)
-        if self.before_restart is not None:
-            self.before_restart(srv.data_dir)
+        if cfg.before_restart is not None:
+            cfg.before_restart(srv.data_dir)
         restart_s = srv.start()
         t_check = time.perf_counter()
         snap = Snapshot.read(srv.stub)
@@ -1060,6 +1061,14 @@ class DiskFaults:
             f"{when}: no Place succeeded within {timeout:.0f} s (server {state}; last answer {last})"
         ]
 
+    def full_then_freed(self, when: str) -> list[str]:
+        """The disk is full: what `refusing` checks; then space is freed: writes resume."""
+        problems = self.refusing(("full", "no space"), when)
+        self.filler.unlink()
+        if self.server.alive():
+            problems += self.resumes(f"{when}, space freed")
+        return problems
+
     def full_under_load(self) -> None:
         self.load(1.0)
         worker = threading.Thread(target=self.load, args=(3.0,))
@@ -1067,12 +1076,7 @@ class DiskFaults:
         time.sleep(0.5)
         size = self.fill()
         worker.join()
-        problems = self.refusing(
-            ("full", "no space"), f"disk filled under load ({size >> 20} MiB filler)"
-        )
-        self.filler.unlink()
-        if self.server.alive():
-            problems += self.resumes("space freed")
+        problems = self.full_then_freed(f"disk filled under load ({size >> 20} MiB filler)")
         self.outcome(
             "disk full",
             problems,
@@ -1084,10 +1088,7 @@ class DiskFaults:
         self.server.kill()
         self.server.start(timeout=60)
         self.ledger.settle(Snapshot.read(self.server.stub).listed(), self.ledger.hosts)
-        problems = self.refusing(("full", "no space"), "restarted on a full disk")
-        self.filler.unlink()
-        if self.server.alive():
-            problems += self.resumes("restarted on a full disk, space freed")
+        problems = self.full_then_freed("restarted on a full disk")
         self.outcome(
             "disk full",
             problems,

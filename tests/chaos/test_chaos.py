@@ -16,50 +16,43 @@ from hci_scheduler.v1 import scheduler_pb2 as pb
 pytestmark = pytest.mark.chaos
 
 
-def test_chaos_kill_restart_trials_keep_every_acknowledged_write():
+def _run(**config) -> tuple[chaos.Campaign, int, str]:
+    """Short kill-and-restart trials (3 by default) without disk faults: campaign, exit code, output."""
     out = io.StringIO()
-    campaign = chaos.Campaign(
-        chaos.ChaosConfig(
-            trials=3,
-            clients=8,
-            min_s=0.5,
-            max_s=1.0,
-            hosts=16,
-            seed=13,
-            full_check_every=2,
-            disk_faults="none",
-        ),
-        out=out,
-    )
-    rc = campaign.run()
-    assert rc == 0, out.getvalue()
-    assert not campaign.failed, out.getvalue()
+    base = {
+        "trials": 3,
+        "clients": 8,
+        "min_s": 0.5,
+        "max_s": 1.0,
+        "hosts": 16,
+        "seed": 13,
+        "disk_faults": "none",
+    }
+    campaign = chaos.Campaign(chaos.ChaosConfig(**{**base, **config}), out=out)
+    return campaign, campaign.run(), out.getvalue()
+
+
+def test_chaos_kill_restart_trials_keep_every_acknowledged_write():
+    campaign, rc, out = _run(full_check_every=2)
+    assert rc == 0 and not campaign.failed, out
     assert len(campaign.results) == 3
     # The load got going in every trial: placements, gangs and releases were acknowledged
     # before each kill, so the checks had something to check.
     for r in campaign.results:
         assert r.placed > 0 and r.released > 0 and r.gangs > 0, r
-    assert "all checks passed" in out.getvalue()
+    assert "all checks passed" in out
 
 
 def test_chaos_kills_landing_in_snapshots_and_compactions_keep_every_acknowledged_write():
     # A snapshot every 300 events and 100 kept before it: the kills land during snapshots and
     # compactions, and the log is checked from its first available sequence.
-    out = io.StringIO()
-    cfg = chaos.ChaosConfig(
-        trials=3,
-        clients=8,
-        min_s=0.5,
-        max_s=1.0,
-        hosts=16,
+    campaign, rc, out = _run(
         seed=14,
         full_check_every=1,
-        disk_faults="none",
         serve_args=("--snapshot-every", "300", "--snapshot-tail", "100"),
     )
-    campaign = chaos.Campaign(cfg, out=out)
-    assert campaign.run() == 0, out.getvalue()
-    assert campaign.results[-1].first_sequence > 1, out.getvalue()  # the log was compacted
+    assert rc == 0, out
+    assert campaign.results[-1].first_sequence > 1, out  # the log was compacted
 
 
 @pytest.fixture
@@ -177,24 +170,17 @@ def test_check_ledger_finds_lost_moved_and_undone():
 def test_chaos_names_the_loss_of_a_store_damaged_between_kill_and_restart():
     # The store's files removed after the second kill: whatever the server then does (start
     # empty, or refuse to start), the campaign fails and names what was lost.
-    out = io.StringIO()
-    campaign = chaos.Campaign(
-        chaos.ChaosConfig(
-            trials=2, clients=4, min_s=0.3, max_s=0.5, hosts=8, seed=13, disk_faults="none"
-        ),
-        out=out,
-    )
     kills = []
 
     def damage(data_dir):
         kills.append(data_dir)
         if len(kills) == 2:
-            for f in data_dir.iterdir():
-                f.unlink()
+            shutil.rmtree(data_dir)
+            data_dir.mkdir()
 
-    campaign.before_restart = damage
-    assert campaign.run() == 1, out.getvalue()
-    assert campaign.failed.keys() & {"placement lost or moved", "host lost", "server died"}, (
-        out.getvalue()
+    campaign, rc, out = _run(
+        trials=2, clients=4, min_s=0.3, max_s=0.5, hosts=8, before_restart=damage
     )
-    assert "FAILED" in out.getvalue()
+    assert rc == 1, out
+    assert campaign.failed.keys() & {"placement lost or moved", "host lost", "server died"}, out
+    assert "FAILED" in out

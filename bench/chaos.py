@@ -466,7 +466,6 @@ class Watcher(threading.Thread):
         self.address = address
         self.after = after
         self.seen: dict[int, tuple] = {}
-        self.call = None
 
     def run(self) -> None:
         try:
@@ -474,8 +473,7 @@ class Watcher(threading.Thread):
         except grpc.FutureTimeoutError:
             return
         try:
-            self.call = stub.WatchEvents(pb.WatchEventsRequest(after_sequence=self.after))
-            for resp in self.call:
+            for resp in stub.WatchEvents(pb.WatchEventsRequest(after_sequence=self.after)):
                 self.seen[resp.event.sequence] = event_key(resp.event)
         except grpc.RpcError:
             pass
@@ -739,11 +737,9 @@ class Campaign:
         finally:
             self.server.kill()
         self.say(self.totals(time.perf_counter() - t0))
-        if self.failed and not cfg.keep:
-            self.say(
-                f"kept for inspection: {self.tmp} (store in data/, server output in server.log)"
-            )
-        elif not cfg.keep:
+        if self.failed or cfg.keep:
+            self.say(f"kept: {self.tmp} (store in data/, server output in server.log)")
+        else:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return 1 if self.failed else 0
 

@@ -105,7 +105,7 @@ class Captured(NamedTuple):
 
     sequence: int
     incarnation: str         # the log's incarnation when it was taken
-    last_event: str          # SHA-256 of the event at `sequence`: which history it belongs to
+    last_event: str | None   # SHA-256 of the event at `sequence`: which history it belongs to
     dimensions: tuple
     row_hosts: list          # Host or None per row
     placed: dict             # workload id -> (sequence of its PLACED event, canonical spec bytes)

@@ -77,14 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "newest snapshot plus the events after it")
     s.add_argument("--snapshot-tail", type=int, help="events kept in the log before the newest snapshot when "
                    "it is compacted (default 100000): a watcher that far behind still resumes")
-    s.add_argument("--metrics", help="HOST:PORT of the Prometheus endpoint, e.g. 127.0.0.1:9464")
+    s.add_argument("--metrics", help="HOST:PORT of the Prometheus endpoint, e.g. 127.0.0.1:9464 (a non-loopback "
+                   "address needs TLS, then HTTPS, or --allow-insecure-remote)")
     s.add_argument("--dimensions", help="comma-separated resource dimensions for a new store")
     s.add_argument("--tls-cert", help="server certificate (PEM)")
     s.add_argument("--tls-key", help="server private key (PEM)")
     s.add_argument("--tls-client-ca", help="CA that signs client certificates (turns on mutual TLS)")
     s.add_argument("--token-file", help="bearer tokens, one per line (never logged)")
     s.add_argument("--allow-insecure-remote", action="store_true", default=None,
-                   help="listen on a non-loopback address without TLS or tokens")
+                   help="listen on a non-loopback address without TLS (gRPC, even with tokens, or --metrics)")
     s.add_argument("--transport", choices=["grpcio", "aio", "lean"], help="grpcio (default): grpcio's own "
                    "server; aio: grpc.aio's server, handlers on a thread pool; lean: unary calls run on the threads "
                    "that poll gRPC's queue (grpcio internals, tested releases only: otherwise grpcio's server, "
@@ -492,6 +493,7 @@ def run_serve(args) -> int:
             opt("listen", DEFAULT_SERVER),
             ServerOptions(data_dir=opt("data_dir"), fsync=str(opt("fsync", "full")).upper(), dimensions=dims, tls=tls, token_file=opt("token_file"),
                           allow_insecure_remote=bool(opt("allow_insecure_remote", False)),
+                          metrics_address=opt("metrics"),
                           transport=str(opt("transport", "grpcio")), pollers=int(opt("pollers", 16)),
                           max_workers=int(opt("max_workers", 128)),
                           snapshot_every=int(opt("snapshot_every", 100_000)),
@@ -502,8 +504,7 @@ def run_serve(args) -> int:
     except StoreError as exc:  # the store cannot be opened or replayed
         print(f"hci-scheduler serve: store failed: {exc}", file=sys.stderr)
         return 1
-    code = serve(server, metrics_address=opt("metrics"), port_file=opt("port_file"),
-                 grace=float(opt("grace", 5.0)))
+    code = serve(server, port_file=opt("port_file"), grace=float(opt("grace", 5.0)))
     if server.fatal is not None:
         print(f"hci-scheduler serve: stopped: store failed: {server.fatal}", file=sys.stderr)
     return code

@@ -7,9 +7,12 @@ gracefully: health goes NOT_SERVING, in-flight calls get `grace` seconds, the
 writer drains its queue and the store is closed.
 
 Security: TLS (and mutual TLS with a client CA) by certificate files, and
-optional bearer tokens read from a file (never logged). Without any
-credential the server refuses a non-loopback address unless
-`allow_insecure_remote=True`, and logs that it listens on loopback only.
+optional bearer tokens read from a file (never logged). Without TLS the server
+refuses a non-loopback address, for gRPC and for the metrics endpoint alike
+(bearer tokens alone would cross the network in clear text, metrics have no
+authentication), unless `allow_insecure_remote=True`, which it then logs as a
+warning; it logs too that it listens on loopback only. With TLS, the metrics are
+served over HTTPS with the server's certificate (and its client CA).
 """
 from __future__ import annotations
 
@@ -31,9 +34,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..v1 import scheduler_pb2 as pb
-from ..v1 import scheduler_pb2_grpc as pb_grpc
+from .limits import MAX_REQUEST_BYTES
 from .metrics import Metrics
-from .service import SchedulerServicer
+from .service import SchedulerServicer, method_handlers
 from .state import SchedulerState
 
 log = logging.getLogger("hci_scheduler.server")
@@ -66,6 +69,7 @@ class ServerOptions:
     tls: TLSConfig | None = None
     token_file: str | None = None
     allow_insecure_remote: bool = False
+    metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint that serve() starts
     transport: str = "grpcio"  # or "aio", "lean": see _grpc_server
     pollers: int = 16  # unary calls handled at once (lean: threads polling gRPC's queue)
     max_workers: int = 128  # streaming calls handled at once (WatchEvents, health Watch, reflection)
@@ -227,6 +231,12 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
         raise ValueError(
             f"refusing to listen on {address} without TLS or tokens; use a loopback address, "
             "configure credentials, or allow_insecure_remote")
+    if tokens is not None and opts.tls is None and not is_loopback(host) and not opts.allow_insecure_remote:
+        raise ValueError(
+            f"refusing to listen on {address} with bearer tokens but without TLS: the tokens would cross "
+            "the network in clear text; use a loopback address, configure TLS, or allow_insecure_remote")
+    if opts.metrics_address:
+        check_metrics_address(opts.metrics_address, opts)
 
     metrics = opts.metrics or Metrics()
     store = open_store(opts.data_dir, opts.fsync)
@@ -246,11 +256,8 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
     server = _grpc_server(opts, interceptors)
     servicer = SchedulerServicer(state, metrics)
-    pb_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
-    # Place takes its request as wire bytes: plain workloads skip protobuf (see SchedulerServicer.Place).
-    server.add_registered_method_handlers(SERVICE_NAME, {
-        "Place": grpc.unary_unary_rpc_method_handler(
-            servicer.Place, request_deserializer=None, response_serializer=pb.PlaceResponse.SerializeToString)})
+    # Every method takes its request as wire bytes: undecodable ones are INVALID_ARGUMENT (see method_handlers).
+    server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -274,6 +281,9 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
         "mtls": bool(opts.tls and opts.tls.client_ca_file), "token_auth": tokens is not None,
         "data_dir": opts.data_dir, "durable": opts.data_dir is not None, "fsync": opts.fsync,
         "dimensions": list(state.dimensions)}})
+    if tokens is not None and opts.tls is None and not is_loopback(host):
+        log.warning("bearer tokens without TLS on a non-loopback address: tokens cross the network in "
+                    "clear text because allow_insecure_remote is set", extra={"fields": {"address": address}})
     if not secured:
         if is_loopback(host):
             log.warning("no TLS and no tokens configured: listening on loopback only",
@@ -284,6 +294,7 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     if opts.data_dir is None:
         log.warning("no data dir: state lives in memory and is lost on exit")
     srv = Server(server, port, state, servicer, health_servicer, metrics)
+    srv.options = opts
     state.on_fatal = srv.stop_fatally
     state.on_writable_change = srv.writable_changed
     return srv, port
@@ -295,7 +306,7 @@ def _grpc_server(opts: ServerOptions, interceptors: list):
     LeanServer (transport.py), built on grpcio internals: when it refuses the
     installed grpcio or fails its start-up self-check, the server is grpcio's own
     and the log says why."""
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.so_reuseport", 0)]
     if opts.transport == "lean":
@@ -330,25 +341,48 @@ def _server_credentials(tls: TLSConfig):
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def start_metrics_http(metrics: Metrics, address: str):
-    """Serve /metrics for Prometheus on HOST:PORT; returns (http server, port)."""
+def check_metrics_address(address: str, opts: ServerOptions) -> None:
+    """The metrics endpoint has no authentication: a non-loopback address needs TLS
+    (metrics then go over HTTPS) or allow_insecure_remote (logged). ValueError otherwise."""
+    host, _ = split_address(address)
+    if is_loopback(host) or opts.tls is not None:
+        return
+    if not opts.allow_insecure_remote:
+        raise ValueError(
+            f"refusing to serve metrics on {address} without TLS: the endpoint has no authentication; "
+            "use a loopback address, configure TLS, or allow_insecure_remote")
+    log.warning("metrics served without TLS on a non-loopback address because allow_insecure_remote is set",
+                extra={"fields": {"address": address}})
+
+
+def start_metrics_http(metrics: Metrics, address: str, tls: TLSConfig | None = None):
+    """Serve /metrics for Prometheus on HOST:PORT, over HTTPS with `tls` (its client CA
+    then required of scrapers); returns (http server, port). The caller has checked
+    the address (check_metrics_address)."""
     from prometheus_client import start_http_server
 
     host, port = split_address(address)
-    httpd, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    https = {} if tls is None else {"certfile": tls.cert_file, "keyfile": tls.key_file,
+                                    "client_cafile": tls.client_ca_file,
+                                    "client_auth_required": tls.client_ca_file is not None}
+    httpd, thread = start_http_server(port, addr=host, registry=metrics.registry, **https)
     return httpd, httpd.server_address[1]
 
 
 def serve(server: Server, *, metrics_address: str | None = None, port_file: str | None = None,
           grace: float = 5.0) -> int:
-    """Start `server`, block until SIGTERM or SIGINT, then stop it gracefully. Returns the
-    process exit code: 0 after a signal, 1 when a store failure stopped the server."""
+    """Start `server`, block until SIGTERM or SIGINT, then stop it gracefully. The metrics
+    endpoint is `metrics_address` or the server's ServerOptions.metrics_address. Returns
+    the process exit code: 0 after a signal, 1 when a store failure stopped the server."""
     # A fatal signal (SIGBUS from a store file's memory map, SIGSEGV) leaves a traceback on
     # stderr instead of nothing.
     faulthandler.enable(file=sys.stderr)
     httpd = None
     if metrics_address:
-        httpd, mport = start_metrics_http(server.metrics, metrics_address)
+        check_metrics_address(metrics_address, server.options)
+    metrics_address = metrics_address or server.options.metrics_address
+    if metrics_address:
+        httpd, mport = start_metrics_http(server.metrics, metrics_address, server.options.tls)
         log.info("metrics endpoint", extra={"fields": {"address": metrics_address, "port": mport}})
     server.start()
     log.info("serving", extra={"fields": {"port": server.port, "pid": os.getpid()}})

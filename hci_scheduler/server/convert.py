@@ -1,8 +1,9 @@
 """Conversions between the wire messages (hci_scheduler.v1) and the model.
 
 Every function here is a plain mapping: no scheduling logic. Malformed input
-(unknown enum numbers, bad quantities, empty ids) raises ValidationError,
-which the servicer maps to INVALID_ARGUMENT.
+(unknown enum numbers, bad quantities, empty ids, strings and lists over the
+bounds of limits.py) raises ValidationError, which the servicer maps to
+INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Mapping
 from ..errors import ValidationError
 from ..model import Affinity, Host, LabelExpr, Spread, Taint, Toleration, Volume, Workload
 from ..v1 import scheduler_pb2 as pb
+from .limits import (MAX_NAME_LENGTH, MAX_TAINTS, MAX_TERMS, check_count, check_id, check_label_key,
+                     check_labels, check_name)
 
 HOST_STATES = {
     pb.HOST_STATE_READY: "ready",
@@ -65,6 +68,8 @@ def strategy(value: int) -> str:
 
 
 def taint_to_model(t: pb.Taint, where: str) -> Taint:
+    check_label_key(f"{where} taint key", t.key)
+    check_name(f"{where} taint {t.key!r} value", t.value)
     effect = "NoSchedule" if t.effect == pb.TAINT_EFFECT_UNSPECIFIED else _enum(f"{where} taint effect", EFFECTS, t.effect)
     return Taint(t.key, t.value, effect)
 
@@ -91,6 +96,10 @@ def normalize_host(h: pb.Host) -> pb.Host:
 
 def host_to_model(h: pb.Host) -> Host:
     where = f"host {h.id!r}"
+    check_labels(f"{where} labels", h.labels)
+    check_count(f"{where} taints", len(h.taints), MAX_TAINTS)
+    check_count(f"{where} numa_nodes", len(h.numa_nodes), MAX_TERMS)
+    check_name(f"{where} pool", h.pool)
     return Host(
         id=h.id,
         capacity=dict(h.capacity),
@@ -165,7 +174,7 @@ _ISOLATION_NAMES = {0: "shared", **ISOLATIONS}
 def _check_dims(w: pb.Workload, keys, dims: tuple[str, ...]) -> None:
     for k in keys:
         if k not in dims:
-            raise ValidationError(f"workload {w.id!r} requests: unknown dimension {k!r}, the cluster has {dims}")
+            raise ValidationError(f"workload {w.id!r} requests: unknown dimension {k[:40]!r}, the cluster has {dims}")
 
 
 @dataclass(slots=True)
@@ -194,10 +203,11 @@ def place_item(w: pb.Workload, wid: str, dims: tuple[str, ...]) -> PlaceItem:
     for f, _ in w.ListFields():
         if f not in _PLAIN_FIELDS:
             return _full_item(w, wid, dims)
-    kind_number, isolation_number, tenant = w.kind, w.isolation, w.tenant
+    kind_number, isolation_number, tenant, group = w.kind, w.isolation, w.tenant, w.group
     kind = _KIND_NAMES.get(kind_number)
     isolation = _ISOLATION_NAMES.get(isolation_number)
-    if kind is None or isolation is None or (isolation == "dedicated" and not tenant):
+    if kind is None or isolation is None or (isolation == "dedicated" and not tenant) \
+            or len(tenant) > MAX_NAME_LENGTH or len(group) > MAX_NAME_LENGTH:
         return _full_item(w, wid, dims)  # raises, naming the field
     if not kind_number:
         w.kind = pb.WORKLOAD_KIND_CONTAINER
@@ -214,7 +224,7 @@ def place_item(w: pb.Workload, wid: str, dims: tuple[str, ...]) -> PlaceItem:
             del requests[k]
     model = object.__new__(Workload)
     model.__dict__.update(_PLAIN_TEMPLATE, id=wid, requests=requests, kind=kind, isolation=isolation,
-                          tenant=tenant or None, group=w.group or None, priority=w.priority)
+                          tenant=tenant or None, group=group or None, priority=w.priority)
     return PlaceItem(wid, w, w.SerializeToString(deterministic=True), model)
 
 
@@ -233,10 +243,49 @@ _PLAIN_FIELDS = frozenset(pb.Workload.DESCRIPTOR.fields_by_name[n]
                           for n in ("id", "requests", "kind", "isolation", "priority", "group", "tenant"))
 
 
+def check_workload(w: pb.Workload) -> None:
+    """The bounds of a workload's strings and lists (limits.py), naming the field."""
+    where = f"workload {w.id!r}"
+    check_name(f"{where} tenant", w.tenant)
+    check_name(f"{where} group", w.group)
+    if w.gang:
+        check_id(f"{where} gang", w.gang)
+    check_count(f"{where} node_selector and selector_expressions",
+                len(w.node_selector) + len(w.selector_expressions), MAX_TERMS)
+    for k, v in w.node_selector.items():
+        check_label_key(f"{where} node_selector key", k)
+        check_name(f"{where} node_selector[{k!r}]", v)
+    for e in w.selector_expressions:
+        check_label_key(f"{where} selector_expressions key", e.key)
+        check_count(f"{where} selector_expressions {e.key!r} values", len(e.values), MAX_TERMS)
+        for v in e.values:
+            check_name(f"{where} selector_expressions {e.key!r} value", v)
+    check_count(f"{where} tolerations", len(w.tolerations), MAX_TAINTS)
+    for t in w.tolerations:
+        check_label_key(f"{where} toleration key", t.key)
+        check_name(f"{where} toleration {t.key!r} value", t.value)
+    for name, terms in (("affinities", w.affinities), ("anti_affinities", w.anti_affinities)):
+        check_count(f"{where} {name}", len(terms), MAX_TERMS)
+        for term in terms:
+            check_name(f"{where} {name} group", term.group)
+            check_label_key(f"{where} {name} topology", term.topology)
+    check_count(f"{where} spreads", len(w.spreads), MAX_TERMS)
+    for sp in w.spreads:
+        check_label_key(f"{where} spreads topology", sp.topology)
+    check_count(f"{where} volume_ids and new_volumes", len(w.volume_ids) + len(w.new_volumes), MAX_TERMS)
+    for v in w.volume_ids:
+        check_id(f"{where} volume_ids", v)
+    for nv in w.new_volumes:
+        check_id(f"{where} new_volumes id", nv.id)
+        check_label_key(f"{where} new_volumes spread", nv.spread)
+
+
 def workload_to_model(w: pb.Workload) -> Workload:
     # Most workloads carry no constraint: skip the empty loops (about half the
     # cost of this function on a batch of plain containers).
     if all(f in _PLAIN_FIELDS for f, _ in w.ListFields()):
+        if len(w.tenant) > MAX_NAME_LENGTH or len(w.group) > MAX_NAME_LENGTH:
+            check_workload(w)  # raises, naming the field
         return Workload(
             id=w.id, requests=dict(w.requests),
             kind="container" if w.kind == pb.WORKLOAD_KIND_UNSPECIFIED else _enum(f"workload {w.id!r} kind", KINDS, w.kind),
@@ -244,6 +293,7 @@ def workload_to_model(w: pb.Workload) -> Workload:
             isolation="shared" if w.isolation == pb.ISOLATION_UNSPECIFIED
             else _enum(f"workload {w.id!r} isolation", ISOLATIONS, w.isolation),
             group=w.group or None, priority=w.priority)
+    check_workload(w)
     where = f"workload {w.id!r}"
     selector = [LabelExpr(k, "In", (v,)) for k, v in sorted(w.node_selector.items())]
     selector += [

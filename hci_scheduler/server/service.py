@@ -1,7 +1,9 @@
 """The SchedulerService servicer: proto -> model, call the state, model -> proto.
 
 No scheduling logic lives here. Every error is mapped to a status code by the
-one table `ERROR_CODES`; an unschedulable workload is a normal answer.
+one table `ERROR_CODES`; an unschedulable workload is a normal answer. Requests
+arrive as bytes and are decoded here (`method_handlers`), so that bytes protobuf
+cannot read are INVALID_ARGUMENT like any other bad request.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import logging
 import time
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from ..cluster import MAX_QUANTITY
 from ..errors import (DuplicateId, NotFound, SchedulerError, StateConflict, Unschedulable,
@@ -18,8 +19,9 @@ from ..errors import (DuplicateId, NotFound, SchedulerError, StateConflict, Unsc
 from ..store import StoreError
 from ..v1 import scheduler_pb2 as pb
 from ..v1 import scheduler_pb2_grpc as pb_grpc
-from . import convert
+from . import convert, limits
 from .convert import PlaceItem
+from .limits import MAX_HOSTS_PER_CALL, MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_WORKLOADS_PER_CALL
 from .state import SchedulerState, place_response
 from .writer import DeadlineExpired, StoreFailed
 from .wire import PlainDecoder
@@ -40,12 +42,6 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (SchedulerError, grpc.StatusCode.INTERNAL),
 )
 
-#: Bounds that keep one call from monopolising the writer or memory.
-MAX_WORKLOADS_PER_CALL = 100_000
-MAX_HOSTS_PER_CALL = 100_000
-MAX_ID_LENGTH = 253
-
-
 def status_code(exc: BaseException) -> grpc.StatusCode:
     for cls, code in ERROR_CODES:
         if isinstance(exc, cls):
@@ -65,16 +61,22 @@ def _rpc(method):
             return method(self, request, context)
         except SchedulerError as exc:
             code = status_code(exc)
-            context.abort(code, str(exc))
+            context.abort(code, _details(str(exc)))
         except (ValueError, TypeError, OverflowError) as exc:
             # Conversions from wire values (e.g. a NaN ratio) that the model rejects untyped.
             code = grpc.StatusCode.INVALID_ARGUMENT
-            context.abort(code, f"invalid request: {exc}")
+            context.abort(code, _details(f"invalid request: {exc}"))
         finally:
             if self.metrics is not None:
                 self.metrics.rpc(name, code.name, time.perf_counter() - t0)
 
     return wrapper
+
+
+def _details(message: str) -> str:
+    """An error message short enough for a status (gRPC refuses metadata over 16 KiB, and
+    the client then sees RESOURCE_EXHAUSTED instead of the error): values are echoed."""
+    return message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS] + "..."
 
 
 def _strategy(gang: bool, strategy: int, preempt: bool) -> str:
@@ -84,11 +86,51 @@ def _strategy(gang: bool, strategy: int, preempt: bool) -> str:
     return convert.strategy(strategy)
 
 
-def _check_id(field: str, value: str) -> None:
-    if not value:
-        raise ValidationError(f"{field} must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise ValidationError(f"{field} is longer than {MAX_ID_LENGTH} characters: {value[:40]!r}...")
+_check_id = limits.check_id
+MAX_DETAILS = 1000
+
+
+def method_handlers(servicer: "SchedulerServicer") -> dict[str, grpc.RpcMethodHandler]:
+    """The handlers of every SchedulerService method, each taking its request as wire
+    bytes. Place decodes its own (plain workloads skip protobuf); the others go through
+    `limits.decode`, so undecodable bytes are INVALID_ARGUMENT (a deserializer that
+    raises makes gRPC answer INTERNAL) and unknown fields are dropped on every transport."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["SchedulerService"].methods:
+        behavior = getattr(servicer, method.name)
+        if method.name != "Place":
+            behavior = _decoding(behavior, getattr(pb, method.input_type.name), method.server_streaming,
+                                 servicer.metrics)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else \
+            grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(behavior, request_deserializer=None,
+                                     response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+    return handlers
+
+
+def _decoding(behavior, request_class, streaming: bool, metrics):
+    """`behavior` called with its request decoded from the call's bytes."""
+    name = behavior.__name__
+
+    def decode(data: bytes, context):
+        t0 = time.perf_counter()
+        try:
+            return limits.decode(request_class, data)
+        except ValidationError as exc:
+            if metrics is not None:
+                metrics.rpc(name, grpc.StatusCode.INVALID_ARGUMENT.name, time.perf_counter() - t0)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    if streaming:
+        def stream(data: bytes, context):
+            yield from behavior(decode(data, context), context)
+
+        return stream
+
+    def unary(data: bytes, context):
+        return behavior(decode(data, context), context)
+
+    return unary
 
 
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
@@ -97,7 +139,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def __init__(self, state: SchedulerState, metrics=None, watch_poll_s: float = 0.5):
         self.state = state
         self.metrics = metrics
-        self._plain = PlainDecoder(state.dimensions, MAX_QUANTITY, MAX_ID_LENGTH, MAX_WORKLOADS_PER_CALL)
+        self._plain = PlainDecoder(state.dimensions, MAX_QUANTITY, MAX_ID_LENGTH, MAX_WORKLOADS_PER_CALL,
+                                   MAX_NAME_LENGTH)
         self.watch_poll_s = watch_poll_s
         self.stopping = False
 
@@ -117,7 +160,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         dims = self.state.dimensions
         for k in mapping:
             if k not in dims:
-                raise ValidationError(f"{field}: unknown dimension {k!r}, the cluster has {dims}")
+                raise ValidationError(f"{field}: unknown dimension {k[:40]!r}, the cluster has {dims}")
 
     # -- hosts ---------------------------------------------------------------
 
@@ -135,6 +178,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             seen.add(h.id)
             self._check_dims(f"host {h.id!r} capacity", h.capacity)
             self._check_dims(f"host {h.id!r} reserved", h.reserved)
+            self._check_dims(f"host {h.id!r} allocation_ratios", h.allocation_ratios)
+            for node in h.numa_nodes:
+                self._check_dims(f"host {h.id!r} numa_nodes", node.resources)
             n = convert.normalize_host(h)
             hosts.append(n)
             models.append(convert.host_to_model(n))
@@ -152,10 +198,15 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                                           ("state", request.state != pb.HOST_STATE_UNSPECIFIED)) if present}
         if not paths:
             raise ValidationError("nothing to update: set labels, taints, state or update_mask")
-        labels = dict(request.labels) if "labels" in paths else None
+        where = f"host {request.host_id!r}"
+        labels = None
+        if "labels" in paths:
+            limits.check_labels(f"{where} labels", request.labels)
+            labels = dict(request.labels)
         taints = None
         if "taints" in paths:
-            taints = [convert.taint_to_model(t, f"host {request.host_id!r}") for t in request.taints]
+            limits.check_count(f"{where} taints", len(request.taints), limits.MAX_TAINTS)
+            taints = [convert.taint_to_model(t, where) for t in request.taints]
         state = convert.host_state(request.state, "state") if "state" in paths else None
         return pb.UpdateHostResponse(host=self._execute("update", (request.host_id, labels, taints, state), context))
 
@@ -215,10 +266,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             if decoded is not None:
                 items, gang, strategy, preempt = decoded
                 return self._place(items, not gang, gang, _strategy(gang, strategy, preempt), preempt, context)
-            try:
-                request = pb.PlaceRequest.FromString(request)
-            except DecodeError as exc:
-                raise ValidationError(f"malformed PlaceRequest: {exc}") from None
+            request = limits.decode(pb.PlaceRequest, request)
         n = len(request.workloads)
         if not n:
             raise ValidationError("workloads must not be empty")

@@ -12,10 +12,11 @@ spec bytes (byte for byte what `normalize_workload(w).SerializeToString(
 deterministic=True)` gives, tested against protobuf) and its model.
 
 Only the common case is decoded: every workload plain (id, requests, kind,
-tenant, isolation, group, priority), every value one the model accepts, no
-unknown field. Anything else -- a constraint, a bad enum, an unknown
-dimension, a duplicate or empty id, malformed bytes -- returns None and the
-caller parses the request with protobuf, whose path names the error.
+tenant, isolation, group, priority), every value one the model and the bounds
+of limits.py accept, no unknown field (none is ever copied into a spec).
+Anything else -- a constraint, a bad enum, an unknown dimension, a duplicate or
+empty id, a tenant or group over its length, malformed bytes -- returns None
+and the caller parses the request with protobuf, whose path names the error.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -168,10 +169,12 @@ cdef class PlainDecoder:
     cdef int64_t _max_quantity
     cdef Py_ssize_t _max_id
     cdef Py_ssize_t _max_workloads
+    cdef Py_ssize_t _max_name  # tenant and group, in characters (checked here in bytes: never fewer)
     cdef unsigned char* _scratch
     cdef Py_ssize_t _scratch_size
 
-    def __cinit__(self, dims, int64_t max_quantity, Py_ssize_t max_id_length, Py_ssize_t max_workloads):
+    def __cinit__(self, dims, int64_t max_quantity, Py_ssize_t max_id_length, Py_ssize_t max_workloads,
+                  Py_ssize_t max_name_length):
         self._names = [str(d) for d in dims]
         self._encoded = [d.encode("utf-8") for d in self._names]
         # More dimensions than MAX_DIMS (or none): decode nothing, protobuf takes every request.
@@ -182,6 +185,7 @@ cdef class PlainDecoder:
         self._max_quantity = max_quantity
         self._max_id = max_id_length
         self._max_workloads = max_workloads
+        self._max_name = max_name_length
         self._scratch = NULL
         self._scratch_size = 0
 
@@ -304,6 +308,8 @@ cdef class PlainDecoder:
                 return None
         if isolation == 2 and tenant_stop == tenant_start:
             return None  # dedicated needs a tenant: protobuf's path says so
+        if tenant_stop - tenant_start > self._max_name or group_stop - group_start > self._max_name:
+            return None  # maybe too long (UTF-8 bytes >= characters): protobuf's path counts and says so
         try:
             wid = PyUnicode_DecodeUTF8(<const char*>buf + id_start, id_stop - id_start, NULL)
             tenant = PyUnicode_DecodeUTF8(<const char*>buf + tenant_start, tenant_stop - tenant_start, NULL)

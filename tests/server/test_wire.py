@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from hci_scheduler.cluster import MAX_QUANTITY
 from hci_scheduler.server import convert
-from hci_scheduler.server.service import MAX_ID_LENGTH
+from hci_scheduler.server.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH
 from hci_scheduler.server.wire import PlainDecoder
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
@@ -20,7 +20,7 @@ DIMS = ("cpu", "memory", "ssd", "net", "gpu")
 
 
 def decoder(max_workloads: int = 1000) -> PlainDecoder:
-    return PlainDecoder(DIMS, MAX_QUANTITY, MAX_ID_LENGTH, max_workloads)
+    return PlainDecoder(DIMS, MAX_QUANTITY, MAX_ID_LENGTH, max_workloads, MAX_NAME_LENGTH)
 
 
 def reference(data: bytes):
@@ -179,8 +179,8 @@ def test_malformed_duplicate_unknown_and_oversized_requests_are_left_to_protobuf
 def test_a_cluster_with_more_dimensions_than_the_decoder_takes_goes_through_protobuf():
     many = tuple(f"d{i}" for i in range(40))
     data = pb.PlaceRequest(workloads=[pb.Workload(id="a", requests={"d0": 1})]).SerializeToString()
-    assert PlainDecoder(many, MAX_QUANTITY, MAX_ID_LENGTH, 10).decode(data) is None
-    assert PlainDecoder(many[:32], MAX_QUANTITY, MAX_ID_LENGTH, 10).decode(data) is not None
+    assert PlainDecoder(many, MAX_QUANTITY, MAX_ID_LENGTH, 10, MAX_NAME_LENGTH).decode(data) is None
+    assert PlainDecoder(many[:32], MAX_QUANTITY, MAX_ID_LENGTH, 10, MAX_NAME_LENGTH).decode(data) is not None
 
 
 @settings(max_examples=500, deadline=None)
@@ -205,3 +205,20 @@ def test_corrupted_bytes_decode_as_protobuf_reads_them_or_not_at_all(workloads, 
     assert flags == want_flags
     assert [(i.wid, i.spec, i.model.__dict__) for i in items] == \
         [(i.wid, i.spec, i.model.__dict__) for i in want_items]
+
+
+@pytest.mark.parametrize("field", ["tenant", "group"])
+def test_a_tenant_or_group_over_its_length_is_left_to_protobuf(field):
+    """The protobuf path counts characters and names the field; the decoder never
+    accepts what it refuses (UTF-8 bytes are never fewer than characters)."""
+    for value, decoded in (("t" * MAX_NAME_LENGTH, True), ("é" * (MAX_NAME_LENGTH // 2), True),
+                           ("t" * (MAX_NAME_LENGTH + 1), False), ("é" * MAX_NAME_LENGTH, False)):
+        data = pb.PlaceRequest(workloads=[pb.Workload(id="a", requests={"cpu": 1}, **{field: value})])
+        assert (decoder().decode(data.SerializeToString()) is not None) == decoded, value
+
+
+def test_a_workload_with_an_unknown_field_is_left_to_protobuf():
+    known = pb.Workload(id="a", requests={"cpu": 1}).SerializeToString()
+    for unknown in (b"\xa2\x06\x03abc", b"\xcb\x06\xcc\x06"):  # field 100: bytes; a group
+        data = pb.PlaceRequest(workloads=[pb.Workload.FromString(known + unknown)]).SerializeToString()
+        assert decoder().decode(data) is None

@@ -169,8 +169,13 @@ class _Logged(logging.Handler):
 
 @pytest.fixture
 def cli_serve(monkeypatch, capsys):
-    """`hci-scheduler serve ARGS` in this process: (exit code, stderr). The logger setup it
-    does is undone afterwards."""
+    """`hci-scheduler serve ARGS` in this process: (exit code, stderr). A server it would
+    start fails the test instead of serving; the logger setup it does is undone afterwards."""
+    def serve(server, **kwargs):
+        server.stop(0)
+        pytest.fail("hci-scheduler serve started serving")
+
+    monkeypatch.setattr(app, "serve", serve)
     logger = logging.getLogger("hci_scheduler")
     monkeypatch.setattr(logger, "handlers", list(logger.handlers))
     monkeypatch.setattr(logger, "propagate", logger.propagate)

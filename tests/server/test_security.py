@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hci_scheduler import cli
 from hci_scheduler.server import app, convert
+from hci_scheduler.server.metrics import Metrics
 from hci_scheduler.v1 import scheduler_pb2 as pb
 from hci_scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -253,6 +254,21 @@ def test_metrics_with_tls_are_served_over_https_only(pki):
     finally:
         httpd.shutdown()
         srv.stop(0)
+
+
+def test_metrics_with_mutual_tls_need_a_client_certificate_from_the_ca(pki):
+    cert, key = map(str, pki["server"])
+    httpd, port = app.start_metrics_http(Metrics(), "127.0.0.1:0", app.TLSConfig(cert, key, str(pki["ca"][0])))
+    try:
+        url = f"https://localhost:{port}/metrics"
+        context = ssl.create_default_context(cafile=str(pki["ca"][0]))
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            urllib.request.urlopen(url, context=context, timeout=10).read()
+        context.load_cert_chain(*map(str, pki["client"]))
+        with urllib.request.urlopen(url, context=context, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        httpd.shutdown()
 
 
 # -- hostile input: oversized strings and lists, unknown fields ------------------

@@ -181,6 +181,7 @@ def test_chaos_names_the_loss_of_a_store_damaged_between_kill_and_restart():
     campaign, rc, out = _run(
         trials=2, clients=4, min_s=0.3, max_s=0.5, hosts=8, before_restart=damage
     )
+    shutil.rmtree(campaign.tmp, ignore_errors=True)  # kept, as after any failure
     assert rc == 1, out
     assert campaign.failed.keys() & {"placement lost or moved", "host lost", "server died"}, out
     assert "FAILED" in out

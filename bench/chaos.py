@@ -213,6 +213,15 @@ class Server:
         )
 
 
+def sh(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a system command (mount, mkfs, fsck), its output captured as text; never raises
+    on failure: the caller reports a non-zero return code in one line."""
+    try:
+        return subprocess.run(cmd, check=False, capture_output=True, text=True)
+    except OSError as exc:  # the command is missing
+        return subprocess.CompletedProcess(cmd, 127, "", str(exc))
+
+
 def channel(address: str):
     ch = grpc.insecure_channel(
         address,
@@ -840,14 +849,14 @@ class Campaign:
         mnt = self.tmp / "tmpfs"
         mnt.mkdir(exist_ok=True)
         mount = ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)]
-        r = subprocess.run(mount, check=False, capture_output=True, text=True)
+        r = sh(mount)
         if r.returncode:
             self.say(f"disk faults skipped: cannot mount a tmpfs ({r.stderr.strip()})")
             return False
         try:
             DiskFaults(self, mnt, "disk").run_tmpfs()
         finally:
-            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+            sh(["umount", "-l", str(mnt)])
         return True
 
     def read_only_live(self) -> bool:
@@ -863,17 +872,12 @@ class Campaign:
             ["mount", "-o", "loop,errors=remount-ro", str(image), str(mnt)],
         )
         for cmd in steps:
-            try:
-                r = subprocess.run(cmd, check=False, capture_output=True, text=True)
-            except OSError as exc:
-                r = subprocess.CompletedProcess(cmd, 1, "", str(exc))
+            r = sh(cmd)
             if r.returncode:
                 self.say(f"live read-only fault skipped: {' '.join(cmd[:2])}: {r.stderr.strip()}")
                 return False
         try:
-            dev = subprocess.run(
-                ["findmnt", "-no", "SOURCE", str(mnt)], check=False, capture_output=True, text=True
-            ).stdout
+            dev = sh(["findmnt", "-no", "SOURCE", str(mnt)]).stdout
             trigger = Path("/sys/fs/ext4") / Path(dev.strip()).name / "trigger_fs_error"
             if not trigger.exists():
                 self.say(f"live read-only fault skipped: no {trigger}")
@@ -881,7 +885,7 @@ class Campaign:
             DiskFaults(self, mnt, "ro").run_ext4(trigger, image)
             return True
         finally:
-            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+            sh(["umount", "-l", str(mnt)])
 
 
 class DiskFaults:
@@ -1096,12 +1100,7 @@ class DiskFaults:
         with a non-zero exit naming the cause (never start and fail at the first write)."""
         self.load(1.0)
         self.server.kill()
-        r = subprocess.run(
-            ["mount", "-o", "remount,ro", str(self.mnt)],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
+        r = sh(["mount", "-o", "remount,ro", str(self.mnt)])
         if r.returncode:
             self.note(None, f"read-only remount skipped: {r.stderr.strip()}")
             return
@@ -1123,9 +1122,7 @@ class DiskFaults:
             self.ledger.settle(Snapshot.read(self.server.stub).listed(), self.ledger.hosts)
             problems = self.refusing(self.READ_ONLY, when)
         finally:
-            subprocess.run(
-                ["mount", "-o", "remount,rw", str(self.mnt)], check=False, capture_output=True
-            )
+            sh(["mount", "-o", "remount,rw", str(self.mnt)])
         if self.server.alive():
             problems += self.resumes("remounted read-write")
         self.outcome(
@@ -1154,14 +1151,9 @@ class DiskFaults:
             "file system read-only under load: reads kept, writes refused with UNAVAILABLE",
         )
         self.server.kill()
-        subprocess.run(["umount", str(self.mnt)], check=False, capture_output=True)
-        subprocess.run(["e2fsck", "-fy", str(image)], check=False, capture_output=True)
-        r = subprocess.run(
-            ["mount", "-o", "loop", str(image), str(self.mnt)],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
+        sh(["umount", str(self.mnt)])
+        sh(["e2fsck", "-fy", str(image)])
+        r = sh(["mount", "-o", "loop", str(image), str(self.mnt)])
         if r.returncode:
             self.note(None, f"no remount after fsck: {r.stderr.strip()}")
             return

@@ -3,8 +3,9 @@
 What a restart relies on, checked one by one so that every problem is reported, one
 line each: every event decodes and says the sequence and type it is stored under, the
 sequence has no gap, the high-water mark (mark.py) is not above the last sequence and
-names the store's incarnation, and the log replays into a Cluster without error and
-without a host charged beyond its limit.
+names the store's incarnation, the snapshots check out (snapshot.check_directory), and
+the log (from the newest snapshot when it is compacted) replays into a Cluster without
+error and without a host charged beyond its limit.
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ import urllib.parse
 from google.protobuf.message import DecodeError
 
 from ..store import MemoryStore, Record, StoreError
-from ..store.base import INCARNATION_KEY
-
-COMPACTED_KEY = "compacted_seq"  # the store's meta key of its last compacted sequence
+from ..store.base import COMPACTED_KEY, INCARNATION_KEY
 from ..store.mark import mark_path, read_mark
 from ..v1 import scheduler_pb2 as pb
+from .snapshot import Snapshots, check_directory
 
 DB_NAME = "scheduler.db"
+SNAPSHOTS_DIR = "snapshots"  # as create_server lays out a data directory
 
 
 def _read_only(path: str, scratch: str) -> sqlite3.Connection:
@@ -57,9 +58,10 @@ def check_store(data_dir: str) -> list[str]:
         return [f"{path}: cannot be read: {exc}"]
     last = records[-1].sequence if records else compacted
     problems += _check_mark(path, meta.get(INCARNATION_KEY), last)
-    if not problems and not compacted:  # replay needs a whole log; the lines above say why it is not
-        problems += _check_replay(meta, records)
-    problems += check_snapshots(data_dir)
+    snapshots = os.path.join(data_dir, SNAPSHOTS_DIR)
+    problems += check_directory(snapshots, compacted)
+    if not problems:  # replay needs a whole log (or a snapshot); the lines above say why it is not
+        problems += _check_replay(meta, records, compacted, snapshots)
     return problems
 
 
@@ -99,17 +101,24 @@ def _check_mark(path: str, incarnation: str | None, last: int) -> list[str]:
     return problems
 
 
-def _check_replay(meta: dict[str, str], records: list[Record]) -> list[str]:
-    """Replay into a Cluster exactly as a restart does (SchedulerState over a copy of the
-    log in memory), then check no host is charged beyond its limit."""
+def _check_replay(meta: dict[str, str], records: list[Record], compacted: int, snapshots: str) -> list[str]:
+    """Replay into a Cluster as a restart does (SchedulerState over a copy of the log in
+    memory): the whole log, or a compacted one from the newest snapshot that follows it
+    (read from a copy of the snapshot directory, which restoring may tidy); then check
+    no host is charged beyond its limit."""
     from .state import SchedulerState
 
-    copy = MemoryStore()
+    copy = MemoryStore(compacted)
     for key, value in meta.items():
         copy.set_meta(key, value)
     copy.append(records)
     try:
-        state = SchedulerState(copy)
+        with tempfile.TemporaryDirectory() as scratch:
+            restorer = None
+            if compacted:
+                shutil.copytree(snapshots, os.path.join(scratch, SNAPSHOTS_DIR))
+                restorer = Snapshots(os.path.join(scratch, SNAPSHOTS_DIR), every=0)
+            state = SchedulerState(copy, snapshots=restorer)
     except Exception as exc:  # noqa: BLE001 - whatever stops a restart is the finding
         return [f"replay fails: {type(exc).__name__}: {exc}"]
     c = state.cluster
@@ -120,9 +129,3 @@ def _check_replay(meta: dict[str, str], records: list[Record]) -> list[str]:
                         f"beyond its limit {int(c.limits()[row, dim])}")
     return problems
 
-
-def check_snapshots(data_dir: str) -> list[str]:
-    """The hook for snapshots (issue 13, item 8): their checks, and the replay of a
-    compacted log from its snapshot, go here once they exist; a store without
-    snapshots has nothing to check."""
-    return []

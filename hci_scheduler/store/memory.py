@@ -10,11 +10,12 @@ from .base import Record, Store, StoreError, check_contiguous
 class MemoryStore(Store):
     """The Store contract without durability, for tests and throwaway servers."""
 
-    def __init__(self) -> None:
+    def __init__(self, compacted: int = 0) -> None:
+        """compacted > 0 makes the copy of a log compacted up to it (its first record follows it)."""
         self._lock = threading.Lock()
         self._records: list[Record] = []
         self._meta: dict[str, str] = {}
-        self._compacted = 0  # records up to this sequence were compacted away
+        self._compacted = compacted  # records up to this sequence were compacted away
         self._closed = False
 
     def _check_open(self) -> None:

@@ -30,9 +30,9 @@ from .conftest import ROOT, ServerProcess, make_host, make_workload, stub_for
 
 
 @contextlib.contextmanager
-def in_process(data_dir: Path):
+def in_process(data_dir: Path, **options):
     """A started server over `data_dir` in this process: (server, stub, health stub)."""
-    srv, port = create_server("127.0.0.1:0", data_dir=str(data_dir))
+    srv, port = create_server("127.0.0.1:0", data_dir=str(data_dir), **options)
     srv.start()
     channel, stub = stub_for(f"127.0.0.1:{port}")
     try:
@@ -289,6 +289,24 @@ def test_check_names_each_problem_on_its_line(checked_store, damage, expected):
     assert code == 1 and any(expected in ln for ln in lines), lines
 
 
+def test_check_replays_a_compacted_log_from_its_snapshot(tmp_path):
+    """A log compacted behind a snapshot is checked from the snapshot plus its tail; a
+    snapshot that does not check out, with the log compacted past it, is a problem."""
+    data = tmp_path / "data"
+    with in_process(data, snapshot_every=0, snapshot_tail=0) as (srv, s, _):
+        s.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("h0", cpu=100_000)]))
+        for i in range(3):  # compaction stops at the snapshot before the newest
+            s.Place(pb.PlaceRequest(workloads=[make_workload(f"w{i}-{k}", cpu=10) for k in range(5)]))
+            srv.state.snapshots.take(srv.state)
+        s.Release(pb.ReleaseRequest(workload_ids=["w0-0"]))  # a tail after the snapshot
+        assert srv.state.store.compacted_sequence() == 6
+    assert run_check(data) == (0, [f"{data}: store is sound"])
+    for snap in (data / "snapshots").iterdir():
+        snap.write_bytes(snap.read_bytes()[:-8] + b"damaged!")
+    code, lines = run_check(data)
+    assert code == 1 and any("compacted" in ln for ln in lines), lines
+
+
 def test_check_finds_a_host_charged_beyond_its_limit(checked_store):
     """Host h0 registered with 4000 millicores holds 4 x 1000; its event rewritten to 2000
     makes the replayed host charged beyond its limit (or refused by the replay)."""
@@ -322,7 +340,12 @@ def test_fatal_store_error_exits_non_zero_naming_the_cause(tmp_path, capfd):
         codes.append(err.value.code())
 
     threading.Timer(0.5, client).start()
-    assert serve(srv, grace=0) == 1  # was 0: a supervisor read it as a clean stop
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert serve(srv, grace=0) == 1  # was 0: a supervisor read it as a clean stop
+    finally:  # serve's handlers must not outlive it in the test process
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     assert codes == [grpc.StatusCode.UNAVAILABLE]
     assert isinstance(srv.fatal, StoreError) and "disk I/O error" in str(srv.fatal)
 

@@ -68,7 +68,7 @@ def decode_token(token: str, listing: int, filter_: str) -> int:
     try:
         if len(token) > _TOKEN_CHARS:
             raise ValueError
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
         version, kind, digest, key = _TOKEN.unpack(raw)
     except (ValueError, binascii.Error, struct.error):
         raise ValidationError(f"page_token {token[:40]!r} is not a page token of this service") from None

@@ -220,7 +220,7 @@ def grpc_during_snapshots(live: int = 100_000, hosts: int = 10_000, rounds: int 
                 stub.Place(pb.PlaceRequest(workloads=[pb.Workload(id=f"pre{k}", requests={"cpu": 100, "memory": 256})
                                                       for k in range(i, i + 5000)]), timeout=120)
             ch.close()
-            rates = [batched(address, calls=5, batch=1000, tag=f"r{r}")["placements_per_s"] for r in range(rounds)]
+            rates = [batched(address, calls=20, batch=1000, tag=f"r{r}")["placements_per_s"] for r in range(rounds)]
             out[f"grpc_batched_per_s_snapshot_every_{every}"] = round(float(np.median(rates)))
         finally:
             proc.terminate()

@@ -6,6 +6,8 @@ and a stream of plain workloads compile once; every other part asks here.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..constraints import CompiledTerms, spec_key
@@ -104,6 +106,14 @@ class Compiler:
             self._cache.clear()
         self._cache[key] = terms
         return terms
+
+    def replayed(self, workload: Workload, terms: CompiledTerms) -> CompiledTerms:
+        """The terms a replayed placement is checked under: `terms` without the node
+        selector, which held when the placement was decided (a host relabelled since keeps
+        what it runs, and a snapshot knows only the labels of now)."""
+        if not workload.selector:
+            return terms
+        return self.terms(dataclasses.replace(workload, selector={}))
 
     def current(self, terms: CompiledTerms, workload: Workload) -> CompiledTerms:
         """`terms` if the host layout has not changed since they were compiled, else fresh ones."""

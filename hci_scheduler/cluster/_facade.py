@@ -346,8 +346,10 @@ class Cluster:
         hard affinity, anti-affinity and spread are not checked again, because
         they held against the workloads present when it was decided, and some
         may be gone by the time it is replayed (a gang member rolled back in the
-        same batch, for one). Room, labels, taints, volume locality and NUMA are
-        still checked, so a restore never overcommits a host. Tenancy is checked
+        same batch, for one); nor is the node selector, which held against the
+        host's labels then (a host relabelled since keeps what it runs). Room,
+        taints, volume locality and NUMA are still checked, so a restore never
+        overcommits a host. Tenancy is checked
         too, but a restored placement that breaks only tenant isolation is kept
         with a warning: it was acknowledged (logs written before tenant-less work
         counted against a dedicated tenant hold such pairs), and refusing it would
@@ -359,9 +361,11 @@ class Cluster:
                 raise ValidationError(f"workload {workload.id}: per-host services cannot be bound to one host")
             row = self._hosts.row(host_id)
             terms = self._compiler.terms(workload)
-            code = self._ledger.place_at(workload, request, terms, row, counters=not restore)
+            checked = self._compiler.replayed(workload, terms) if restore else terms
+            code = self._ledger.place_at(workload, request, terms, row, counters=not restore, check_terms=checked)
             if code == sched_core.REASON_TENANT and restore:
-                code = self._ledger.place_at(workload, request, terms, row, counters=False, tenancy=False)
+                code = self._ledger.place_at(workload, request, terms, row, counters=False, tenancy=False,
+                                             check_terms=checked)
                 if code == 0:
                     log.warning("restored workload %s on host %s breaks tenant isolation (%s); kept, as it "
                                 "was acknowledged", workload.id, host_id, terms.labels[sched_core.REASON_TENANT])
@@ -480,7 +484,7 @@ class Cluster:
 
     def bind_replicas(self, workload: Workload, host_ids: Sequence[str]) -> Placement:
         """Register a per-host service (unless it is registered) and put one replica on
-        each named host, checking each like `bind`; all or nothing.
+        each named host, checking each like `bind(restore=True)`; all or nothing.
 
         For a store rebuilding its state: `place` and `add_hosts` choose the
         hosts themselves, this repeats a recorded choice exactly.

@@ -113,16 +113,18 @@ class Ledger:
         return missed
 
     def place_at(self, workload: Workload, request: np.ndarray, terms: CompiledTerms, row: int, *,
-                 counters: bool = True, tenancy: bool = True, service: str | None = None) -> int:
+                 counters: bool = True, tenancy: bool = True, service: str | None = None,
+                 check_terms: CompiledTerms | None = None) -> int:
         """Check `row` for one workload (counters=False: skip affinity, anti-affinity and
         spread, for replayed decisions; with tenancy=False tenant isolation too) and commit
         it there if it passes. With `service`, the workload is that per-host service and
-        the record is its replica on `row`.
+        the record is its replica on `row`. `check_terms` (default `terms`) are the terms
+        checked, when they differ from those recorded (a replay checks no node selector).
         Returns the core's reason code: 0 committed, else nothing changed."""
         hosts = self._hosts
         charge = np.zeros(self._n_dims, dtype=np.int64)
-        code = sched_core.check_host(hosts.state, hosts.cons.state, terms.core, request, row, charge, counters,
-                                     tenancy)
+        code = sched_core.check_host(hosts.state, hosts.cons.state, (check_terms or terms).core, request, row,
+                                     charge, counters, tenancy)
         if code == 0:
             self._commit_host(Record(workload, row, charge, -1, terms), service)
         return code

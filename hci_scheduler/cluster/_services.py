@@ -80,7 +80,7 @@ class Services:
 
     def bind(self, workload: Workload, host_ids: Sequence[str], request: np.ndarray) -> Placement:
         """Register the service (unless it is) and put one replica on each named host,
-        each checked as `bind` checks; all or nothing. `request` is checked already."""
+        each checked as `bind(restore=True)` checks; all or nothing. `request` is checked already."""
         table, ledger = self._hosts, self._ledger
         known = workload.id in self.daemons
         if not known:
@@ -93,7 +93,8 @@ class Services:
             if row in had or row in done:
                 code = -1
             else:
-                code = ledger.place_at(workload, request, terms, row, service=workload.id)
+                code = ledger.place_at(workload, request, terms, row, service=workload.id,
+                                       check_terms=self._compiler.replayed(workload, terms))
             if code != 0:
                 for r in reversed(done):
                     ledger.release_replica(workload.id, r)

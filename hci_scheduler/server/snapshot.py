@@ -31,11 +31,9 @@ Why this shape:
   state twice plus at most tail + 2 x every events.
 
 Restoring is exact except for one thing the log never said: the NUMA node of a VM that
-asked for NUMA fit is chosen again, among the workloads alive at the snapshot. Known
-limit: per-host services and workloads with volumes are restored with `bind`'s checks
-(plain placements skip them), so one whose node selector no longer matches its host
-(relabelled since) makes the snapshot fail to restore, and the server refuses to start
-naming it rather than start without it.
+asked for NUMA fit is chosen again, among the workloads alive at the snapshot. Per-host
+services and workloads with volumes go through `Cluster.restore`, which, like a replay,
+checks no node selector: a host relabelled since keeps what it runs.
 """
 from __future__ import annotations
 

@@ -516,3 +516,28 @@ def test_memory_and_sqlite_stores_compact_the_same_way(tmp_path):
     reopened = SQLiteStore(str(tmp_path / "s.db"))
     assert (reopened.first_sequence(), reopened.last_sequence()) == (11, 11)
     reopened.close()
+
+
+def test_workloads_whose_host_was_relabelled_since_restore_from_a_snapshot(tmp_path):
+    """A per-host service and a workload creating a volume, both with a node selector, on a
+    host whose labels changed after they were placed: they keep running there (UpdateHost
+    moves nothing), so the snapshot restores them there, as a full replay does."""
+    data = tmp_path / "data"
+    a = _Server(data)
+    a.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[_host(i) for i in range(4)]))
+    a.stub.Place(pb.PlaceRequest(workloads=[pb.Workload(id="kvm-agent", requests={"cpu": 10}, per_host=True,
+                                                        node_selector={"kvm": "true"})]))
+    made = a.stub.Place(pb.PlaceRequest(workloads=[pb.Workload(
+        id="db", requests={"cpu": 100}, node_selector={"zone": "a"},
+        new_volumes=[pb.Volume(id="dbv", size_gib=2, replicas=2)])])).placements[0]
+    for i in range(4):  # every host loses the labels the two selected
+        a.stub.UpdateHost(pb.UpdateHostRequest(host_id=f"h{i}", labels={"zone": "c"}))
+    want = _view(a.stub)
+    assert {p.workload_id for p in want[1]} == {"kvm-agent", "db"} and made.host_id
+    a.stop()  # a clean stop: the snapshot holds everything, the log no tail
+    b = _Server(data)
+    try:
+        assert b.state.snapshots.sequence == want[3].last_sequence
+        assert _view(b.stub) == want
+    finally:
+        b.stop()

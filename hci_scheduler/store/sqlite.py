@@ -53,11 +53,34 @@ _INSERT = "INSERT INTO events (seq, kind, body) VALUES (?, ?, ?)"
 _UNWRITABLE_CODES = (8, 13)
 
 
+#: SQLite's primary result code of an I/O error (SQLITE_IOERR).
+_IOERR = 10
+
+
+def read_only_fs(path: str) -> bool:
+    """Whether the file system holding `path` refuses writes as read-only (an ext4 that met
+    an error with errors=remount-ro, say). Asked by creating a file beside it: ext4 turns
+    read-only without its mount flags (statvfs) saying so."""
+    probe = path + ".rw-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return False
+
+
 def _store_error(path: str, what: str, exc: sqlite3.Error) -> StoreError:
-    """StoreUnwritable for a full disk or a read-only database, StoreError otherwise."""
+    """StoreUnwritable for a full disk, a read-only database, or an I/O error on a file
+    system now read-only (SQLite reports the last as `disk I/O error`); StoreError otherwise."""
     code = getattr(exc, "sqlite_errorcode", None)
-    cls = StoreUnwritable if code is not None and code & 0xFF in _UNWRITABLE_CODES else StoreError
-    return cls(f"{path}: {what}: {exc}")
+    primary = code & 0xFF if code is not None else None
+    if primary in _UNWRITABLE_CODES:
+        return StoreUnwritable(f"{path}: {what}: {exc}")
+    if primary == _IOERR and read_only_fs(path):
+        return StoreUnwritable(f"{path}: {what}: {exc} (the file system is read-only)")
+    return StoreError(f"{path}: {what}: {exc}")
 
 
 def check_files_writable(path: str) -> None:

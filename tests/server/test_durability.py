@@ -502,6 +502,27 @@ def ext4_dir(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def test_file_system_turning_read_only_refuses_writes_and_keeps_reads(ext4_dir):
+    """ext4 mounted errors=remount-ro meets an error: SQLite reports `disk I/O error`, which
+    is the read-only file system (writes refused, reads go on), not a fatal failure."""
+    dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(ext4_dir)], capture_output=True, text=True)
+    trigger = Path("/sys/fs/ext4") / os.path.basename(dev.stdout.strip()) / "trigger_fs_error"
+    if subprocess.run(["mount", "-o", "remount,errors=remount-ro", str(ext4_dir)]).returncode or not trigger.exists():
+        pytest.skip("cannot make this ext4 turn read-only on an error here")
+    s = SQLiteStore(str(ext4_dir / "s.db"))
+    try:
+        s.append([Record(1, 4, b"kept")])
+        trigger.write_text("test\n")
+        with pytest.raises(StoreUnwritable) as err:
+            s.append([Record(2, 4, b"x"), Record(3, 4, b"y")])
+        assert "read-only" in str(err.value)
+        with pytest.raises(StoreUnwritable):
+            s.probe_write()
+        assert s.read() == [Record(1, 4, b"kept")] and s.last_sequence() == 1
+    finally:
+        s.close()
+
+
 def test_immutable_store_files_are_named_not_a_sigbus(tmp_path, ext4_dir):
     data = ext4_dir / "data"
     srv = ServerProcess(tmp_path, data_dir=data).start()

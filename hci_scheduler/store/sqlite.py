@@ -473,21 +473,9 @@ class SQLiteStore(Store):
         return None if row is None else row[0]
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._cond:
-            while self._committing:
-                self._wait()
-            self._committing = True  # its own transaction, never inside an append's
-        try:
-            self._wconn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (key, value),
-            )
-        finally:
-            with self._cond:
-                self._committing = False
-                if self._waiting:
-                    self._cond.notify_all()
+        # In the store's turn: its own transaction, never inside an append's.
+        self._turn(self._wconn.execute, "INSERT INTO meta (key, value) VALUES (?, ?) "
+                   "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
     def close(self) -> None:
         with self._cond:

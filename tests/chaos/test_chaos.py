@@ -73,11 +73,6 @@ def test_full_disk_keeps_reads_refuses_writes_and_resumes(campaign):
     assert "resumed once freed" in out and "acknowledged placements kept" in out, out
 
 
-@pytest.mark.xfail(
-    reason="a file system turning read-only under the server (SQLite: disk I/O error) stops "
-    "the server with exit code 1 instead of serving reads",
-    strict=False,
-)
 def test_file_system_turning_read_only_keeps_reads_and_loses_nothing(campaign):
     if os.geteuid() != 0 or not campaign.read_only_live():
         pytest.skip(f"no ext4 image can be loop-mounted here: {campaign.out_text()}")

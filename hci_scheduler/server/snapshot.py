@@ -51,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import SchedulerError
-from ..model import Host, Volume
+from ..model import Host, Volume, Workload
 from ..store import StoreError
 from ..v1 import scheduler_pb2 as pb
 from . import convert
@@ -68,17 +68,24 @@ _DIGEST = 32  # SHA-256
 _LEN = struct.Struct("<I")
 
 
-class SnapshotError(StoreError):
-    """A snapshot file that does not check out (names the file and what is wrong)."""
+#: The tag and length of a workload id of n bytes, for n < 1024.
+ID_TAGS = [b"\n" + varint(n) for n in range(1024)]
 
 
-def _id_prefix(id_bytes: bytes) -> bytes:
-    """How canonical Workload bytes start: field 1 (id), length-delimited."""
-    return _ID_TAGS[len(id_bytes)] + id_bytes if len(id_bytes) < len(_ID_TAGS) else \
+def id_prefix(id_bytes: bytes) -> bytes:
+    """How canonical Workload bytes start: field 1 (the id), length-delimited. What
+    follows it is the spec without its id, shared by every workload of one shape."""
+    return ID_TAGS[len(id_bytes)] + id_bytes if len(id_bytes) < len(ID_TAGS) else \
         b"\n" + varint(len(id_bytes)) + id_bytes
 
 
-_ID_TAGS = [b"\n" + varint(n) for n in range(1024)]  # the tag and length of an id of n bytes
+def plain_template(spec_without_id: bytes) -> Workload:
+    """The model of a workload spec without its id (id "t"), for Cluster.restore_many."""
+    return convert.workload_to_model(pb.Workload.FromString(id_prefix(b"t") + spec_without_id))
+
+
+class SnapshotError(StoreError):
+    """A snapshot file that does not check out (names the file and what is wrong)."""
 
 
 def _frames(items) -> bytes:
@@ -152,7 +159,7 @@ def encode(cap: Captured) -> bytes:
     for wid, (seq, spec) in cap.placed.items():
         host_id = cap.where.get(wid)
         idb = wid.encode()
-        prefix = _id_prefix(idb)
+        prefix = id_prefix(idb)
         if host_id is not None and spec.startswith(prefix):
             key = spec[len(prefix):]
             plain = plain_spec.get(key)
@@ -308,7 +315,7 @@ def restore(state, snap: Snapshot) -> None:
                             f"store's {list(state.dimensions)}")
     d = _decoded(snap)
     try:
-        templates = [convert.workload_to_model(pb.Workload.FromString(_id_prefix(b"t") + k)) for k in d.specs]
+        templates = [plain_template(k) for k in d.specs]
         models = [None if h is None else convert.host_to_model(h) for h in d.hosts]
         specials = sorted(((ev, convert.workload_to_model(ev.workload)) for ev in d.events),
                           key=lambda e: e[0].sequence)
@@ -349,9 +356,9 @@ def _rebuild(state, snap: Snapshot, d: _Decoded, templates: list, models: list, 
         if upto > at:
             ids = d.ids[at:upto]
             c.restore_many(templates, ids, spec_of[at:upto], [row_ids[r] for r in d.rows[at:upto].tolist()])
-            tags = _ID_TAGS
+            tags = ID_TAGS
             placed.update(zip(ids, zip(seqs[at:upto], [tags[len(b)] + b + specs[k] if len(b) < 1024 else
-                                                       _id_prefix(b) + specs[k] for b, k in
+                                                       id_prefix(b) + specs[k] for b, k in
                                                        zip(d.id_bytes[at:upto], spec_of[at:upto])])))
             at = upto
 

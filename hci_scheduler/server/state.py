@@ -44,6 +44,7 @@ from .writer import MAX_BATCH_WORKLOADS, DeadlineExpired, Op, StoreFailed, Write
 log = logging.getLogger("hci_scheduler.server")
 
 _PLACED = pb.EVENT_TYPE_PLACED
+_DEDICATED = pb.ISOLATION_DEDICATED
 _NO_BYTES = b""
 
 
@@ -73,10 +74,10 @@ class _Events:
 
 
 class _PlainRun:
-    """Consecutive PLACED events of plain workloads (no per-host service, volume or tenant) met in
-    a replay, restored in one `Cluster.restore_many` call, each distinct spec decoded
-    once per replay: a log's tail replays at the speed of a snapshot, not at one
-    `restore` each."""
+    """Consecutive PLACED events of plain workloads (no per-host service, volume or
+    dedicated tenant) met in a replay, restored in one `Cluster.restore_many` call, each
+    distinct spec decoded once per replay: a log's tail replays at the speed of a
+    snapshot, not at one `restore` each."""
 
     __slots__ = ("models", "templates", "ids", "spec_of", "hosts", "placed")
 
@@ -94,9 +95,9 @@ class _PlainRun:
     def add(self, ev: pb.Event) -> bool:
         """Take a PLACED event if it is plain; False leaves it to `restore`."""
         w = ev.workload
-        if (w.per_host or w.volume_ids or w.new_volumes or w.tenant or ev.volumes or ev.replica_host_ids
-                or not ev.host_id):
-            return False  # a tenant's workload too: `restore` warns when an old log broke isolation
+        if (w.per_host or w.volume_ids or w.new_volumes or w.isolation == _DEDICATED or ev.volumes
+                or ev.replica_host_ids or not ev.host_id):
+            return False  # dedicated too: `restore` warns where a log written before the rule broke it
         spec = convert.spec_bytes(w)
         prefix = id_prefix(w.id.encode())
         if not spec.startswith(prefix):

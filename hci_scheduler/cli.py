@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="directory of the SQLite store (omit: memory only, lost on exit)")
     s.add_argument("--fsync", choices=["full", "normal"], help="SQLite synchronous mode: full (default, "
                    "a reply survives power loss) or normal (survives a crash, not a power loss)")
-    s.add_argument("--snapshot-every", type=int, help="with --data-dir: write a snapshot of the state every N "
-                   "events in the background (default 100000; 0: only at a clean stop); restart reads the "
-                   "newest snapshot plus the events after it")
+    s.add_argument("--snapshot-every", type=int, help="with --data-dir: write a snapshot of the state at most every "
+                   "N events in the background (default 100000; sooner for a small state: after half as many "
+                   "events as it has placements and hosts, at least 10000; 0: only at a clean stop); restart "
+                   "reads the newest snapshot plus the events after it")
     s.add_argument("--snapshot-tail", type=int, help="events kept in the log before the newest snapshot when "
                    "it is compacted (default 100000): a watcher that far behind still resumes")
     s.add_argument("--metrics", help="HOST:PORT of the Prometheus endpoint, e.g. 127.0.0.1:9464 (a non-loopback "

@@ -63,6 +63,7 @@ FORMAT = 1
 MAGIC = b"HCISNAP\x00"
 SUFFIX = ".snap"
 DEFAULT_EVERY = 100_000
+MIN_EVERY = 10_000  # events: below this a snapshot is written only every `every` events
 DEFAULT_TAIL = 100_000
 _DIGEST = 32  # SHA-256
 _LEN = struct.Struct("<I")
@@ -461,8 +462,8 @@ class Snapshots:
     directory : str
         Where snapshot files live (`<data dir>/snapshots`).
     every : int
-        Events between two snapshots (0: none in the background; one is still written
-        at a clean stop).
+        The most events between two snapshots (0: none in the background; one is still
+        written at a clean stop); a small state is snapshotted sooner (see `due`).
     tail : int
         Events kept in the log before the newest snapshot, so that a watcher a little
         behind is not cut off.
@@ -547,7 +548,7 @@ class Snapshots:
     def _loop(self, state) -> None:
         failing = False
         while not self._stop.wait(self.poll_s):
-            if state.sequence - self.sequence >= self.every:
+            if self.due(state):
                 try:
                     self.take(state)
                 except (OSError, StoreError) as exc:
@@ -558,6 +559,18 @@ class Snapshots:
                     if failing:
                         log.info("snapshot written again", extra={"fields": {"sequence": self.sequence}})
                     failing = False
+
+    def due(self, state) -> bool:
+        """Whether the log has grown enough since the newest snapshot: `every` events, or
+        sooner, half as many events as the state holds live items (at least MIN_EVERY).
+        A crash restart replays the tail after the snapshot, so the tail is kept in
+        proportion to the state the snapshot loads (restart time follows the live state,
+        not the history), and each snapshot's cost, in proportion to the same state, is
+        spread over as many events (a constant cost per event)."""
+        grown = state.sequence - self.sequence
+        if not self.every or grown < min(self.every, MIN_EVERY):
+            return False
+        return grown >= self.every or grown >= (len(state._placed) + state.cluster.n_hosts) // 2
 
     def take(self, state) -> int:
         """Write a snapshot of the state now, then compact the log; returns its sequence."""

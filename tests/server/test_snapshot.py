@@ -541,3 +541,22 @@ def test_workloads_whose_host_was_relabelled_since_restore_from_a_snapshot(tmp_p
         assert _view(b.stub) == want
     finally:
         b.stop()
+
+
+def test_a_small_state_is_snapshotted_sooner_than_every(tmp_path):
+    """`every` is the most events between two snapshots: with a few hundred live items, one
+    is due after MIN_EVERY events, so a crash restart never replays a tail out of proportion
+    to the state (a large state waits for `every`)."""
+    shots = snap_mod.Snapshots(str(tmp_path), every=100_000)
+
+    class _State:
+        def __init__(self, sequence, live, hosts):
+            self.sequence, self._placed = sequence, dict.fromkeys(range(live))
+            self.cluster = type("C", (), {"n_hosts": hosts})()
+
+    assert not shots.due(_State(snap_mod.MIN_EVERY - 1, 100, 10))
+    assert shots.due(_State(snap_mod.MIN_EVERY, 100, 10))
+    assert not shots.due(_State(snap_mod.MIN_EVERY, 190_000, 10_000))  # half of 200,000 live
+    assert shots.due(_State(100_000, 190_000, 10_000))
+    assert not snap_mod.Snapshots(str(tmp_path), every=0).due(_State(10**6, 10, 1))
+    assert snap_mod.Snapshots(str(tmp_path), every=500).due(_State(500, 10**6, 1))

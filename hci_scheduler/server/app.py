@@ -230,11 +230,12 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     if not secured and not is_loopback(host) and not opts.allow_insecure_remote:
         raise ValueError(
             f"refusing to listen on {address} without TLS or tokens; use a loopback address, "
-            "configure credentials, or allow_insecure_remote")
+            "configure credentials, or allow_insecure_remote (--allow-insecure-remote)")
     if tokens is not None and opts.tls is None and not is_loopback(host) and not opts.allow_insecure_remote:
         raise ValueError(
             f"refusing to listen on {address} with bearer tokens but without TLS: the tokens would cross "
-            "the network in clear text; use a loopback address, configure TLS, or allow_insecure_remote")
+            "the network in clear text; use a loopback address, configure TLS, or allow_insecure_remote "
+            "(--allow-insecure-remote)")
     if opts.metrics_address:
         check_metrics_address(opts.metrics_address, opts)
 
@@ -350,7 +351,7 @@ def check_metrics_address(address: str, opts: ServerOptions) -> None:
     if not opts.allow_insecure_remote:
         raise ValueError(
             f"refusing to serve metrics on {address} without TLS: the endpoint has no authentication; "
-            "use a loopback address, configure TLS, or allow_insecure_remote")
+            "use a loopback address, configure TLS, or allow_insecure_remote (--allow-insecure-remote)")
     log.warning("metrics served without TLS on a non-loopback address because allow_insecure_remote is set",
                 extra={"fields": {"address": address}})
 

@@ -19,8 +19,8 @@ import numpy as np
 
 import sched_core
 
-from .errors import NotFound, ValidationError
-from .model import Host, LabelExpr, Taint, Workload
+from .errors import ValidationError
+from .model import Host, Taint, Workload
 
 #: Penalty per untolerated PreferNoSchedule taint, on the 0..100 cost scale
 #: (half a host's normalised capacity: avoided unless it saves a lot).

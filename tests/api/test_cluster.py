@@ -1,5 +1,4 @@
 """The Cluster API: the contract, errors that change nothing, and state bookkeeping."""
-import copy
 
 import numpy as np
 import pytest

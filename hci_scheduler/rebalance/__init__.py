@@ -1,0 +1,10 @@
+"""Global rebalancing: ordered, feasible move plans (consolidate, drain, defragment, balance).
+
+`problem.Problem` is what the engine sees (arrays); `plan.Plan` what a caller gets back.
+`Cluster.rebalance` compiles a live cluster into a Problem, searches, orders the moves into
+steps and returns a Plan; `Cluster.apply` commits it.
+"""
+from .plan import Move, Plan
+from .problem import Problem
+
+__all__ = ["Move", "Plan", "Problem"]

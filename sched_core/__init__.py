@@ -5,7 +5,7 @@ validates dtype, shape and contiguity once). The reason codes (REASON_*,
 MAX_TERMS) and strategy codes (BINPACK, SPREAD, BALANCED, DOT) are plain ints
 with the values of the C enums declared in _filter.pxd and _score.pxd.
 """
-from ._constraint import ConstraintState, Terms
+from ._constraint import ConstraintState, Terms, static_hosts
 from ._filter import filter_hosts
 from ._index import FitIndex
 from ._place import (
@@ -23,4 +23,5 @@ __all__ = [
     "REASON_TAINT", "REASON_TENANT", "REASON_VOLUME", "ConstraintState", "FitIndex", "HostState", "Terms",
     "check_host", "commit_host", "commit_rows", "filter_constrained", "filter_hosts", "penalties", "place_one",
     "place_rows", "place_rows_constrained", "place_single", "release_constrained", "release_rows", "select_host",
+    "static_hosts",
 ]

@@ -475,3 +475,15 @@ cdef void count_in(ConstraintState cs, Terms t, intp_t h, int delta) noexcept no
             cs.host_tenant[h] = -2
         if t.dedicated:
             cs.ded_tenant[h] = t.tenant
+
+
+def static_hosts(ConstraintState cs, Terms t, uint8_t[::1] out):
+    """Which rows pass t's static filters (selector, kvm, taints, volume locality): the hosts a
+    workload may ever run on whatever else is placed. out (n_rows,) receives 1 or 0; the caller
+    masks rows without a live host. Used by the rebalancer, which decides the rest itself."""
+    cdef intp_t h, n = out.shape[0]
+    if n > cs.labels.shape[0]:
+        raise ValueError("static_hosts: out has more rows than the constraint state")
+    with nogil:
+        for h in range(n):
+            out[h] = static_ok(cs, t, h)

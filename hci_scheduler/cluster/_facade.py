@@ -607,6 +607,50 @@ class Cluster:
             plain = mounted_only(workload)
             return explain_request(self._hosts, plain, request, self._compiler.terms(plain))
 
+    # ------------------------------------------------------------------ rebalancing
+
+    def rebalance(self, goal: str = "consolidate", *, hosts: Sequence[str] | None = None,
+                  workload: Workload | None = None, targets: Mapping[str, float] | None = None,
+                  max_moves: int | None = None, time_limit_s: float = 30.0, seed: int = 0,
+                  cost=None, progress=None):
+        """A move plan for a goal; changes nothing (commit it with `apply`).
+
+        Parameters
+        ----------
+        goal : "consolidate" | "drain" | "defragment" | "balance"
+            consolidate frees hosts (dear pools first); drain empties `hosts` (destinations
+            chosen up front, or `RebalanceInfeasible` naming what fits nowhere); defragment
+            makes room for `workload` on one host (``plan.search["room_on"]``); balance moves
+            load off hosts above `targets` (dimension -> utilisation of the limit).
+        max_moves : int, optional
+            most workloads the plan may move.
+        time_limit_s, seed : the search's budget and seed (same seed, same plan on an idle machine).
+        cost : rebalance.CostModel, optional
+            move, host, zone and group costs shared by all goals.
+        progress : callable(fraction, best_objective), optional
+
+        Returns
+        -------
+        rebalance.Plan
+            ordered steps of moves, each step feasible with its moving workloads counted on
+            both hosts; named cost terms before and after; hosts freed and a lower bound.
+
+        Raises
+        ------
+        ValidationError, NotFound, RebalanceInfeasible
+        """
+        from ..rebalance.goals import rebalance
+        return rebalance(self, goal, hosts=hosts, workload=workload, targets=targets, max_moves=max_moves,
+                         time_limit_s=time_limit_s, seed=seed, cost=cost, progress=progress)
+
+    def plan_capacity(self, workloads: Iterable[Workload], host_types):
+        """The cheapest new hosts from `host_types` (rebalance.HostType: capacity, labels,
+        taints, price) on which `workloads` fit together with what runs now; changes nothing.
+        Returns a rebalance.CapacityPlan (count per type, cost, where each workload would go,
+        and the covering lower bound on the cost)."""
+        from ..rebalance.capacity import plan_capacity
+        return plan_capacity(self, workloads, host_types)
+
     # ------------------------------------------------------------------ array fast path
 
     def place_array(self, requests, strategy: str = "binpack", order: str = "arrival",

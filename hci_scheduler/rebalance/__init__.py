@@ -4,7 +4,9 @@
 `Cluster.rebalance` compiles a live cluster into a Problem, searches, orders the moves into
 steps and returns a Plan; `Cluster.apply` commits it.
 """
+from .capacity import CapacityPlan, HostType
+from .compile import CostModel
 from .plan import Move, Plan
 from .problem import Problem
 
-__all__ = ["Move", "Plan", "Problem"]
+__all__ = ["CapacityPlan", "CostModel", "HostType", "Move", "Plan", "Problem"]

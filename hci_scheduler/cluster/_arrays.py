@@ -35,6 +35,7 @@ class ArrayRows:
               improve_s: float) -> np.ndarray:
         """Place checked requests in `order`; returns the host row per request (-1: no fit)."""
         table = self._hosts
+        table.version += 1
         hosts = np.full(len(req), -1, dtype=np.int64)
         numa = np.full(len(req), -1, dtype=np.int64)
         if terms is None:
@@ -102,6 +103,7 @@ class ArrayRows:
             unplaced = self.host[idx] < 0
             if unplaced.any():
                 raise NotFound(f"array row {int(idx[unplaced][0])} is not placed (never fit, or released)")
+        table.version += 1
         tid = self.terms_id[idx]
         plain = idx[tid < 0]
         sched_core.release_rows(table.state, self.charge[: self.n], self.host[: self.n], plain)

@@ -83,6 +83,7 @@ class Cluster:
         self._services = Services(self._hosts, self._ledger, self._compiler)
         self._arrays = ArrayRows(self._hosts)
         self._batch = BatchPlacer(self._hosts, self._ledger, self._compiler, self._place_checked)
+        self._applying: tuple | None = None   # (plan, step, version after it) of the last apply_step
 
     # The core's state and the constraint index, for tests and benchmarks that check the
     # core directly (the host table replaces the state when it grows).
@@ -462,6 +463,7 @@ class Cluster:
             bulk_spec = [not terms.groups and terms.tenant < 0 and not t.numa
                          for t, (_, terms) in zip(templates, compiled)]
             bulk = np.array(bulk_spec, dtype=bool)[which]
+            table.version += 1
             sched_core.commit_rows(table.state, charge, np.where(bulk, rows, -1))
             per_row = np.bincount(rows, minlength=table.n_rows)
             counts = ledger.counts
@@ -650,6 +652,126 @@ class Cluster:
         and the covering lower bound on the cost)."""
         from ..rebalance.capacity import plan_capacity
         return plan_capacity(self, workloads, host_types)
+
+    # ------------------------------------------------------------------ plan versions and apply
+
+    @property
+    def version(self) -> int:
+        """A counter that grows on every change of hosts, placements and volumes; a plan
+        records the version it was made for (`Plan.base_version`) and `apply` refuses
+        any other."""
+        return self._hosts.version
+
+    def apply(self, plan) -> list[Placement]:
+        """Commit a rebalance plan step by step; all or nothing.
+
+        Each step first places a copy of every moving workload on its target, checked there
+        with every constraint while the workload still counts on its source, then releases
+        the sources. A check that fails undoes every step applied so far.
+
+        Returns
+        -------
+        list of Placement
+            the new placement of every workload the plan moved, in the order of its last move.
+
+        Raises
+        ------
+        StateConflict
+            the cluster changed since the plan was made (``plan.base_version``), the plan
+            could not be ordered (``plan.unordered``), or a move no longer fits (named);
+            nothing changed.
+        ValidationError
+            `plan` is not a rebalance Plan.
+        """
+        with self._lock:
+            self._check_plan_start(plan)
+            done: list[list] = []
+            try:
+                for step in plan.steps:
+                    done.append(self._apply_moves(step))
+            except StateConflict:
+                for olds in reversed(done):
+                    for old in reversed(olds):
+                        self._ledger.move_back(old, self._compiler.current(old.terms, old.workload))
+                raise
+            self._applying = None
+            final = {m.workload_id: m.target for step in plan.steps for m in step}
+            return [Placement(wid, host) for wid, host in final.items()]
+
+    def apply_step(self, plan, index: int) -> list[Placement]:
+        """Commit step `index` of a plan alone, for a caller that makes each step durable
+        before the next (the server logs every move). Step 0 needs the plan's base version;
+        step k needs step k-1 of the same plan to be the cluster's last change. A failed
+        step is undone (StateConflict names the move); the steps before it stay applied.
+        Returns the placements of the step's moves."""
+        with self._lock:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise ValidationError(f"apply_step: index must be an integer, got {index!r}")
+            if index == 0:
+                self._check_plan_start(plan)
+            else:
+                self._check_plan(plan)
+                if not 0 < index < len(plan.steps):
+                    raise ValidationError(f"apply_step: plan has {len(plan.steps)} steps, no step {index}")
+                if self._applying != (id(plan), index - 1, self.version):
+                    raise StateConflict(f"apply_step: step {index} of plan {plan.id or '(no id)'} must follow its "
+                                        f"step {index - 1} with no other change of the cluster in between")
+            if plan.steps:
+                self._apply_moves(plan.steps[index])
+            self._applying = (id(plan), index, self.version)
+            return [Placement(m.workload_id, m.target) for m in (plan.steps[index] if plan.steps else ())]
+
+    def _check_plan(self, plan) -> None:
+        from ..rebalance.plan import Plan
+
+        if not isinstance(plan, Plan):
+            raise ValidationError(f"apply expects a rebalance Plan, got {type(plan).__name__}")
+        if plan.unordered:
+            raise StateConflict(f"plan {plan.id or '(no id)'} cannot be applied: its moves could not be ordered "
+                                f"({plan.unordered})")
+
+    def _check_plan_start(self, plan) -> None:
+        self._check_plan(plan)
+        if plan.base_version != self.version:
+            raise StateConflict(f"plan {plan.id or '(no id)'} was made for cluster version {plan.base_version}, "
+                                f"the cluster is at version {self.version}: it changed since; plan again")
+
+    def _apply_moves(self, step) -> list:
+        """One step through the ledger: every copy on its target (checked, the workload
+        counted on both hosts), then every source released. Returns the released records
+        (for an undo); on a refusal undoes the copies and raises StateConflict."""
+        ledger, table = self._ledger, self._hosts
+        copies = []
+        try:
+            seen = set()
+            for move in step:
+                wid = move.workload_id
+                rec = ledger.records.get(wid)
+                where = None if rec is None else table.row_hosts[rec.row].id
+                if wid in seen or where != move.source:
+                    raise StateConflict(f"move of {wid} from {move.source} to {move.target}: the workload "
+                                        + ("moves twice in one step" if wid in seen else
+                                           "is not placed" if rec is None else f"runs on {where}"))
+                seen.add(wid)
+                if creates_volumes(rec.workload):
+                    raise StateConflict(f"move of {wid}: a workload that created volumes does not move "
+                                        "(its volumes' replicas stay where they are)")
+                row = table.host_rows.get(move.target)
+                if row is None:
+                    raise StateConflict(f"move of {wid} from {move.source} to {move.target}: no host {move.target!r}")
+                request = self._compiler.request(rec.workload)
+                terms = self._compiler.current(rec.terms, rec.workload)
+                code, copy = ledger.move_in(wid, request, terms, row)
+                if code != 0:
+                    why = explain_request(table, rec.workload, request, terms, only_row=row)
+                    raise StateConflict(f"move of {wid} from {move.source} to {move.target} does not fit with the "
+                                        f"workload counted on both hosts: {why}")
+                copies.append(copy)
+        except StateConflict:
+            for copy in reversed(copies):
+                ledger.move_abort(copy)
+            raise
+        return [ledger.move_out(copy) for copy in copies]
 
     # ------------------------------------------------------------------ array fast path
 

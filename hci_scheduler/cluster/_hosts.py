@@ -83,6 +83,7 @@ class HostTable:
         self.bound_total = [0] * n_dims
         self.cons = ConstraintIndex(dimensions)
         self.cons.rebuild(self.row_hosts, _INITIAL_ROWS, self.ratio_milli)
+        self.version = 0                     # Cluster.version: +1 on every change of hosts or placements
 
     def _inv_ref(self, ref: np.ndarray) -> np.ndarray:
         return np.divide(self._weights, ref, out=np.zeros(len(ref)), where=ref > 0)
@@ -181,6 +182,7 @@ class HostTable:
 
     def add(self, hosts: list[Host], compiled: list) -> list[int]:
         """Give checked hosts rows (spare rows first, lowest first); returns the rows."""
+        self.version += 1
         rows = []
         spare = list(self.spare_rows)
         next_row = self.n_rows
@@ -214,6 +216,7 @@ class HostTable:
 
     def remove(self, row: int) -> None:
         """Free an empty row (the ledger has released everything on it)."""
+        self.version += 1
         host_id = self.row_hosts[row].id
         bound = np.maximum(self.capacity[row], self.state.limit_array[row]).tolist()
         self.bound_total = [t - b for t, b in zip(self.bound_total, bound)]
@@ -242,6 +245,7 @@ class HostTable:
                 raise ValidationError(f"host state must be one of {HOST_STATES}, got {state!r}")
             changes["state"] = state
         updated = replace(old, **changes)  # validates
+        self.version += 1
         self.row_hosts[row] = updated
         if updated.labels != old.labels or updated.taints != old.taints:
             self.cons.rebuild(self.row_hosts, self.state.n_rows, self.ratio_milli)

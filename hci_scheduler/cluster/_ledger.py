@@ -73,6 +73,7 @@ class Ledger:
         charge = np.empty(self._n_dims, dtype=np.int64)
         row, numa = sched_core.place_single(self._hosts.state, cons.state, terms.core, request, code, charge)
         if row >= 0:
+            self._hosts.version += 1
             cons.record(terms, (row,), +1)
             self.counts[row] += 1
             self.records[workload.id] = Record(workload, row, charge, numa, terms)
@@ -84,6 +85,7 @@ class Ledger:
         of the core; adds each placed one to `placements` (id -> host id) and `placed_ids`.
         Returns the indices in `run` that did not fit."""
         hosts = self._hosts
+        hosts.version += 1
         order = np.asarray(run, dtype=np.intp)
         n = len(workloads)
         host_out = np.full(n, -1, dtype=np.int64)
@@ -135,20 +137,63 @@ class Ledger:
         self._commit_host(replace(rec, terms=terms), None)
 
     def _commit_host(self, rec: Record, service: str | None) -> None:
-        hosts = self._hosts
-        rec.numa = int(sched_core.commit_host(hosts.state, hosts.cons.state, rec.terms.core, rec.row, rec.charge))
-        hosts.cons.record(rec.terms, (rec.row,), +1)
-        self.counts[rec.row] += 1
+        self._charge(rec)
         if service is None:
             self.records[rec.workload.id] = rec
         else:
             self.replicas.setdefault(service, {})[rec.row] = rec
+
+    def _charge(self, rec: Record) -> None:
+        """Charge a checked record to its host in the core, the counters and the counts."""
+        hosts = self._hosts
+        hosts.version += 1
+        rec.numa = int(sched_core.commit_host(hosts.state, hosts.cons.state, rec.terms.core, rec.row, rec.charge))
+        hosts.cons.record(rec.terms, (rec.row,), +1)
+        self.counts[rec.row] += 1
+
+    # ------------------------------------------------------------------ moves
+
+    def move_in(self, workload_id: str, request: np.ndarray, terms: CompiledTerms,
+                row: int) -> tuple[int, Record | None]:
+        """First half of a move: check `row` for a copy of a placed workload with every
+        constraint (the workload still counts where it is, so it is counted on both hosts)
+        and charge the copy there under `terms` (the workload's, compiled for the current
+        host layout). Returns (reason code, the copy's record): code 0 and the
+        copy, which `move_out` or `move_abort` must follow; else (code, None), nothing changed."""
+        rec = self.records[workload_id]
+        hosts = self._hosts
+        charge = np.zeros(self._n_dims, dtype=np.int64)
+        code = sched_core.check_host(hosts.state, hosts.cons.state, terms.core, request, row, charge, True, True)
+        if code != 0:
+            return code, None
+        copy = Record(rec.workload, row, charge, -1, terms)
+        self._charge(copy)
+        return 0, copy
+
+    def move_out(self, copy: Record) -> Record:
+        """Second half of a move: release the workload where it was and record the copy;
+        returns the released record (`move_back` undoes the move with it)."""
+        old = self.records[copy.workload.id]
+        self._uncommit(old)
+        self.records[copy.workload.id] = copy
+        return old
+
+    def move_abort(self, copy: Record) -> None:
+        """Release a copy charged by `move_in` whose move will not happen."""
+        self._uncommit(copy)
+
+    def move_back(self, old: Record, terms: CompiledTerms) -> None:
+        """Undo a finished move: release the workload where it went and put `old` back
+        as it was (it held there before the move), under `terms` for the current layout."""
+        self._uncommit(self.records[old.workload.id])
+        self._commit_host(replace(old, terms=terms), None)
 
     def give_to_volumes(self, workload_id: str, workload: Workload, extra: np.ndarray) -> Record:
         """A workload placed with room for replicas of the volumes it creates: hand `extra`
         (their SSD on its host) over to the volumes, which charge it through
         `commit_volume`, and record the workload under its full spec."""
         rec = self.records.pop(workload_id)
+        self._hosts.version += 1
         self._hosts.state.adjust_row(rec.row, -extra)
         rec = replace(rec, workload=workload, charge=rec.charge - extra)
         self.records[workload.id] = rec
@@ -156,12 +201,14 @@ class Ledger:
 
     def commit_volume(self, rows: list[int], charge: np.ndarray) -> None:
         """Charge one volume replica per row (SSD only; no workload record or count)."""
+        self._hosts.version += 1
         state = self._hosts.state
         for r in rows:
             state.commit_row(r, charge)
         self._cons.count_volume_replicas(rows, +1)
 
     def release_volume(self, rows: list[int], charge: np.ndarray) -> None:
+        self._hosts.version += 1
         state = self._hosts.state
         for r in rows:
             state.release_row(r, charge)
@@ -185,6 +232,7 @@ class Ledger:
 
     def _uncommit(self, rec: Record) -> None:
         hosts = self._hosts
+        hosts.version += 1
         sched_core.release_constrained(hosts.state, hosts.cons.state, rec.terms.core, rec.row, rec.charge, rec.numa)
         hosts.cons.record(rec.terms, (rec.row,), -1)
         self.counts[rec.row] -= 1

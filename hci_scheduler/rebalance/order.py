@@ -24,6 +24,7 @@ stops and `unordered` says which moves are stuck and why.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -282,19 +283,17 @@ class _Ordering:
                 reasons[move[0]] = "spread"
                 retry.add(move[0])
             if not step:
-                bounce = self._bounce(pending, waiting, wanted, bounced)
-                if bounce is None:
+                step = self._bounces(pending, waiting, bounced, during)
+                if not step:
                     result.unordered = ("no pending move can start and no host has room to take one of them "
                                         f"aside: {self._stuck(pending, reasons)}")
                     return result
-                w, src, tmp = bounce
-                self._start(w, src, tmp, during)
-                step.append(bounce)
-                bounced[w] += 1
-                result.bounces += 1
-                for ws in waiting.values():
-                    ws.discard(w)
-                ready.add(w)
+                result.bounces += len(step)
+                for w, _, _ in step:
+                    bounced[w] += 1
+                    for ws in waiting.values():
+                        ws.discard(w)
+                    ready.add(w)
             self.usage = during                                # the arrivals, and now the departures:
             for w, src, dst in step:
                 self._finish(w, src, dst)
@@ -305,25 +304,53 @@ class _Ordering:
             result.steps.append(step)
         return result
 
-    def _bounce(self, pending: set[int], waiting, wanted: np.ndarray, bounced) -> tuple[int, int, int] | None:
-        """A workload of the cycle whose departure frees room others wait for, and a host
-        with room for it (the one with the most room left), or None."""
+    def _bounces(self, pending: set[int], waiting, bounced, during: np.ndarray) -> list[tuple[int, int, int]]:
+        """Break the cycles: in each group of hosts the stuck moves connect, workloads whose
+        departure frees room others wait for go to the host with the most room left for
+        them, so independent cycles unblock in the same step. A group of k stuck moves gets
+        up to ceil(sqrt(k)) bounces: a long cycle unwinds one host per step from each
+        bounce, so sqrt(k) extra moves cut its steps from about k to about 2 sqrt(k).
+        Returns the bounces (charged in `during`), none when no host has room for any."""
         p = self.p
-        order = sorted(pending, key=lambda w: (-len(waiting.get(int(self.host[w]), ())), int(p.move_cost[w]), w))
+        parent: dict[int, int] = {}
+
+        def find(h: int) -> int:
+            while parent.setdefault(h, h) != h:
+                parent[h] = parent[parent[h]]
+                h = parent[h]
+            return h
+
+        for w in pending:
+            parent[find(int(self.host[w]))] = find(int(self.final[w]))
+        stuck_in: dict[int, int] = defaultdict(int)
+        for w in pending:
+            stuck_in[find(int(self.host[w]))] += 1
+        budget = {g: math.isqrt(k - 1) + 1 for g, k in stuck_in.items()}      # ceil(sqrt(k))
+        used_from: set[int] = set()
+        # Ties broken by a fixed scramble of the index, not the lowest first: neighbouring
+        # workloads sit on neighbouring hosts of a cycle, and bounces far apart unwind it faster.
+        order = sorted(pending, key=lambda w: (-len(waiting.get(int(self.host[w]), ())), int(p.move_cost[w]),
+                                               (w * 2654435761) % 2**32, w))
         scale = np.maximum(self.cap.max(axis=0), 1)
         everywhere = np.arange(p.n_hosts)
+        out = []
         for w in order:
             src = int(self.host[w])
-            if bounced[w] >= MAX_BOUNCES_PER_WORKLOAD or not waiting.get(src):
+            group = find(src)
+            if (budget[group] == 0 or src in used_from or bounced[w] >= MAX_BOUNCES_PER_WORKLOAD
+                    or not waiting.get(src)):
                 continue
-            charge = p.charge(np.full(p.n_hosts, w), everywhere)
-            room = self.cap - self.usage - charge
+            room = self.cap - during - p.charge(np.full(p.n_hosts, w), everywhere)
             ok = (room >= 0).all(axis=1) & p.open & p.allowed[p.allowed_class[w]]
             ok[[src, int(self.final[w])]] = False
             for h in sorted(np.flatnonzero(ok).tolist(), key=lambda h: (-float((room[h] / scale).min()), h)):
-                if not self._check(w, src, h, self.usage):
-                    return w, src, h
-        return None
+                if not self._check(w, src, h, during):
+                    self._start(w, src, h, during)
+                    out.append((w, src, h))
+                    budget[group] -= 1
+                    used_from.add(src)
+                    break
+        return out
 
     def _stuck(self, pending: set[int], reasons: dict[int, str], most: int = 10) -> str:
         rows = sorted(pending)

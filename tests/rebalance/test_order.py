@@ -97,6 +97,22 @@ def test_swap_of_two_full_hosts_bounces_through_the_spare_host():
     assert replay(p, [0, 1], [1, 0], result.steps) == []
 
 
+def test_a_long_cycle_unwinds_from_several_bounces():
+    """40 full hosts each pass 2 workloads to the next (a ring), 2 spare hosts: one bounce
+    would unwind it one host per step; ceil(sqrt(80)) = 9 bounces far apart cut the steps."""
+    m, per = 40, 4
+    p = Problem(capacity=[[4]] * (m + 2), request=[[1]] * (m * per), initial=np.arange(m * per) // per)
+    initial = p.initial.copy()
+    final = initial.copy()
+    for h in range(m):
+        final[h * per: h * per + 2] = (h + 1) % m
+    result = order_moves(p, initial, final)
+    assert result.unordered == ""
+    assert replay(p, initial, final, result.steps) == []
+    assert 1 <= result.bounces <= 9
+    assert len(result.steps) < 40
+
+
 def test_swap_without_a_spare_host_says_why():
     p = Problem(capacity=[[10]] * 2, request=[[8], [8]], initial=[0, 1],
                 workload_ids=["a", "b"], host_ids=["h0", "h1"])

@@ -96,11 +96,11 @@ def replay_plan(source: "Snapshot | Callable | object", plan: Plan) -> list[str]
             out.append(f"initial state: host {hid}: the cluster reports less usage than its workloads, replicas "
                        f"and volumes are charged by the core's rule ({extra})")
     checker = _Checker(snap)
-    baseline = checker.violations(dict((w, (h,)) for w, h in snap.where.items()), arrivals={})
     where = dict(snap.where)
+    baseline = checker.violations(_Present(where, {}), set(snap.hosts), set(where), set(checker.group_members))
     for k, step in enumerate(plan.steps):
-        present = {w: (h,) for w, h in where.items()}
         arrivals: dict[str, str] = {}
+        sources: dict[str, str] = {}
         for move in step:
             w = move.workload_id
             label = f"step {k}: workload {w} from {move.source} to {move.target}"
@@ -120,16 +120,37 @@ def replay_plan(source: "Snapshot | Callable | object", plan: Plan) -> list[str]
                 out.append(f"{label}: not a host to move to")
                 continue
             out += [f"{label}: {why}" for why in checker.arrival(snap.workloads[w], move.target)]
-            present[w] = (move.source, move.target)
             arrivals[w] = move.target
-        for key, text in checker.violations(present, arrivals).items():
+            sources[w] = move.source
+        # Only what the step can change is checked again: the hosts it touches, the movers
+        # and the workloads whose rules point at a mover's group, the movers' groups.
+        hosts = set(arrivals.values()) | set(sources.values())
+        groups = {snap.workloads[w].group for w in arrivals} - {None}
+        wids = set(arrivals).union(*(checker.rules_to.get(g, ()) for g in groups))
+        for key, text in checker.violations(_Present(where, arrivals), hosts, wids, groups, arrivals).items():
             if key not in baseline:
                 out.append(f"step {k} (while it runs): {text}")
         where.update(arrivals)
-        for key, text in checker.violations({w: (h,) for w, h in where.items()}, arrivals).items():
+        checker.moved(arrivals, sources)
+        for key, text in checker.violations(_Present(where, {}), hosts, wids, groups, arrivals).items():
             if key not in baseline:
                 out.append(f"step {k} (after it): {text}")
     return out
+
+
+class _Present:
+    """Where each workload counts: its host, and its target too while its step runs."""
+
+    def __init__(self, where: dict[str, str], arrivals: dict[str, str]):
+        self.where = where
+        self.arrivals = arrivals
+
+    def hosts(self, wid: str) -> tuple[str, ...]:
+        h = self.where.get(wid)
+        if h is None:
+            return ()
+        t = self.arrivals.get(wid)
+        return (h,) if t is None else (h, t)
 
 
 # ---------------------------------------------------------------------- the rules
@@ -186,9 +207,26 @@ class _Checker:
         self.volume_hosts = {vid: set(hs) for vid, (_, hs) in snap.volumes.items()}
         self.initial_skew: dict[tuple[str, str], int] = {}   # set by the first state checked
         self.group_members: dict[str, set[str]] = defaultdict(set)
+        self.rules_to: dict[str, set[str]] = defaultdict(set)  # group -> workloads with a hard rule to it
+        self.spread_rules: dict[str, set[tuple[str, int]]] = defaultdict(set)
         for wid, w in snap.workloads.items():
             if w.group is not None:
                 self.group_members[w.group].add(wid)
+                self.spread_rules[w.group].update((r.topology, r.max_skew) for r in w.spread if r.hard)
+            for a in (*w.affinity, *w.anti_affinity):
+                if a.hard:
+                    self.rules_to[a.group].add(wid)
+        self.domains = {key: {self._domain(h, key) for h in snap.hosts} - {None}
+                        for rules in self.spread_rules.values() for key, _ in rules}
+        # Load that never moves per host: per-host replicas, volume replicas, unnamed load.
+        fixed = _named_usage(snap, {})
+        self.static_use = {h: [a + b for a, b in zip(fixed[h], snap.unnamed.get(h, [0] * len(self.dims)))]
+                           for h in snap.hosts}
+        self.any_dedicated = any(w.isolation == "dedicated" for w in snap.workloads.values())
+        self.used: dict[str, list[int]] | None = None            # usage per host between steps
+        self.on_host: dict[str, set[str]] = defaultdict(set)    # the workloads on each host, between steps
+        for wid, h in snap.where.items():
+            self.on_host[h].add(wid)
 
     def _domain(self, hid: str, key: str) -> str | None:
         return hid if key == "host" else self.snap.hosts[hid].labels.get(key)
@@ -217,51 +255,55 @@ class _Checker:
                 out.append(f"volume {v} has no replica on the target")
         return out
 
-    def violations(self, present: dict[str, tuple[str, ...]], arrivals: dict[str, str]) -> dict[tuple, str]:
-        """Every broken dynamic rule in a state (workload -> the hosts it counts on), keyed so
-        that the same breach in the initial state is recognised."""
+    def violations(self, present: _Present, hosts: set[str], wids: set[str], groups: set[str],
+                   arrivals: dict[str, str] | None = None) -> dict[tuple, str]:
+        """Broken dynamic rules in a state, on `hosts` (capacity, tenancy), for `wids`
+        (affinity, anti-affinity) and `groups` (spread); keyed so that the same breach in
+        the initial state is recognised."""
         snap, dims = self.snap, self.dims
+        arrivals = arrivals or {}
         out: dict[tuple, str] = {}
         receiving = set(arrivals.values())
-        used = _named_usage(snap, present)
-        for hid in snap.hosts:
-            total = [u + x for u, x in zip(used[hid], snap.unnamed.get(hid, [0] * len(dims)))]
-            for d, (u, lim) in enumerate(zip(total, self.limits[hid])):
+        used = self._usage(present, hosts)
+        for hid in hosts:
+            for d, (u, lim) in enumerate(zip(used[hid], self.limits[hid])):
                 if u > lim:
                     key = ("capacity", hid, d) if hid not in receiving else ("capacity", hid, d, "arrival")
                     out[key] = f"host {hid}: {dims[d]} {u} over its limit {lim}"
-        on_host: dict[str, list[str]] = defaultdict(list)
-        for wid, hosts in present.items():
-            for hid in hosts:
-                on_host[hid].append(wid)
-        for hid, wids in on_host.items():
-            holders = {snap.workloads[w].tenant for w in wids if snap.workloads[w].isolation == "dedicated"}
+        on_host: dict[str, list[str]] = {h: [] for h in hosts}
+        if self.any_dedicated:
+            for h, wid in self._on(present, hosts):
+                on_host[h].append(wid)
+        for hid in hosts:
+            wl = on_host[hid]
+            holders = {snap.workloads[w].tenant for w in wl if snap.workloads[w].isolation == "dedicated"}
             if not holders:
                 continue
-            tenants = {snap.workloads[w].tenant for w in wids}
+            tenants = {snap.workloads[w].tenant for w in wl}
             unnamed = any(x > 0 for x in snap.unnamed.get(hid, ()))
             if len(tenants) > 1 or unnamed:
-                movers = sorted(w for w in wids if arrivals.get(w) == hid)
+                movers = sorted(w for w in wl if arrivals.get(w) == hid)
                 key = ("tenant", hid) if not movers else ("tenant", hid, tuple(movers))
                 out[key] = (f"host {hid}: dedicated tenant {', '.join(sorted(holders))} shares it with tenants "
                             f"{sorted(map(str, tenants - holders))}" + (" and unnamed load" if unnamed else "")
                             + (f" (workload {', '.join(movers)} arriving)" if movers else ""))
-        # Group counts per topology domain, every workload counted on each host it is on.
-        counts: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        counts: dict[tuple[str, str], dict[str, set[str]]] = {}
 
         def members(group: str, key: str) -> dict[str, set[str]]:
-            if (group, key) not in counts:
-                table = counts[(group, key)]
+            """Workloads of `group` per domain of `key`, each counted on every host it is on."""
+            table = counts.get((group, key))
+            if table is None:
+                table = counts[(group, key)] = defaultdict(set)
                 for m in self.group_members.get(group, ()):
-                    for hid in present.get(m, ()):
+                    for hid in present.hosts(m):
                         dom = self._domain(hid, key)
                         if dom is not None:
                             table[dom].add(m)
-            return counts[(group, key)]
+            return table
 
-        for wid, hosts in present.items():
+        for wid in wids:
             w = snap.workloads[wid]
-            for hid in hosts:
+            for hid in present.hosts(wid):
                 for a in w.affinity:
                     if not a.hard:
                         continue
@@ -281,12 +323,10 @@ class _Checker:
                         out[("anti_affinity", wid, hid, a.group, a.topology)] = (
                             f"workload {wid} on host {hid}: hard anti-affinity to group {a.group} by {a.topology}: "
                             f"shares its domain with {', '.join(sorted(others))}")
-        for group, wids in self.group_members.items():
-            rules = {(s.topology, s.max_skew) for w in wids for s in snap.workloads[w].spread if s.hard}
-            for key, max_skew in rules:
-                domains = {self._domain(h, key) for h in snap.hosts} - {None}
+        for group in groups:
+            for key, max_skew in self.spread_rules.get(group, ()):
                 table = members(group, key)
-                sizes = [sum(len(present[m]) for m in table.get(dom, ())) for dom in domains]
+                sizes = [sum(len(present.hosts(m)) for m in table.get(dom, ())) for dom in self.domains[key]]
                 if sizes:
                     skew = max(sizes) - min(sizes)
                     allowed = self.initial_skew.setdefault((group, key), max(skew, max_skew))
@@ -295,3 +335,35 @@ class _Checker:
                             f"group {group}: spread by {key} has skew {skew} above {max_skew}"
                             + (f" (and above {allowed} before the plan)" if allowed > max_skew else ""))
         return out
+
+    def _on(self, present: _Present, hosts: set[str]):
+        """(host, workload) for every workload counted on one of `hosts`."""
+        for h in hosts:
+            for wid in self.on_host.get(h, ()):
+                yield h, wid
+        for wid, t in present.arrivals.items():
+            if t in hosts:
+                yield t, wid
+
+    def _usage(self, present: _Present, hosts: set[str]) -> dict[str, list[int]]:
+        """Usage of `hosts`: between steps (kept in `used`) plus the copies arriving."""
+        snap, dims = self.snap, self.dims
+        if self.used is None:       # the first state: every host from its workloads
+            self.used = {h: list(self.static_use[h]) for h in snap.hosts}
+            for h, wid in self._on(present, set(snap.hosts)):
+                self.used[h] = [u + c for u, c in zip(self.used[h], _charge(snap.workloads[wid], snap.hosts[h], dims))]
+        out = {h: self.used[h] for h in hosts}
+        for wid, t in present.arrivals.items():
+            out[t] = [u + c for u, c in zip(out[t], _charge(snap.workloads[wid], snap.hosts[t], dims))]
+        return out
+
+    def moved(self, arrivals: dict[str, str], sources: dict[str, str]) -> None:
+        """The step ended: its workloads left their sources."""
+        snap, dims = self.snap, self.dims
+        for wid, t in arrivals.items():
+            s = sources[wid]
+            w = snap.workloads[wid]
+            self.on_host[s].discard(wid)
+            self.on_host[t].add(wid)
+            self.used[s] = [u - c for u, c in zip(self.used[s], _charge(w, snap.hosts[s], dims))]
+            self.used[t] = [u + c for u, c in zip(self.used[t], _charge(w, snap.hosts[t], dims))]

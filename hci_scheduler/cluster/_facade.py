@@ -672,7 +672,8 @@ class Cluster:
         Returns
         -------
         list of Placement
-            the new placement of every workload the plan moved, in the order of its last move.
+            the new placement of every workload the plan moved (its last move's target),
+            in the order of their first moves.
 
         Raises
         ------
@@ -689,36 +690,39 @@ class Cluster:
             try:
                 for step in plan.steps:
                     done.append(self._apply_moves(step))
-            except StateConflict:
+            except BaseException:   # StateConflict, or anything unexpected: the cluster as it was
                 for olds in reversed(done):
                     for old in reversed(olds):
                         self._ledger.move_back(old, self._compiler.current(old.terms, old.workload))
                 raise
             self._applying = None
             final = {m.workload_id: m.target for step in plan.steps for m in step}
-            return [Placement(wid, host) for wid, host in final.items()]
+            return [Placement(wid, host) for wid, host in final.items()]   # in the order of first moves
 
-    def apply_step(self, plan, index: int) -> list[Placement]:
+    def apply_step(self, plan, index: int, *, resume: bool = False) -> list[Placement]:
         """Commit step `index` of a plan alone, for a caller that makes each step durable
         before the next (the server logs every move). Step 0 needs the plan's base version;
-        step k needs step k-1 of the same plan to be the cluster's last change. A failed
-        step is undone (StateConflict names the move); the steps before it stay applied.
-        Returns the placements of the step's moves."""
+        step k needs step k-1 of the same plan to be the cluster's last change, unless
+        `resume` (a server that rebuilt the cluster from its log after a restart, which says
+        steps 0..k-1 are done and nothing else changed since; every move's source is still
+        checked against where its workload runs). A failed step is undone (StateConflict
+        names the move); the steps before it stay applied. Returns the placements of the
+        step's moves."""
         with self._lock:
             if not isinstance(index, int) or isinstance(index, bool):
                 raise ValidationError(f"apply_step: index must be an integer, got {index!r}")
-            if index == 0:
+            if index == 0 and not resume:
                 self._check_plan_start(plan)
             else:
                 self._check_plan(plan)
-                if not 0 < index < len(plan.steps):
+                if not 0 <= index < len(plan.steps):
                     raise ValidationError(f"apply_step: plan has {len(plan.steps)} steps, no step {index}")
-                if self._applying != (id(plan), index - 1, self.version):
+                if not resume and self._applying != (plan.id or id(plan), index - 1, self.version):
                     raise StateConflict(f"apply_step: step {index} of plan {plan.id or '(no id)'} must follow its "
                                         f"step {index - 1} with no other change of the cluster in between")
             if plan.steps:
                 self._apply_moves(plan.steps[index])
-            self._applying = (id(plan), index, self.version)
+            self._applying = (plan.id or id(plan), index, self.version)
             return [Placement(m.workload_id, m.target) for m in (plan.steps[index] if plan.steps else ())]
 
     def _check_plan(self, plan) -> None:
@@ -757,8 +761,10 @@ class Cluster:
                     raise StateConflict(f"move of {wid}: a workload that created volumes does not move "
                                         "(its volumes' replicas stay where they are)")
                 row = table.host_rows.get(move.target)
-                if row is None:
-                    raise StateConflict(f"move of {wid} from {move.source} to {move.target}: no host {move.target!r}")
+                if row is None or move.target == move.source:
+                    raise StateConflict(f"move of {wid} from {move.source} to {move.target}: "
+                                        + ("the target is its source" if row is not None else
+                                           f"no host {move.target!r}"))
                 request = self._compiler.request(rec.workload)
                 terms = self._compiler.current(rec.terms, rec.workload)
                 code, copy = ledger.move_in(wid, request, terms, row)
@@ -767,7 +773,7 @@ class Cluster:
                     raise StateConflict(f"move of {wid} from {move.source} to {move.target} does not fit with the "
                                         f"workload counted on both hosts: {why}")
                 copies.append(copy)
-        except StateConflict:
+        except BaseException:
             for copy in reversed(copies):
                 ledger.move_abort(copy)
             raise

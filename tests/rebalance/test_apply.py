@@ -194,3 +194,53 @@ def test_vm_charge_follows_the_target_hosts_ratio():
     cpu = c.dimensions.index("cpu")
     assert c.usage()[c.host_index("h1")][cpu] == 6002   # ceil(3001 x 2.0)
     assert c.usage()[c.host_index("h0")][cpu] == 0
+
+
+def test_apply_step_resumes_after_a_restart():
+    """A server that rebuilt the cluster from its log continues at step 1 with resume=True;
+    the sources are still checked."""
+    c = cluster(3)
+    c.bind(Workload("a", {"cpu": 6000}), "h0")
+    c.bind(Workload("b", {"cpu": 6000}), "h1")
+    p = plan(c, [("a", "h0", "h2")], [("b", "h1", "h0")], [("a", "h2", "h1")])
+    c.apply_step(p, 0)
+    rebuilt = cluster(3)                            # the log replayed: a on h2 after step 0
+    rebuilt.bind(Workload("a", {"cpu": 6000}), "h2")
+    rebuilt.bind(Workload("b", {"cpu": 6000}), "h1")
+    with pytest.raises(StateConflict):
+        rebuilt.apply_step(p, 1)
+    with pytest.raises(StateConflict, match="does not fit"):
+        rebuilt.apply_step(p, 2, resume=True)       # step 1 is not done: b still fills h1
+    with pytest.raises(StateConflict, match="runs on h2"):
+        rebuilt.apply_step(p, 0, resume=True)       # step 0 is done: a runs on h2
+    rebuilt.apply_step(p, 1, resume=True)
+    rebuilt.apply_step(p, 2)
+    assert rebuilt.assignments() == {"a": "h1", "b": "h0"}
+
+
+def test_a_move_to_its_own_host_is_refused():
+    c = cluster(2)
+    c.bind(Workload("a", {"cpu": 100}), "h0")
+    with pytest.raises(StateConflict, match="target is its source"):
+        c.apply(plan(c, [("a", "h0", "h0")]))
+
+
+def test_an_unexpected_error_midway_undoes_everything(monkeypatch):
+    c = cluster(3)
+    for w, h in (("a", "h0"), ("b", "h1"), ("c", "h2")):
+        c.bind(Workload(w, {"cpu": 1000}), h)
+    before = state(c)
+    real = c._ledger.move_in
+    calls = []
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return real(*args)
+
+    monkeypatch.setattr(c._ledger, "move_in", failing)
+    with pytest.raises(RuntimeError):
+        c.apply(plan(c, [("a", "h0", "h1")], [("b", "h1", "h2"), ("c", "h2", "h0")]))
+    assert state(c) == before
+    np.testing.assert_array_equal(c.usage(), recomputed_usage(c))

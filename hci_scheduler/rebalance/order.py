@@ -219,15 +219,18 @@ class _Ordering:
         s = int(self.p.service[w])
         return s not in self.needs and s not in self.needed_by
 
-    def _settle_spread(self, on_credit: list, during: np.ndarray) -> list:
-        """Take moves taken on credit back out, last first, until every service covers
-        enough locations after the step; returns those taken out."""
+    def _settle_spread(self, step: list, on_credit: list, during: np.ndarray) -> list:
+        """Take moves of the services that joined on credit back out of `step`, last first,
+        until each covers enough locations after the step (with none of them left in the
+        step it is as before the step, which does); returns those taken out."""
         out = []
-        for w, src, dst in reversed(on_credit):
-            s = int(self.p.service[w])
-            if sum(1 for c in self.loc_count[s].values() if c) < self.spread_need[s]:
-                self._undo_start(w, src, dst, during)
-                out.append((w, src, dst))
+        for s in dict.fromkeys(int(self.p.service[w]) for w, _, _ in on_credit):
+            for move in [m for m in reversed(step) if self.p.service[m[0]] == s]:
+                if sum(1 for c in self.loc_count[s].values() if c) >= self.spread_need[s]:
+                    break
+                self._undo_start(*move, during)
+                step.remove(move)
+                out.append(move)
         return out
 
     def _finish(self, w: int, src: int, dst: int) -> None:
@@ -278,8 +281,7 @@ class _Ordering:
                     continue
                 self._start(w, src, dst, during)
                 step.append((w, src, dst))
-            for move in self._settle_spread(on_credit, during):
-                step.remove(move)
+            for move in self._settle_spread(step, on_credit, during):
                 reasons[move[0]] = "spread"
                 retry.add(move[0])
             if not step:

@@ -230,6 +230,8 @@ def instances(draw, with_tenants: bool):
         service=rng.integers(-1, services, size=n) if services else None,
         conflict=rng.random(services) < 0.5 if services else None,
         tenant=tenant, dedicated=[True, False][: int(tenant.max()) + 1] if with_tenants else None,
+        spread_min=rng.integers(0, 3, size=services) if services and with_tenants else None,
+        location=rng.integers(0, 3, size=m + spare) if with_tenants else None,
     )
     initial = random_assignment(rng, problem, spare)
     final = random_assignment(rng, problem, spare)
@@ -252,7 +254,7 @@ def test_random_pairs_order_into_feasible_steps(instance):
 
 @settings(max_examples=100, deadline=None)
 @given(instances(with_tenants=True))
-def test_random_pairs_with_tenants_never_break_a_constraint(instance):
+def test_random_pairs_with_tenants_and_spread_never_break_a_constraint(instance):
     problem, initial, final = instance
     if initial is None or final is None:
         return

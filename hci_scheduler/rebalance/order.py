@@ -19,8 +19,10 @@ The greedy builds one step at a time from the pending moves, those that free roo
 wait for first, then the cheapest. A move refused for room, conflict or tenancy on its target
 waits until something leaves that host. When no pending move can start (a cycle: A must
 leave before B arrives and the reverse), one workload of the cycle bounces through a host
-with room (an extra move now, its own move later); when no host has room, the ordering
-stops and `unordered` says which moves are stuck and why.
+with room (an extra move now, its own move later), as Entropy breaks migration cycles
+through a pivot node (Hermenier et al., "Entropy: a consolidation manager for clusters",
+VEE 2009); when no host has room, the ordering stops and `unordered` says which moves are
+stuck and why.
 """
 from __future__ import annotations
 

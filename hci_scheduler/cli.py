@@ -7,6 +7,9 @@
     hci-scheduler release web-1 ...
     hci-scheduler allocations | explain | watch | status
     hci-scheduler volumes list | delete VOLUME_ID
+    hci-scheduler rebalance --goal consolidate|drain|defragment|balance [--max-moves 200] [--apply]
+    hci-scheduler drain HOST
+    hci-scheduler capacity --types types.yaml --workloads workloads.yaml
     hci-scheduler bench ...        (forwarded to bench.main)
     hci-scheduler demo             (the main job through gRPC)
 
@@ -174,6 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
     page_size(client(vsub.add_parser("list", help="volumes and their replica hosts")))
     client(vsub.add_parser("delete", help="free a volume no workload mounts")).add_argument("volume_id")
 
+    rb = client(sub.add_parser("rebalance", help="plan moves towards a goal; --apply applies them"))
+    rb.add_argument("--goal", choices=["consolidate", "drain", "defragment", "balance"], default="consolidate")
+    rb.add_argument("--hosts", default="", metavar="H1,H2", help="drain: the hosts to empty")
+    rb.add_argument("--target", action="append", metavar="DIM=FRACTION",
+                    help="balance: target utilisation per dimension, repeatable: --target cpu=0.8")
+    rb.add_argument("-r", "--request", action="append", type=_quantity, metavar="DIM=N",
+                    help="defragment: the request of the workload to make room for, repeatable")
+    rb.add_argument("--kind", choices=["container", "vm"], default="container",
+                    help="defragment: the kind of that workload")
+
+    def search(sp):
+        sp.add_argument("--max-moves", type=int, default=0, help="most workloads to move (default 0: no limit)")
+        sp.add_argument("--time-limit", type=float, default=30.0, help="seconds the search may take (default 30)")
+        sp.add_argument("--seed", type=int, default=0, help="the search's seed (default 0)")
+        return sp
+
+    search(rb).add_argument("--apply", action="store_true", help="apply the plan and print the applied steps")
+    dr = search(client(sub.add_parser("drain", help="set a host draining and move its workloads away")))
+    dr.add_argument("host_id")
+    cp = client(sub.add_parser("capacity", help="the cheapest new hosts on which pending workloads fit"))
+    cp.add_argument("--types", required=True, metavar="FILE", help="YAML or JSON list of host types "
+                    "(or {host_types: [...]}): name, capacity, price, labels, taints, reserved, pool, max_count")
+    cp.add_argument("--workloads", required=True, metavar="FILE", help="YAML or JSON list of workloads "
+                    "(or {workloads: [...]}), as place --file reads them")
+
     ck = sub.add_parser("check", help="verify a store offline without changing it (exit 0: sound, 1: not)")
     ck.add_argument("--data-dir", required=True, help="the data directory of the store (as given to serve)")
     b = sub.add_parser("bench", help="run the benchmark suite (arguments go to bench.main)", add_help=False)
@@ -222,6 +250,20 @@ def workload_from_dict(d: dict):
     if "selector" in d and isinstance(d["selector"], dict):
         d["node_selector"] = d.pop("selector")
     return json_format.ParseDict(d, pb.Workload())
+
+
+def host_type_from_dict(d: dict):
+    """A pb.HostType from a friendly dict: {name, capacity, price, labels, taints: ["k=v:NoSchedule"], ...}."""
+    from google.protobuf import json_format
+
+    from .v1 import scheduler_pb2 as pb
+
+    d = dict(d)
+    taints = d.pop("taints", [])
+    t = json_format.ParseDict(d, pb.HostType())
+    for x in taints:
+        t.taints.append(_taint(x) if isinstance(x, str) else json_format.ParseDict(x, pb.Taint()))
+    return t
 
 
 def _taint(text: str):
@@ -335,6 +377,90 @@ def _print_listing(args, response_type, field: str, listing) -> list:
     return items
 
 
+def _searching(time_limit_s: float, call):
+    """`call()` (a request that searches on the server) with a progress bar over the
+    search's time limit on stderr, so stdout keeps only the answer."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(call)
+        with Progress(TextColumn("searching"), BarColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("search", total=time_limit_s)
+            t0 = time.monotonic()
+            while not wait([answer], timeout=0.1).done:
+                bar.update(task, completed=min(time.monotonic() - t0, time_limit_s))
+        return answer.result()
+
+
+def utilisation_in_use(hosts, moves, requests: dict, dims) -> tuple[dict, dict]:
+    """Used / allocatable per dimension over the hosts that run something, before a plan
+    and after it: each moved workload's requests go from
+    its source to its target, and a host runs something after the plan while it keeps a
+    workload (a host used only by volume replicas or array rows stays in use). An
+    estimate where VMs move between hosts of different allocation ratios (a VM's charge
+    is its request times the host's ratio)."""
+    used = {h.id: {d: h.used.get(d, 0) for d in dims} for h in hosts}
+    alloc = {h.id: {d: h.capacity.get(d, 0) - h.reserved.get(d, 0) for d in dims} for h in hosts}
+    count = {h.id: h.workload_count for h in hosts}
+    in_use = {h.id for h in hosts if h.workload_count or any(h.used.values())}
+    by_load_only = {h for h in in_use if not count[h]}
+
+    def ratio(ids, usage):
+        return {d: (sum(usage[h][d] for h in ids) / a if (a := sum(alloc[h][d] for h in ids)) else 0.0) for d in dims}
+
+    before = ratio(in_use, used)
+    for m in moves:
+        req = requests.get(m.workload_id, {})
+        for h, sign in ((m.source_host_id, -1), (m.target_host_id, 1)):
+            if h in used:
+                for d in dims:
+                    used[h][d] += sign * req.get(d, 0)
+                count[h] += sign
+    after_ids = {h for h in used if count[h] > 0} | by_load_only
+    return before, ratio(after_ids, used)
+
+
+def _print_plan(c, plan) -> None:
+    """The moves of a plan and a before/after summary."""
+    from .v1 import scheduler_pb2 as pb
+
+    moves = [m for step in plan.steps for m in step.moves]
+    goal = pb.RebalanceGoal.Name(plan.goal)[len("REBALANCE_GOAL_"):].lower()
+    status = pb.PlanStatus.Name(plan.status)[len("PLAN_STATUS_"):].lower()
+    print(f"plan {plan.id}: {goal}, {status}, {len(moves)} move(s) in {len(plan.steps)} step(s)")
+    _table("moves", ("step", "workload", "source", "target", "cost"),
+           [(k, m.workload_id, m.source_host_id, m.target_host_id, m.cost)
+            for k, step in enumerate(plan.steps) for m in step.moves])
+    dims = list(c.status().dimensions)
+    requests = {}
+    for source in dict.fromkeys(m.source_host_id for m in moves):
+        for p in c.allocations(source, include_workloads=True):
+            requests[p.workload_id] = dict(p.workload.requests)
+    before, after = utilisation_in_use(list(c.hosts()), moves, requests, dims)
+    rows = [("hosts used", plan.hosts_used_before, plan.hosts_used_after)]
+    rows += [(f"{d} utilisation of hosts in use", f"{100 * before[d]:.1f}%", f"{100 * after[d]:.1f}%")
+             for d in dims if before[d] or after[d]]
+    rows.append(("objective", plan.objective_before, plan.objective_after))
+    rows += [(f"  {t}", plan.terms_before.get(t, 0), plan.terms_after.get(t, 0))
+             for t in sorted(set(plan.terms_before) | set(plan.terms_after))]
+    _table("before and after", ("", "before", "after"), rows)
+    bound = plan.lower_bound if plan.HasField("lower_bound") else "unknown"
+    print(f"hosts freed: {plan.hosts_freed}; lower bound: {bound}; migration cost: {plan.cost}")
+    if plan.unordered:
+        print(f"the moves cannot be ordered into feasible steps: {plan.unordered}")
+
+
+def _print_applied(applied) -> None:
+    print(f"applied {applied.steps_applied} step(s) of plan {applied.plan_id}"
+          + (f" (sequence {applied.sequence})" if applied.sequence else ""))
+    _table("applied", ("workload", "host now"), [(p.workload_id, p.host_id) for p in applied.placements])
+
+
 def run_client(args) -> int:
     import contextlib
 
@@ -428,6 +554,48 @@ def run_client(args) -> int:
         else:
             resp = c.delete_volume(args.volume_id)
             _print_json(resp) if args.json else print(f"deleted {args.volume_id}")
+    elif cmd == "rebalance":
+        workload = None
+        if args.goal == "defragment":
+            if not args.request:
+                raise SystemExit("goal defragment needs the workload's request: -r cpu=... -r memory=...")
+            workload = pb.Workload(id="defragment", requests=_quantities(args.request),
+                                   kind=pb.WORKLOAD_KIND_VM if args.kind == "vm" else pb.WORKLOAD_KIND_CONTAINER)
+        targets = {k: float(v) for k, v in _pairs(args.target).items()}
+        hosts = [h for h in args.hosts.split(",") if h]
+        resp = _searching(args.time_limit, lambda: c.rebalance(
+            args.goal, hosts=hosts, workload=workload, targets=targets, max_moves=args.max_moves,
+            time_limit_s=args.time_limit, seed=args.seed))
+        if args.json:
+            _print_json(resp)
+            if args.apply:
+                _print_json(c.apply_plan(resp.plan.id))
+        else:
+            _print_plan(c, resp.plan)  # before applying: the summary's "before" is now
+            if args.apply:
+                _print_applied(c.apply_plan(resp.plan.id))
+    elif cmd == "drain":
+        resp = _searching(args.time_limit, lambda: c.drain(args.host_id, max_moves=args.max_moves,
+                                                            time_limit_s=args.time_limit, seed=args.seed))
+        if args.json:
+            _print_json(resp)
+        else:
+            moves = [m for step in resp.plan.steps for m in step.moves]
+            _table(f"drained {args.host_id}: {len(moves)} move(s) in {len(resp.plan.steps)} step(s)",
+                   ("step", "workload", "source", "target", "cost"),
+                   [(k, m.workload_id, m.source_host_id, m.target_host_id, m.cost)
+                    for k, step in enumerate(resp.plan.steps) for m in step.moves])
+    elif cmd == "capacity":
+        types = [host_type_from_dict(d) for d in _load_file(args.types, "host_types")]
+        workloads = [workload_from_dict(d) for d in _load_file(args.workloads, "workloads")]
+        resp = c.plan_capacity(workloads, types)
+        if args.json:
+            _print_json(resp)
+        else:
+            _table("hosts to add", ("type", "count"), sorted(resp.add.items()))
+            print(f"cost: {resp.cost}; lower bound: {resp.lower_bound}; "
+                  f"fit on the hosts there are: {resp.fits_now} of {len(workloads)}")
+            _table("where each workload would go", ("workload", "host"), sorted(resp.placements.items()))
     elif cmd == "status":
         st = c.status()
         if args.json:
@@ -438,6 +606,8 @@ def run_client(args) -> int:
                     for d in st.dimensions])
             print(f"hosts: {_fmt_map(st.hosts_by_state)}; used: {st.hosts_used}; "
                   f"allocations: {st.allocations}; last sequence: {st.last_sequence}")
+            for p in st.interrupted_plans:
+                print(f"plan {p.plan_id} interrupted after step {p.steps_done} of {p.steps_total}: {p.reason}")
     return 0
 
 

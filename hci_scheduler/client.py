@@ -22,6 +22,11 @@ from .v1 import scheduler_pb2_grpc as pb_grpc
 #: Host states by the names the CLI and configuration files use.
 HOST_STATES = {"ready": pb.HOST_STATE_READY, "cordoned": pb.HOST_STATE_CORDONED,
                "draining": pb.HOST_STATE_DRAINING, "down": pb.HOST_STATE_DOWN}
+#: Rebalance goals by name.
+GOALS = {"consolidate": pb.REBALANCE_GOAL_CONSOLIDATE, "drain": pb.REBALANCE_GOAL_DRAIN,
+         "defragment": pb.REBALANCE_GOAL_DEFRAGMENT, "balance": pb.REBALANCE_GOAL_BALANCE}
+#: Time a plan's search may take on the server when a call gives no limit (its default).
+DEFAULT_SEARCH_S = 30.0
 #: Placement strategies by name.
 STRATEGIES = {"binpack": pb.STRATEGY_BINPACK, "spread": pb.STRATEGY_SPREAD,
               "balanced": pb.STRATEGY_BALANCED, "dot": pb.STRATEGY_DOT}
@@ -122,9 +127,14 @@ class SchedulerClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def call(self, method: str, request):
-        """One unary call by its RPC name, with the deadline and the token."""
-        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+    def call(self, method: str, request, timeout: float | None = None):
+        """One unary call by its RPC name, with the deadline (`timeout`, else the client's)
+        and the token."""
+        return getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
+    def _search_timeout(self, time_limit_s: float) -> float:
+        """A call that searches gets its search's time on top of the client's deadline."""
+        return self.timeout + (time_limit_s or DEFAULT_SEARCH_S)
 
     def _listing(self, method: str, request, field: str) -> Listing:
         def fetch(token: str):
@@ -188,6 +198,34 @@ class SchedulerClient:
 
     def delete_volume(self, volume_id: str) -> pb.DeleteVolumeResponse:
         return self.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id))
+
+    def rebalance(self, goal: str | int = "consolidate", *, hosts: Iterable[str] = (),
+                  workload: pb.Workload | None = None, targets: dict[str, float] | None = None,
+                  max_moves: int = 0, time_limit_s: float = 0.0, seed: int = 0) -> pb.RebalanceResponse:
+        """A move plan for `goal` (a name of GOALS or its number); nothing changes until
+        apply_plan. max_moves 0: no limit; time_limit_s 0: the server's default (30 s)."""
+        goal = GOALS[goal] if isinstance(goal, str) else goal
+        req = pb.RebalanceRequest(goal=goal, host_ids=hosts, targets=targets or {}, max_moves=max_moves,
+                                  time_limit_s=time_limit_s, seed=seed)
+        if workload is not None:
+            req.workload.CopyFrom(workload)
+        return self.call("Rebalance", req, timeout=self._search_timeout(time_limit_s))
+
+    def apply_plan(self, plan_id: str) -> pb.ApplyPlanResponse:
+        """Apply a plan step by step (idempotent: a repeat returns the first outcome)."""
+        return self.call("ApplyPlan", pb.ApplyPlanRequest(plan_id=plan_id))
+
+    def drain(self, host_id: str, *, max_moves: int = 0, time_limit_s: float = 0.0,
+              seed: int = 0) -> pb.DrainResponse:
+        """Set the host draining, plan its workloads' destinations and apply the plan."""
+        req = pb.DrainRequest(host_id=host_id, max_moves=max_moves, time_limit_s=time_limit_s, seed=seed)
+        # The server plans again, up to 3 times in all, when the cluster changes while it plans.
+        return self.call("Drain", req, timeout=self.timeout + 3 * (time_limit_s or DEFAULT_SEARCH_S))
+
+    def plan_capacity(self, workloads: Iterable[pb.Workload],
+                      host_types: Iterable[pb.HostType]) -> pb.PlanCapacityResponse:
+        """The cheapest new hosts on which `workloads` fit beside what runs now."""
+        return self.call("PlanCapacity", pb.PlanCapacityRequest(workloads=workloads, host_types=host_types))
 
     def status(self) -> pb.GetStatusResponse:
         return self.call("GetStatus", pb.GetStatusRequest())

@@ -50,6 +50,9 @@ EVENT_TYPES = {
     pb.EVENT_TYPE_RELEASED: "released",
     pb.EVENT_TYPE_EVICTED: "evicted",
     pb.EVENT_TYPE_VOLUME_DELETED: "volume_deleted",
+    pb.EVENT_TYPE_MOVED: "moved",
+    pb.EVENT_TYPE_PLAN_STARTED: "plan_started",
+    pb.EVENT_TYPE_PLAN_APPLIED: "plan_applied",
 }
 
 
@@ -352,3 +355,91 @@ def top_reason(expl: pb.Explanation) -> str:
     if not expl.filters:
         return "unknown"
     return max(expl.filters, key=lambda f: f.hosts).reason
+
+
+# -- rebalance plans and capacity ----------------------------------------------
+
+GOALS = {
+    pb.REBALANCE_GOAL_CONSOLIDATE: "consolidate",
+    pb.REBALANCE_GOAL_DRAIN: "drain",
+    pb.REBALANCE_GOAL_DEFRAGMENT: "defragment",
+    pb.REBALANCE_GOAL_BALANCE: "balance",
+}
+GOAL_NUMBERS = {v: k for k, v in GOALS.items()}
+PLAN_STATUSES = {"optimal": pb.PLAN_STATUS_OPTIMAL, "feasible": pb.PLAN_STATUS_FEASIBLE,
+                 "unchanged": pb.PLAN_STATUS_UNCHANGED}
+PLAN_STATUS_NAMES = {v: k for k, v in PLAN_STATUSES.items()}
+#: The events of a plan's apply (replayed by server/plans.py).
+PLAN_EVENT_TYPES = frozenset((pb.EVENT_TYPE_MOVED, pb.EVENT_TYPE_PLAN_STARTED, pb.EVENT_TYPE_PLAN_APPLIED))
+
+
+def goal(value: int) -> str:
+    return _enum("goal", GOALS, value)
+
+
+def _search_stats(search: Mapping, out: pb.RebalancePlan, prefix: str = "") -> None:
+    """Numbers into search_stats, text into search_notes; nested mappings flattened as a.b."""
+    for k, v in search.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            _search_stats(v, out, key + ".")
+        elif isinstance(v, (bool, int, float)):
+            out.search_stats[key] = float(v)
+        elif v is not None:
+            out.search_notes[key] = str(v)
+
+
+def plan_to_proto(plan, base_sequence: int = 0) -> pb.RebalancePlan:
+    """The wire form of a rebalance.Plan."""
+    out = pb.RebalancePlan(
+        id=plan.id, goal=GOAL_NUMBERS[plan.goal], cost=int(plan.cost),
+        objective_before=int(plan.objective_before), objective_after=int(plan.objective_after),
+        terms_before={k: int(v) for k, v in plan.terms_before.items()},
+        terms_after={k: int(v) for k, v in plan.terms_after.items()},
+        hosts_used_before=int(plan.hosts_used_before), hosts_used_after=int(plan.hosts_used_after),
+        hosts_freed=int(plan.hosts_freed), status=PLAN_STATUSES.get(plan.status, pb.PLAN_STATUS_FEASIBLE),
+        unordered=plan.unordered, base_sequence=base_sequence)
+    if plan.lower_bound is not None:
+        out.lower_bound = int(plan.lower_bound)
+    for step in plan.steps:
+        out.steps.add().moves.extend(pb.Move(workload_id=m.workload_id, source_host_id=m.source,
+                                             target_host_id=m.target, cost=int(m.cost)) for m in step)
+    _search_stats(plan.search or {}, out)
+    return out
+
+
+def plan_from_proto(p: pb.RebalancePlan):
+    """The rebalance.Plan of a logged plan (PLAN_STARTED): its steps and figures;
+    base_version is the caller's to set."""
+    from ..rebalance.plan import Move, Plan
+
+    return Plan(goal=GOALS.get(p.goal, "consolidate"), id=p.id, cost=p.cost,
+                steps=[[Move(m.workload_id, m.source_host_id, m.target_host_id, m.cost) for m in s.moves]
+                       for s in p.steps],
+                objective_before=p.objective_before, objective_after=p.objective_after,
+                terms_before=dict(p.terms_before), terms_after=dict(p.terms_after),
+                lower_bound=p.lower_bound if p.HasField("lower_bound") else None,
+                hosts_used_before=p.hosts_used_before, hosts_used_after=p.hosts_used_after,
+                hosts_freed=p.hosts_freed, status=PLAN_STATUS_NAMES.get(p.status, "feasible"),
+                unordered=p.unordered)
+
+
+def host_type_to_model(t: pb.HostType):
+    """A rebalance.HostType; HostType itself checks capacity, price and ratios."""
+    from ..rebalance.capacity import HostType
+
+    check_id("host_types name", t.name)
+    where = f"host type {t.name!r}"
+    check_labels(f"{where} labels", t.labels)
+    check_count(f"{where} taints", len(t.taints), MAX_TAINTS)
+    check_name(f"{where} pool", t.pool)
+    return HostType(name=t.name, capacity=dict(t.capacity), price=t.price, labels=dict(t.labels),
+                    taints=tuple(taint_to_model(x, where) for x in t.taints), reserved=dict(t.reserved),
+                    allocation_ratio=dict(t.allocation_ratios), pool=t.pool or "cloud",
+                    max_count=t.max_count if t.HasField("max_count") else None)
+
+
+def capacity_to_proto(plan) -> pb.PlanCapacityResponse:
+    return pb.PlanCapacityResponse(add={k: int(v) for k, v in plan.add.items()}, cost=int(plan.cost),
+                                   placements=dict(plan.placements), lower_bound=int(plan.lower_bound),
+                                   fits_now=int(plan.fits_now))

@@ -34,6 +34,9 @@ MAX_TAINTS = 64
 #: Per workload: node-selector entries plus expressions, values of one expression,
 #: affinities, anti-affinities, spreads, volumes; per host: NUMA nodes.
 MAX_TERMS = 64
+#: A rebalance search's time limit when the request gives none, and the most it may ask for (s).
+DEFAULT_REBALANCE_SECONDS = 30.0
+MAX_REBALANCE_SECONDS = 600.0
 #: Messages nested in a request, unknown groups included (the schema's own go 4 deep).
 MAX_NESTING = 16
 

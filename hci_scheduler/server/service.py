@@ -21,7 +21,9 @@ from ..v1 import scheduler_pb2 as pb
 from ..v1 import scheduler_pb2_grpc as pb_grpc
 from . import convert, limits
 from .convert import PlaceItem
-from .limits import MAX_HOSTS_PER_CALL, MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_WORKLOADS_PER_CALL
+from .limits import (DEFAULT_REBALANCE_SECONDS, MAX_HOSTS_PER_CALL, MAX_ID_LENGTH, MAX_NAME_LENGTH,
+                     MAX_REBALANCE_SECONDS, MAX_WORKLOADS_PER_CALL)
+from .plans import StalePlan
 from .state import SchedulerState, place_response
 from .writer import DeadlineExpired, StoreFailed
 from .wire import PlainDecoder
@@ -143,6 +145,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
                                    MAX_NAME_LENGTH)
         self.watch_poll_s = watch_poll_s
         self.stopping = False
+        state.plans.recovered(state)  # logs "plan <id> interrupted after step k of n" for each one
 
     # -- helpers -------------------------------------------------------------
 
@@ -310,7 +313,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
 
     @_rpc
     def GetStatus(self, request, context):
-        return self.state.status()
+        out = self.state.status()
+        out.interrupted_plans.extend(self.state.plans.progress(self.state))
+        return out
 
     @_rpc
     def ListVolumes(self, request, context):
@@ -320,6 +325,93 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     def DeleteVolume(self, request, context):
         _check_id("volume_id", request.volume_id)
         return pb.DeleteVolumeResponse(sequence=self._execute("delete_volume", (request.volume_id,), context))
+
+    # -- rebalance -------------------------------------------------------------
+
+    @staticmethod
+    def _search_options(max_moves: int, time_limit_s: float, seed: int) -> dict:
+        if max_moves < 0:
+            raise ValidationError(f"max_moves must be >= 0 (0: no limit), got {max_moves}")
+        if not 0 <= time_limit_s <= MAX_REBALANCE_SECONDS:  # NaN fails too
+            raise ValidationError(f"time_limit_s must be in [0, {MAX_REBALANCE_SECONDS:g}] "
+                                  f"(0: {DEFAULT_REBALANCE_SECONDS:g}), got {time_limit_s}")
+        return {"max_moves": max_moves or None, "time_limit_s": time_limit_s or DEFAULT_REBALANCE_SECONDS,
+                "seed": seed}
+
+    @_rpc
+    def Rebalance(self, request, context):
+        goal = convert.goal(request.goal)
+        options = self._search_options(request.max_moves, request.time_limit_s, request.seed)
+        # A field another goal uses is refused rather than ignored.
+        for field, present, owner in (("host_ids", bool(request.host_ids), "drain"),
+                                      ("workload", request.HasField("workload"), "defragment"),
+                                      ("targets", bool(request.targets), "balance")):
+            if present and goal != owner:
+                raise ValidationError(f"{field} is for goal {owner}, not {goal}")
+        limits.check_count("host_ids", len(request.host_ids), MAX_HOSTS_PER_CALL)
+        for h in request.host_ids:
+            _check_id("host_ids", h)
+        workload = None
+        if request.HasField("workload"):
+            w = request.workload
+            _check_id("workload id", w.id)
+            self._check_dims(f"workload {w.id!r} requests", w.requests)
+            workload = convert.workload_to_model(convert.normalize_workload(w))
+        self._check_dims("targets", request.targets)
+        entry = self.state.plans.make(self.state, goal, hosts=list(request.host_ids) or None, workload=workload,
+                                      targets=dict(request.targets) or None, **options)
+        return pb.RebalanceResponse(plan=entry.proto)
+
+    def _apply_plan(self, plan_id: str, drain_host: str | None, context) -> pb.ApplyPlanResponse:
+        # Queued as a whole batch's worth of work, so that the writer runs it alone: no other
+        # mutation comes between two steps, and each step's commit holds its events only.
+        return self._execute("apply_plan", (plan_id, drain_host), context, n=self.state.writer.max_batch)
+
+    @_rpc
+    def ApplyPlan(self, request, context):
+        _check_id("plan_id", request.plan_id)
+        return self._apply_plan(request.plan_id, None, context)
+
+    #: Plans a Drain makes when the cluster changes while it plans (each made stale by a mutation).
+    DRAIN_ATTEMPTS = 3
+
+    @_rpc
+    def Drain(self, request, context):
+        _check_id("host_id", request.host_id)
+        options = self._search_options(request.max_moves, request.time_limit_s, request.seed)
+        for attempt in range(self.DRAIN_ATTEMPTS):
+            entry = self.state.plans.make(self.state, "drain", hosts=[request.host_id], **options)
+            try:
+                applied = self._apply_plan(entry.plan.id, request.host_id, context)
+            except StalePlan:
+                if attempt + 1 == self.DRAIN_ATTEMPTS:
+                    raise
+                continue
+            return pb.DrainResponse(plan=entry.proto, applied=applied)
+
+    @_rpc
+    def PlanCapacity(self, request, context):
+        if not request.host_types:
+            raise ValidationError("host_types must not be empty")
+        limits.check_count("workloads", len(request.workloads), MAX_WORKLOADS_PER_CALL)
+        limits.check_count("host_types", len(request.host_types), MAX_HOSTS_PER_CALL)
+        workloads, seen = [], set()
+        for w in request.workloads:
+            _check_id("workload id", w.id)
+            if w.id in seen:
+                raise ValidationError(f"workload id {w.id!r} appears twice in workloads")
+            seen.add(w.id)
+            self._check_dims(f"workload {w.id!r} requests", w.requests)
+            workloads.append(convert.workload_to_model(convert.normalize_workload(w)))
+        types = []
+        for t in request.host_types:
+            for field, mapping in (("capacity", t.capacity), ("reserved", t.reserved),
+                                   ("allocation_ratios", t.allocation_ratios)):
+                self._check_dims(f"host type {t.name[:40]!r} {field}", mapping)
+            types.append(convert.host_type_to_model(t))
+        with self.state.lock:  # the durable state, as every read sees it
+            plan = self.state.cluster.plan_capacity(workloads, types)
+        return convert.capacity_to_proto(plan)
 
     # -- events --------------------------------------------------------------
 

@@ -253,6 +253,8 @@ class SchedulerState:
             c.remove_host(ev.host_id)
         elif t == pb.EVENT_TYPE_VOLUME_DELETED:
             c.remove_volume(ev.volume_id)
+        elif t in convert.PLAN_EVENT_TYPES:
+            self.plans.replay(self, ev)  # MOVED through Cluster.apply_step, as a live apply
         else:
             raise StoreError(f"event {ev.sequence}: unknown type {t}")
 
@@ -440,6 +442,44 @@ class SchedulerState:
     def _do_delete_volume(self, volume_id: str, *, events: _Events):
         self.cluster.remove_volume(volume_id)  # NotFound; StateConflict while a workload mounts it
         return events.add(pb.EVENT_TYPE_VOLUME_DELETED, volume_id=volume_id)
+
+    # -- rebalance plans (server/plans.py) -------------------------------------
+
+    @cached_property
+    def plans(self):
+        """The rebalance plans by id (plans.PlanRegistry)."""
+        from .plans import PlanRegistry
+
+        return PlanRegistry()
+
+    def _do_apply_plan(self, plan_id: str, drain_host: str | None, *, events: _Events):
+        """ApplyPlan and Drain: queued alone in their batch (see SchedulerServicer._apply_plan)."""
+        return self.plans.apply(self, plan_id, events, drain_host)
+
+    def _commit_now(self, events: _Events) -> None:
+        """Make the events added so far durable inside the batch: a plan's step before its
+        next step starts. A store that refuses the write has the state rebuilt from the log
+        (undoing what was not durable) and raises StoreUnwritable; any other store failure
+        stops the writer, as a failed commit of a whole batch does."""
+        if not events.records:
+            return
+        try:
+            self.store.append(events.records)
+        except StoreUnwritable as exc:
+            events.records.clear()
+            self._restore_durable(exc)
+            self._refuse_writes(exc)
+            events.seq = self.sequence
+            raise
+        except StoreError as exc:
+            from .plans import CommitFailed
+
+            raise CommitFailed(f"store failed in the middle of a plan: {exc}") from exc
+        self.sequence = events.seq
+        events.records.clear()
+        if self._event_waiters:
+            with self.events_cond:
+                self.events_cond.notify_all()
 
     # -- placing -------------------------------------------------------------
 

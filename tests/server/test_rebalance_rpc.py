@@ -1,0 +1,376 @@
+"""Rebalance, ApplyPlan, Drain and PlanCapacity through the service (issue 14, "Service and CLI").
+
+The server runs in this process on port 0 over a data directory. What a plan did is
+checked independently of the code under test: placements from ListAllocations, usage
+recomputed per host from the workloads' requests against each host's capacity.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import defaultdict
+
+import grpc
+import pytest
+
+from hci_scheduler.server.app import create_server
+from hci_scheduler.store import StoreError
+from hci_scheduler.v1 import scheduler_pb2 as pb
+
+from .conftest import make_host, make_workload, stub_for
+
+SEARCH_S = 1.0  # small instances: the search needs far less
+
+
+@contextlib.contextmanager
+def in_process(data_dir):
+    """A started server over `data_dir`: (server, stub)."""
+    srv, port = create_server("127.0.0.1:0", data_dir=str(data_dir))
+    srv.start()
+    channel, stub = stub_for(f"127.0.0.1:{port}")
+    try:
+        yield srv, stub
+    finally:
+        channel.close()
+        srv.stop(0)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with in_process(tmp_path / "data") as (srv, stub):
+        yield srv, stub
+
+
+def allocations(stub) -> dict[str, str]:
+    return {a.workload_id: a.host_id for a in stub.ListAllocations(pb.ListAllocationsRequest()).allocations}
+
+
+def check_within_limits(stub) -> dict[str, dict[str, int]]:
+    """Usage per host recomputed from the placed workloads' requests; every host within
+    capacity - reserved (these tests set no allocation ratio). Returns the usage."""
+    hosts = {h.id: h for h in stub.ListHosts(pb.ListHostsRequest()).hosts}
+    used: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for a in stub.ListAllocations(pb.ListAllocationsRequest(include_workloads=True)).allocations:
+        for d, v in a.workload.requests.items():
+            used[a.host_id][d] += v
+    for hid, dims in used.items():
+        h = hosts[hid]
+        for d, v in dims.items():
+            assert v <= h.capacity[d] - h.reserved.get(d, 0), f"{hid} {d}: {v} > {h.capacity[d]}"
+    return used
+
+
+def final_hosts(plan: pb.RebalancePlan) -> dict[str, str]:
+    return {m.workload_id: m.target_host_id for s in plan.steps for m in s.moves}
+
+
+def events_between(stub, after: int, until: int) -> list[pb.Event]:
+    out = []
+    stream = stub.WatchEvents(pb.WatchEventsRequest(after_sequence=after), timeout=10)
+    for resp in stream:
+        out.append(resp.event)
+        if resp.event.sequence >= until:
+            break
+    stream.cancel()
+    return out
+
+
+def spread_layout(stub, n: int = 4) -> None:
+    """n hosts of 4,000 millicores, one 1,000-millicore workload on each: one host holds them all."""
+    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host(f"h{i}") for i in range(n)]))
+    placed = stub.Place(pb.PlaceRequest(workloads=[make_workload(f"w{i}") for i in range(n)],
+                                        strategy=pb.STRATEGY_SPREAD)).placements
+    assert sorted(p.host_id for p in placed) == [f"h{i}" for i in range(n)]
+
+
+def two_step_layout(stub) -> None:
+    """Hosts of 10,000 millicores: h1 {a 5000, b 3000}, h2 {c 6000}, h3 {z 5000}. Draining h3,
+    z fits only on h1 and only once b left h1 for h2 (5000 + 3000 + 5000 > 10000), and b
+    cannot leave in z's step (z is counted on h1 and h3 while it moves): two steps."""
+    for hid, workloads in (("h1", [("a", 5000), ("b", 3000)]), ("h2", [("c", 6000)]), ("h3", [("z", 5000)])):
+        stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host(hid, cpu=10000, memory=10000)]))
+        for wid, cpu in workloads:
+            p = stub.Place(pb.PlaceRequest(workloads=[make_workload(wid, cpu=cpu, memory=100)])).placements[0]
+            assert p.host_id == hid  # binpack: the one host with room
+
+
+def rebalance(stub, goal=pb.REBALANCE_GOAL_CONSOLIDATE, **kw) -> pb.RebalancePlan:
+    return stub.Rebalance(pb.RebalanceRequest(goal=goal, time_limit_s=SEARCH_S, **kw)).plan
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+# -- Rebalance and ApplyPlan ---------------------------------------------------------------
+
+
+def test_rebalance_changes_nothing_and_apply_moves_as_planned(server):
+    _, stub = server
+    spread_layout(stub)
+    before, seq = allocations(stub), stub.GetStatus(pb.GetStatusRequest()).last_sequence
+
+    plan = rebalance(stub)
+    assert allocations(stub) == before and stub.GetStatus(pb.GetStatusRequest()).last_sequence == seq
+    # 4 x 1000 millicores fit one 4000-millicore host: 3 hosts freed, the bound is 1 host.
+    assert (plan.hosts_used_before, plan.hosts_used_after, plan.hosts_freed) == (4, 1, 3)
+    assert plan.lower_bound == 1 and plan.status != pb.PLAN_STATUS_UNCHANGED and not plan.unordered
+    assert plan.base_sequence == seq and plan.id
+    assert plan.terms_before and plan.objective_before > plan.objective_after
+    moves = [m for s in plan.steps for m in s.moves]
+    assert moves and all(m.source_host_id == before[m.workload_id] for m in moves[:1])
+
+    seen: list[pb.Event] = []
+    watcher = threading.Thread(target=lambda: seen.extend(events_between(stub, seq, seq + len(moves) + 2)))
+    watcher.start()
+    applied = stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id))
+    watcher.join(10)
+    assert applied.steps_applied == len(plan.steps) and applied.sequence == seq + len(moves) + 2
+
+    # Placements: the plan's final targets, every host within its limits, one host in use.
+    expected = dict(before, **final_hosts(plan))
+    assert allocations(stub) == expected
+    assert {p.workload_id: p.host_id for p in applied.placements} == final_hosts(plan)
+    assert len(check_within_limits(stub)) == 1
+    assert stub.GetStatus(pb.GetStatusRequest()).hosts_used == 1
+
+    # Watchers: PLAN_STARTED, every move in step order as MOVED (host_id = target), PLAN_APPLIED.
+    assert [e.type for e in seen] == ([pb.EVENT_TYPE_PLAN_STARTED] + [pb.EVENT_TYPE_MOVED] * len(moves)
+                                      + [pb.EVENT_TYPE_PLAN_APPLIED])
+    assert seen[0].plan_id == plan.id and seen[0].plan.steps == plan.steps and seen[0].plan_step == 0
+    got = [(e.workload_id, e.source_host_id, e.host_id, e.plan_step) for e in seen[1:-1]]
+    assert got == [(m.workload_id, m.source_host_id, m.target_host_id, k)
+                   for k, s in enumerate(plan.steps) for m in s.moves]
+    assert all(e.plan_id == plan.id for e in seen)
+
+    # Idempotent: a repeat answers the same and writes nothing.
+    last = stub.GetStatus(pb.GetStatusRequest()).last_sequence
+    assert stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)) == applied
+    assert stub.GetStatus(pb.GetStatusRequest()).last_sequence == last
+
+
+def test_a_stale_plan_is_refused_and_changes_nothing(server):
+    _, stub = server
+    spread_layout(stub)
+    plan = rebalance(stub)
+    assert plan.steps
+    stub.Place(pb.PlaceRequest(workloads=[make_workload("late")]))  # the state changes after planning
+    before, seq = allocations(stub), stub.GetStatus(pb.GetStatusRequest()).last_sequence
+    for _ in range(2):  # the repeat gets the same answer
+        code, details = code_of(lambda: stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and plan.id in details and "changed" in details
+    assert allocations(stub) == before and stub.GetStatus(pb.GetStatusRequest()).last_sequence == seq
+
+
+@pytest.mark.parametrize("method,request_,code,phrase", [
+    ("Rebalance", pb.RebalanceRequest(), grpc.StatusCode.INVALID_ARGUMENT, "goal"),
+    ("Rebalance", pb.RebalanceRequest(goal=9), grpc.StatusCode.INVALID_ARGUMENT, "goal"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, time_limit_s=-1),
+     grpc.StatusCode.INVALID_ARGUMENT, "time_limit_s"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, time_limit_s=601),
+     grpc.StatusCode.INVALID_ARGUMENT, "time_limit_s"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, time_limit_s=float("nan")),
+     grpc.StatusCode.INVALID_ARGUMENT, "time_limit_s"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, max_moves=-1),
+     grpc.StatusCode.INVALID_ARGUMENT, "max_moves"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, host_ids=["h0"]),
+     grpc.StatusCode.INVALID_ARGUMENT, "host_ids"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_DRAIN), grpc.StatusCode.INVALID_ARGUMENT, "drain"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_DRAIN, host_ids=["nope"]),
+     grpc.StatusCode.NOT_FOUND, "nope"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_BALANCE, targets={"bogus": 0.5}),
+     grpc.StatusCode.INVALID_ARGUMENT, "bogus"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_BALANCE, targets={"cpu": 1.5}),
+     grpc.StatusCode.INVALID_ARGUMENT, "cpu"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_DEFRAGMENT), grpc.StatusCode.INVALID_ARGUMENT,
+     "defragment"),
+    ("ApplyPlan", pb.ApplyPlanRequest(), grpc.StatusCode.INVALID_ARGUMENT, "plan_id"),
+    ("ApplyPlan", pb.ApplyPlanRequest(plan_id="no-such-plan"), grpc.StatusCode.NOT_FOUND, "no-such-plan"),
+    ("Drain", pb.DrainRequest(), grpc.StatusCode.INVALID_ARGUMENT, "host_id"),
+    ("Drain", pb.DrainRequest(host_id="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+    ("PlanCapacity", pb.PlanCapacityRequest(workloads=[make_workload("p")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "host_types"),
+    ("PlanCapacity", pb.PlanCapacityRequest(host_types=[pb.HostType(name="t", capacity={"cpu": 1}, price=-1)]),
+     grpc.StatusCode.INVALID_ARGUMENT, "price"),
+    ("PlanCapacity", pb.PlanCapacityRequest(host_types=[pb.HostType(name="t", capacity={"gpus": 1}, price=1)]),
+     grpc.StatusCode.INVALID_ARGUMENT, "gpus"),
+], ids=["no goal", "unknown goal", "negative time", "time over 600 s", "NaN time", "negative max_moves",
+        "hosts for consolidate", "drain without hosts", "drain unknown host", "unknown target dimension",
+        "target above 1", "defragment without workload", "empty plan id", "unknown plan", "drain no host",
+        "drain unknown host", "no host types", "negative price", "unknown capacity dimension"])
+def test_bad_requests_change_nothing(server, method, request_, code, phrase):
+    _, stub = server
+    spread_layout(stub, 2)
+    before, seq = allocations(stub), stub.GetStatus(pb.GetStatusRequest()).last_sequence
+    got, details = code_of(lambda: getattr(stub, method)(request_))
+    assert got == code and phrase in details
+    assert allocations(stub) == before and stub.GetStatus(pb.GetStatusRequest()).last_sequence == seq
+
+
+# -- Drain and PlanCapacity ------------------------------------------------------------------
+
+
+def test_drain_empties_the_host_with_destinations_chosen_up_front(server):
+    _, stub = server
+    two_step_layout(stub)
+    resp = stub.Drain(pb.DrainRequest(host_id="h3", time_limit_s=SEARCH_S))
+    # The one way: b to h2 first, then z to h1.
+    assert [[(m.workload_id, m.source_host_id, m.target_host_id) for m in s.moves] for s in resp.plan.steps] == \
+        [[("b", "h1", "h2")], [("z", "h3", "h1")]]
+    assert resp.applied.steps_applied == 2
+    assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h1"}
+    used = check_within_limits(stub)
+    assert "h3" not in used and used["h1"]["cpu"] == 10000 and used["h2"]["cpu"] == 9000
+    h3 = next(h for h in stub.ListHosts(pb.ListHostsRequest()).hosts if h.id == "h3")
+    assert h3.state == pb.HOST_STATE_DRAINING and h3.workload_count == 0
+
+
+def test_drain_refused_when_the_workloads_fit_nowhere_changes_nothing(server):
+    _, stub = server
+    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("full1"), make_host("full2")]))
+    stub.Place(pb.PlaceRequest(workloads=[make_workload("big1", cpu=3000), make_workload("big2", cpu=3000)],
+                               strategy=pb.STRATEGY_SPREAD))
+    before, seq = allocations(stub), stub.GetStatus(pb.GetStatusRequest()).last_sequence
+    code, details = code_of(lambda: stub.Drain(pb.DrainRequest(host_id="full1", time_limit_s=SEARCH_S)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and details
+    assert allocations(stub) == before and stub.GetStatus(pb.GetStatusRequest()).last_sequence == seq
+    assert {h.id: h.state for h in stub.ListHosts(pb.ListHostsRequest()).hosts}["full1"] == pb.HOST_STATE_READY
+
+
+def test_plan_capacity_buys_the_cheapest_hosts(server):
+    _, stub = server
+    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("now", cpu=4000, memory=8192)]))
+    stub.Place(pb.PlaceRequest(workloads=[make_workload("running", cpu=4000, memory=1024)]))
+    pending = [make_workload(f"p{i}", cpu=3000, memory=1024) for i in range(3)]
+    types = [pb.HostType(name="small", capacity={"cpu": 4000, "memory": 8192}, price=10),
+             pb.HostType(name="big", capacity={"cpu": 12000, "memory": 32768}, price=25)]
+    resp = stub.PlanCapacity(pb.PlanCapacityRequest(workloads=pending, host_types=types))
+    # "now" is full; 3 x 3000 millicores: one big host (25) beats three small ones (3 x 10 = 30,
+    # one 3000 each: two do not fit in 4000).
+    assert dict(resp.add) == {"big": 1} and resp.cost == 25 and resp.fits_now == 0
+    assert dict(resp.placements) == {f"p{i}": "big#0" for i in range(3)}
+    assert resp.lower_bound <= resp.cost
+    assert allocations(stub) == {"running": "now"}  # nothing placed
+
+
+# -- a restart in the middle of ApplyPlan ------------------------------------------------------
+
+
+class _Lines(logging.Handler):
+    """Messages of the server's logger, whatever logging setup ran before."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _crash_before_step(srv, step: int) -> None:
+    """Make the store fail on the commit of `step`'s MOVED events, as if the process died
+    there: the writer stops, and no clean stop (no final snapshot) follows."""
+    store = srv.state.store
+    append = store.append
+
+    def failing(records):
+        if any(r.kind == pb.EVENT_TYPE_MOVED and pb.Event.FromString(r.body).plan_step == step for r in records):
+            raise StoreError(f"injected: the process dies before step {step} is durable")
+        append(records)
+
+    store.append = failing
+    srv.state.on_fatal = lambda exc: None
+
+
+def _die(srv) -> None:
+    srv.grpc.stop(0)
+    srv.state.snapshots.close(srv.state, final=False)
+    srv.state.store.close()
+
+
+@contextlib.contextmanager
+def _restarted(data_dir):
+    lines = _Lines()
+    logger = logging.getLogger("hci_scheduler.server")
+    logger.addHandler(lines)
+    try:
+        with in_process(data_dir) as (srv, stub):
+            yield srv, stub, lines.lines
+    finally:
+        logger.removeHandler(lines)
+
+
+def _interrupted_after_step_1(tmp_path) -> pb.RebalancePlan:
+    data = tmp_path / "data"
+    srv, port = create_server("127.0.0.1:0", data_dir=str(data))
+    srv.start()
+    channel, stub = stub_for(f"127.0.0.1:{port}")
+    try:
+        two_step_layout(stub)
+        plan = rebalance(stub, pb.REBALANCE_GOAL_DRAIN, host_ids=["h3"])
+        assert len(plan.steps) == 2
+        _crash_before_step(srv, 1)
+        code, _ = code_of(lambda: stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)))
+        assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        channel.close()
+        _die(srv)
+    return plan
+
+
+def test_restart_in_the_middle_of_apply_plan_reports_and_continues(tmp_path):
+    plan = _interrupted_after_step_1(tmp_path)
+    with _restarted(tmp_path / "data") as (_, stub, lines):
+        # The log says step 0 is done and step 1 is not.
+        assert f"plan {plan.id} interrupted after step 1 of 2" in lines
+        status = stub.GetStatus(pb.GetStatusRequest())
+        assert [(p.plan_id, p.steps_done, p.steps_total) for p in status.interrupted_plans] == [(plan.id, 1, 2)]
+        assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h3"}
+        check_within_limits(stub)
+
+        seq = status.last_sequence
+        applied = stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id))
+        assert applied.steps_applied == 2 and applied.sequence == seq + 3
+        assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h1"}
+        check_within_limits(stub)
+        assert not stub.GetStatus(pb.GetStatusRequest()).interrupted_plans
+        events = events_between(stub, seq, seq + 3)
+        assert [(e.type, e.plan_step, e.workload_id) for e in events] == [
+            (pb.EVENT_TYPE_PLAN_STARTED, 1, ""), (pb.EVENT_TYPE_MOVED, 1, "z"), (pb.EVENT_TYPE_PLAN_APPLIED, 0, "")]
+        assert stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)) == applied
+    # The next start replays the whole apply: the same placements, nothing interrupted.
+    with _restarted(tmp_path / "data") as (_, stub, lines):
+        assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h1"}
+        assert not stub.GetStatus(pb.GetStatusRequest()).interrupted_plans
+        assert not [ln for ln in lines if "interrupted" in ln]
+
+
+def test_an_interrupted_plan_whose_workload_left_its_source_is_refused_by_name(tmp_path):
+    plan = _interrupted_after_step_1(tmp_path)
+    with _restarted(tmp_path / "data") as (_, stub, _lines):
+        stub.Release(pb.ReleaseRequest(workload_ids=["z"]))
+        before, seq = allocations(stub), stub.GetStatus(pb.GetStatusRequest()).last_sequence
+        code, details = code_of(lambda: stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "z (step 1 moves it from h3; it is not placed)" in details
+        assert allocations(stub) == before and stub.GetStatus(pb.GetStatusRequest()).last_sequence == seq
+        assert [p.steps_done for p in stub.GetStatus(pb.GetStatusRequest()).interrupted_plans] == [1]
+
+
+def test_an_interrupted_plan_outlives_the_snapshot_of_a_clean_stop(tmp_path):
+    plan = _interrupted_after_step_1(tmp_path)
+    with _restarted(tmp_path / "data") as (_, stub, lines):
+        assert [p.steps_done for p in stub.GetStatus(pb.GetStatusRequest()).interrupted_plans] == [1]
+    # The clean stop wrote a snapshot after the PLAN_STARTED event: the next start replays none of it.
+    with _restarted(tmp_path / "data") as (_, stub, lines):
+        status = stub.GetStatus(pb.GetStatusRequest())
+        assert status.snapshot_sequence == status.last_sequence
+        assert f"plan {plan.id} interrupted after step 1 of 2" in lines
+        assert [(p.plan_id, p.steps_done, p.steps_total) for p in status.interrupted_plans] == [(plan.id, 1, 2)]
+        assert stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)).steps_applied == 2
+        assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h1"}
+    with _restarted(tmp_path / "data") as (_, stub, lines):
+        assert not stub.GetStatus(pb.GetStatusRequest()).interrupted_plans
+        assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h1"}

@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import defaultdict
 
 import grpc
 import pytest
 
 from hci_scheduler.server.app import create_server
-from hci_scheduler.store import StoreError
+from hci_scheduler.server.check import check_store
+from hci_scheduler.store import StoreError, StoreUnwritable
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
 from .conftest import make_host, make_workload, stub_for
@@ -270,18 +272,23 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _crash_before_step(srv, step: int) -> None:
-    """Make the store fail on the commit of `step`'s MOVED events, as if the process died
-    there: the writer stops, and no clean stop (no final snapshot) follows."""
+def _fail_step(srv, step: int, error: StoreError) -> None:
+    """Make the store raise `error` on the commit of `step`'s MOVED events."""
     store = srv.state.store
     append = store.append
 
     def failing(records):
         if any(r.kind == pb.EVENT_TYPE_MOVED and pb.Event.FromString(r.body).plan_step == step for r in records):
-            raise StoreError(f"injected: the process dies before step {step} is durable")
+            raise error
         append(records)
 
     store.append = failing
+
+
+def _crash_before_step(srv, step: int) -> None:
+    """As if the process died before `step` is durable: the store fails there, the writer
+    stops, and no clean stop (no final snapshot) follows."""
+    _fail_step(srv, step, StoreError(f"injected: the process dies before step {step} is durable"))
     srv.state.on_fatal = lambda exc: None
 
 
@@ -341,6 +348,7 @@ def test_restart_in_the_middle_of_apply_plan_reports_and_continues(tmp_path):
         assert [(e.type, e.plan_step, e.workload_id) for e in events] == [
             (pb.EVENT_TYPE_PLAN_STARTED, 1, ""), (pb.EVENT_TYPE_MOVED, 1, "z"), (pb.EVENT_TYPE_PLAN_APPLIED, 0, "")]
         assert stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)) == applied
+    assert check_store(str(tmp_path / "data")) == []  # the offline check replays the plan's events too
     # The next start replays the whole apply: the same placements, nothing interrupted.
     with _restarted(tmp_path / "data") as (_, stub, lines):
         assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h1"}
@@ -374,3 +382,31 @@ def test_an_interrupted_plan_outlives_the_snapshot_of_a_clean_stop(tmp_path):
     with _restarted(tmp_path / "data") as (_, stub, lines):
         assert not stub.GetStatus(pb.GetStatusRequest()).interrupted_plans
         assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h1"}
+
+
+def test_a_store_refusing_a_step_interrupts_the_plan_and_it_continues_once_writable(server):
+    srv, stub = server
+    two_step_layout(stub)
+    plan = rebalance(stub, pb.REBALANCE_GOAL_DRAIN, host_ids=["h3"])
+    assert len(plan.steps) == 2
+    append = srv.state.store.append
+    srv.state.probe_interval_s = 0.05
+    _fail_step(srv, 1, StoreUnwritable("injected: disk full"))
+    code, details = code_of(lambda: stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)))
+    assert code == grpc.StatusCode.UNAVAILABLE and "disk full" in details
+    # The state was rebuilt from the log: step 0 stays, step 1 is undone.
+    status = stub.GetStatus(pb.GetStatusRequest())
+    assert not status.writable
+    assert [(p.plan_id, p.steps_done, p.steps_total) for p in status.interrupted_plans] == [(plan.id, 1, 2)]
+    assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h3"}
+    check_within_limits(stub)
+
+    srv.state.store.append = append  # the disk has room again: the probe lets writes back
+    for _ in range(200):
+        if stub.GetStatus(pb.GetStatusRequest()).writable:
+            break
+        time.sleep(0.05)
+    applied = stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id))
+    assert applied.steps_applied == 2
+    assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h1"}
+    assert not stub.GetStatus(pb.GetStatusRequest()).interrupted_plans

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hci_scheduler import Cluster
-from hci_scheduler.errors import Unschedulable
+from hci_scheduler.errors import StateConflict, Unschedulable
 from hci_scheduler.model import Affinity, Host, Spread, Taint, Volume, Workload
 from hci_scheduler.rebalance import Move, Plan
 from hci_scheduler.rebalance.compile import CostModel, compile_cluster
@@ -201,3 +201,51 @@ def _feasible(problem, where) -> bool:
             if (problem.tenant[where == h] != t).any():
                 return False
     return True
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_replay_and_apply_agree_on_random_plans(seed):
+    """Random plans, feasible or not: Cluster.apply (the core's checks) accepts exactly those
+    the independent replay finds nothing in, and a refused one changes nothing."""
+    rng = np.random.default_rng(seed)
+    c = Cluster()
+    for i in range(5):
+        labels = {"kvm": "true"} if i % 2 == 0 else {"disk": "ssd"}
+        taints = [Taint("gpu", "", "NoSchedule")] if i == 4 else []
+        c.add_host(Host(f"h{i}", {"cpu": 4000, "memory": 8192}, labels=labels, taints=taints,
+                        allocation_ratio={"cpu": float(rng.choice([1.0, 2.0]))}))
+    kinds = [dict(), dict(kind="vm"), dict(group="g", anti_affinity=[Affinity("g")]),
+             dict(tenant="t", isolation="dedicated"), dict(selector={"disk": "ssd"})]
+    for j in range(10):
+        spec = kinds[int(rng.integers(len(kinds)))]
+        try:
+            c.place(Workload(f"w{j}", {"cpu": int(rng.integers(1, 5)) * 300, "memory": 1024}, **spec))
+        except Unschedulable:
+            pass
+    where = c.assignments()
+    steps = []
+    for _ in range(int(rng.integers(1, 3))):
+        movers = rng.permutation(sorted(where))[: int(rng.integers(1, 3))]
+        step = []
+        for w in movers.tolist():
+            spec = c.workload(w)
+            fitting = [f"h{i}" for i in range(4) if (spec.kind != "vm" or i % 2 == 0) and (not spec.selector or i % 2)]
+            # mostly hosts the static filters allow, so that plans pass as well as fail
+            target = str(rng.choice(fitting)) if rng.random() < 0.8 else f"h{int(rng.integers(5))}"
+            if target != where[w]:
+                step.append((w, where[w], target))
+        for w, _, t in step:
+            where[w] = t
+        if step:
+            steps.append(step)
+    p = plan(c, *steps)
+    violations = replay_plan(c, p)
+    before = c.assignments(), c.usage().tolist()
+    try:
+        c.apply(p)
+    except StateConflict:
+        assert violations, "the core refused a plan the replay found nothing wrong in"
+        assert (c.assignments(), c.usage().tolist()) == before
+    else:
+        assert violations == [], "the core accepted a plan the replay finds broken"
+        assert c.assignments() == where

@@ -28,6 +28,7 @@ import base64
 import json
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -58,7 +59,8 @@ class CommitFailed(RuntimeError):
 class PlanEntry:
     """A plan and what became of it.
 
-    cluster is the Cluster the plan was made for (None for a plan read from the log);
+    cluster is a weak reference to the Cluster the plan was made for (None for a plan read
+    from the log: only a continuation applies it);
     steps_done the steps applied and durable; running says a run started (PLAN_STARTED)
     and did not finish, which, seen from outside the writer, means it was interrupted;
     outcome is the answer every repeat of ApplyPlan gets once the plan is applied or
@@ -67,7 +69,7 @@ class PlanEntry:
 
     plan: object
     proto: pb.RebalancePlan
-    cluster: object | None = None
+    cluster: weakref.ref | None = None
     steps_done: int = 0
     running: bool = False
     reason: str = ""
@@ -122,7 +124,7 @@ class PlanRegistry:
         if plan.base_version != version:  # made on a later state: which sequence, if still current
             with state.lock:
                 sequence = state.sequence if state.cluster is cluster and cluster.version == plan.base_version else 0
-        entry = PlanEntry(plan, convert.plan_to_proto(plan, sequence), cluster)
+        entry = PlanEntry(plan, convert.plan_to_proto(plan, sequence), weakref.ref(cluster))
         self._add(entry)
         return entry
 
@@ -145,16 +147,18 @@ class PlanRegistry:
             raise entry.outcome
         if entry.running:
             self._check_sources(cluster, entry)
-        elif entry.cluster is not cluster or plan.base_version != cluster.version:
-            entry.outcome = StalePlan(
-                f"plan {plan_id} was made for cluster version {plan.base_version}, the cluster is at version "
-                f"{cluster.version}: it changed since; plan again" if entry.cluster is cluster else
-                f"plan {plan_id} was made for a state the server has since rebuilt from its log; plan again")
-            raise entry.outcome
-        elif drain_host is not None and (was := cluster.host(drain_host).state) != "draining":
-            host = convert.host_to_proto(cluster.update_host(drain_host, state="draining"))
-            events.add(pb.EVENT_TYPE_HOST_UPDATED, drain_host, host=host)
-            undo_drain = was
+        else:
+            made_for = entry.cluster() if entry.cluster is not None else None
+            if made_for is not cluster or plan.base_version != cluster.version:
+                entry.outcome = StalePlan(
+                    f"plan {plan_id} was made for cluster version {plan.base_version}, the cluster is at "
+                    f"version {cluster.version}: it changed since; plan again" if made_for is cluster else
+                    f"plan {plan_id} was made for a state the server has since rebuilt from its log; plan again")
+                raise entry.outcome
+            if drain_host is not None and (was := cluster.host(drain_host).state) != "draining":
+                host = convert.host_to_proto(cluster.update_host(drain_host, state="draining"))
+                events.add(pb.EVENT_TYPE_HOST_UPDATED, drain_host, host=host)
+                undo_drain = was
         # A continuation resumes: the log says which steps are done (sources are checked move by
         # move). So does a drain past its host update, the one change since planning (and the
         # drain plan already kept the host out of every destination).

@@ -410,3 +410,27 @@ def test_a_store_refusing_a_step_interrupts_the_plan_and_it_continues_once_writa
     assert applied.steps_applied == 2
     assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h1"}
     assert not stub.GetStatus(pb.GetStatusRequest()).interrupted_plans
+
+
+def test_a_plan_made_before_the_state_was_rebuilt_is_refused(server):
+    srv, stub = server
+    spread_layout(stub)
+    plan = rebalance(stub)
+    srv.state.probe_interval_s = 0.05
+    append = srv.state.store.append
+
+    def refuse(records):
+        raise StoreUnwritable("injected: disk full")
+
+    srv.state.store.append = refuse  # the Place below is undone: the Cluster is rebuilt from the log
+    code, _ = code_of(lambda: stub.Place(pb.PlaceRequest(workloads=[make_workload("lost")])))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    srv.state.store.append = append
+    for _ in range(200):
+        if stub.GetStatus(pb.GetStatusRequest()).writable:
+            break
+        time.sleep(0.05)
+    before = allocations(stub)
+    code, details = code_of(lambda: stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "rebuilt" in details
+    assert allocations(stub) == before

@@ -701,13 +701,32 @@ class Cluster:
 
     def apply_step(self, plan, index: int, *, resume: bool = False) -> list[Placement]:
         """Commit step `index` of a plan alone, for a caller that makes each step durable
-        before the next (the server logs every move). Step 0 needs the plan's base version;
-        step k needs step k-1 of the same plan to be the cluster's last change, unless
-        `resume` (a server that rebuilt the cluster from its log after a restart, which says
-        steps 0..k-1 are done and nothing else changed since; every move's source is still
-        checked against where its workload runs). A failed step is undone (StateConflict
-        names the move); the steps before it stay applied. Returns the placements of the
-        step's moves."""
+        before the next (the server logs every move).
+
+        Parameters
+        ----------
+        plan : rebalance.Plan
+        index : int
+            the step; step 0 needs the plan's base version, step k needs step k-1 of the
+            same plan to be the cluster's last change.
+        resume : bool
+            skip that check: for a server that rebuilt the cluster from its log after a
+            restart, which says steps 0..k-1 are done and nothing else changed since. Every
+            move's source is still checked against where its workload runs.
+
+        Returns
+        -------
+        list of Placement
+            the new placements of the step's moves.
+
+        Raises
+        ------
+        StateConflict
+            the check above fails, or a move of the step does not fit (named); the step is
+            undone, the steps before it stay applied.
+        ValidationError
+            not a Plan, or no such step.
+        """
         with self._lock:
             if not isinstance(index, int) or isinstance(index, bool):
                 raise ValidationError(f"apply_step: index must be an integer, got {index!r}")

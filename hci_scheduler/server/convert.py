@@ -7,6 +7,7 @@ INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -383,7 +384,7 @@ def _search_stats(search: Mapping, out: pb.RebalancePlan, prefix: str = "") -> N
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
             _search_stats(v, out, key + ".")
-        elif isinstance(v, (bool, int, float)):
+        elif isinstance(v, numbers.Real):  # numpy's numbers too
             out.search_stats[key] = float(v)
         elif v is not None:
             out.search_notes[key] = str(v)

@@ -107,6 +107,32 @@ def code_of(call) -> grpc.StatusCode:
     return err.value.code(), err.value.details()
 
 
+# -- the wire form of a plan ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lower_bound", [None, 0, 7], ids=["no bound", "bound 0", "bound 7"])
+def test_a_plan_survives_its_wire_form(lower_bound):
+    import numpy as np
+
+    from hci_scheduler.rebalance import Move, Plan
+    from hci_scheduler.server import convert
+
+    plan = Plan("drain", steps=[[Move("w1", "h1", "h2", 5), Move("w2", "h1", "h3", 7)], [Move("w1", "h2", "h4", 5)]],
+                cost=17, objective_before=30, objective_after=12, terms_before={"host_cost": 30},
+                terms_after={"host_cost": 12}, lower_bound=lower_bound, hosts_used_before=3, hosts_used_after=2,
+                hosts_freed=1, status="optimal", id="p1",
+                search={"seconds": np.float64(0.5), "iterations": np.int64(12), "room_on": "h4",
+                        "pinned_reasons": {"numa": 2}})
+    wire = convert.plan_to_proto(plan, base_sequence=42)
+    assert wire.HasField("lower_bound") == (lower_bound is not None)
+    assert dict(wire.search_stats) == {"seconds": 0.5, "iterations": 12.0, "pinned_reasons.numa": 2.0}
+    assert dict(wire.search_notes) == {"room_on": "h4"} and wire.base_sequence == 42
+    back = convert.plan_from_proto(pb.RebalancePlan.FromString(wire.SerializeToString()))
+    for name in ("goal", "steps", "cost", "objective_before", "objective_after", "terms_before", "terms_after",
+                 "lower_bound", "hosts_used_before", "hosts_used_after", "hosts_freed", "status", "id"):
+        assert getattr(back, name) == getattr(plan, name), name
+
+
 # -- Rebalance and ApplyPlan ---------------------------------------------------------------
 
 

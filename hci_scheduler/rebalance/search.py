@@ -1,0 +1,261 @@
+"""The rebalancing engine: repair an infeasible start, then improve by local search and LNS.
+
+Phases
+------
+1. Repair (a drain closes hosts, a defragment reservation overfills one): workloads on
+   closed hosts must move; on an over-full host the fewest, cheapest workloads whose
+   departure brings it within capacity are chosen. Each goes (largest first) to its
+   feasible host of least objective delta. What fits nowhere is retried in a CP-SAT
+   sub-model with the hosts that have most room; still nowhere: RebalanceInfeasible
+   naming the workloads.
+2. Improvement, in rounds until the work budget is spent:
+   - local search: random shifts and swaps (sched_core._moves, nogil), each kept when it
+     does not raise the objective;
+   - host emptying (when hosts have a cost): move every workload off one used host onto
+     the other used hosts, kept when the objective goes down (consolidation frees hosts
+     this way; single shifts never pay before the last one);
+   - LNS: a few hosts and their workloads re-solved exactly by CP-SAT (model.py, solve.py)
+     with the rest fixed, kept when better.
+
+Effort is counted in work units (moves evaluated, and CP-SAT's deterministic time), so a
+given seed and work_budget give the same result on any machine; the wall clock only caps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sched_core._moves import MoveState
+
+from ..errors import ValidationError
+from . import objective
+from .errors import RebalanceInfeasible
+from .problem import Problem
+
+# Work units per second of time_limit_s when no work_budget is given: about what the
+# 2-core benchmark machine evaluates in half a second (a shift or swap is one unit),
+# leaving room for a loaded machine before the wall-clock cap (which breaks determinism).
+WORK_PER_SECOND = 3_000_000
+# Moves evaluated per local-search round, before host emptying and LNS get a turn.
+LS_ROUND = 200_000
+# Hosts a host-emptying move scans per workload (from a rotating start) on large clusters.
+SCAN_LIMIT = 512
+# Share of the work given to LNS sub-models when OR-Tools is available.
+LNS_SHARE = 0.3
+
+
+@dataclass
+class SearchResult:
+    """What `search` returns.
+
+    assignment : int32 (n,)
+        host of every workload; `objective.violations(problem, assignment) == []`.
+    status : str
+        "optimal" (proved), "feasible" (changed), or "unchanged".
+    stats : dict
+        objective before/after (None before when the start was infeasible), terms, work
+        units, rounds, moves accepted per neighbourhood, repairs, hosts emptied, seconds.
+    """
+
+    assignment: np.ndarray
+    status: str
+    stats: dict = field(default_factory=dict)
+
+
+def search(problem: Problem, *, time_limit_s: float = 30.0, work_budget: int | None = None,
+           seed: int = 0, max_moves: int | None = None, progress=None) -> SearchResult:
+    """Find a feasible assignment of lower objective than the problem's initial one.
+
+    Parameters
+    ----------
+    problem : Problem
+    time_limit_s : float
+        wall-clock safety cap; also sets the work budget when `work_budget` is None.
+    work_budget : int, optional
+        work units to spend (deterministic given `seed`).
+    seed : int
+    max_moves : int, optional
+        most workloads away from their initial host in the result.
+    progress : callable(fraction: float, best_objective: int), optional
+
+    Returns
+    -------
+    SearchResult
+
+    Raises
+    ------
+    ValidationError
+        on bad arguments.
+    RebalanceInfeasible
+        when the start breaks a hard constraint and the repair cannot restore it (names
+        the workloads that fit nowhere, or the hosts and constraints at fault).
+    """
+    if not isinstance(problem, Problem):
+        raise ValidationError(f"problem must be a Problem, got {type(problem).__name__}")
+    if not (isinstance(time_limit_s, (int, float)) and time_limit_s >= 0):
+        raise ValidationError(f"time_limit_s must be a number >= 0, got {time_limit_s!r}")
+    if work_budget is not None and (not isinstance(work_budget, (int, np.integer)) or work_budget < 0):
+        raise ValidationError(f"work_budget must be an integer >= 0, got {work_budget!r}")
+    if max_moves is not None and (not isinstance(max_moves, (int, np.integer)) or max_moves < 0):
+        raise ValidationError(f"max_moves must be an integer >= 0, got {max_moves!r}")
+    t0 = time.perf_counter()
+    deadline = t0 + float(time_limit_s)
+    budget = int(work_budget) if work_budget is not None else int(time_limit_s * WORK_PER_SECOND)
+    engine = _Engine(problem, seed=seed, max_moves=-1 if max_moves is None else int(max_moves),
+                     budget=budget, deadline=deadline, progress=progress)
+    start_violations = objective.violations(problem, problem.initial)
+    engine.repair(start_violations)
+    engine.improve()
+    out = engine.state.assignment
+    left = objective.violations(problem, out)
+    if left:  # the evaluator and the reference disagree: a bug; never return a bad plan
+        raise AssertionError("search produced an infeasible assignment: " + "; ".join(left[:5]))
+    moved = out != problem.initial
+    status = "optimal" if engine.proved else ("feasible" if moved.any() else "unchanged")
+    after = objective.terms(problem, out)
+    engine.stats.update(
+        objective_before=None if start_violations else objective.total(problem, problem.initial),
+        objective_after=sum(after.values()), terms_after=after, moved=int(moved.sum()),
+        hosts_used_before=int(np.unique(problem.initial).size), hosts_used_after=int(np.unique(out).size),
+        work=budget - engine.work_left, seconds=round(time.perf_counter() - t0, 3))
+    return SearchResult(assignment=out, status=status, stats=engine.stats)
+
+
+class _Engine:
+    """One search: the move state, the budget, and the neighbourhoods."""
+
+    def __init__(self, problem, *, seed, max_moves, budget, deadline, progress):
+        self.p = problem
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.state = MoveState(problem, problem.initial, max_moves, seed)
+        self.max_moves = max_moves
+        self.budget = budget
+        self.work_left = budget
+        self.deadline = deadline
+        self.progress = progress
+        self.proved = False
+        self.stats = {"ls_accepted": 0, "hosts_emptied": 0, "repaired": 0, "lns_solved": 0,
+                      "lns_improved": 0, "rounds": 0}
+
+    def _spend(self, units: int) -> bool:
+        self.work_left -= int(units)
+        return self.work_left > 0 and time.perf_counter() < self.deadline
+
+    def _ids(self, workloads) -> list[str]:
+        names = self.p.workload_ids
+        return [names[w] if names else f"workload {w}" for w in workloads]
+
+    # -- phase 1 --------------------------------------------------------------
+
+    def repair(self, start_violations: list[str]) -> None:
+        """Move workloads off closed and over-full hosts; raise when some fit nowhere."""
+        if not start_violations:
+            return
+        p, st = self.p, self.state
+        cur = st.assignment
+        bad_host = ~p.open[cur] | ~p.allowed[p.allowed_class, cur]
+        stuck = np.flatnonzero(bad_host & ~p.movable)
+        if stuck.size:
+            raise RebalanceInfeasible(self._ids(stuck), [
+                f"{name}: pinned to a host it may not stay on" for name in self._ids(stuck)])
+        must = list(np.flatnonzero(bad_host))
+        use, hold = st.usage()
+        over = use + hold - p.capacity
+        for h in np.flatnonzero((over > 0).any(axis=1)):
+            must += self._ejections(int(h), over[h], cur)
+        # Largest first: the big ones have the fewest hosts with room.
+        must = sorted(set(must), key=lambda w: (-float((p.request[w] / np.maximum(p.capacity.max(axis=0), 1)).sum()), w))
+        if self.max_moves >= 0 and len(must) > self.max_moves:
+            raise RebalanceInfeasible([], [f"the repair needs {len(must)} moves, max_moves is {self.max_moves}"])
+        failed = []
+        for w in must:
+            host, work = st.relocate(int(w), int(cur[w]), False)
+            self._spend(work)
+            if host < 0:
+                failed.append(int(w))
+        if failed:
+            failed = self._repair_exact(failed)
+        if failed:
+            raise RebalanceInfeasible(self._ids(failed), [
+                f"{name}: fits on no open host it may use" for name in self._ids(failed)])
+        self.stats["repaired"] = len(must)
+        left = objective.violations(p, st.assignment)
+        if left:
+            raise RebalanceInfeasible([], left)
+
+    def _ejections(self, h: int, over: np.ndarray, cur: np.ndarray) -> list[int]:
+        """Workloads to take off over-full host h: repeatedly the one that covers most of
+        what is still over per unit of move cost (one that covers all of it: the cheapest)."""
+        p = self.p
+        on = [int(w) for w in np.flatnonzero((cur == h) & p.movable)]
+        need = np.maximum(over, 0).astype(np.int64)
+        # Transient load stays on the initial host when its workload leaves: no relief.
+        relief = lambda w: np.where(p.transient & (p.initial[w] == h), 0, p.charge(np.array([w]), np.array([h]))[0])
+        chosen = []
+        while (need > 0).any() and on:
+            scale = np.maximum(need, 1)
+            whole = [w for w in on if (relief(w) >= need).all()]
+            if whole:
+                w = min(whole, key=lambda w: (p.move_cost[w], w))
+            else:
+                w = max(on, key=lambda w: (float((np.minimum(relief(w), need) / scale).sum()) / (1 + p.move_cost[w]), -w))
+            chosen.append(w)
+            on.remove(w)
+            need = need - relief(w)
+        if (need > 0).any():
+            name = p.host_ids[h] if p.host_ids else f"host {h}"
+            raise RebalanceInfeasible([], [f"{name}: over capacity even with every movable workload gone"])
+        return chosen
+
+    def _repair_exact(self, failed: list[int]) -> list[int]:
+        """Place what the greedy could not with a CP-SAT sub-model; returns what still fails."""
+        return failed
+
+    # -- phase 2 --------------------------------------------------------------
+
+    def improve(self) -> None:
+        p, st = self.p, self.state
+        empty_hosts = bool((p.host_cost > 0).any())
+        lns = None
+        failed: set[int] = set()
+        while self.work_left > 0 and time.perf_counter() < self.deadline:
+            self.stats["rounds"] += 1
+            chunk = min(LS_ROUND, self.work_left)
+            evaluated, accepted, _ = st.local_search(chunk, max(0.0, self.deadline - time.perf_counter()))
+            self.stats["ls_accepted"] += accepted
+            if not self._spend(evaluated):
+                break
+            if empty_hosts:
+                failed = self._empty_hosts(failed)
+            if lns is not None and not lns.step(int(LS_ROUND * LNS_SHARE / (1 - LNS_SHARE))):
+                break
+            if self.progress is not None:
+                self.progress(min(1.0, 1 - self.work_left / max(self.budget, 1)), int(st.value))
+
+    def _empty_hosts(self, failed: set[int]) -> set[int]:
+        """One pass of host emptying over the used hosts, cheapest to empty per cost first."""
+        p, st = self.p, self.state
+        cur = st.assignment
+        counts = np.bincount(cur, minlength=p.n_hosts)
+        used = np.flatnonzero((counts > 0) & (p.host_cost > 0))
+        if used.size < 2:
+            return failed
+        ref = np.maximum(p.capacity.max(axis=0), 1)
+        use, _ = st.usage()
+        load = ((use[used] - p.fixed[used]) / ref).sum(axis=1)
+        order = used[np.lexsort((used, load / p.host_cost[used]))]
+        for h in order:
+            if int(h) in failed:
+                continue
+            done, work = st.empty_host(int(h), True, False, SCAN_LIMIT)
+            if done:
+                self.stats["hosts_emptied"] += 1
+                failed.clear()
+            else:
+                failed.add(int(h))
+            if not self._spend(work):
+                break
+        return failed

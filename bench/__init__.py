@@ -3,6 +3,10 @@
 Installed as ``hci_scheduler.bench`` (the folder bench/ of the repository).
 Run ``hci-scheduler bench [--suite density|latency|all] [--quick] [--out DIR]``,
 which forwards its arguments to :func:`main`, or ``python -m hci_scheduler.bench``.
+``--suite roadef`` runs the ROADEF/EURO 2012 machine reassignment benchmark (bench/roadef.py)
+on one instance (``--instance MODEL --assignment ASSIGNMENT --solution OUT``) or on every
+instance of a set (``--data-dir DIR [--sets A,B]``); it is not part of ``all``: the data has
+no licence and lives where the user puts it.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hci-scheduler bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("density", "latency", "all"), default="all")
+    p.add_argument("--suite", choices=("density", "latency", "all", "roadef"), default="all")
     p.add_argument("--quick", action="store_true", help="a subset that finishes in a few minutes")
     p.add_argument("--out", default="bench-out", help="directory for results.json, report.md, plots")
     p.add_argument("--improve-s", type=float, default=0.5,
@@ -26,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--update-baseline", action="store_true",
                    help="record improvements (and new instances) in bench/baseline_density.json")
     p.add_argument("--no-progress", action="store_true")
+    r = p.add_argument_group("roadef", "ROADEF/EURO 2012 machine reassignment (--suite roadef)")
+    r.add_argument("--instance", metavar="MODEL", help="a model_*.txt file")
+    r.add_argument("--assignment", metavar="ASSIGNMENT", help="its initial assignment_*.txt file")
+    r.add_argument("--solution", metavar="OUT", help="write the new assignment here (challenge format)")
+    r.add_argument("--time-limit", type=float, default=60.0, help="seconds per instance, reading included (60)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--data-dir", metavar="DIR", help="run every instance of --sets found under DIR")
+    r.add_argument("--sets", default="A", help="with --data-dir: A, B or A,B (default A)")
+    r.add_argument("--only", metavar="NAMES", help="with --data-dir: only these instances (a1_1,a2_3)")
     return p
 
 
@@ -40,6 +53,10 @@ def _progress(disabled: bool):
 def main(argv=None) -> int:
     """Run the selected suites; returns the exit code (1 when the density gate fails)."""
     args = _parser().parse_args(argv)
+    if args.suite == "roadef":
+        from . import roadef
+
+        return roadef.main(args)
     from hci_scheduler import datasets
 
     from . import peers, report

@@ -30,7 +30,7 @@ import numpy as np
 from sched_core._moves import MoveState
 
 from ..errors import ValidationError
-from . import objective
+from . import model, objective, solve
 from .errors import RebalanceInfeasible
 from .problem import Problem
 
@@ -42,8 +42,17 @@ WORK_PER_SECOND = 3_000_000
 LS_ROUND = 200_000
 # Hosts a host-emptying move scans per workload (from a rotating start) on large clusters.
 SCAN_LIMIT = 512
-# Share of the work given to LNS sub-models when OR-Tools is available.
+# Share of the work given to LNS sub-models.
 LNS_SHARE = 0.3
+# Size of an LNS neighbourhood: at most this many hosts and movable workloads.
+LNS_HOSTS = 8
+LNS_WORKLOADS = 48
+# Work units per second of CP-SAT deterministic time, and per model variable built
+# (building the model in Python costs about as much as a short solve).
+WORK_PER_DET = WORK_PER_SECOND
+WORK_PER_VAR = 400
+# Deterministic time limit of one sub-model solve.
+LNS_DET = 0.2
 
 
 @dataclass
@@ -179,6 +188,8 @@ class _Engine:
         if failed:
             failed = self._repair_exact(failed)
         if failed:
+            failed = self._repair_exact(failed, hosts=LNS_HOSTS * 3)
+        if failed:
             raise RebalanceInfeasible(self._ids(failed), [
                 f"{name}: fits on no open host it may use" for name in self._ids(failed)])
         self.stats["repaired"] = len(must)
@@ -210,16 +221,36 @@ class _Engine:
             raise RebalanceInfeasible([], [f"{name}: over capacity even with every movable workload gone"])
         return chosen
 
-    def _repair_exact(self, failed: list[int]) -> list[int]:
-        """Place what the greedy could not with a CP-SAT sub-model; returns what still fails."""
-        return failed
+    def _repair_exact(self, failed: list[int], hosts: int = LNS_HOSTS) -> list[int]:
+        """Place what the greedy could not with a CP-SAT sub-model over the hosts with most
+        room for them (their workloads may move too); returns what still fails."""
+        p, st = self.p, self.state
+        cur = st.assignment
+        use, hold = st.usage()
+        room = p.capacity - use - hold
+        need = p.request[failed].max(axis=0)
+        ok = p.open & p.allowed[p.allowed_class[failed]].any(axis=0)
+        ok[cur[failed]] = False
+        score = (np.minimum(room, need) / np.maximum(need, 1)).sum(axis=1)
+        cand = np.flatnonzero(ok)
+        H = cand[np.lexsort((cand, -score[cand]))][:hosts]
+        W = np.union1d(np.array(failed), np.flatnonzero(np.isin(cur, H) & p.movable))
+        sub = model.build(p, cur, W, H, max_moves=self.max_moves)
+        out = solve.solve(sub, time_limit_s=max(1.0, self.deadline - time.perf_counter()),
+                          det_time=max(1.0, self.work_left / WORK_PER_DET), seed=self.seed)
+        self._spend(len(sub.x) * WORK_PER_VAR + out.det_time * WORK_PER_DET)
+        if out.hosts is None:
+            return failed
+        for w, h in zip(W, out.hosts):
+            st.apply(int(w), int(h))
+        return []
 
     # -- phase 2 --------------------------------------------------------------
 
     def improve(self) -> None:
         p, st = self.p, self.state
         empty_hosts = bool((p.host_cost > 0).any())
-        lns = None
+        lns = self.p.n_workloads > 0 and self.p.movable.any()
         failed: set[int] = set()
         while self.work_left > 0 and time.perf_counter() < self.deadline:
             self.stats["rounds"] += 1
@@ -230,7 +261,7 @@ class _Engine:
                 break
             if empty_hosts:
                 failed = self._empty_hosts(failed)
-            if lns is not None and not lns.step(int(LS_ROUND * LNS_SHARE / (1 - LNS_SHARE))):
+            if lns and not self._lns(int(LS_ROUND * LNS_SHARE / (1 - LNS_SHARE))):
                 break
             if self.progress is not None:
                 self.progress(min(1.0, 1 - self.work_left / max(self.budget, 1)), int(st.value))
@@ -259,3 +290,102 @@ class _Engine:
             if not self._spend(work):
                 break
         return failed
+
+    # -- LNS ----------------------------------------------------------------------
+
+    def _lns(self, units: int) -> bool:
+        """Solve sub-models until `units` of work are spent; False when nothing is left to do
+        (budget out, or a sub-model covering the whole problem was solved to optimality)."""
+        p, st = self.p, self.state
+        spent = 0
+        while spent < units:
+            cur = st.assignment
+            H, kind = self._neighbourhood(cur)
+            W = np.flatnonzero(np.isin(cur, H) & p.movable)
+            if W.size == 0:
+                spent += 1000
+                continue
+            sub = model.build(p, cur, W, H, max_moves=self.max_moves)
+            det = min(LNS_DET, max(self.work_left, 0) / WORK_PER_DET)
+            out = solve.solve(sub, time_limit_s=max(0.01, min(2.0, self.deadline - time.perf_counter())),
+                              det_time=det, seed=self.seed + self.stats["lns_solved"])
+            cost = len(sub.x) * WORK_PER_VAR + int(out.det_time * WORK_PER_DET)
+            spent += cost
+            self.stats["lns_solved"] += 1
+            if out.hosts is not None:
+                before = st.value
+                changed = [(int(w), int(cur[w]), int(h)) for w, h in zip(W, out.hosts) if h != cur[w]]
+                for w, _, h in changed:
+                    st.apply(w, h)
+                if st.value < before:
+                    self.stats["lns_improved"] += 1
+                    self.stats.setdefault(f"lns_{kind}", 0)
+                    self.stats[f"lns_{kind}"] += 1
+                else:
+                    for w, h0, _ in reversed(changed):
+                        st.apply(w, h0)
+                whole = H.size == p.n_hosts and W.size == int(p.movable.sum())
+                if whole and out.status == "optimal":
+                    self.proved = True
+                    return False
+            if not self._spend(cost):
+                return False
+        return True
+
+    def _neighbourhood(self, cur: np.ndarray) -> tuple[np.ndarray, str]:
+        """A few hosts whose workloads are re-solved together: drawn at random, by cost
+        (the dearest hosts beside random ones), by shared service, or (when hosts have a
+        cost) the emptiest used hosts beside the ones with most room."""
+        p, rng = self.p, self.rng
+        counts = np.bincount(cur, minlength=p.n_hosts)
+        hosts_open = np.flatnonzero(p.open)
+        if hosts_open.size <= LNS_HOSTS and counts.sum() <= LNS_WORKLOADS:
+            return hosts_open, "whole"
+        kinds = ["random", "cost", "service"] + (["consolidate"] if (p.host_cost > 0).any() else [])
+        kind = kinds[self.stats["lns_solved"] % len(kinds)]
+        used = np.flatnonzero(counts > 0)
+        if kind == "cost":
+            host_obj = self._host_objective()
+            first = list(np.argsort(-host_obj, kind="stable")[:2])
+        elif kind == "service":
+            svc = p.service[p.movable & (p.service >= 0)]
+            if svc.size:
+                s = svc[rng.integers(svc.size)]
+                first = list(np.unique(cur[p.service == s]))
+                rng.shuffle(first)
+            else:
+                first = []
+        elif kind == "consolidate":
+            ref = np.maximum(p.capacity.max(axis=0), 1)
+            load = (self.state.usage()[0][used] / ref).sum(axis=1)
+            first = list(used[np.argsort(load, kind="stable")[: 1 + rng.integers(3)]])
+        else:
+            first = []
+        chosen: list[int] = []
+        n_work = 0
+        pool = list(first) + list(rng.permutation(used if used.size else hosts_open))
+        if rng.random() < 0.5:  # now and then an empty host, so workloads can spread out
+            empty = np.flatnonzero((counts == 0) & p.open)
+            if empty.size:
+                pool.insert(min(len(pool), 1), int(empty[rng.integers(empty.size)]))
+        for h in pool:
+            h = int(h)
+            if h in chosen:
+                continue
+            if chosen and n_work + counts[h] > LNS_WORKLOADS:
+                continue
+            chosen.append(h)
+            n_work += counts[h]
+            if len(chosen) >= LNS_HOSTS:
+                break
+        return np.array(sorted(chosen), dtype=np.int64), kind
+
+    def _host_objective(self) -> np.ndarray:
+        """Load and balance cost per host (the hosts an LNS step by cost starts from)."""
+        p = self.p
+        use, _ = self.state.usage()
+        c = (np.maximum(0, use - p.target) * p.load_weight).sum(axis=1)
+        avail = p.capacity - use
+        for da, db, t, wb in p.balance:
+            c = c + wb * np.maximum(0, t * avail[:, da] - avail[:, db])
+        return c

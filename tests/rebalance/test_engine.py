@@ -167,9 +167,9 @@ def test_search_reaches_exhaustive_optimum_on_tiny(seed):
 
 # -- repair ------------------------------------------------------------------------------------
 
-def drain_problem(open_hosts, big=4):
-    # 4 hosts of capacity 10: host 0 holds workloads 0, 1 (sizes `big` and 3), the others 5 each.
-    return Problem(capacity=np.full((4, 1), 10), request=[[big], [3], [5], [5], [5]],
+def drain_problem(open_hosts, big=4, second=3):
+    # 4 hosts of capacity 10: host 0 holds workloads 0, 1 (sizes `big`, `second`), the others 5 each.
+    return Problem(capacity=np.full((4, 1), 10), request=[[big], [second], [5], [5], [5]],
                    initial=[0, 0, 1, 2, 3], open=open_hosts, move_cost=[1, 1, 1, 1, 1],
                    process_move_weight=1, workload_ids=["w0", "w1", "w2", "w3", "w4"])
 
@@ -184,12 +184,20 @@ def test_repair_drain_moves_exactly_the_drained_workloads():
 
 
 def test_repair_infeasible_drain_names_the_workload():
-    # w0 (size 6) fits on no open host (5 + 6 > 10); w1 (3) would.
-    p = drain_problem([False, True, True, True], big=6)
+    # w0 and w1 (size 6 each) fit beside no 5 (11 > 10); re-packing all (exact sub-model):
+    # 6 + 6 + 3 x 5 = 27 <= 30, but {6}, {6}, {5, 5} leaves a 5 out: infeasible.
+    p = drain_problem([False, True, True, True], big=6, second=6)
     with pytest.raises(RebalanceInfeasible) as err:
         search(p, work_budget=50_000, seed=0)
-    assert err.value.workload_ids == ["w0"]
+    assert err.value.workload_ids == ["w0", "w1"]
     assert "w0" in str(err.value)
+
+
+def test_repair_drain_repacks_when_no_single_move_fits():
+    # w0 (6) fits beside no 5 greedily, but 6 + 3 | 5 + 5 | 5 does: the exact repair finds it.
+    p = drain_problem([False, True, True, True], big=6)
+    r = search(p, work_budget=50_000, seed=0)
+    assert objective.violations(p, r.assignment) == []
 
 
 def test_repair_pinned_on_closed_host_raises():
@@ -246,3 +254,41 @@ def test_search_rejects_bad_arguments():
         search(p, max_moves=-1)
     with pytest.raises(Exception, match="work_budget"):
         search(p, work_budget=-5)
+
+
+# -- CP-SAT sub-models -----------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_submodel_solution_is_feasible_and_its_objective_is_the_delta(seed):
+    from hci_scheduler.rebalance import model, solve
+
+    rng = np.random.default_rng(seed)
+    p = feasible_start(make_problem(rng, m=8, n=20), rng)
+    if p is None:
+        return
+    cur = p.initial
+    hosts = np.sort(rng.choice(p.n_hosts, 4, replace=False))
+    ws = np.flatnonzero(np.isin(cur, hosts))
+    cap = int(rng.integers(0, 4))
+    sub = model.build(p, cur, ws, hosts, max_moves=cap)
+    out = solve.solve(sub, time_limit_s=10, det_time=5, seed=0)
+    assert out.status in ("optimal", "feasible")  # the current placement is a solution
+    new = cur.copy()
+    new[ws] = out.hosts
+    assert objective.violations(p, new) == []
+    assert (new != p.initial).sum() <= cap
+    # the sub-model's value of the current placement: every x fixed to it
+    for (w, h), var in sub.x.items():
+        sub.model.add(var == int(cur[w] == h))
+    now = solve.solve(sub, time_limit_s=10, det_time=5, seed=0)
+    assert now.status == "optimal"
+    assert out.objective - now.objective == objective.total(p, new) - objective.total(p, cur)
+
+
+def test_search_proves_optimum_when_one_submodel_covers_everything():
+    # 3 hosts, 5 workloads: the LNS neighbourhood is the whole problem and CP-SAT proves it.
+    p = consolidation_problem(m=3, per_host=2)
+    r = search(p, work_budget=3_000_000, seed=0)
+    assert r.status == "optimal"
+    assert objective.total(p, r.assignment) == exhaustive_optimum(p)

@@ -84,8 +84,8 @@ class PlanRegistry:
     """Plans by id (see the module docstring). Entries change only in the writer, under
     the state's lock; the registry's own lock guards the mapping for the other threads."""
 
-    def __init__(self, keep: int = MAX_PLANS):
-        self.keep = keep
+    def __init__(self, max_plans: int = MAX_PLANS):
+        self.max_plans = max_plans
         self._entries: OrderedDict[str, PlanEntry] = OrderedDict()
         self._lock = threading.Lock()
         self._pending: list = []  # replay: the MOVED events read of the step being replayed
@@ -97,7 +97,7 @@ class PlanRegistry:
         with self._lock:
             self._entries[entry.plan.id] = entry
             self._entries.move_to_end(entry.plan.id)
-            excess = len(self._entries) - self.keep
+            excess = len(self._entries) - self.max_plans
             for pid in [p for p, e in self._entries.items() if not e.running][:max(excess, 0)]:
                 del self._entries[pid]
 
@@ -105,7 +105,7 @@ class PlanRegistry:
         with self._lock:
             entry = self._entries.get(plan_id)
         if entry is None:
-            raise NotFound(f"plan_id {plan_id!r} is unknown: the server keeps the last {self.keep} plans "
+            raise NotFound(f"plan_id {plan_id!r} is unknown: the server keeps the last {self.max_plans} plans "
                            "and those a restart found interrupted; plan again")
         return entry
 
@@ -121,9 +121,17 @@ class PlanRegistry:
         with state.lock:  # what the reads see is durable
             cluster, sequence, version = state.cluster, state.sequence, state.cluster.version
         plan = cluster.rebalance(goal, **options)
-        if plan.base_version != version:  # made on a later state: which sequence, if still current
+        return self.keep(state, plan, cluster, sequence if plan.base_version == version else None)
+
+    def keep(self, state, plan, cluster, sequence: int | None = None) -> PlanEntry:
+        """Keep a plan made on `cluster` (the state's, at `plan.base_version`) for ApplyPlan:
+        what Rebalance does with a plan it made, and what a program embedding the server does
+        with one it made itself (another cost model, say). `sequence` is the event sequence
+        of the state it was made for; None: the state's now, if still at that version, else 0."""
+        if sequence is None:
             with state.lock:
-                sequence = state.sequence if state.cluster is cluster and cluster.version == plan.base_version else 0
+                current = state.cluster is cluster and cluster.version == plan.base_version
+                sequence = state.sequence if current else 0
         entry = PlanEntry(plan, convert.plan_to_proto(plan, sequence), weakref.ref(cluster))
         self._add(entry)
         return entry

@@ -16,6 +16,7 @@ import grpc
 from ..cluster import MAX_QUANTITY
 from ..errors import (DuplicateId, NotFound, SchedulerError, StateConflict, Unschedulable,
                       ValidationError)
+from ..rebalance.errors import RebalanceInfeasible
 from ..store import StoreError
 from ..v1 import scheduler_pb2 as pb
 from ..v1 import scheduler_pb2_grpc as pb_grpc
@@ -38,6 +39,7 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (StateConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (Unschedulable, grpc.StatusCode.FAILED_PRECONDITION),
+    (RebalanceInfeasible, grpc.StatusCode.FAILED_PRECONDITION),  # what fits nowhere, named
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StoreFailed, grpc.StatusCode.UNAVAILABLE),
     (StoreError, grpc.StatusCode.UNAVAILABLE),

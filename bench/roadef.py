@@ -30,9 +30,23 @@ import numpy as np
 
 from hci_scheduler.errors import ValidationError
 
-__all__ = ["Instance", "Check", "read_model", "parse_model", "format_model", "read_assignment",
-           "parse_assignment", "write_assignment", "to_problem", "check", "solve", "run_instance",
-           "run_set", "TERMS", "BEST_KNOWN"]
+__all__ = [
+    "BEST_KNOWN",
+    "TERMS",
+    "Check",
+    "Instance",
+    "check",
+    "format_model",
+    "parse_assignment",
+    "parse_model",
+    "read_assignment",
+    "read_model",
+    "run_instance",
+    "run_set",
+    "solve",
+    "to_problem",
+    "write_assignment",
+]
 
 #: The objective terms of the challenge, in the statement's order (names as in
 #: hci_scheduler.rebalance.objective, so the two can be compared term by term).
@@ -412,7 +426,7 @@ def run_instance(model, assignment, *, time_limit_s: float = 60.0, seed: int = 0
 
 def _name(model) -> str:
     stem = Path(model).stem
-    return stem[len("model_"):] if stem.startswith("model_") else stem
+    return stem.removeprefix("model_")
 
 
 def _plain(value):

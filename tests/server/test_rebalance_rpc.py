@@ -199,6 +199,36 @@ def test_rebalance_changes_nothing_and_apply_moves_as_planned(server):
     assert stub.GetStatus(pb.GetStatusRequest()).last_sequence == last
 
 
+def test_balance_moves_load_under_its_target(server):
+    _, stub = server
+    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("hot"), make_host("cold")]))
+    stub.Place(pb.PlaceRequest(workloads=[make_workload(f"b{i}") for i in range(3)]))  # binpack: all on "hot"
+    assert set(allocations(stub).values()) == {"hot"}
+    plan = rebalance(stub, pb.REBALANCE_GOAL_BALANCE, targets={"cpu": 0.5})
+    # 3000 of 4000 millicores on "hot" is 1000 over the 2000 target: one workload moves.
+    assert plan.terms_before["load_cost"] > 0 and plan.terms_after["load_cost"] == 0
+    stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id))
+    used = check_within_limits(stub)
+    assert used["hot"]["cpu"] <= 2000 and used["cold"]["cpu"] <= 2000
+
+
+def test_defragment_makes_room_for_a_workload_no_host_takes(server):
+    _, stub = server
+    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("d0"), make_host("d1")]))
+    stub.Place(pb.PlaceRequest(workloads=[make_workload("a", cpu=2000), make_workload("b", cpu=1000)],
+                               strategy=pb.STRATEGY_SPREAD))
+    big = make_workload("big", cpu=3500)
+    refused = stub.Place(pb.PlaceRequest(workloads=[big])).placements[0]  # 2000 and 3000 free: fits nowhere
+    assert not refused.host_id
+    plan = rebalance(stub, pb.REBALANCE_GOAL_DEFRAGMENT, workload=big)
+    room_on = plan.search_notes["room_on"]
+    assert room_on in ("d0", "d1") and not allocations(stub).get("big")  # not placed by the plan
+    stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id))
+    used = check_within_limits(stub)
+    assert 4000 - used.get(room_on, {}).get("cpu", 0) >= 3500
+    assert stub.Place(pb.PlaceRequest(workloads=[big])).placements[0].host_id == room_on
+
+
 def test_a_stale_plan_is_refused_and_changes_nothing(server):
     _, stub = server
     spread_layout(stub)

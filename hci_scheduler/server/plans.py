@@ -28,6 +28,7 @@ import base64
 import json
 import logging
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,11 +37,15 @@ from ..errors import NotFound, SchedulerError, StateConflict
 from ..store import StoreError
 from ..v1 import scheduler_pb2 as pb
 from . import convert
+from .writer import DeadlineExpired
 
 log = logging.getLogger("hci_scheduler.server")
 
 #: Plans kept for ApplyPlan besides the interrupted ones (older ones are NOT_FOUND).
 MAX_PLANS = 64
+#: Searches that run at once; more wait their turn. A search takes a core for up to its time
+#: limit, and placements, the server's hot path, must keep theirs.
+MAX_SEARCHES = 1
 #: The store metadata key of the interrupted plans (JSON: plan bytes in base64, steps done, reason).
 INTERRUPTED_KEY = "interrupted_plans"
 
@@ -90,6 +95,7 @@ class PlanRegistry:
         self._lock = threading.Lock()
         self._pending: list = []  # replay: the MOVED events read of the step being replayed
         self._saved: str | None = None  # the interrupted plans as last read from or written to the store
+        self._searches = threading.BoundedSemaphore(MAX_SEARCHES)
 
     # -- the mapping -----------------------------------------------------------------
 
@@ -115,12 +121,20 @@ class PlanRegistry:
 
     # -- making a plan (any thread) -------------------------------------------------------
 
-    def make(self, state, goal: str, **options) -> PlanEntry:
+    def make(self, state, goal: str, deadline: float | None = None, **options) -> PlanEntry:
         """Search a plan for `goal` on the state's cluster (`Cluster.rebalance` options) and
-        keep it. The state may change meanwhile: ApplyPlan then refuses the plan."""
-        with state.lock:  # what the reads see is durable
-            cluster, sequence, version = state.cluster, state.sequence, state.cluster.version
-        plan = cluster.rebalance(goal, **options)
+        keep it; one search at a time (MAX_SEARCHES), waiting at most until `deadline` (a
+        time.monotonic() value) for its turn. The state may change while it searches:
+        ApplyPlan then refuses the plan."""
+        wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self._searches.acquire(timeout=-1 if wait is None else wait):
+            raise DeadlineExpired("deadline passed while the search waited for the one before it")
+        try:
+            with state.lock:  # what the reads see is durable
+                cluster, sequence, version = state.cluster, state.sequence, state.cluster.version
+            plan = cluster.rebalance(goal, **options)
+        finally:
+            self._searches.release()
         return self.keep(state, plan, cluster, sequence if plan.base_version == version else None)
 
     def keep(self, state, plan, cluster, sequence: int | None = None) -> PlanEntry:
@@ -242,7 +256,7 @@ class PlanRegistry:
             self._no_partial_step(ev)
             with self._lock:
                 entry = self._entries.get(ev.plan_id)
-            if entry is None or entry.plan.id != ev.plan.id:
+            if entry is None:  # else a plan this process made or read before: the same plan
                 entry = PlanEntry(convert.plan_from_proto(ev.plan), ev.plan)
             entry.running, entry.steps_done, entry.outcome = True, ev.plan_step, None
             entry.reason = "the server stopped before the plan's last step"

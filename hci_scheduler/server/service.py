@@ -360,7 +360,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             self._check_dims(f"workload {w.id!r} requests", w.requests)
             workload = convert.workload_to_model(convert.normalize_workload(w))
         self._check_dims("targets", request.targets)
-        entry = self.state.plans.make(self.state, goal, hosts=list(request.host_ids) or None, workload=workload,
+        entry = self.state.plans.make(self.state, goal, self._deadline(context),
+                                      hosts=list(request.host_ids) or None, workload=workload,
                                       targets=dict(request.targets) or None, **options)
         return pb.RebalanceResponse(plan=entry.proto)
 
@@ -382,7 +383,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         _check_id("host_id", request.host_id)
         options = self._search_options(request.max_moves, request.time_limit_s, request.seed)
         for attempt in range(self.DRAIN_ATTEMPTS):
-            entry = self.state.plans.make(self.state, "drain", hosts=[request.host_id], **options)
+            entry = self.state.plans.make(self.state, "drain", self._deadline(context), hosts=[request.host_id],
+                                          **options)
             try:
                 applied = self._apply_plan(entry.plan.id, request.host_id, context)
             except StalePlan:

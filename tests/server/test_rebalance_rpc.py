@@ -150,6 +150,36 @@ def test_a_plan_survives_its_wire_form(lower_bound):
         assert getattr(back, name) == getattr(plan, name), name
 
 
+def test_searches_take_turns_and_a_waiting_one_gives_up_at_its_deadline():
+    from hci_scheduler.rebalance import Plan
+    from hci_scheduler.server.plans import PlanRegistry
+    from hci_scheduler.server.writer import DeadlineExpired
+
+    started, release = threading.Event(), threading.Event()
+
+    class SlowCluster:  # its search holds the turn until released
+        version = 0
+
+        def rebalance(self, goal, **options):
+            started.set()
+            release.wait(10)
+            return Plan(goal, id=f"plan-{options['seed']}")
+
+    class State:
+        lock, cluster, sequence = threading.RLock(), SlowCluster(), 0
+
+    registry = PlanRegistry()
+    first = threading.Thread(target=registry.make, args=(State, "consolidate"), kwargs={"seed": 1})
+    first.start()
+    assert started.wait(10)
+    with pytest.raises(DeadlineExpired):
+        registry.make(State, "consolidate", time.monotonic() + 0.2, seed=2)
+    release.set()
+    first.join(10)
+    assert registry.get("plan-1").plan.id == "plan-1"
+    assert registry.make(State, "consolidate", time.monotonic() + 10, seed=3).plan.id == "plan-3"  # the turn came back
+
+
 # -- Rebalance and ApplyPlan ---------------------------------------------------------------
 
 

@@ -592,7 +592,7 @@ def run_client(args) -> int:
         if args.json:
             _print_json(resp)
         else:
-            _table("hosts to add", ("type", "count"), sorted(resp.add.items()))
+            _table("hosts to add", ("type", "count"), sorted(resp.hosts_to_add.items()))
             print(f"cost: {resp.cost}; lower bound: {resp.lower_bound}; "
                   f"fit on the hosts there are: {resp.fits_now} of {len(workloads)}")
             _table("where each workload would go", ("workload", "host"), sorted(resp.placements.items()))

@@ -441,6 +441,7 @@ def host_type_to_model(t: pb.HostType):
 
 
 def capacity_to_proto(plan) -> pb.PlanCapacityResponse:
-    return pb.PlanCapacityResponse(add={k: int(v) for k, v in plan.add.items()}, cost=int(plan.cost),
+    return pb.PlanCapacityResponse(hosts_to_add={k: int(v) for k, v in plan.add.items()},
+                                   cost=int(plan.cost),
                                    placements=dict(plan.placements), lower_bound=int(plan.lower_bound),
                                    fits_now=int(plan.fits_now))

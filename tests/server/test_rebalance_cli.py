@@ -96,7 +96,7 @@ def test_capacity_reads_types_and_workloads_from_files(server, tmp_path):
     wf.write_text("- {id: cw1, requests: {cpu: 1000, memory: 4096}, node_selector: {cap: 'yes'}}\n"
                   "- {id: cw2, requests: {cpu: 1000, memory: 4096}, node_selector: {cap: 'yes'}}\n")
     resp = json.loads(cli(server, "capacity", "--types", str(tf), "--workloads", str(wf), "--json").stdout)
-    assert resp["add"] == {"cap-small": "2"} and resp["cost"] == "20"
+    assert resp["hosts_to_add"] == {"cap-small": "2"} and resp["cost"] == "20"
     assert sorted(resp["placements"].values()) == ["cap-small#0", "cap-small#1"]
     table = cli(server, "capacity", "--types", str(tf), "--workloads", str(wf)).stdout
     assert "cap-small" in table and "cost: 20" in table

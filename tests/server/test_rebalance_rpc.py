@@ -370,7 +370,7 @@ def test_plan_capacity_buys_the_cheapest_hosts(server):
     resp = stub.PlanCapacity(pb.PlanCapacityRequest(workloads=pending, host_types=types))
     # "now" is full; 3 x 3000 millicores: one big host (25) beats three small ones (3 x 10 = 30,
     # one 3000 each: two do not fit in 4000).
-    assert dict(resp.add) == {"big": 1} and resp.cost == 25 and resp.fits_now == 0
+    assert dict(resp.hosts_to_add) == {"big": 1} and resp.cost == 25 and resp.fits_now == 0
     assert dict(resp.placements) == {f"p{i}": "big#0" for i in range(3)}
     assert resp.lower_bound <= resp.cost
     assert allocations(stub) == {"running": "now"}  # nothing placed

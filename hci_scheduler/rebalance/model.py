@@ -208,9 +208,10 @@ def build(problem: Problem, current: np.ndarray, workloads: np.ndarray, hosts: n
 
     # Dependency (a, b): a neighbourhood holding a workload of a holds one of b.
     nbhs = np.unique(p.neighbourhood[H])
+    services_w = set(p.service[W].tolist())
     for a, b in p.depends:
-        if a == b:
-            continue
+        if a == b or (a not in services_w and b not in services_w):
+            continue  # neither side can change: the constraint holds as it does now
         for nb in nbhs:
             const_a = bool(((p.service == a) & rest & (p.neighbourhood[cur] == nb)).any())
             const_b = bool(((p.service == b) & rest & (p.neighbourhood[cur] == nb)).any())

@@ -34,10 +34,12 @@ from . import model, objective, solve
 from .errors import RebalanceInfeasible
 from .problem import Problem
 
-# Work units per second of time_limit_s when no work_budget is given: about what the
-# 2-core benchmark machine evaluates in half a second (a shift or swap is one unit),
-# leaving room for a loaded machine before the wall-clock cap (which breaks determinism).
-WORK_PER_SECOND = 3_000_000
+# Work units per second of time_limit_s when no work_budget is given. A shift or swap
+# evaluated is one unit; the local search evaluates about 7.5 million a second on one core
+# of the 2-core benchmark machine (a1_2: 5,000,000 in 0.66 s), so a budget takes about
+# half of its time, leaving room for a loaded machine before the wall-clock cap (which
+# breaks determinism) bites.
+WORK_PER_SECOND = 4_000_000
 # Moves evaluated per local-search round, before host emptying and LNS get a turn.
 LS_ROUND = 200_000
 # Hosts a host-emptying move scans per workload (from a rotating start) on large clusters.
@@ -45,14 +47,15 @@ SCAN_LIMIT = 512
 # Share of the work given to LNS sub-models.
 LNS_SHARE = 0.3
 # Size of an LNS neighbourhood: at most this many hosts and movable workloads.
-LNS_HOSTS = 8
-LNS_WORKLOADS = 48
-# Work units per second of CP-SAT deterministic time, and per model variable built
-# (building the model in Python costs about as much as a short solve).
-WORK_PER_DET = WORK_PER_SECOND
-WORK_PER_VAR = 400
+LNS_HOSTS = 6
+LNS_WORKLOADS = 36
+# Work units per second of CP-SAT deterministic time (a sub-model of 280 variables took
+# 1.05 s of wall time for 0.2 s of deterministic time on a1_2), and per model variable
+# built (about 150 us of Python each).
+WORK_PER_DET = 5 * WORK_PER_SECOND
+WORK_PER_VAR = 600
 # Deterministic time limit of one sub-model solve.
-LNS_DET = 0.2
+LNS_DET = 0.05
 
 
 @dataclass

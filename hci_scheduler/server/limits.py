@@ -37,6 +37,8 @@ MAX_TERMS = 64
 #: A rebalance search's time limit when the request gives none, and the most it may ask for (s).
 DEFAULT_REBALANCE_SECONDS = 30.0
 MAX_REBALANCE_SECONDS = 600.0
+#: The largest search seed (CP-SAT's random_seed is a 32-bit signed integer).
+MAX_SEED = 2**31 - 1
 #: Messages nested in a request, unknown groups included (the schema's own go 4 deep).
 MAX_NESTING = 16
 

@@ -23,7 +23,7 @@ from ..v1 import scheduler_pb2_grpc as pb_grpc
 from . import convert, limits
 from .convert import PlaceItem
 from .limits import (DEFAULT_REBALANCE_SECONDS, MAX_HOSTS_PER_CALL, MAX_ID_LENGTH, MAX_NAME_LENGTH,
-                     MAX_REBALANCE_SECONDS, MAX_WORKLOADS_PER_CALL)
+                     MAX_REBALANCE_SECONDS, MAX_SEED, MAX_WORKLOADS_PER_CALL)
 from .plans import StalePlan
 from .state import SchedulerState, place_response
 from .writer import DeadlineExpired, StoreFailed
@@ -337,6 +337,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         if not 0 <= time_limit_s <= MAX_REBALANCE_SECONDS:  # NaN fails too
             raise ValidationError(f"time_limit_s must be in [0, {MAX_REBALANCE_SECONDS:g}] "
                                   f"(0: {DEFAULT_REBALANCE_SECONDS:g}), got {time_limit_s}")
+        if not 0 <= seed <= MAX_SEED:
+            raise ValidationError(f"seed must be in [0, {MAX_SEED}] (CP-SAT's random_seed), got {seed}")
         return {"max_moves": max_moves or None, "time_limit_s": time_limit_s or DEFAULT_REBALANCE_SECONDS,
                 "seed": seed}
 

@@ -283,6 +283,10 @@ def test_a_stale_plan_is_refused_and_changes_nothing(server):
      grpc.StatusCode.INVALID_ARGUMENT, "time_limit_s"),
     ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, max_moves=-1),
      grpc.StatusCode.INVALID_ARGUMENT, "max_moves"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, seed=-1),
+     grpc.StatusCode.INVALID_ARGUMENT, "seed"),
+    ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, seed=2**31),
+     grpc.StatusCode.INVALID_ARGUMENT, "seed"),
     ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, host_ids=["h0"]),
      grpc.StatusCode.INVALID_ARGUMENT, "host_ids"),
     ("Rebalance", pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_DRAIN), grpc.StatusCode.INVALID_ARGUMENT, "drain"),
@@ -305,7 +309,7 @@ def test_a_stale_plan_is_refused_and_changes_nothing(server):
     ("PlanCapacity", pb.PlanCapacityRequest(host_types=[pb.HostType(name="t", capacity={"gpus": 1}, price=1)]),
      grpc.StatusCode.INVALID_ARGUMENT, "gpus"),
 ], ids=["no goal", "unknown goal", "negative time", "time over 600 s", "NaN time", "negative max_moves",
-        "hosts for consolidate", "drain without hosts", "drain unknown host", "unknown target dimension",
+        "negative seed", "seed over 2^31-1", "hosts for consolidate", "drain without hosts", "drain unknown host", "unknown target dimension",
         "target above 1", "defragment without workload", "empty plan id", "unknown plan", "drain no host",
         "drain unknown host", "no host types", "negative price", "unknown capacity dimension"])
 def test_bad_requests_change_nothing(server, method, request_, code, phrase):

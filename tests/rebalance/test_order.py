@@ -264,3 +264,13 @@ def test_random_pairs_with_tenants_and_spread_never_break_a_constraint(instance)
         assert result.unordered.startswith(("no pending move", "the moves need"))
         return
     assert replay(problem, initial, final, result.steps) == []
+
+
+def test_transient_dimensions_stay_charged_on_the_initial_host():
+    """ROADEF transient resources: w0's disk (dimension 1) stays on h0 after it left, so w1
+    cannot take its place; without the transient rule it can, one step after w0 left."""
+    kwargs = dict(capacity=[[10, 10]] * 3, request=[[1, 6], [1, 6]], initial=[0, 2])
+    result = order_moves(Problem(**kwargs), [0, 2], [1, 0])
+    assert result.steps == [[(0, 0, 1)], [(1, 2, 0)]]
+    result = order_moves(Problem(**kwargs, transient=[False, True]), [0, 2], [1, 0])
+    assert result.unordered and "workload 1 from host 2 to host 0 (refused for capacity" in result.unordered

@@ -8,8 +8,19 @@ and a transaction that did not commit leaves no trace (atomic batches).
 take turns (and give the background checkpoint its turn between two commits).
 Grouping many mutations into one commit is the server's writer's job.
 
+One connection, in EXCLUSIVE locking mode: SQLite then keeps the WAL index in heap
+memory instead of a shared-memory file (`-shm`) it maps. A mapped file that becomes
+unwritable under the process (made immutable, say) kills it with SIGBUS at the next
+write to the mapping, with nothing in the log; with no mapping, the same fault is an
+error SQLite returns. Reads take the store's turn like commits (bench/README.md,
+"Durability", gives the cost); a second process cannot open a store in use.
+
 A full disk or a read-only database raises StoreUnwritable (reads go on; the
-failed transaction left nothing); any other SQLite error raises StoreError.
+failed transaction left nothing); any other SQLite error raises StoreError. A store
+whose files or directory cannot be written at open (a read-only remount, an
+immutable file) is opened read-only: reads are served from it (from a copy when a
+crash left a WAL to recover), and probe_write opens it for writing again once the
+files take writes.
 Beside the database, a high-water mark (mark.py) records the incarnation and
 the last sequence at each checkpoint and at close: a store that opens below
 it lost acknowledged events, says so in an ERROR and starts a new incarnation.
@@ -20,8 +31,11 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
+import urllib.parse
 from typing import Sequence
 
 from .base import (COMPACTED_KEY, INCARNATION_KEY, Record, Store, StoreError, StoreUnwritable, check_contiguous,
@@ -73,31 +87,49 @@ def read_only_fs(path: str) -> bool:
 
 def _store_error(path: str, what: str, exc: sqlite3.Error) -> StoreError:
     """StoreUnwritable for a full disk, a read-only database, or an I/O error on a file
-    system now read-only (SQLite reports the last as `disk I/O error`); StoreError otherwise."""
+    system now read-only or on a store file made unwritable (SQLite reports the last two
+    as `disk I/O error`), naming the file; StoreError otherwise."""
     code = getattr(exc, "sqlite_errorcode", None)
     primary = code & 0xFF if code is not None else None
-    if primary in _UNWRITABLE_CODES:
-        return StoreUnwritable(f"{path}: {what}: {exc}")
-    if primary == _IOERR and read_only_fs(path):
-        return StoreUnwritable(f"{path}: {what}: {exc} (the file system is read-only)")
+    if primary in _UNWRITABLE_CODES or primary == _IOERR:
+        if primary == _IOERR and read_only_fs(path):
+            return StoreUnwritable(f"{path}: {what}: {exc} (the file system is read-only)")
+        why = unwritable_files(path)  # made immutable (or read-only) under the running server
+        if why is not None:
+            return StoreUnwritable(f"{path}: {what}: {exc} ({why})")
+        if primary != _IOERR:
+            return StoreUnwritable(f"{path}: {what}: {exc}")
     return StoreError(f"{path}: {what}: {exc}")
 
 
-def check_files_writable(path: str) -> None:
-    """Raise StoreError naming the first store file that exists and cannot be opened for
-    writing (immutable, read-only file system, permissions). SQLite would open it
-    read-only and map its shared memory anyway; a write to that mapping kills the
-    process with SIGBUS, with nothing in the log."""
-    for p in (path, path + "-wal", path + "-shm"):
+def unwritable_files(path: str) -> str | None:
+    """Why the store at `path` cannot be written, naming the file or directory (None: it
+    can): a store file that exists and cannot be opened for writing (immutable,
+    read-only file system, permissions), or a directory where no file can be created
+    (SQLite creates the WAL there). Asked by opening, which changes nothing, and by
+    creating a probe file: permission bits do not stop root, and ext4 turns read-only
+    without its mount flags (statvfs) saying so."""
+    for p in (path, path + "-wal"):
         try:
-            fd = os.open(p, os.O_RDWR)  # opening changes nothing in the file
+            fd = os.open(p, os.O_RDWR)
         except FileNotFoundError:
             continue
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             hint = " (immutable? see lsattr)" if exc.errno == errno.EPERM else ""
-            raise StoreError(f"{p}: store file not writable: {reason}{hint}") from exc
+            return f"{p}: store file not writable: {reason}{hint}"
         os.close(fd)
+    probe = path + ".rw-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # full, not read-only: SQLite says so at the next write
+            return None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return f"{os.path.dirname(os.path.abspath(path))}: store directory not writable: {reason}"
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
 
 
 #: Bytes kept beside the database (`<db>.reserve`). SQLite cannot open a database in WAL
@@ -127,13 +159,26 @@ def _keep_reserve(path: str) -> None:
         raise
 
 
-def _session(path: str, synchronous: str | None = None) -> sqlite3.Connection:
-    """Another connection to the open store (a reader, the checkpointer): the database is
-    in WAL mode already, so no statement that may write, and it opens on a full disk too."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    if synchronous is not None:
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-    return conn
+def _open_read_only(path: str) -> tuple[sqlite3.Connection, str | None]:
+    """A connection that reads the store and writes none of its files, and the scratch
+    directory it reads from (None: the store itself). Without a WAL to recover the file
+    is opened as immutable; with one (a crash left it), SQLite must rebuild the WAL index
+    from it, which it cannot do read-only, so the database and its WAL are read from
+    copies in a scratch directory (the store's files do not change while it refuses
+    writes)."""
+    wal = path + "-wal"
+    if os.path.exists(wal) and os.path.getsize(wal) > 0:
+        scratch = tempfile.mkdtemp(prefix="hci-store-ro-")
+        copy = os.path.join(scratch, os.path.basename(path))
+        try:
+            shutil.copyfile(path, copy)
+            shutil.copyfile(wal, copy + "-wal")
+            return _connect(copy, "OFF"), scratch
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro&immutable=1"
+    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False), None
 
 
 def _open_with_reserve(path: str, synchronous: str) -> sqlite3.Connection:
@@ -154,11 +199,18 @@ def _connect(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one append is
     # exactly one transaction.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    # Before WAL (which writes the header): a new database gives the pages of compacted
-    # events back to the file system (see compact); on an existing one this changes nothing.
-    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
+    # Before the first WAL access: the WAL index in heap memory, no mapped -shm (see the
+    # module docstring); the database stays locked to this connection.
+    conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+    try:
+        # Before WAL (which writes the header): a new database gives the pages of compacted
+        # events back to the file system (see compact); on an existing one this changes nothing.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    except BaseException:
+        conn.close()  # it may hold the exclusive lock: another try would find the store locked
+        raise
     return conn
 
 
@@ -168,7 +220,7 @@ class SQLiteStore(Store):
     Parameters
     ----------
     path : str
-        The database file. The WAL (`-wal`) and shared-memory (`-shm`) files sit beside it.
+        The database file. The WAL (`-wal`) sits beside it; no `-shm` (EXCLUSIVE locking).
     synchronous : {"FULL", "NORMAL"}
         FULL (the default) fsyncs the WAL on every commit: a reply means the
         mutation survives a power loss. NORMAL fsyncs only at checkpoints: a
@@ -184,30 +236,31 @@ class SQLiteStore(Store):
             raise StoreError(f"synchronous must be one of {SYNC_MODES}, got {synchronous!r}")
         self.path = path
         self.synchronous = synchronous
-        check_files_writable(path)
-        try:
-            self._wconn = _open_with_reserve(path, synchronous)
-        except sqlite3.Error as exc:  # not a database, no room for the WAL index, ...
-            raise _store_error(path, "cannot open", exc) from exc
         self._cond = threading.Condition()
         self._committing = False
         self._checkpoint_wanted = False
         self._waiting = 0  # threads in _wait: a commit with none skips notify_all
         self._closed = False
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
         self.commits = 0  # transactions committed (group commit shares them)
         self.checkpoint_interval_s = checkpoint_interval_s
-        mode = self._wconn.execute("PRAGMA journal_mode").fetchone()[0]
-        if mode.lower() != "wal":
-            raise StoreError(f"{path}: could not switch to WAL mode (got {mode!r})")
-        self._wconn.executescript(_SCHEMA)
-        version = self.get_meta("schema_version")
-        if version is None:
-            self.set_meta("schema_version", SCHEMA_VERSION)
-        elif version != SCHEMA_VERSION:
-            raise StoreError(f"{path}: schema_version {version!r}, this build reads {SCHEMA_VERSION!r}")
+        self._checkpoint_failing = False
+        # Why the store was opened read-only (None: it takes writes); see probe_write.
+        self.read_only: str | None = unwritable_files(path)
+        self._scratch: str | None = None  # the copies a read-only store reads from
+        self._incarnation_recorded = True
+        if self.read_only is None:
+            self._wconn = self._open_writable()
+        else:
+            if not os.path.exists(path):
+                raise StoreError(f"{path}: no store, and none can be created: {self.read_only}")
+            try:
+                self._wconn, self._scratch = _open_read_only(path)
+                self._check_schema()
+            except (sqlite3.Error, OSError) as exc:
+                self._drop_scratch()
+                raise StoreError(f"{path}: cannot open read-only ({self.read_only}): {exc}") from exc
+            log.error("store files not writable: serving reads only until they take writes", extra={"fields": {
+                "path": path, "reason": self.read_only, "copy": self._scratch}})
         row = self._wconn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         self._last = int(row[0])
         self._compacted = self._finish_compaction()
@@ -219,17 +272,49 @@ class SQLiteStore(Store):
         self._mark_lock = threading.Lock()
         self.mark_interval_s = 0.1
         self._settle_incarnation()
-        with contextlib.suppress(OSError):  # on a full disk, probe_write says so
-            _keep_reserve(path)
-        # Checkpoints copy the WAL into the database file and fsync it. Run inline (SQLite's
-        # default, every 1000 pages) one lands on some commit and stalls its reply: the p99.
-        # A background thread checkpoints instead, once a second, between two commits.
-        self._wconn.execute("PRAGMA wal_autocheckpoint=0")
+        if self.read_only is None:
+            with contextlib.suppress(OSError):  # on a full disk, probe_write says so
+                _keep_reserve(path)
         self._stop_checkpoints = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True)
         self._checkpointer.start()
         self._marker = threading.Thread(target=self._mark_loop, name="sqlite-mark", daemon=True)
         self._marker.start()
+
+    def _open_writable(self) -> sqlite3.Connection:
+        try:
+            conn = _open_with_reserve(self.path, self.synchronous)
+        except sqlite3.Error as exc:  # not a database, no room for the WAL, ...
+            raise _store_error(self.path, "cannot open", exc) from exc
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{self.path}: could not switch to WAL mode (got {mode!r})")
+            conn.executescript(_SCHEMA)
+            self._wconn = conn
+            self._check_schema(create=True)
+        except BaseException as exc:
+            conn.close()  # it holds the exclusive lock
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(self.path, "cannot open", exc) from exc
+            raise
+        # Checkpoints copy the WAL into the database file and fsync it. Run inline (SQLite's
+        # default, every 1000 pages) one lands on some commit and stalls its reply: the p99.
+        # A background thread checkpoints instead, once a second, between two commits.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        return conn
+
+    def _check_schema(self, create: bool = False) -> None:
+        version = self.get_meta("schema_version")
+        if version is None and create:
+            self._wconn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema_version {version!r}, this build reads {SCHEMA_VERSION!r}")
+
+    def _drop_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     def _settle_incarnation(self) -> None:
         """The store's incarnation, checked against the high-water mark: a log below its
@@ -256,10 +341,13 @@ class SQLiteStore(Store):
                 log.error("store lost acknowledged events; starting a new log incarnation", extra={"fields": {
                     "path": self.path, "reason": lost, "last_sequence": self._last,
                     "mark_sequence": mark.sequence, "old_incarnation": current, "incarnation": fresh}})
-            try:
-                self.set_meta(INCARNATION_KEY, fresh)
-            except sqlite3.Error as exc:
-                raise _store_error(self.path, "cannot record a new incarnation", exc) from exc
+            if self.read_only is None:
+                try:
+                    self.set_meta(INCARNATION_KEY, fresh)
+                except sqlite3.Error as exc:
+                    raise _store_error(self.path, "cannot record a new incarnation", exc) from exc
+            else:  # recorded before the first write (see _reopen_writable)
+                self._incarnation_recorded = False
             current = fresh
         self._incarnation = current
         self._write_mark(self._last)
@@ -267,6 +355,8 @@ class SQLiteStore(Store):
     def _write_mark(self, sequence: int, sync: bool = True) -> None:
         """Record the high-water mark (fsynced with `sync`); a failure (full disk) is
         logged, not fatal: the mark only adds detection."""
+        if not self._incarnation_recorded:  # the store does not say it yet (read-only)
+            return
         mark = Mark(self._incarnation, sequence)
         with self._mark_lock:
             if mark == self._marked and (self._marked_synced or not sync):
@@ -293,7 +383,14 @@ class SQLiteStore(Store):
         return self._incarnation
 
     def probe_write(self) -> None:
-        """Rewrite one meta row: a real commit, so it fails as long as the disk is full."""
+        """Rewrite one meta row: a real commit, so it fails as long as the disk is full.
+        A store opened read-only is opened for writing first, once its files take writes."""
+        if self.read_only is not None:
+            why = unwritable_files(self.path)
+            if why is not None:
+                self.read_only = why
+                raise StoreUnwritable(f"{self.path}: opened read-only: {why}")
+            self._turn(self._reopen_writable)
         try:
             _keep_reserve(self.path)
         except OSError as exc:
@@ -304,39 +401,70 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise _store_error(self.path, "write probe failed", exc) from exc
 
+    def _reopen_writable(self) -> None:
+        """Replace the read-only connection by a writable one (in the store's turn). The
+        store's files did not change while it was read-only, so the state read from it
+        stays the state of the log."""
+        old = self._wconn
+        try:
+            self._open_writable()  # sets self._wconn
+        except StoreError as exc:
+            self._wconn = old
+            raise StoreUnwritable(f"{self.path}: opened read-only, cannot open for writing: {exc}") from exc
+        with contextlib.suppress(sqlite3.Error):
+            old.close()
+        self._drop_scratch()
+        try:
+            self._compacted = self._finish_compaction()
+            if not self._incarnation_recorded:
+                self._wconn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                                    "SET value = excluded.value", (INCARNATION_KEY, self._incarnation))
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "opened for writing", exc) from exc
+        self._incarnation_recorded = True
+        self.read_only = None
+        log.info("store files take writes again: opened for writing", extra={"fields": {"path": self.path}})
+
     def _checkpoint_loop(self) -> None:
         """Checkpoint with no commit in flight, so every frame is copied and the next
         commit rewrites the WAL from its start. A checkpoint racing the writer rarely
         catches up with it: the WAL then only grows, and appending to a growing file
         costs an fsync of its metadata too, which roughly doubled a commit's time on
         ext4 (bench/README.md). At most one commit a second waits for a checkpoint."""
-        conn = _session(self.path, self.synchronous)
-        try:
-            while not self._stop_checkpoints.wait(self.checkpoint_interval_s):
+        while not self._stop_checkpoints.wait(self.checkpoint_interval_s):
+            with self._cond:
+                # Ask for the next turn: a writer that commits back to back would
+                # otherwise always take the store again before this thread wakes.
+                self._checkpoint_wanted = True
+                while self._committing:
+                    self._wait()
+                self._checkpoint_wanted = False
+                if self._closed:
+                    self._cond.notify_all()  # appends held back by the request go on
+                    return
+                self._committing = True
+            reached = self._last  # durable: no commit is in flight
+            try:
+                if self.read_only is None:
+                    self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self._checkpoint_failing = False
+            except sqlite3.Error as exc:
+                self._checkpoint_failed(exc)
+            finally:
                 with self._cond:
-                    # Ask for the next turn: a writer that commits back to back would
-                    # otherwise always take the store again before this thread wakes.
-                    self._checkpoint_wanted = True
-                    while self._committing:
-                        self._wait()
-                    self._checkpoint_wanted = False
-                    if self._closed:
-                        self._cond.notify_all()  # appends held back by the request go on
-                        return
-                    self._committing = True
-                reached = self._last  # durable: no commit is in flight
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:
-                    pass  # busy (a reader holds an old snapshot): the next round tries again
-                finally:
-                    with self._cond:
-                        self._committing = False
-                        if self._waiting:
-                            self._cond.notify_all()
-                self._write_mark(reached)  # outside the turn: its fsync delays no commit
-        finally:
-            conn.close()
+                    self._committing = False
+                    if self._waiting:
+                        self._cond.notify_all()
+            self._write_mark(reached)  # outside the turn: its fsync delays no commit
+
+    def _checkpoint_failed(self, exc: sqlite3.Error) -> None:
+        """Say once per streak why checkpoints fail: commits still go to the WAL, which
+        then grows until the database file takes writes again."""
+        if not self._checkpoint_failing:
+            why = unwritable_files(self.path)
+            log.error("checkpoint failed: commits go on into the WAL, which grows until it succeeds",
+                      extra={"fields": {"path": self.path, "reason": str(exc) + (f" ({why})" if why else "")}})
+        self._checkpoint_failing = True
 
     # -- writing -------------------------------------------------------------
 
@@ -399,7 +527,7 @@ class SQLiteStore(Store):
     def _finish_compaction(self) -> int:
         """Delete what a compaction interrupted by a crash left (at open); returns compacted_seq."""
         upto = int(self.get_meta(COMPACTED_KEY) or 0)
-        if upto:
+        if upto and self.read_only is None:  # read-only: reads start after upto anyway
             self._wconn.execute("DELETE FROM events WHERE seq <= ?", (upto,))
         return upto
 
@@ -440,17 +568,6 @@ class SQLiteStore(Store):
 
     # -- reading -------------------------------------------------------------
 
-    def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self._closed:
-                raise StoreError("store is closed")
-            conn = _session(self.path)
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
-
     def read(self, after: int = 0, limit: int | None = None) -> list[Record]:
         if self._closed:
             raise StoreError("store is closed")
@@ -460,7 +577,7 @@ class SQLiteStore(Store):
             sql += " LIMIT ?"
             args = (after, limit)
         try:
-            rows = self._reader().execute(sql, args).fetchall()
+            rows = self._turn(lambda: self._wconn.execute(sql, args).fetchall())
         except sqlite3.Error as exc:
             raise _store_error(self.path, "read failed", exc) from exc
         return [Record(int(s), int(k), bytes(b)) for s, k, b in rows]
@@ -487,16 +604,11 @@ class SQLiteStore(Store):
         self._stop_checkpoints.set()
         self._checkpointer.join()
         self._marker.join()
-        try:
-            self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
-        self._write_mark(self._last)
-        with self._readers_lock:
-            for conn in self._readers:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
-            self._readers.clear()
+        if self.read_only is None:
+            try:
+                self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._write_mark(self._last)
         self._wconn.close()
+        self._drop_scratch()

@@ -523,20 +523,7 @@ def test_file_system_turning_read_only_refuses_writes_and_keeps_reads(ext4_dir):
         s.close()
 
 
-def test_immutable_store_files_are_named_not_a_sigbus(tmp_path, ext4_dir):
-    data = ext4_dir / "data"
-    srv = ServerProcess(tmp_path, data_dir=data).start()
-    _, s = stub_for(srv.address)
-    s.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("h0")]))
-    srv.kill()  # the -wal and -shm files stay
-    assert (data / "scheduler.db-shm").exists()
-    if subprocess.run(["chattr", "+i", str(data / "scheduler.db"), str(data / "scheduler.db-shm")],
-                      capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is not supported here")
-    p = subprocess.run([sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", "127.0.0.1:0",
-                        "--data-dir", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1, (p.returncode, p.stderr)
-    assert "scheduler.db: store file not writable: Operation not permitted" in p.stderr
+# A restart with immutable store files serves reads: tests/server/test_readonly.py.
 
 
 def test_fatal_signal_leaves_a_line(tmp_path):

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..model import Host, Volume, Workload
 from .plan import Plan
@@ -79,7 +79,7 @@ def snapshot(cluster) -> Snapshot:
     return snap
 
 
-def replay_plan(source: "Snapshot | Callable | object", plan: Plan) -> list[str]:
+def replay_plan(source: Snapshot | Callable | object, plan: Plan) -> list[str]:
     """Replay `plan` on `source` (a Snapshot, a Cluster, or a callable returning either, at
     the state the plan was made for); every violation, one line each naming the step,
     workload, host and rule. [] when the plan is feasible throughout."""

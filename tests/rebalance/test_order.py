@@ -25,7 +25,7 @@ def charge(p: Problem, w: int, h: int) -> list[int]:
 def replay(p: Problem, initial, final, steps) -> list[str]:
     """Independent check of an ordering: every state while a step runs (movers on both hosts)
     and after it, in plain Python. Returns the violations."""
-    n, m, d = p.n_workloads, p.n_hosts, p.n_dims
+    n, m = p.n_workloads, p.n_hosts
     where = [int(h) for h in initial]
     bad = []
 
@@ -269,7 +269,7 @@ def test_random_pairs_with_tenants_and_spread_never_break_a_constraint(instance)
 def test_transient_dimensions_stay_charged_on_the_initial_host():
     """ROADEF transient resources: w0's disk (dimension 1) stays on h0 after it left, so w1
     cannot take its place; without the transient rule it can, one step after w0 left."""
-    kwargs = dict(capacity=[[10, 10]] * 3, request=[[1, 6], [1, 6]], initial=[0, 2])
+    kwargs = {"capacity": [[10, 10]] * 3, "request": [[1, 6], [1, 6]], "initial": [0, 2]}
     result = order_moves(Problem(**kwargs), [0, 2], [1, 0])
     assert result.steps == [[(0, 0, 1)], [(1, 2, 0)]]
     result = order_moves(Problem(**kwargs, transient=[False, True]), [0, 2], [1, 0])

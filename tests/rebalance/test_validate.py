@@ -157,9 +157,9 @@ def test_ordered_random_plans_replay_clean_and_apply(seed):
         kind = "vm" if rng.random() < 0.3 else "container"
         extra = {}
         if rng.random() < 0.3:
-            extra = dict(group="g", anti_affinity=[Affinity("g")])
+            extra = {"group": "g", "anti_affinity": [Affinity("g")]}
         elif rng.random() < 0.2:
-            extra = dict(tenant="t", isolation="dedicated")
+            extra = {"tenant": "t", "isolation": "dedicated"}
         try:
             c.place(Workload(f"w{j}", {"cpu": int(rng.integers(1, 4)) * 1000, "memory": 1024}, kind=kind, **extra))
         except Unschedulable:
@@ -214,8 +214,8 @@ def test_replay_and_apply_agree_on_random_plans(seed):
         taints = [Taint("gpu", "", "NoSchedule")] if i == 4 else []
         c.add_host(Host(f"h{i}", {"cpu": 4000, "memory": 8192}, labels=labels, taints=taints,
                         allocation_ratio={"cpu": float(rng.choice([1.0, 2.0]))}))
-    kinds = [dict(), dict(kind="vm"), dict(group="g", anti_affinity=[Affinity("g")]),
-             dict(tenant="t", isolation="dedicated"), dict(selector={"disk": "ssd"})]
+    kinds = [{}, {"kind": "vm"}, {"group": "g", "anti_affinity": [Affinity("g")]},
+             {"tenant": "t", "isolation": "dedicated"}, {"selector": {"disk": "ssd"}}]
     for j in range(10):
         spec = kinds[int(rng.integers(len(kinds)))]
         try:

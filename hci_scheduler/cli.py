@@ -566,10 +566,14 @@ def run_client(args) -> int:
         resp = _searching(args.time_limit, lambda: c.rebalance(
             args.goal, hosts=hosts, workload=workload, targets=targets, max_moves=args.max_moves,
             time_limit_s=args.time_limit, seed=args.seed))
-        if args.json:
-            _print_json(resp)
+        if args.json:  # one document: {"plan": ...} and, with --apply, "applied"
+            from google.protobuf import json_format
+
+            out = {"plan": json_format.MessageToDict(resp.plan, preserving_proto_field_name=True)}
             if args.apply:
-                _print_json(c.apply_plan(resp.plan.id))
+                out["applied"] = json_format.MessageToDict(c.apply_plan(resp.plan.id),
+                                                           preserving_proto_field_name=True)
+            print(json.dumps(out, indent=2))
         else:
             _print_plan(c, resp.plan)  # before applying: the summary's "before" is now
             if args.apply:

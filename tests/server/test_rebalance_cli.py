@@ -60,6 +60,10 @@ def test_rebalance_prints_moves_and_a_summary_then_applies(server, tmp_path):
     check_summary(applied, before)  # printed before it applies
     assert "applied 1 step(s)" in applied
     after = allocations(server)
+    again = json.loads(cli(server, "rebalance", "--goal", "consolidate", "--time-limit", "1", "--apply",
+                           "--json").stdout)
+    assert again["plan"]["status"] == "PLAN_STATUS_UNCHANGED" and "steps" not in again["plan"]
+    assert again["applied"]["plan_id"] == again["plan"]["id"] and allocations(server) == after
     assert len(set(after.values())) == 1 and set(after) == set(before)
     counts = {h: v.get("workload_count", "0") for h, v in hosts(server).items() if h.startswith("rc")}
     assert sorted(counts.values()) == ["0", "0", "3"]

@@ -554,3 +554,28 @@ def test_a_plan_made_before_the_state_was_rebuilt_is_refused(server):
     code, details = code_of(lambda: stub.ApplyPlan(pb.ApplyPlanRequest(plan_id=plan.id)))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "rebuilt" in details
     assert allocations(stub) == before
+
+
+def test_a_step_that_no_longer_fits_stops_the_plan_after_the_steps_before_it(server):
+    from hci_scheduler.rebalance import Move, Plan
+
+    srv, stub = server
+    two_step_layout(stub)
+    cluster = srv.state.cluster
+    # Step 1 sends z where c (6000) and b (3000, moved there by step 0) leave 1000 of 10000.
+    plan = Plan("drain", steps=[[Move("b", "h1", "h2", 256)], [Move("z", "h3", "h2", 256)]],
+                base_version=cluster.version, id="too-full")
+    srv.state.plans.keep(srv.state, plan, cluster)
+    code, details = code_of(lambda: stub.ApplyPlan(pb.ApplyPlanRequest(plan_id="too-full")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "stopped after step 1 of 2" in details and "z" in details
+    assert allocations(stub) == {"a": "h1", "b": "h2", "c": "h2", "z": "h3"}  # step 0 stays, durable
+    check_within_limits(stub)
+    progress = stub.GetStatus(pb.GetStatusRequest()).interrupted_plans
+    assert [(p.plan_id, p.steps_done, p.steps_total) for p in progress] == [("too-full", 1, 2)]
+    assert "step 1 was refused" in progress[0].reason
+
+    stub.Release(pb.ReleaseRequest(workload_ids=["c"]))  # room on h2: the plan continues
+    assert stub.ApplyPlan(pb.ApplyPlanRequest(plan_id="too-full")).steps_applied == 2
+    assert allocations(stub) == {"a": "h1", "b": "h2", "z": "h2"}
+    check_within_limits(stub)
+    assert not stub.GetStatus(pb.GetStatusRequest()).interrupted_plans

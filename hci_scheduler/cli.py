@@ -455,10 +455,13 @@ def _print_plan(c, plan) -> None:
         print(f"the moves cannot be ordered into feasible steps: {plan.unordered}")
 
 
-def _print_applied(applied) -> None:
+def _print_applied(plan, applied) -> None:
+    """The steps of `plan` that `applied` (an ApplyPlanResponse) applied, move by move."""
     print(f"applied {applied.steps_applied} step(s) of plan {applied.plan_id}"
           + (f" (sequence {applied.sequence})" if applied.sequence else ""))
-    _table("applied", ("workload", "host now"), [(p.workload_id, p.host_id) for p in applied.placements])
+    _table("applied", ("step", "workload", "source", "target"),
+           [(k, m.workload_id, m.source_host_id, m.target_host_id)
+            for k, step in enumerate(plan.steps[:applied.steps_applied]) for m in step.moves])
 
 
 def run_client(args) -> int:
@@ -577,7 +580,7 @@ def run_client(args) -> int:
         else:
             _print_plan(c, resp.plan)  # before applying: the summary's "before" is now
             if args.apply:
-                _print_applied(c.apply_plan(resp.plan.id))
+                _print_applied(resp.plan, c.apply_plan(resp.plan.id))
     elif cmd == "drain":
         resp = _searching(args.time_limit, lambda: c.drain(args.host_id, max_moves=args.max_moves,
                                                             time_limit_s=args.time_limit, seed=args.seed))

@@ -59,6 +59,8 @@ def test_rebalance_prints_moves_and_a_summary_then_applies(server, tmp_path):
     applied = cli(server, "rebalance", "--goal", "consolidate", "--time-limit", "1", "--apply").stdout
     check_summary(applied, before)  # printed before it applies
     assert "applied 1 step(s)" in applied
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in applied.splitlines() if ln.count("│") >= 3]
+    assert [r[:4] for r in rows if len(r) == 5] == [r for r in rows if len(r) == 4]  # the applied steps
     after = allocations(server)
     again = json.loads(cli(server, "rebalance", "--goal", "consolidate", "--time-limit", "1", "--apply",
                            "--json").stdout)

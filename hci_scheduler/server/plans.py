@@ -46,12 +46,19 @@ MAX_PLANS = 64
 #: Searches that run at once; more wait their turn. A search takes a core for up to its time
 #: limit, and placements, the server's hot path, must keep theirs.
 MAX_SEARCHES = 1
+#: Calls that may wait for their turn; more are refused (RESOURCE_EXHAUSTED): each waiting call
+#: holds a thread of the server's (a pool worker, or a poller of the lean transport).
+MAX_SEARCH_WAITERS = 4
 #: The store metadata key of the interrupted plans (JSON: plan bytes in base64, steps done, reason).
 INTERRUPTED_KEY = "interrupted_plans"
 
 
 class StalePlan(StateConflict):
     """The cluster changed since the plan was made; plan again."""
+
+
+class SearchesBusy(SchedulerError):
+    """Searches are running and as many calls already wait for their turn; retry later."""
 
 
 class CommitFailed(RuntimeError):
@@ -96,6 +103,7 @@ class PlanRegistry:
         self._pending: list = []  # replay: the MOVED events read of the step being replayed
         self._saved: str | None = None  # the interrupted plans as last read from or written to the store
         self._searches = threading.BoundedSemaphore(MAX_SEARCHES)
+        self._calls = 0  # calls in make(): searching or waiting for their turn
 
     # -- the mapping -----------------------------------------------------------------
 
@@ -124,18 +132,34 @@ class PlanRegistry:
     def make(self, state, goal: str, deadline: float | None = None, **options) -> PlanEntry:
         """Search a plan for `goal` on the state's cluster (`Cluster.rebalance` options) and
         keep it; one search at a time (MAX_SEARCHES), waiting at most until `deadline` (a
-        time.monotonic() value) for its turn. The state may change while it searches:
-        ApplyPlan then refuses the plan."""
-        wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        if not self._searches.acquire(timeout=-1 if wait is None else wait):
-            raise DeadlineExpired("deadline passed while the search waited for the one before it")
+        time.monotonic() value) for its turn, behind at most MAX_SEARCH_WAITERS others
+        (SearchesBusy past them). The state may change while it searches: ApplyPlan then
+        refuses the plan."""
+        with self._lock:
+            if self._calls >= MAX_SEARCHES + MAX_SEARCH_WAITERS:
+                raise SearchesBusy(f"{MAX_SEARCHES} search(es) run and {MAX_SEARCH_WAITERS} wait already; "
+                                   "retry later")
+            self._calls += 1
+        try:
+            self._search_turn(deadline)
+        except BaseException:
+            with self._lock:
+                self._calls -= 1
+            raise
         try:
             with state.lock:  # what the reads see is durable
                 cluster, sequence, version = state.cluster, state.sequence, state.cluster.version
             plan = cluster.rebalance(goal, **options)
         finally:
             self._searches.release()
+            with self._lock:
+                self._calls -= 1
         return self.keep(state, plan, cluster, sequence if plan.base_version == version else None)
+
+    def _search_turn(self, deadline: float | None) -> None:
+        wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self._searches.acquire(timeout=-1 if wait is None else wait):
+            raise DeadlineExpired("deadline passed while the search waited for the one before it")
 
     def keep(self, state, plan, cluster, sequence: int | None = None) -> PlanEntry:
         """Keep a plan made on `cluster` (the state's, at `plan.base_version`) for ApplyPlan:

@@ -24,7 +24,7 @@ from . import convert, limits
 from .convert import PlaceItem
 from .limits import (DEFAULT_REBALANCE_SECONDS, MAX_HOSTS_PER_CALL, MAX_ID_LENGTH, MAX_NAME_LENGTH,
                      MAX_REBALANCE_SECONDS, MAX_SEED, MAX_WORKLOADS_PER_CALL)
-from .plans import StalePlan
+from .plans import SearchesBusy, StalePlan
 from .state import SchedulerState, place_response
 from .writer import DeadlineExpired, StoreFailed
 from .wire import PlainDecoder
@@ -41,6 +41,7 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Unschedulable, grpc.StatusCode.FAILED_PRECONDITION),
     (RebalanceInfeasible, grpc.StatusCode.FAILED_PRECONDITION),  # what fits nowhere, named
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (SearchesBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreFailed, grpc.StatusCode.UNAVAILABLE),
     (StoreError, grpc.StatusCode.UNAVAILABLE),
     (SchedulerError, grpc.StatusCode.INTERNAL),

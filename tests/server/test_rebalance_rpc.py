@@ -150,9 +150,9 @@ def test_a_plan_survives_its_wire_form(lower_bound):
         assert getattr(back, name) == getattr(plan, name), name
 
 
-def test_searches_take_turns_and_a_waiting_one_gives_up_at_its_deadline():
+def test_searches_take_turns_a_waiting_one_gives_up_at_its_deadline_and_the_queue_is_bounded():
     from hci_scheduler.rebalance import Plan
-    from hci_scheduler.server.plans import PlanRegistry
+    from hci_scheduler.server import plans
     from hci_scheduler.server.writer import DeadlineExpired
 
     started, release = threading.Event(), threading.Event()
@@ -168,16 +168,27 @@ def test_searches_take_turns_and_a_waiting_one_gives_up_at_its_deadline():
     class State:
         lock, cluster, sequence = threading.RLock(), SlowCluster(), 0
 
-    registry = PlanRegistry()
+    registry = plans.PlanRegistry()
     first = threading.Thread(target=registry.make, args=(State, "consolidate"), kwargs={"seed": 1})
     first.start()
     assert started.wait(10)
     with pytest.raises(DeadlineExpired):
         registry.make(State, "consolidate", time.monotonic() + 0.2, seed=2)
+    waiters = [threading.Thread(target=registry.make, args=(State, "consolidate", time.monotonic() + 30),
+                                kwargs={"seed": 10 + i}) for i in range(plans.MAX_SEARCH_WAITERS)]
+    for t in waiters:
+        t.start()
+    for _ in range(200):  # until every waiter is queued
+        if registry._calls == plans.MAX_SEARCHES + plans.MAX_SEARCH_WAITERS:
+            break
+        time.sleep(0.01)
+    with pytest.raises(plans.SearchesBusy):
+        registry.make(State, "consolidate", seed=3)
     release.set()
-    first.join(10)
-    assert registry.get("plan-1").plan.id == "plan-1"
-    assert registry.make(State, "consolidate", time.monotonic() + 10, seed=3).plan.id == "plan-3"  # the turn came back
+    for t in [first, *waiters]:
+        t.join(10)
+    assert [registry.get(f"plan-{s}").plan.id for s in (1, 10, 13)] == ["plan-1", "plan-10", "plan-13"]
+    assert registry.make(State, "consolidate", time.monotonic() + 10, seed=4).plan.id == "plan-4"  # turns came back
 
 
 # -- Rebalance and ApplyPlan ---------------------------------------------------------------

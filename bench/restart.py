@@ -1,7 +1,8 @@
 """Restart time with a long history: full replay against snapshot + tail.
 
     python -m hci_scheduler.bench.restart [--live 200000] [--events 1000000] [--hosts 2000]
-                                          [--shapes 1000] [--tail-events 0] [--quick] [--grpc] [--out DIR]
+                                          [--shapes 1000] [--tail-events 0] [--quick] [--grpc] [--keep]
+                                          [--profile] [--out DIR]
 
 Builds a store in-process (SQLite, synchronous=NORMAL to build it fast; restart reads
 the same either way): `--hosts` hosts, `--live` placements, then release-and-place
@@ -25,8 +26,10 @@ Figures go to stdout and OUT/restart.json.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import tempfile
 import threading
@@ -91,12 +94,21 @@ def _fingerprint(state: SchedulerState) -> tuple:
     return (state.sequence, len(state._placed), c.usage().tobytes(), tuple(c.assignments().items())[:: 997])
 
 
-def _open(db: str, snap_dir: str | None) -> tuple[SchedulerState, float, float]:
+def _open(db: str, snap_dir: str | None, profile: bool = False) -> tuple[SchedulerState, float, float]:
     """The state over the store (and its snapshots), the seconds it took and the CPU
-    seconds this process spent (the machine is shared: CPU time drifts less)."""
+    seconds this process spent (the machine is shared: CPU time drifts less); with
+    `profile`, the functions that took the most time go to stdout (cProfile)."""
+    prof = cProfile.Profile() if profile else None
     t0, c0 = time.perf_counter(), time.process_time()
+    if prof is not None:
+        prof.enable()
     state = SchedulerState(SQLiteStore(db, "NORMAL"), None, snapshots=Snapshots(snap_dir, 0) if snap_dir else None)
-    return state, round(time.perf_counter() - t0, 3), round(time.process_time() - c0, 3)
+    if prof is not None:
+        prof.disable()
+    took = round(time.perf_counter() - t0, 3), round(time.process_time() - c0, 3)
+    if prof is not None:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+    return state, *took
 
 
 def _throughput(state: SchedulerState, builder: _Builder, seconds: float, during=None) -> float:
@@ -117,7 +129,8 @@ def _throughput(state: SchedulerState, builder: _Builder, seconds: float, during
     return rate
 
 
-def run(live: int, events: int, hosts: int, shapes: int, tail_events: int, out: str, keep: bool = False) -> dict:
+def run(live: int, events: int, hosts: int, shapes: int, tail_events: int, out: str, keep: bool = False,
+        profile: bool = False) -> dict:
     tmp = tempfile.mkdtemp(prefix="restart-")
     db, snaps = os.path.join(tmp, "scheduler.db"), os.path.join(tmp, "snapshots")
     res: dict = {"live": live, "events_target": events, "hosts": hosts, "shapes": shapes}
@@ -173,9 +186,10 @@ def run(live: int, events: int, hosts: int, shapes: int, tail_events: int, out: 
         res["tail_events"] = state.sequence - shots.sequence
         state.close()
 
-        state, res["restart_s"], res["restart_cpu_s"] = _open(db, snaps)
+        state, res["restart_s"], res["restart_cpu_s"] = _open(db, snaps, profile)
         assert _fingerprint(state) == want, "restart from the snapshot differs"
         res["first_sequence"] = state.store.first_sequence()
+        state.snapshots = None  # no final snapshot: --keep leaves the store this restart read
         state.close()
     finally:
         if keep:
@@ -238,13 +252,16 @@ def main(argv=None) -> int:
     p.add_argument("--tail-events", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="20,000 live of 100,000 events on 200 hosts")
     p.add_argument("--out", default="bench-out")
-    p.add_argument("--keep", action="store_true", help="keep the store and snapshot (the path is printed)")
+    p.add_argument("--keep", action="store_true", help="keep the store and snapshots the restart read (the path "
+                   "is printed)")
+    p.add_argument("--profile", action="store_true", help="print where the restart from the snapshot spends its "
+                   "time (cProfile)")
     p.add_argument("--grpc", action="store_true", help="also batched Place through gRPC (a served store of "
                    "live/2 placements) with and without snapshots written beside it")
     a = p.parse_args(argv)
     if a.quick:
         a.live, a.events, a.hosts = 20_000, 100_000, 200
-    res = run(a.live, a.events, a.hosts, a.shapes, a.tail_events, a.out, a.keep)
+    res = run(a.live, a.events, a.hosts, a.shapes, a.tail_events, a.out, a.keep, a.profile)
     if a.grpc:
         res.update(grpc_during_snapshots(live=a.live // 2))
         (Path(a.out) / "restart.json").write_text(json.dumps(res, indent=2))

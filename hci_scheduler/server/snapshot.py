@@ -309,8 +309,13 @@ def _gap_id(row: int, taken) -> str:
     return hid
 
 
-def restore(state, snap: Snapshot) -> None:
-    """Rebuild the state's (empty) cluster, placed map and sequence from a checked snapshot."""
+def restore(state, snap: Snapshot, released=frozenset()) -> set:
+    """Rebuild the state's (empty) cluster, placed map and sequence from a checked snapshot.
+
+    `released` names workloads the log's tail releases: plain placements among them that
+    no special placement came after are left out (a release in the tail would undo them;
+    restoring fewer leaves only more room, and no special placement's affinity was checked
+    against them). Returns the ids left out: the caller skips their release."""
     if tuple(snap.header["dimensions"]) != tuple(state.dimensions):
         raise SnapshotError(f"snapshot {snap.path}: dimensions {snap.header['dimensions']} differ from the "
                             f"store's {list(state.dimensions)}")
@@ -325,13 +330,30 @@ def restore(state, snap: Snapshot) -> None:
     # Nothing changed so far: a snapshot that does not decode leaves the cluster empty for
     # an older one. From here on a failure means the snapshot disagrees with itself.
     try:
-        _rebuild(state, snap, d, templates, models, specials)
+        return _rebuild(state, snap, _without(d, released, specials), templates, models, specials)
     except SchedulerError as exc:
         raise StoreError(f"snapshot {snap.path} checks out but does not restore: {exc}; "
                          "move it aside to start from an older one") from exc
 
 
-def _rebuild(state, snap: Snapshot, d: _Decoded, templates: list, models: list, specials: list) -> None:
+def _without(d: _Decoded, released, specials: list) -> tuple[_Decoded, set]:
+    """The plain placements of `d` but those in `released` placed after every special
+    placement, and the ids left out."""
+    if not released or not d.ids:
+        return d, set()
+    after = max((ev.sequence for ev, _ in specials), default=0)
+    keep = np.fromiter((wid not in released for wid in d.ids), dtype=bool, count=len(d.ids)) | (d.seqs <= after)
+    if keep.all():
+        return d, set()
+    left_out = {wid for wid, k in zip(d.ids, keep.tolist()) if not k}
+    idx = np.flatnonzero(keep).tolist()
+    return d._replace(ids=[d.ids[i] for i in idx], id_bytes=[d.id_bytes[i] for i in idx], rows=d.rows[keep],
+                      seqs=d.seqs[keep], spec_of=d.spec_of[keep]), left_out
+
+
+def _rebuild(state, snap: Snapshot, dropped: tuple[_Decoded, set], templates: list, models: list,
+             specials: list) -> set:
+    d, left_out = dropped
     c = state.cluster
     # Hosts in their rows, ready and untainted while placements are restored (a host
     # tainted or cordoned since keeps what it runs); free rows are filled and freed again.
@@ -377,6 +399,7 @@ def _rebuild(state, snap: Snapshot, d: _Decoded, templates: list, models: list, 
             c.update_host(m.id, taints=m.taints or None, state=m.state)
     state._placed = placed
     state.sequence = snap.sequence
+    return left_out
 
 
 def _check_history(snap: Snapshot, store) -> None:
@@ -487,9 +510,10 @@ class Snapshots:
 
     # -- start ---------------------------------------------------------------
 
-    def restore(self, state) -> None:
+    def restore(self, state, released=None) -> set:
         """Load the newest snapshot that checks out and can be followed by the log into the
-        state. A damaged one is logged and an older one tried; the server refuses to start
+        state; `released(sequence)` names the workloads the log's tail after that sequence
+        releases (see `restore`), and the ids left out are returned. A damaged one is logged and an older one tried; the server refuses to start
         (SnapshotError naming the files) when the log is compacted past every usable one."""
         if self._thread is None and os.path.isdir(self.directory):  # at start (also called to rebuild later)
             for name in os.listdir(self.directory):
@@ -514,7 +538,7 @@ class Snapshots:
                 enabled = gc.isenabled()
                 gc.disable()  # hundreds of thousands of objects, no cycles: collections only cost
                 try:
-                    restore(state, snap)
+                    left_out = restore(state, snap, released(seq) if released is not None else frozenset())
                     if self._thread is None:
                         # At start: the restored state lives as long as the server, so it goes
                         # to the permanent generation at once (as app._quiet_gc does after a
@@ -531,12 +555,13 @@ class Snapshots:
             self.sequence = seq
             others = [s for s, _ in snapshot_files(self.directory) if s < seq]
             self._floor = others[0] if others else seq
-            return
+            return left_out
         if compacted:
             raise SnapshotError(f"the log is compacted up to sequence {compacted} and no snapshot at or after "
                                 f"it checks out in {self.directory}" + (f": {'; '.join(bad)}" if bad else ""))
         for reason in bad:
             log.error("snapshot ignored", extra={"fields": {"reason": reason}})
+        return set()
 
     # -- background ----------------------------------------------------------
 

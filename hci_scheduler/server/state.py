@@ -45,6 +45,10 @@ log = logging.getLogger("hci_scheduler.server")
 
 _PLACED = pb.EVENT_TYPE_PLACED
 _DEDICATED = pb.ISOLATION_DEDICATED
+_RELEASES = (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED)
+#: The longest tail after a snapshot read (and decoded) before the snapshot loads; a
+#: longer one is streamed and replayed against the whole snapshot.
+MAX_TAIL_READ_AHEAD = 300_000
 _NO_BYTES = b""
 
 
@@ -74,39 +78,73 @@ class _Events:
 
 
 class _PlainRun:
-    """Consecutive PLACED events of plain workloads (no per-host service, volume or
-    dedicated tenant) met in a replay, restored in one `Cluster.restore_many` call, each
-    distinct spec decoded once per replay: a log's tail replays at the speed of a
-    snapshot, not at one `restore` each."""
+    """PLACED events of plain workloads (no per-host service, volume or dedicated tenant)
+    met in a replay, restored in one `Cluster.restore_many` call, each distinct spec
+    decoded and compiled once per run: a log's tail replays at the speed of a snapshot,
+    not at one `restore` each.
 
-    __slots__ = ("models", "templates", "ids", "spec_of", "hosts", "placed")
+    Releases do not end a run: a release of a workload the run holds drops it from the
+    run, any other goes to the Cluster at once. Restoring the run after releases that
+    came between its placements gives the same state: each host then holds what it held
+    at the run's last event, and room only grew meanwhile, so nothing that fitted then
+    would not fit now; live placements keep their order. A tail of release-and-place
+    rounds is then one bulk restore instead of one per round (each restore_many call
+    compiles its templates and sums charges over every host)."""
+
+    __slots__ = ("models", "plain_specs", "templates", "ids", "spec_of", "hosts", "placed", "index")
 
     def __init__(self):
         self.models: dict[bytes, object] = {}  # spec without its id -> its model (id "t")
+        self.plain_specs: dict[bytes, bool] = {}  # spec without its id -> whether it is plain
         self._clear()
 
     def _clear(self) -> None:
         self.templates: dict[bytes, int] = {}  # spec without its id -> its index in this run
-        self.ids: list[str] = []
+        self.ids: list[str | None] = []  # None: released before the run was restored
         self.spec_of: list[int] = []
         self.hosts: list[str] = []
         self.placed: list[tuple[int, bytes]] = []  # (sequence, canonical spec bytes)
+        self.index: dict[str, int] = {}  # workload id -> its position in the run
 
-    def add(self, ev: pb.Event) -> bool:
-        """Take a PLACED event if it is plain; False leaves it to `restore`."""
+    def key(self, ev: pb.Event) -> tuple[bytes, int] | None:
+        """(canonical spec bytes, length of its id prefix) of a PLACED event `add` may take,
+        else None. Plain is a property of the spec (no per-host service, no volume, no
+        dedicated tenant, which `restore` takes: it warns where a log written before the
+        rule broke it), decided once per distinct spec; only those specs get replica
+        hosts or volume replicas recorded in their event."""
+        if not ev.host_id:
+            return None
         w = ev.workload
-        if (w.per_host or w.volume_ids or w.new_volumes or w.isolation == _DEDICATED or ev.volumes
-                or ev.replica_host_ids or not ev.host_id):
-            return False  # dedicated too: `restore` warns where a log written before the rule broke it
         spec = convert.spec_bytes(w)
         prefix = id_prefix(w.id.encode())
         if not spec.startswith(prefix):
+            return None
+        n = len(prefix)
+        plain = self.plain_specs.get(spec[n:])
+        if plain is None:
+            plain = self.plain_specs[spec[n:]] = not (w.per_host or w.volume_ids or w.new_volumes
+                                                      or w.isolation == _DEDICATED)
+        return (spec, n) if plain else None
+
+    def add(self, ev: pb.Event, key: tuple[bytes, int] | None) -> bool:
+        """Take a PLACED event whose `key` is not None; False leaves it to `restore`."""
+        if key is None or ev.workload_id in self.index:
             return False
-        k = self.templates.setdefault(spec[len(prefix):], len(self.templates))
+        spec, n = key
+        k = self.templates.setdefault(spec[n:], len(self.templates))
+        self.index[ev.workload_id] = len(self.ids)
         self.ids.append(ev.workload_id)
         self.spec_of.append(k)
         self.hosts.append(ev.host_id)
         self.placed.append((ev.sequence, spec))
+        return True
+
+    def release(self, workload_id: str) -> bool:
+        """Drop a workload the run holds (True); False: the Cluster holds it."""
+        i = self.index.pop(workload_id, None)
+        if i is None:
+            return False
+        self.ids[i] = None
         return True
 
     def flush(self, cluster, placed: dict) -> None:
@@ -114,9 +152,48 @@ class _PlainRun:
             return
         models = self.models
         templates = [models.get(k) or models.setdefault(k, plain_template(k)) for k in self.templates]
-        cluster.restore_many(templates, self.ids, self.spec_of, self.hosts)
-        placed.update(zip(self.ids, self.placed))
+        if len(self.index) == len(self.ids):
+            ids, spec_of, hosts, done = self.ids, self.spec_of, self.hosts, self.placed
+        else:
+            keep = [i for i, wid in enumerate(self.ids) if wid is not None]
+            ids = [self.ids[i] for i in keep]
+            spec_of = [self.spec_of[i] for i in keep]
+            hosts = [self.hosts[i] for i in keep]
+            done = [self.placed[i] for i in keep]
+        cluster.restore_many(templates, ids, spec_of, hosts)
+        placed.update(zip(ids, done))
         self._clear()
+
+
+def _take(ids: set, workload_id: str) -> bool:
+    """Remove workload_id from ids; whether it was there."""
+    if workload_id in ids:
+        ids.remove(workload_id)
+        return True
+    return False
+
+
+def _released_in(tail: list, keys: list) -> frozenset:
+    """The workloads placed before `tail` that it releases, when every event of it is a
+    plain placement, a release or a host added (empty otherwise): a snapshot followed by
+    this tail need not restore them (snapshot.restore). Anything else may check or depend
+    on what runs where (a special placement's affinity, a host update or removal), so
+    the tail then replays against the whole snapshot."""
+    placed, released = set(), set()
+    for ev, key in zip(tail, keys):
+        t = ev.type
+        if t == _PLACED:
+            if key is None:
+                return frozenset()
+            placed.add(ev.workload_id)
+        elif t in _RELEASES:
+            if ev.workload_id in placed:
+                placed.remove(ev.workload_id)
+            else:
+                released.add(ev.workload_id)
+        elif t != pb.EVENT_TYPE_HOST_ADDED:
+            return frozenset()
+    return frozenset(released)
 
 
 def place_response(answers: list) -> pb.PlaceResponse:
@@ -207,19 +284,39 @@ class SchedulerState:
                             replicas={ev.host.id: list(ev.per_host_workload_ids) for ev in adds})
                 adds.clear()
 
+        run = _PlainRun()
+        tail, keys, tail_after = None, None, -1  # the events after a snapshot, read before it is loaded
+        left_out: set = set()  # snapshot placements the tail releases, never restored
         if self.snapshots is not None:
-            self.snapshots.restore(self)  # the newest snapshot that checks out; the tail follows
+            def released(after: int) -> frozenset:
+                nonlocal tail, keys, tail_after
+                tail, keys, tail_after = None, None, -1
+                if self.store.last_sequence() - after > MAX_TAIL_READ_AHEAD:
+                    return frozenset()  # streamed instead (memory)
+                tail = [pb.Event.FromString(rec.body) for rec in self.store.iter_all(after=after)]
+                keys = [run.key(ev) if ev.type == _PLACED else None for ev in tail]
+                tail_after = after
+                return _released_in(tail, keys)
+
+            left_out = self.snapshots.restore(self, released)  # the newest that checks out
+            if tail_after != self.sequence:
+                tail = keys = None  # read after a snapshot that did not load
         elif self.store.compacted_sequence():
             raise StoreError(f"the log is compacted up to sequence {self.store.compacted_sequence()}: "
                              "start with its snapshots (a data directory)")
-        run = _PlainRun()
-        for rec in self.store.iter_all(after=self.sequence):
-            ev = pb.Event.FromString(rec.body)
+        events = tail if tail is not None else (pb.Event.FromString(rec.body)
+                                                for rec in self.store.iter_all(after=self.sequence))
+        for i, ev in enumerate(events):
             if ev.sequence != self.sequence + 1:
                 raise StoreError(f"event sequence {ev.sequence} follows {self.sequence}")
             t = ev.type
-            if t == _PLACED and (flush() or run.add(ev)):
+            if t == _PLACED and (flush() or run.add(ev, run.key(ev) if keys is None else keys[i])):
                 pass  # restored with the plain placements next to it (hosts registered first)
+            elif t in _RELEASES and (run.release(ev.workload_id) or _take(left_out, ev.workload_id)):
+                pass  # it never reaches the Cluster
+            elif t in _RELEASES and ev.workload_id in self._placed:
+                c.release(ev.workload_id)  # the run goes on: see _PlainRun
+                del self._placed[ev.workload_id]
             elif t == pb.EVENT_TYPE_HOST_ADDED:
                 run.flush(c, self._placed)
                 adds.append(ev)  # add_hosts gives rows in the same order as one call per event

@@ -194,6 +194,49 @@ def test_restart_from_snapshot_and_tail_is_exactly_the_full_replay(tmp_path):
             b.stop(final_snapshot=False)
 
 
+def test_a_tail_of_placements_and_releases_replays_exactly(tmp_path, monkeypatch):
+    """A tail of plain placements, releases and hosts added only: the snapshot's plain
+    placements the tail releases are never restored (those placed before a per-host service
+    or volume workload still are, and released), releases do not break the tail's bulk
+    restore (one of a workload placed in the tail, an id placed again with another spec);
+    the state is the live one, exactly, and so is a full replay of the same log."""
+    data = tmp_path / "data"
+    a = _Server(data)
+    _setup(a.stub)
+    _mutate(a.stub, 0)
+    a.stub.Place(pb.PlaceRequest(workloads=[pb.Workload(id=f"late{i}", requests={"cpu": 200 + i, "memory": 64})
+                                            for i in range(12)]))
+    taken = a.state.snapshots.take(a.state)
+    s = a.stub
+    s.Release(pb.ReleaseRequest(workload_ids=["late1", "late2", "r0w7", "r0g1"]))  # r0w7 came before r0creator
+    s.RegisterHosts(pb.RegisterHostsRequest(hosts=[_host(11)]))
+    s.Place(pb.PlaceRequest(workloads=[pb.Workload(id=f"t{i}", requests={"cpu": 2500, "memory": 64})
+                                       for i in range(8)]))
+    s.Release(pb.ReleaseRequest(workload_ids=["t3", "late5"]))
+    s.Place(pb.PlaceRequest(workloads=[pb.Workload(id="late1", requests={"cpu": 999, "memory": 64}),
+                                       pb.Workload(id="t3", requests={"cpu": 100})]))
+    s.Release(pb.ReleaseRequest(workload_ids=["late1", "t5"]))
+    s.Place(pb.PlaceRequest(workloads=[pb.Workload(id="late1", requests={"cpu": 7, "memory": 64})]))
+    want, rows = _view(s), _rows(a)
+    a.stop(final_snapshot=False)
+    full = tmp_path / "full"
+    shutil.copytree(data, full)
+    shutil.rmtree(full / "snapshots")
+    left_out = []
+    restore = snap_mod.restore
+    monkeypatch.setattr(snap_mod, "restore", lambda *args: (r := restore(*args), left_out.append(set(r)))[0])
+
+    for d, replayed in ((data, taken), (full, 0)):
+        b = _Server(d)
+        try:
+            assert b.state.snapshots.sequence == replayed
+            assert _view(b.stub) == want
+            assert _rows(b) == rows
+        finally:
+            b.stop(final_snapshot=False)
+    assert left_out == [{"late1", "late2", "late5"}]  # r0w7 and r0g1 came before the volume workloads
+
+
 def test_clean_stop_writes_a_snapshot_and_restart_reads_no_tail(tmp_path):
     data = tmp_path / "data"
     a = _Server(data)

@@ -206,23 +206,28 @@ def build(problem: Problem, current: np.ndarray, workloads: np.ndarray, hosts: n
             z.append(zl)
         model.add(len(covered) + sum(z) >= int(p.spread_min[s]))
 
-    # Dependency (a, b): a neighbourhood holding a workload of a holds one of b.
+    # Dependency (a, b): a neighbourhood holding a workload of a holds one of b. Only the
+    # dependencies of the neighbourhood's services can change; the others hold as now.
     nbhs = np.unique(p.neighbourhood[H])
-    services_w = set(p.service[W].tolist())
-    for a, b in p.depends:
-        if a == b or (a not in services_w and b not in services_w):
-            continue  # neither side can change: the constraint holds as it does now
-        for nb in nbhs:
-            const_a = bool(((p.service == a) & rest & (p.neighbourhood[cur] == nb)).any())
-            const_b = bool(((p.service == b) & rest & (p.neighbourhood[cur] == nb)).any())
-            if const_b:
-                continue
-            xa = [var for (w, h), var in x.items() if p.service[w] == a and p.neighbourhood[h] == nb]
-            xb = [var for (w, h), var in x.items() if p.service[w] == b and p.neighbourhood[h] == nb]
-            if const_a:
-                model.add(sum(xb) >= 1)
-            for var in xa:
-                model.add(var <= sum(xb))
+    services_w = np.unique(p.service[W])
+    dep = p.depends[(p.depends[:, 0] != p.depends[:, 1])
+                    & (np.isin(p.depends[:, 0], services_w) | np.isin(p.depends[:, 1], services_w))]
+    if dep.size:
+        # (service, neighbourhood) pairs held by the workloads that stay where they are.
+        stay = rest & np.isin(p.service, dep)
+        held = set(zip(p.service[stay].tolist(), p.neighbourhood[cur[stay]].tolist()))
+        x_by = defaultdict(list)                   # (service, neighbourhood) -> vars
+        for (w, h), var in x.items():
+            x_by[int(p.service[w]), int(p.neighbourhood[h])].append(var)
+        for a, b in dep.tolist():
+            for nb in nbhs.tolist():
+                if (b, nb) in held:
+                    continue
+                xb = x_by.get((b, nb), [])
+                if (a, nb) in held:
+                    model.add(sum(xb) >= 1)
+                for var in x_by.get((a, nb), []):
+                    model.add(var <= sum(xb))
 
     # Dedicated tenants: a host holding one shares it with no other workload.
     tenants = {int(t) for t in p.tenant[W] if t >= 0 and p.dedicated[t]}

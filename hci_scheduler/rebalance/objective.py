@@ -102,29 +102,34 @@ def violations(problem: Problem, assignment: np.ndarray) -> list[str]:
     over = transient_usage(p, a) - p.capacity
     for h, k in zip(*np.nonzero(over > 0)):
         out.append(f"{hid[h]}: dimension {k} over capacity by {over[h, k]}")
-    for w in range(p.n_workloads):
-        h = a[w]
-        if h != p.initial[w] and not p.movable[w]:
-            out.append(f"{wid[w]}: pinned to {hid[p.initial[w]]}, moved to {hid[h]}")
-        if not p.open[h]:
-            out.append(f"{wid[w]}: on closed {hid[h]}")
-        if not p.allowed[p.allowed_class[w], h]:
-            out.append(f"{wid[w]}: {hid[h]} not allowed by its filters")
-    for s in range(p.n_services):
-        members = np.flatnonzero(p.service == s)
-        if p.conflict[s]:
-            hosts, counts = np.unique(a[members], return_counts=True)
-            for h in hosts[counts > 1]:
-                out.append(f"service {s}: {counts[hosts == h][0]} workloads on {hid[h]} (conflict)")
-        if p.spread_min[s] > 0 and members.size:
-            covered = np.unique(p.location[a[members]]).size
-            if covered < p.spread_min[s]:
-                out.append(f"service {s}: covers {covered} locations, spread_min {p.spread_min[s]}")
-    for sa, sb in p.depends:
-        nb_a = set(p.neighbourhood[a[p.service == sa]].tolist())
-        nb_b = set(p.neighbourhood[a[p.service == sb]].tolist())
-        for nb in sorted(nb_a - nb_b):
-            out.append(f"service {sa} in neighbourhood {nb} without service {sb} (depends)")
+    for w in np.flatnonzero((a != p.initial) & ~p.movable):
+        out.append(f"{wid[w]}: pinned to {hid[p.initial[w]]}, moved to {hid[a[w]]}")
+    for w in np.flatnonzero(~p.open[a]):
+        out.append(f"{wid[w]}: on closed {hid[a[w]]}")
+    for w in np.flatnonzero(~p.allowed[p.allowed_class, a]):
+        out.append(f"{wid[w]}: {hid[a[w]]} not allowed by its filters")
+    in_svc = p.service >= 0
+    svc, host = p.service[in_svc], a[in_svc]
+    # Conflict: (service, host) pairs held more than once.
+    pairs, counts = np.unique(np.stack([svc, host]), axis=1, return_counts=True)
+    for (s, h), c in zip(pairs.T, counts):
+        if c > 1 and p.conflict[s]:
+            out.append(f"service {s}: {c} workloads on {hid[h]} (conflict)")
+    # Spread: distinct locations per service.
+    locs = np.unique(np.stack([svc, p.location[host]]), axis=1)
+    covered = np.bincount(locs[0], minlength=p.n_services) if locs.size else np.zeros(p.n_services, int)
+    present = np.bincount(svc, minlength=p.n_services) > 0
+    for s in np.flatnonzero(present & (covered < p.spread_min)):
+        out.append(f"service {s}: covers {covered[s]} locations, spread_min {p.spread_min[s]}")
+    # Dependency: every (a, neighbourhood) pair needs its (b, neighbourhood).
+    held = set(zip(svc.tolist(), p.neighbourhood[host].tolist()))
+    nbh_of = {}
+    for s, nb in sorted(held):
+        nbh_of.setdefault(s, []).append(nb)
+    for sa, sb in p.depends.tolist():
+        for nb in nbh_of.get(sa, []):
+            if (sb, nb) not in held:
+                out.append(f"service {sa} in neighbourhood {nb} without service {sb} (depends)")
     for t in np.flatnonzero(p.dedicated):
         for h in np.unique(a[p.tenant == t]):
             others = np.flatnonzero((a == h) & (p.tenant != t))

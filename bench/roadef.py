@@ -472,6 +472,21 @@ def find_instances(data_dir, sets=("A",)) -> list[dict]:
     return [found[k] for k in sorted(found)]
 
 
+def _commit():
+    """The repository's HEAD (and whether the tree had changes), so a figure names its code."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              check=False, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               check=False, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+changes" if dirty else "")) or None
+
+
 def _read_int(path: Path):
     try:
         return int(path.read_text().split()[0])
@@ -571,7 +586,10 @@ def main(args) -> int:
                           progress_factory=factory, instances=args.only.split(",") if args.only else None)
         out = Path(args.out)
         text = markdown(section)
-        (out / "results.json").write_text(json.dumps({"roadef": section}, indent=1) + "\n")
+        from .report import machine
+
+        results = {"machine": machine(), "commit": _commit(), "roadef": section}
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         (out / "report.md").write_text(text)
         print(text)
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")

@@ -210,7 +210,7 @@ def test_cli_single_instance_writes_solution(tiny_files, capsys):
     sol = roadef.read_assignment(d / "out.txt", inst)
     got = roadef.check(inst, roadef.parse_assignment(TINY_INITIAL, inst), sol)
     assert code == 0 and got.valid
-    assert "total" in out and f"{got.total:,}" in out and "85" in out
+    assert "total" in out and f"{got.total:,}" in out and "85" in out and "; agrees)" in out
 
 
 def test_cli_set_mode_writes_results(tiny_files, tmp_path):
@@ -221,7 +221,7 @@ def test_cli_set_mode_writes_results(tiny_files, tmp_path):
     rows = json.loads((out / "results.json").read_text())["roadef"]["rows"]
     assert code == 0 and [r["instance"] for r in rows] == ["a0_1"]
     r = rows[0]
-    assert r["initial"] == 85 and r["lower_bound"] == 80 and r["valid"]
+    assert r["initial"] == 85 and r["lower_bound"] == 80 and r["valid"] and r["checker_agrees"]
     assert r["gap_lower_bound_pct"] == pytest.approx(100 * (r["objective"] - 80) / 80, abs=1e-4)
     assert (out / "roadef_solutions" / "solution_a0_1.txt").exists()
     assert "a0_1" in (out / "report.md").read_text()

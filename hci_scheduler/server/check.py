@@ -9,38 +9,22 @@ error and without a host charged beyond its limit.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sqlite3
 import tempfile
-import urllib.parse
 
 from google.protobuf.message import DecodeError
 
 from ..store import MemoryStore, Record, StoreError
 from ..store.base import COMPACTED_KEY, INCARNATION_KEY
 from ..store.mark import mark_path, read_mark
+from ..store.sqlite import open_read_only
 from ..v1 import scheduler_pb2 as pb
 from .snapshot import Snapshots, check_directory
 
 DB_NAME = "scheduler.db"
 SNAPSHOTS_DIR = "snapshots"  # as create_server lays out a data directory
-
-
-def _read_only(path: str, scratch: str) -> sqlite3.Connection:
-    """A connection that changes none of the store's files. Without a WAL the file is
-    opened as immutable; with one (a crash left it), SQLite would rebuild the shared-memory
-    index beside it, so the database and its WAL are read from copies in `scratch`."""
-    if os.path.exists(path + "-wal"):
-        copy = os.path.join(scratch, DB_NAME)
-        shutil.copyfile(path, copy)
-        shutil.copyfile(path + "-wal", copy + "-wal")
-        path = copy
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    if path != os.path.join(scratch, DB_NAME):
-        uri += "&immutable=1"
-    return sqlite3.connect(uri, uri=True)
 
 
 def check_store(data_dir: str) -> list[str]:
@@ -49,11 +33,16 @@ def check_store(data_dir: str) -> list[str]:
     if not os.path.exists(path):
         return [f"{path}: no store"]
     try:
-        with tempfile.TemporaryDirectory() as scratch, contextlib.closing(_read_only(path, scratch)) as conn:
+        conn, scratch = open_read_only(path)  # changes none of the store's files
+        try:
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             compacted = int(meta.get(COMPACTED_KEY) or 0)  # events up to it live in a snapshot
             problems, records = _check_events(conn.execute("SELECT seq, kind, body FROM events ORDER BY seq"),
                                               compacted + 1)
+        finally:
+            conn.close()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
     except (sqlite3.Error, OSError) as exc:
         return [f"{path}: cannot be read: {exc}"]
     last = records[-1].sequence if records else compacted

@@ -159,9 +159,10 @@ def _keep_reserve(path: str) -> None:
         raise
 
 
-def _open_read_only(path: str) -> tuple[sqlite3.Connection, str | None]:
-    """A connection that reads the store and writes none of its files, and the scratch
-    directory it reads from (None: the store itself). Without a WAL to recover the file
+def open_read_only(path: str) -> tuple[sqlite3.Connection, str | None]:
+    """A connection that reads the store and writes none of its files (a store that
+    refuses writes, `hci-scheduler check`), and the scratch directory it reads from (None:
+    the store itself; the caller removes it). Without a WAL to recover the file
     is opened as immutable; with one (a crash left it), SQLite must rebuild the WAL index
     from it, which it cannot do read-only, so the database and its WAL are read from
     copies in a scratch directory (the store's files do not change while it refuses
@@ -254,7 +255,7 @@ class SQLiteStore(Store):
             if not os.path.exists(path):
                 raise StoreError(f"{path}: no store, and none can be created: {self.read_only}")
             try:
-                self._wconn, self._scratch = _open_read_only(path)
+                self._wconn, self._scratch = open_read_only(path)
                 self._check_schema()
             except (sqlite3.Error, OSError) as exc:
                 self._drop_scratch()

@@ -564,8 +564,8 @@ def markdown(section: dict) -> str:
                      f"{pct(r['gap_lower_bound_pct'])} | {pct(r['gap_best_known_pct'])} | "
                      f"{'yes' if r['valid'] else 'NO'} | {r['moved']} | {r['seconds']} |")
     agree = all(r["checker_agrees"] for r in section["rows"])
-    lines += ["", f"Every objective above is the independent checker's; hci_scheduler.rebalance.objective "
-              f"{'gives the same on every row' if agree else 'DISAGREES on some row'}."]
+    verdict = "gives the same on every row" if agree else "DISAGREES on some row"
+    lines += ["", f"Every objective above is the independent checker's; hci_scheduler.rebalance.objective {verdict}."]
     lines += ["", "Objective by term (ours):", "",
               "| instance | " + " | ".join(TERMS) + " |", "|---|" + "---:|" * len(TERMS)]
     for r in section["rows"]:

@@ -11,20 +11,22 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..errors import Unschedulable
 from ..model import BatchResult, Workload
 from ..policy import largest_first
-from ..errors import Unschedulable
 from ._compile import Compiler
 from ._explanations import explain_request
 from ._hosts import HostTable
 from ._ledger import Ledger
 
 
-def batch_order(hosts: HostTable, requests: np.ndarray, order: str) -> np.ndarray:
-    """intp (n,): the rows of `requests` in placement order ("arrival" or "largest_first"
-    by dominant share of the schedulable hosts' total limit)."""
+def batch_order(hosts: HostTable, requests: np.ndarray, order: str) -> np.ndarray | None:
+    """intp (n,): the rows of `requests` in placement order ("largest_first": by dominant
+    share of the schedulable hosts' total limit), or None for "arrival": the rows go
+    online, each placed as it would be alone, so the packer does not choose hosts for
+    the batch as a whole (`_arrays.open_by_cover`). One row is online either way."""
     if order == "arrival" or len(requests) < 2:  # one row has one order: skip the O(hosts) totals
-        return np.arange(len(requests), dtype=np.intp)
+        return None
     n = hosts.n_rows
     state = hosts.state
     total = state.limit_array[:n][state.schedulable_array()[:n]].sum(axis=0)
@@ -54,11 +56,13 @@ class BatchPlacer:
             result.details[workload.id] = p
         return True
 
-    def place(self, workloads: list[Workload], requests: np.ndarray, terms: list, rows: np.ndarray, code: int,
-              gang: bool, preempt: bool) -> BatchResult:
-        """Place checked `workloads` in the order `rows`; terms[i] is None for the ones that
-        take their own path (per-host services, new volumes)."""
+    def place(self, workloads: list[Workload], requests: np.ndarray, terms: list, rows: np.ndarray | None,
+              code: int, gang: bool, preempt: bool) -> BatchResult:
+        """Place checked `workloads` in the order `rows` (None: arrival order); terms[i] is None
+        for the ones that take their own path (per-host services, new volumes)."""
         result = BatchResult({}, {})
+        if rows is None:  # arrival order
+            rows = np.arange(len(workloads), dtype=np.intp)
         if preempt or (len(workloads) == 1 and terms[0] is not None):
             # One at a time, as `place` does (a lone workload skips the batch arrays).
             for i in rows.tolist():

@@ -5,7 +5,8 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hci_scheduler.bounds import cover_by_shape, covering_bound, volume_bound
 from hci_scheduler.errors import ValidationError

@@ -3,6 +3,11 @@
 Every instance becomes a cluster of ``n_items`` identical hosts (enough for
 any packing); we count the hosts a placement uses and divide by the known
 optimum (or the best lower bound where none is known).
+
+The suite also runs the heterogeneous cells of `bench/hetero.py` (real machine
+shapes, a live set from a real trace, the covering bound beside every result):
+their rows carry ``kind = "hetero"`` and ``optimum = None``, and `summarise`
+reports them apart (``summary["heterogeneous"]``), never in the vbp averages.
 """
 from __future__ import annotations
 
@@ -34,6 +39,10 @@ class DensityConfig:
     known_only : bool
         Only instances with a proven optimum.
     cpsat_max_items, cpsat_time_s, cpsat_stride : CP-SAT peer scope.
+    hetero : bool
+        Also run the heterogeneous cells (bench/hetero.py).
+    hetero_improve_s : float
+        ``improve_s`` of the improved run on those cells.
     peer_stride : int
         Run the numpy/FFD/binpacking peers on every ``peer_stride``-th instance.
     """
@@ -47,6 +56,8 @@ class DensityConfig:
     peer_stride: int = 1
     instance_stride: int = 1
     names: list = field(default_factory=list)
+    hetero: bool = True
+    hetero_improve_s: float = 5.0
 
 
 def _ours(capacity, items, strategy, improve_s):
@@ -129,7 +140,21 @@ def run(cfg: DensityConfig, progress=None) -> list[dict]:
             bar.update(1)
     if bar:
         bar.close()
+    if cfg.hetero and not cfg.names:
+        rows += hetero_rows(cfg.hetero_improve_s)
     return rows
+
+
+def hetero_rows(improve_s: float) -> list[dict]:
+    """The heterogeneous cells as suite rows (skipped cells left out)."""
+    from . import hetero
+
+    out = []
+    for r in hetero.run(hetero.HeteroConfig(improve_s=improve_s)):
+        if r.get("cell") is not None:
+            out.append({**r, "kind": "hetero", "instance": r["cell"], "optimum": None,
+                        "reference": r["covering_bound"]})
+    return out
 
 
 def packed_bound(row: dict) -> int:
@@ -152,6 +177,8 @@ def summarise(rows: list[dict]) -> dict:
         return float(np.mean(xs)) if xs else None
 
     out: dict = {"families": {}, "overall": {}}
+    hetero = [r for r in rows if r.get("kind") == "hetero"]
+    rows = [r for r in rows if r.get("kind") != "hetero"]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["optimum"] is not None:
@@ -208,4 +235,9 @@ def summarise(rows: list[dict]) -> dict:
     out["overall"]["cpsat_n"] = len(cp)
     out["overall"]["cpsat_ratio"] = mean([r["cpsat"]["hosts"] / r["optimum"] for r in cp])
     out["overall"]["best_on_cpsat_set"] = mean([r["best"] / r["optimum"] for r in cp])
+    out["heterogeneous"] = [
+        {k: r.get(k) for k in ("cell", "n_hosts", "n_live", "n_shapes", "covering_bound", "split_bound",
+                               "greedy", "improved", "best", "ffd_rich_first", "best_over_covering",
+                               "ffd_over_covering")}
+        for r in hetero]
     return out

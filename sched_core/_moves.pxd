@@ -54,6 +54,7 @@ cdef class MoveState:
     cdef bint swap_eval(self, intp_t w1, intp_t w2, int64_t* delta) noexcept nogil
     cdef void apply_shift(self, intp_t w, intp_t b) noexcept nogil
     cdef void _place_initial(self) noexcept
+    cdef void _dedicated_owner(self) noexcept nogil
     cdef void _svc_moved(self, intp_t sv, int32_t step) noexcept nogil
     cdef bint _conflict_free(self, intp_t sv, intp_t h, intp_t skip1, intp_t skip2) noexcept nogil
     cdef bint _spread_ok(self, intp_t sv, intp_t a, intp_t b) noexcept nogil

@@ -149,6 +149,17 @@ cdef class MoveState:
         for w in range(n):
             if a[w] != self.cur[w]:
                 self.apply_shift(w, a[w])
+        self._dedicated_owner()
+
+    cdef void _dedicated_owner(self) noexcept nogil:
+        """Re-derive each host's dedicated tenant from scratch: after a sequence of shifts
+        through states that break isolation (a restore, the start) the last arrival's tenant
+        need not be the one left."""
+        cdef intp_t w, t
+        for w in range(self.n_workloads):
+            t = self.tenant[w]
+            if t >= 0 and self.dedicated[t]:
+                self.ded_t[self.cur[w]] = t
 
     cdef void _place_initial(self) noexcept:
         cdef intp_t w, h, r, sv, t
@@ -535,8 +546,11 @@ cdef class MoveState:
                         self.apply_shift(w, h)
         return keep, work
 
-    def local_search(self, int64_t budget, double wall_s, int swap_percent=50, bint plateau=True):
-        """Random shifts and swaps, each kept when it does not raise the objective.
+    def local_search(self, int64_t budget, double wall_s, int swap_percent=50, bint plateau=True,
+                     int64_t tolerance=0):
+        """Random shifts and swaps, each kept when it does not raise the objective, or (with a
+        tolerance: record-to-record travel, Dueck 1993) when it stays within `tolerance` of the
+        best objective of the call; the call ends on its best state.
 
         Parameters
         ----------
@@ -548,14 +562,19 @@ cdef class MoveState:
             share of swap moves among the draws.
         plateau : bool
             also keep moves of delta 0 (they let the search drift across plateaus).
+        tolerance : int
+            how far above the best objective an accepted move may lead (0: descent only).
 
         Returns
         -------
         (evaluated, accepted, improvement) : int, int, int
         """
         cdef int64_t it = 0, accepted = 0, dl, before = self.objective()
-        cdef intp_t n_mov = self.movable_idx.shape[0], w, w2, k, h, span
+        cdef int64_t value = before, best = before
+        cdef intp_t n_mov = self.movable_idx.shape[0], w, w2, k, h, span, i
         cdef double deadline = _now() + wall_s
+        cdef int32_t[::1] best_cur = self.cur.copy() if tolerance > 0 else self.cur
+        cdef bint saved = True, take
         if n_mov == 0:
             return 0, 0, 0
         with nogil:
@@ -566,20 +585,41 @@ cdef class MoveState:
                 w = self.movable_idx[_below(&self.rng, n_mov)]
                 if <int>_below(&self.rng, 100) < swap_percent:
                     w2 = self.movable_idx[_below(&self.rng, n_mov)]
-                    if self.swap_eval(w, w2, &dl) and (dl < 0 or (plateau and dl == 0)):
-                        h = self.cur[w]
-                        self.apply_shift(w, self.cur[w2])
-                        self.apply_shift(w2, h)
-                        accepted += 1
+                    if not self.swap_eval(w, w2, &dl):
+                        continue
+                    h = self.cur[w2]
                 else:
+                    w2 = -1
                     k = self.allowed_class[w]
                     span = self.class_ptr[k + 1] - self.class_ptr[k]
                     if span == 0:
                         continue
                     h = self.class_hosts[self.class_ptr[k] + _below(&self.rng, span)]
-                    if self.shift_eval(w, h, &dl) and (dl < 0 or (plateau and dl == 0)):
-                        self.apply_shift(w, h)
-                        accepted += 1
+                    if not self.shift_eval(w, h, &dl):
+                        continue
+                take = dl < 0 or (plateau and dl == 0) or (tolerance > 0 and value + dl <= best + tolerance)
+                if not take:
+                    continue
+                if tolerance > 0 and dl > 0 and not saved:
+                    # Leaving the best state uphill: remember it (the only O(n) step).
+                    for i in range(self.n_workloads):
+                        best_cur[i] = self.cur[i]
+                    saved = True
+                if w2 >= 0:
+                    self.apply_shift(w2, self.cur[w])
+                self.apply_shift(w, h)
+                value += dl
+                accepted += 1
+                if value < best:
+                    best = value
+                    saved = False
+                elif value == best and dl < 0:
+                    saved = False
+            if tolerance > 0 and value > best:
+                for i in range(self.n_workloads):
+                    if self.cur[i] != best_cur[i]:
+                        self.apply_shift(i, best_cur[i])
+                self._dedicated_owner()
         return it, accepted, before - self.objective()
 
     # -- views and test wrappers --------------------------------------------------------------

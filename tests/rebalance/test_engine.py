@@ -292,3 +292,20 @@ def test_search_proves_optimum_when_one_submodel_covers_everything():
     r = search(p, work_budget=3_000_000, seed=0)
     assert r.status == "optimal"
     assert objective.total(p, r.assignment) == exhaustive_optimum(p)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_local_search_with_tolerance_ends_on_its_best_state(seed):
+    # Record-to-record travel climbs on the way, but never returns a state worse than its start,
+    # and the counters it ends with are the reference's.
+    rng = np.random.default_rng(seed)
+    p = feasible_start(make_problem(rng), rng)
+    if p is None:
+        return
+    state = MoveState(p, p.initial, -1, seed)
+    start = state.value
+    state.local_search(5_000, 10.0, 50, False, max(1, start // 10))
+    a = state.assignment
+    assert state.value == objective.total(p, a) <= start
+    assert objective.violations(p, a) == []

@@ -518,7 +518,11 @@ class Snapshots:
         if self._thread is None and os.path.isdir(self.directory):  # at start (also called to rebuild later)
             for name in os.listdir(self.directory):
                 if name.endswith(".tmp"):  # a snapshot a crash interrupted
-                    os.remove(os.path.join(self.directory, name))
+                    try:
+                        os.remove(os.path.join(self.directory, name))
+                    except OSError as exc:  # a read-only store: never read, removed once it is writable
+                        log.warning("cannot remove an interrupted snapshot", extra={"fields": {
+                            "path": name, "reason": str(exc)}})
         store = state.store
         compacted, last = store.compacted_sequence(), store.last_sequence()
         bad = []
@@ -526,9 +530,12 @@ class Snapshots:
             if seq > last:
                 # The log lost the events it holds (see SQLiteStore's incarnation): moved aside,
                 # so that it is never taken for the state at a number the log reuses.
-                os.replace(path, path + ".beyond-log")
-                bad.append(f"{path}: sequence {seq} is beyond the log's last sequence {last} "
-                           f"(moved aside to {path}.beyond-log)")
+                try:
+                    os.replace(path, path + ".beyond-log")
+                    aside = f"moved aside to {path}.beyond-log"
+                except OSError as exc:  # a read-only store: skipped now, moved aside at a later start
+                    aside = f"cannot move it aside: {exc}"
+                bad.append(f"{path}: sequence {seq} is beyond the log's last sequence {last} ({aside})")
                 continue
             if seq < compacted:
                 break  # older ones cannot be followed by the log either

@@ -176,8 +176,8 @@ class _Engine:
         bad_host = ~p.open[cur] | ~p.allowed[p.allowed_class, cur]
         stuck = np.flatnonzero(bad_host & ~p.movable)
         if stuck.size:
-            raise RebalanceInfeasible(self._ids(stuck), [
-                f"{name}: pinned to a host it may not stay on" for name in self._ids(stuck)])
+            raise RebalanceInfeasible([f"{name}: pinned to a host it may not stay on"
+                                       for name in self._ids(stuck)], self._ids(stuck))
         must = list(np.flatnonzero(bad_host))
         use, hold = st.usage()
         over = use + hold - p.capacity
@@ -186,7 +186,7 @@ class _Engine:
         # Largest first: the big ones have the fewest hosts with room.
         must = sorted(set(must), key=lambda w: (-float((p.request[w] / np.maximum(p.capacity.max(axis=0), 1)).sum()), w))
         if self.max_moves >= 0 and len(must) > self.max_moves:
-            raise RebalanceInfeasible([], [f"the repair needs {len(must)} moves, max_moves is {self.max_moves}"])
+            raise RebalanceInfeasible(f"the repair needs {len(must)} moves, max_moves is {self.max_moves}")
         failed = []
         for w in must:
             host, work = st.relocate(int(w), int(cur[w]), False)
@@ -198,12 +198,12 @@ class _Engine:
         if failed:
             failed = self._repair_exact(failed, hosts=LNS_HOSTS * 3)
         if failed:
-            raise RebalanceInfeasible(self._ids(failed), [
-                f"{name}: fits on no open host it may use" for name in self._ids(failed)])
+            raise RebalanceInfeasible([f"{name}: fits on no open host it may use"
+                                       for name in self._ids(failed)], self._ids(failed))
         self.stats["repaired"] = len(must)
         left = objective.violations(p, st.assignment)
         if left:
-            raise RebalanceInfeasible([], left)
+            raise RebalanceInfeasible(left)
 
     def _ejections(self, h: int, over: np.ndarray, cur: np.ndarray) -> list[int]:
         """Workloads to take off over-full host h: repeatedly the one that covers most of
@@ -226,7 +226,7 @@ class _Engine:
             need = need - relief(w)
         if (need > 0).any():
             name = p.host_ids[h] if p.host_ids else f"host {h}"
-            raise RebalanceInfeasible([], [f"{name}: over capacity even with every movable workload gone"])
+            raise RebalanceInfeasible(f"{name}: over capacity even with every movable workload gone")
         return chosen
 
     def _repair_exact(self, failed: list[int], hosts: int = LNS_HOSTS) -> list[int]:
@@ -277,6 +277,8 @@ class _Engine:
                 break
             if self.progress is not None:
                 self.progress(min(1.0, 1 - self.work_left / max(self.budget, 1)), int(st.value))
+        if self.progress is not None:
+            self.progress(1.0, int(st.value))
 
     def _empty_hosts(self, failed: set[int]) -> set[int]:
         """One pass of host emptying over the used hosts, cheapest to empty per cost first."""

@@ -309,3 +309,13 @@ def test_local_search_with_tolerance_ends_on_its_best_state(seed):
     a = state.assignment
     assert state.value == objective.total(p, a) <= start
     assert objective.violations(p, a) == []
+
+
+def test_search_reports_progress_with_a_falling_objective():
+    p = consolidation_problem(m=20, seed=1)
+    seen = []
+    r = search(p, work_budget=1_500_000, seed=0, progress=lambda f, best: seen.append((f, best)))
+    assert seen and all(0.0 <= f <= 1.0 for f, _ in seen)
+    bests = [b for _, b in seen]
+    assert bests == sorted(bests, reverse=True)  # each round ends no worse than the last
+    assert bests[-1] == objective.total(p, r.assignment)

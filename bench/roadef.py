@@ -594,6 +594,7 @@ def main(args) -> int:
     """
     factory = None if args.no_progress else _ProgressBar
     if args.data_dir:
+        commit = _commit()  # before the run: the code the engine was imported from
         section = run_set(args.data_dir, sets=tuple(s.strip().upper() for s in args.sets.split(",")),
                           time_limit_s=args.time_limit, seed=args.seed, out=args.out,
                           progress_factory=factory, instances=args.only.split(",") if args.only else None)
@@ -601,7 +602,7 @@ def main(args) -> int:
         text = markdown(section)
         from .report import machine
 
-        results = {"machine": machine(), "commit": _commit(), "roadef": section}
+        results = {"machine": machine(), "commit": commit, "roadef": section}
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         (out / "report.md").write_text(text)
         print(text)

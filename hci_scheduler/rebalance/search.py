@@ -257,6 +257,8 @@ class _Engine:
 
     def improve(self) -> None:
         p, st = self.p, self.state
+        if not p.movable.any():
+            return  # nothing can move: the start is the answer
         empty_hosts = bool((p.host_cost > 0).any())
         lns = self.p.n_workloads > 0 and self.p.movable.any()
         failed: set[int] = set()
@@ -269,7 +271,7 @@ class _Engine:
             evaluated, accepted, _ = st.local_search(chunk, max(0.0, self.deadline - time.perf_counter()),
                                                      50, True, tolerance)
             self.stats["ls_accepted"] += accepted
-            if not self._spend(evaluated):
+            if not self._spend(max(evaluated, 1)):
                 break
             if empty_hosts:
                 failed = self._empty_hosts(failed)

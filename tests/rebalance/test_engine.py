@@ -319,3 +319,13 @@ def test_search_reports_progress_with_a_falling_objective():
     bests = [b for _, b in seen]
     assert bests == sorted(bests, reverse=True)  # each round ends no worse than the last
     assert bests[-1] == objective.total(p, r.assignment)
+
+
+@pytest.mark.parametrize("problem", [
+    Problem(capacity=[[10], [10]], request=np.zeros((0, 1)), initial=np.zeros(0, int)),
+    Problem(capacity=[[10], [10]], request=[[3]], initial=[1], movable=[False], host_cost=[1, 1]),
+], ids=["no workloads", "all pinned"])
+def test_search_with_nothing_to_move_returns_the_start(problem):
+    r = search(problem, time_limit_s=60)
+    assert r.status == "unchanged"
+    assert r.stats["work"] < 1000  # returns at once, not at the time limit

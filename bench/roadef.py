@@ -573,6 +573,37 @@ def markdown(section: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(section: dict, out: Path) -> str:
+    """Bar chart of each instance's gap (%, log scale) to its best known figure, else to its
+    lower bound (none without either); returns the file name written in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = section["rows"]
+    names = [r["instance"] for r in rows]
+    gaps, colours = [], []
+    for r in rows:
+        best = r["gap_best_known_pct"]
+        gap = best if best is not None else r["gap_lower_bound_pct"]
+        # No reference (a lower bound of 0): no bar. A gap of 0 sits at the floor of the scale.
+        gaps.append(float("nan") if gap is None else max(gap, 1e-5))
+        colours.append("tab:green" if best is not None else "tab:blue")
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(rows)), 4))
+    ax.bar(names, gaps, color=colours)
+    ax.set_yscale("log")
+    ax.set_ylabel("gap, % (green: to best known, blue: to lower bound)")
+    cfg = section["config"]
+    ax.set_title(f"ROADEF/EURO 2012, {cfg['time_limit_s']:g} s per instance, seed {cfg['seed']}")
+    ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    name = "roadef_gaps.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def format_check(label: str, result: Check) -> str:
     """Terms, total and validity, one line each, for the command line."""
     lines = [f"{label}:"]
@@ -603,8 +634,9 @@ def main(args) -> int:
         from .report import machine
 
         results = {"machine": machine(), "commit": commit, "roadef": section}
+        results["plots"] = [plot(section, out)] if section["rows"] else []
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        (out / "report.md").write_text(text)
+        (out / "report.md").write_text(text + "".join(f"\n![{p}]({p})\n" for p in results["plots"]))
         print(text)
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
         return 0 if section["all_valid"] and all(r["checker_agrees"] for r in section["rows"]) else 1

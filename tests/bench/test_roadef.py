@@ -224,7 +224,7 @@ def test_cli_set_mode_writes_results(tiny_files, tmp_path):
     assert r["initial"] == 85 and r["lower_bound"] == 80 and r["valid"] and r["checker_agrees"]
     assert r["gap_lower_bound_pct"] == pytest.approx(100 * (r["objective"] - 80) / 80, abs=1e-4)
     assert (out / "roadef_solutions" / "solution_a0_1.txt").exists()
-    assert "a0_1" in (out / "report.md").read_text()
+    assert "a0_1" in (out / "report.md").read_text() and (out / "roadef_gaps.png").stat().st_size > 0
 
 
 def test_cli_needs_files_or_a_folder():

@@ -57,6 +57,10 @@ class StalePlan(StateConflict):
     """The cluster changed since the plan was made; plan again."""
 
 
+class SearchCancelled(SchedulerError):
+    """The caller went away (cancelled, or its deadline passed) while its search ran."""
+
+
 class SearchesBusy(SchedulerError):
     """Searches are running and as many calls already wait for their turn; retry later."""
 
@@ -129,12 +133,13 @@ class PlanRegistry:
 
     # -- making a plan (any thread) -------------------------------------------------------
 
-    def make(self, state, goal: str, deadline: float | None = None, **options) -> PlanEntry:
+    def make(self, state, goal: str, deadline: float | None = None, gone=None, **options) -> PlanEntry:
         """Search a plan for `goal` on the state's cluster (`Cluster.rebalance` options) and
         keep it; one search at a time (MAX_SEARCHES), waiting at most until `deadline` (a
         time.monotonic() value) for its turn, behind at most MAX_SEARCH_WAITERS others
-        (SearchesBusy past them). The state may change while it searches: ApplyPlan then
-        refuses the plan."""
+        (SearchesBusy past them). `gone()` says the caller went away: the search then stops
+        at its next progress report (SearchCancelled) and frees the turn. The state may change
+        while it searches: ApplyPlan then refuses the plan."""
         with self._lock:
             if self._calls >= MAX_SEARCHES + MAX_SEARCH_WAITERS:
                 raise SearchesBusy(f"{MAX_SEARCHES} search(es) run and {MAX_SEARCH_WAITERS} wait already; "
@@ -149,6 +154,8 @@ class PlanRegistry:
         try:
             with state.lock:  # what the reads see is durable
                 cluster, sequence, version = state.cluster, state.sequence, state.cluster.version
+            if gone is not None:
+                options["progress"] = _stop_when(gone)
             plan = cluster.rebalance(goal, **options)
         finally:
             self._searches.release()
@@ -364,6 +371,15 @@ class PlanRegistry:
             log.warning(f"plan {e.plan.id} interrupted after step {e.steps_done} of {e.steps_total}",
                         extra={"fields": {"plan_id": e.plan.id, "steps_done": e.steps_done,
                                           "steps_total": e.steps_total, "reason": e.reason}})
+
+
+def _stop_when(gone):
+    """A search progress callback that stops the search once `gone()`."""
+    def progress(fraction: float, best: int) -> None:
+        if gone():
+            raise SearchCancelled(f"the caller went away at {100 * fraction:.0f}% of the search")
+
+    return progress
 
 
 def _response(state, entry: PlanEntry, sequence: int) -> pb.ApplyPlanResponse:

@@ -24,7 +24,7 @@ from . import convert, limits
 from .convert import PlaceItem
 from .limits import (DEFAULT_REBALANCE_SECONDS, MAX_HOSTS_PER_CALL, MAX_ID_LENGTH, MAX_NAME_LENGTH,
                      MAX_REBALANCE_SECONDS, MAX_SEED, MAX_WORKLOADS_PER_CALL)
-from .plans import SearchesBusy, StalePlan
+from .plans import SearchCancelled, SearchesBusy, StalePlan
 from .state import SchedulerState, place_response
 from .writer import DeadlineExpired, StoreFailed
 from .wire import PlainDecoder
@@ -42,6 +42,7 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (RebalanceInfeasible, grpc.StatusCode.FAILED_PRECONDITION),  # what fits nowhere, named
     (DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (SearchesBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SearchCancelled, grpc.StatusCode.CANCELLED),
     (StoreFailed, grpc.StatusCode.UNAVAILABLE),
     (StoreError, grpc.StatusCode.UNAVAILABLE),
     (SchedulerError, grpc.StatusCode.INTERNAL),
@@ -93,6 +94,12 @@ def _strategy(gang: bool, strategy: int, preempt: bool) -> str:
 
 _check_id = limits.check_id
 MAX_DETAILS = 1000
+
+
+def _gone(context):
+    """Whether the call is over for its caller (cancelled, or past its deadline): a search
+    for it stops."""
+    return lambda: not context.is_active()
 
 
 def method_handlers(servicer: "SchedulerServicer") -> dict[str, grpc.RpcMethodHandler]:
@@ -363,7 +370,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             self._check_dims(f"workload {w.id!r} requests", w.requests)
             workload = convert.workload_to_model(convert.normalize_workload(w))
         self._check_dims("targets", request.targets)
-        entry = self.state.plans.make(self.state, goal, self._deadline(context),
+        entry = self.state.plans.make(self.state, goal, self._deadline(context), _gone(context),
                                       hosts=list(request.host_ids) or None, workload=workload,
                                       targets=dict(request.targets) or None, **options)
         return pb.RebalanceResponse(plan=entry.proto)
@@ -386,8 +393,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         _check_id("host_id", request.host_id)
         options = self._search_options(request.max_moves, request.time_limit_s, request.seed)
         for attempt in range(self.DRAIN_ATTEMPTS):
-            entry = self.state.plans.make(self.state, "drain", self._deadline(context), hosts=[request.host_id],
-                                          **options)
+            entry = self.state.plans.make(self.state, "drain", self._deadline(context), _gone(context),
+                                          hosts=[request.host_id], **options)
             try:
                 applied = self._apply_plan(entry.plan.id, request.host_id, context)
             except StalePlan:

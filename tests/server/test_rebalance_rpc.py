@@ -191,6 +191,32 @@ def test_searches_take_turns_a_waiting_one_gives_up_at_its_deadline_and_the_queu
     assert registry.make(State, "consolidate", time.monotonic() + 10, seed=4).plan.id == "plan-4"  # turns came back
 
 
+def test_a_search_stops_when_its_caller_goes_away_and_frees_the_turn():
+    from hci_scheduler.rebalance import Plan
+    from hci_scheduler.server import plans
+
+    rounds = []
+
+    class Cluster:  # a search that reports progress every round until told to stop
+        version = 0
+
+        def rebalance(self, goal, progress=None, **options):
+            for i in range(1000):
+                rounds.append(i)
+                if progress is not None:
+                    progress(i / 1000, 0)
+            return Plan(goal, id=f"plan-{options['seed']}")
+
+    class State:
+        lock, cluster, sequence = threading.RLock(), Cluster(), 0
+
+    registry = plans.PlanRegistry()
+    with pytest.raises(plans.SearchCancelled):
+        registry.make(State, "consolidate", None, lambda: len(rounds) >= 3, seed=1)
+    assert len(rounds) == 3  # stopped at the report after the caller left
+    assert registry.make(State, "consolidate", time.monotonic() + 1, lambda: False, seed=2).plan.id == "plan-2"
+
+
 # -- Rebalance and ApplyPlan ---------------------------------------------------------------
 
 

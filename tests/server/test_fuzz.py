@@ -115,6 +115,11 @@ SAMPLES = {
     "GetStatus": pb.GetStatusRequest(),
     "ListVolumes": pb.ListVolumesRequest(),
     "DeleteVolume": pb.DeleteVolumeRequest(volume_id="raw-vol"),
+    "Rebalance": pb.RebalanceRequest(goal=pb.REBALANCE_GOAL_CONSOLIDATE, max_moves=5, time_limit_s=0.5, seed=1),
+    "ApplyPlan": pb.ApplyPlanRequest(plan_id="raw-plan"),
+    "Drain": pb.DrainRequest(host_id="raw-gone", time_limit_s=0.5),
+    "PlanCapacity": pb.PlanCapacityRequest(workloads=[pb.Workload(id="raw-p", requests={"cpu": 100})],
+                                           host_types=[pb.HostType(name="raw-t", capacity={"cpu": 4000}, price=3)]),
 }
 #: Answers to bytes that decode into a request the server may refuse; never INTERNAL or UNKNOWN.
 RAW_ALLOWED = ALLOWED | {grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS}
@@ -203,6 +208,10 @@ BAD_UTF8 = {m: r.SerializeToString().replace("\u00a7".encode(), b"\xc3\x28") for
     "WatchEvents": pb.WatchEventsRequest(incarnation="\u00a7"),
     "ListVolumes": pb.ListVolumesRequest(page_token="\u00a7"),
     "DeleteVolume": pb.DeleteVolumeRequest(volume_id="\u00a7"),
+    "Rebalance": pb.RebalanceRequest(host_ids=["\u00a7"]),
+    "ApplyPlan": pb.ApplyPlanRequest(plan_id="\u00a7"),
+    "Drain": pb.DrainRequest(host_id="\u00a7"),
+    "PlanCapacity": pb.PlanCapacityRequest(host_types=[pb.HostType(name="\u00a7")]),
 }.items()}
 
 

@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS meta (
 
 
 SYNC_MODES = ("FULL", "NORMAL")
+#: How long an open waits for a store another process holds (EXCLUSIVE locking: one
+#: process at a time) before it fails, naming the file.
+OPEN_TIMEOUT_S = 5.0
 _INSERT = "INSERT INTO events (seq, kind, body) VALUES (?, ?, ?)"
 
 
@@ -69,6 +72,8 @@ _UNWRITABLE_CODES = (8, 13)
 
 #: SQLite's primary result code of an I/O error (SQLITE_IOERR).
 _IOERR = 10
+#: SQLite's primary result code of a database locked by another connection (SQLITE_BUSY).
+_BUSY = 5
 
 
 def read_only_fs(path: str) -> bool:
@@ -133,9 +138,9 @@ def unwritable_files(path: str) -> str | None:
 
 
 #: Bytes kept beside the database (`<db>.reserve`). SQLite cannot open a database in WAL
-#: mode without its shared-memory index (`-shm`, 32 KiB to start), which a clean stop
-#: deletes; on a full disk the reserve is given up to make room for it, so that a restart
-#: on a full disk serves reads (and refuses writes) instead of failing to start. Writes
+#: mode on a disk without a free block (it makes the WAL again, which a clean stop
+#: deletes); on a full disk the reserve is given up to make room, so that a restart on a
+#: full disk serves reads (and refuses writes) instead of failing to start. Writes
 #: resume only once the reserve could be made again (see probe_write).
 RESERVE_BYTES = 128 * 1024
 
@@ -187,6 +192,9 @@ def _open_with_reserve(path: str, synchronous: str) -> sqlite3.Connection:
     try:
         return _connect(path, synchronous)
     except sqlite3.Error as exc:
+        if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == _BUSY:
+            # EXCLUSIVE locking: another process (a second server) holds the store.
+            raise StoreError(f"{path}: cannot open: {exc} (in use by another process?)") from exc
         reserve = path + ".reserve"
         if not os.path.exists(reserve):
             raise
@@ -199,7 +207,7 @@ def _open_with_reserve(path: str, synchronous: str) -> sqlite3.Connection:
 def _connect(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one append is
     # exactly one transaction.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=OPEN_TIMEOUT_S)
     # Before the first WAL access: the WAL index in heap memory, no mapped -shm (see the
     # module docstring); the database stays locked to this connection.
     conn.execute("PRAGMA locking_mode=EXCLUSIVE")

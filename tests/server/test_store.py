@@ -136,3 +136,22 @@ def test_sqlite_sigkill_leaves_whole_batches(tmp_path):
         assert len(records) % 50 == 0
         assert all(r.body == b"payload-%d" % r.sequence for r in records)
         assert [r.sequence for r in records] == list(range(1, len(records) + 1))
+
+
+def test_sqlite_store_in_use_is_refused_naming_it(tmp_path, monkeypatch):
+    """One process at a time (EXCLUSIVE locking: no shared-memory index to map): a second
+    open fails, naming the file, and leaves the store as it was."""
+    import hci_scheduler.store.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "OPEN_TIMEOUT_S", 0.2)
+    path = str(tmp_path / "s.db")
+    first = SQLiteStore(path)
+    first.append(recs(1, 3))
+    with pytest.raises(StoreError, match="s.db: cannot open: database is locked"):
+        SQLiteStore(path)
+    assert not (tmp_path / "s.db-shm").exists()
+    first.append(recs(4, 1))
+    first.close()
+    again = SQLiteStore(path)
+    assert [r.sequence for r in again.read()] == [1, 2, 3, 4]
+    again.close()

@@ -6,7 +6,8 @@ steps and returns a Plan; `Cluster.apply` commits it.
 """
 from .capacity import CapacityPlan, HostType
 from .compile import CostModel
+from .errors import RebalanceInfeasible
 from .plan import Move, Plan
 from .problem import Problem
 
-__all__ = ["CapacityPlan", "CostModel", "HostType", "Move", "Plan", "Problem"]
+__all__ = ["CapacityPlan", "CostModel", "HostType", "Move", "Plan", "Problem", "RebalanceInfeasible"]

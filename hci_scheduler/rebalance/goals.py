@@ -44,6 +44,8 @@ def rebalance(cluster, goal: str = "consolidate", *, hosts: Sequence[str] | None
         raise ValidationError(f"max_moves must be a non-negative integer, got {max_moves!r}")
     if not isinstance(time_limit_s, (int, float)) or isinstance(time_limit_s, bool) or not time_limit_s > 0:
         raise ValidationError(f"time_limit_s must be a positive number, got {time_limit_s!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        raise ValidationError(f"seed must be an integer in [0, 2**31), got {seed!r}")
     if goal == "drain" and not hosts:
         raise ValidationError("goal drain needs hosts=[...] to drain")
     if goal == "defragment" and not isinstance(workload, Workload):
@@ -175,7 +177,7 @@ def _plan(goal: str, compiled: Compiled, problem, assignment: np.ndarray, stats:
     before, after = objective.terms(problem, initial), objective.terms(problem, assignment)
     used_before, used_after = _hosts_used(compiled, initial), _hosts_used(compiled, assignment)
     moved = assignment != initial
-    stats = dict(stats, seconds=round(elapsed, 3), moved=int(moved.sum()),
+    stats = dict(stats, seconds=round(elapsed, 3), moved=int(moved.sum()), bounces=order.bounces,
                  pinned=len(compiled.pinned), pinned_reasons=_count(compiled.pinned.values()))
     status = stats.pop("status", "feasible")
     return Plan(

@@ -74,6 +74,8 @@ def rebalance(cluster, goal: str = "consolidate", *, hosts: Sequence[str] | None
     else:
         result = search(problem, time_limit_s=time_limit_s, seed=seed, max_moves=max_moves, progress=progress)
         assignment, stats = result.assignment, dict(result.stats, status=result.status)
+        if goal == "consolidate":
+            assignment, stats = _better_keep_set(compiled, problem, assignment, stats, max_moves)
     return _plan(goal, compiled, problem, assignment, stats, version, time.perf_counter() - t0)
 
 
@@ -157,6 +159,20 @@ def _defragment(problem, candidates, max_moves, time_limit_s, seed, progress):
     _, h, result, fixed = best
     problem.fixed = fixed
     return result.assignment, dict(result.stats, status=result.status, room_row=h), problem
+
+
+def _better_keep_set(compiled: Compiled, problem, assignment, stats, max_moves):
+    """The keep-set construction's assignment instead of the search's when it passes the
+    independent check and costs less (see keepset.py)."""
+    from . import objective
+    from .keepset import keep_set
+
+    candidate = keep_set(problem, compiled.fixed_use, max_moves)
+    if candidate is None or objective.violations(problem, candidate):
+        return assignment, dict(stats, method="search")
+    if objective.total(problem, candidate) < objective.total(problem, assignment):
+        return candidate, dict(stats, method="keep-set", status="feasible")
+    return assignment, dict(stats, method="search")
 
 
 def _hosts_used(compiled: Compiled, assignment: np.ndarray) -> np.ndarray:

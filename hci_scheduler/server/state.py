@@ -382,7 +382,9 @@ class SchedulerState:
         """Refuse new mutations, let the queued ones finish, close the store."""
         self.writer.close(timeout)
         if self.snapshots is not None:
-            self.snapshots.close(self)  # what changed since the last one: the next start reads no tail
+            # What changed since the last one, so the next start reads no tail; not after a fatal
+            # store error: memory then holds a batch the log never took.
+            self.snapshots.close(self, final=self.writer.broken is None)
         self._probe_stop.set()
         if self._prober is not None:
             self._prober.join()

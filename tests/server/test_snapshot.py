@@ -603,3 +603,29 @@ def test_a_small_state_is_snapshotted_sooner_than_every(tmp_path):
     assert shots.due(_State(100_000, 190_000, 10_000))
     assert not snap_mod.Snapshots(str(tmp_path), every=0).due(_State(10**6, 10, 1))
     assert snap_mod.Snapshots(str(tmp_path), every=500).due(_State(500, 10**6, 1))
+
+
+def test_no_final_snapshot_after_a_fatal_store_error(tmp_path):
+    """A Place the store refused was answered UNAVAILABLE: the stop that follows must not
+    snapshot the memory that holds it, or the next start would bring back a placement
+    nobody was told about."""
+    srv, port = create_server("127.0.0.1:0", data_dir=str(tmp_path))
+    srv.start()
+    channel, stub = stub_for(f"127.0.0.1:{port}")
+    stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[pb.Host(id="h1", capacity={"cpu": 1000})]))
+
+    def failing(records):
+        raise StoreError("injected I/O error")
+
+    srv.state.store.append = failing
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Place(pb.PlaceRequest(workloads=[pb.Workload(id="ghost", requests={"cpu": 10})]))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    srv.wait(10)
+    channel.close()
+    again, _ = create_server("127.0.0.1:0", data_dir=str(tmp_path))
+    try:
+        assert again.state.cluster.assignments() == {}
+        assert again.state.sequence == 1           # the HOST_ADDED event only
+    finally:
+        again.stop(0)

@@ -27,7 +27,8 @@ from .problem import Problem
 
 
 def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = None) -> np.ndarray | None:
-    """An assignment that frees the hosts outside a covering keep-set, or None when the
+    """An assignment that frees the hosts outside a covering keep-set (within `max_moves`, the
+    hosts with the fewest workloads), or None when the
     problem has terms this construction does not model (spread, dependencies, transient
     dimensions) or it would exceed `max_moves`."""
     if problem.spread_min.any() or len(problem.depends) or problem.transient.any():
@@ -67,6 +68,12 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
             heaviest = rows[np.argsort(-weight[rows], kind="stable")][:count]
             kept[cand_rows[heaviest]] = True
 
+    if max_moves is not None:
+        # Within a move budget, empty the hosts with the fewest workloads first; the others stay.
+        emptied = np.flatnonzero(occupied & ~kept)
+        counts = np.bincount(initial, minlength=m)[emptied]
+        order = np.argsort(counts, kind="stable")
+        kept[emptied[order[np.cumsum(counts[order]) > max_moves]]] = True
     assignment = initial.copy()
     leaving = ~kept[initial]
     if not leaving.any():

@@ -113,15 +113,10 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
             ok &= (on == 0) | ((owner == problem.tenant[w]) & (owned == on))
         else:
             ok &= owner < 0
+        target = -1
         if ok.any():
             slack = ((problem.capacity - usage - charge) / scale).sum(axis=1)
             target = int(np.flatnonzero(ok)[np.argmin(slack[ok])])
-            assignment[w] = target
-            moves += 1
-            if max_moves is not None and moves > max_moves:
-                return None
-            _add(w, target, problem, usage, on, conflict_count, owner, owned, dedicated, charge[target])
-            done[w] = True
         else:
             # It fits nowhere kept: open the allowed host with the most room (an empty big
             # one first), or failing that keep its own host with what is still on it.
@@ -131,14 +126,15 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
                 free_room = ((problem.capacity - usage) / scale).sum(axis=1)
                 target = int(np.flatnonzero(spare)[np.argmax(free_room[spare])])
                 kept[target] = True
-                if target != home:
-                    assignment[w] = target
-                    moves += 1
-                    if max_moves is not None and moves > max_moves:
-                        return None
-                _add(w, target, problem, usage, on, conflict_count, owner, owned, dedicated, charge[target])
-                done[w] = True
-                continue
+        if target >= 0:
+            if target != home:
+                assignment[w] = target
+                moves += 1
+                if max_moves is not None and moves > max_moves:
+                    return None
+            _add(w, target, problem, usage, on, conflict_count, owner, owned, dedicated, charge[target])
+            done[w] = True
+        else:
             kept[home] = True
             for u in np.flatnonzero((initial == home) & leaving & ~done).tolist():
                 _add(u, home, problem, usage, on, conflict_count, owner, owned, dedicated)

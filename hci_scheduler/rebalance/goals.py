@@ -72,10 +72,14 @@ def rebalance(cluster, goal: str = "consolidate", *, hosts: Sequence[str] | None
         assignment, stats, problem = _defragment(problem, room, max_moves, time_limit_s, seed, progress)
         stats["room_on"] = compiled.host_ids[stats.pop("room_row")]
     else:
-        result = search(problem, time_limit_s=time_limit_s, seed=seed, max_moves=max_moves, progress=progress)
-        assignment, stats = result.assignment, dict(result.stats, status=result.status)
-        if goal == "consolidate":
-            assignment, stats = _better_keep_set(compiled, problem, assignment, stats, max_moves)
+        # Consolidation builds its keep-set candidate first, so the search gets what is left
+        # of the time limit and the whole plan stays near it.
+        candidate = _keep_set_candidate(compiled, problem, max_moves) if goal == "consolidate" else None
+        left = max(time_limit_s - (time.perf_counter() - t0), min(1.0, time_limit_s))
+        result = search(problem, time_limit_s=left, seed=seed, max_moves=max_moves, progress=progress)
+        assignment, stats = result.assignment, dict(result.stats, status=result.status, method="search")
+        if candidate is not None and _total(problem, candidate) < _total(problem, assignment):
+            assignment, stats = candidate, dict(stats, method="keep-set", status="feasible")
     return _plan(goal, compiled, problem, assignment, stats, version, time.perf_counter() - t0)
 
 
@@ -161,18 +165,20 @@ def _defragment(problem, candidates, max_moves, time_limit_s, seed, progress):
     return result.assignment, dict(result.stats, status=result.status, room_row=h), problem
 
 
-def _better_keep_set(compiled: Compiled, problem, assignment, stats, max_moves):
-    """The keep-set construction's assignment instead of the search's when it passes the
-    independent check and costs less (see keepset.py)."""
+def _keep_set_candidate(compiled: Compiled, problem, max_moves):
+    """The keep-set construction's assignment (see keepset.py), if the independent check passes."""
     from . import objective
     from .keepset import keep_set
 
     candidate = keep_set(problem, compiled.fixed_use, max_moves)
     if candidate is None or objective.violations(problem, candidate):
-        return assignment, dict(stats, method="search")
-    if objective.total(problem, candidate) < objective.total(problem, assignment):
-        return candidate, dict(stats, method="keep-set", status="feasible")
-    return assignment, dict(stats, method="search")
+        return None
+    return candidate
+
+
+def _total(problem, assignment) -> int:
+    from . import objective
+    return objective.total(problem, assignment)
 
 
 def _hosts_used(compiled: Compiled, assignment: np.ndarray) -> np.ndarray:

@@ -98,12 +98,14 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
     order = np.flatnonzero(leaving)
     order = order[np.argsort(-(problem.request[order] / scale).max(axis=1), kind="stable")]
     moves = 0
+    hosts = np.arange(m)
     done = np.zeros(n, dtype=bool)
     for w in order.tolist():
         if done[w]:
             continue      # its host was kept after all: it stayed there
         home = initial[w]
-        charge = problem.charge(np.full(m, w), np.arange(m))
+        # A container pays its request everywhere; only a VM's charge follows the host's ratio.
+        charge = problem.charge(np.full(m, w), hosts) if problem.vm[w] else problem.request[w]
         ok = problem.allowed[problem.allowed_class[w]] & kept & problem.open
         ok &= (usage + charge <= problem.capacity).all(axis=1)
         s = problem.service[w]
@@ -132,7 +134,8 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
                 moves += 1
                 if max_moves is not None and moves > max_moves:
                     return None
-            _add(w, target, problem, usage, on, conflict_count, owner, owned, dedicated, charge[target])
+            _add(w, target, problem, usage, on, conflict_count, owner, owned, dedicated,
+                 charge[target] if charge.ndim == 2 else charge)
             done[w] = True
         else:
             kept[home] = True

@@ -103,6 +103,16 @@ def markdown(results: dict) -> str:
                   f"* CP-SAT exact peer (one worker, {cfg['cpsat_time_s']} s): {o['cpsat_n']} instances, "
                   f"ratio {_f(o['cpsat_ratio'])}; ours best on the same set {_f(o['best_on_cpsat_set'])}.",
                   ""]
+        cells = s.get("heterogeneous") or []
+        if cells:
+            lines += ["### Heterogeneous cells (hosts used / covering bound)", "",
+                      "| cell | hosts | live | shapes | covering bound | split bound | greedy | improved "
+                      "| best / covering | FFD memory-rich first / covering |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {c['cell']} | {c['n_hosts']} | {c['n_live']} | {c['n_shapes']} | {c['covering_bound']} | "
+                      f"{c['split_bound']} | {c['greedy']} | {c['improved']} | {_f(c['best_over_covering'])} | "
+                      f"{_f(c['ffd_over_covering'])} |" for c in cells]
+            lines.append("")
         g = d.get("gate")
         if g:
             lines += [f"Density gate: **{g['status']}** ({len(g['regressions'])} regressions, "

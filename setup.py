@@ -41,21 +41,35 @@ extensions = [
 ]
 
 
-def generate_protos() -> None:
-    """Compile protos/ into hci_scheduler/v1 (generated, git-ignored, never edited)."""
-    protos = sorted((ROOT / "protos").rglob("*.proto"))
-    if not protos:
-        return
+def _protoc(root: Path, protos: list, include: str) -> None:
     from grpc_tools import protoc
-    import grpc_tools
 
-    include = str(Path(grpc_tools.__file__).parent / "_proto")
-    args = ["grpc_tools.protoc", f"-I{ROOT / 'protos'}", f"-I{include}",
+    args = ["grpc_tools.protoc", f"-I{root}", f"-I{include}",
             f"--python_out={ROOT}", f"--grpc_python_out={ROOT}", f"--pyi_out={ROOT}"]
     args += [str(p) for p in protos]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + " ".join(map(str, protos)))
-    (ROOT / "hci_scheduler" / "v1" / "__init__.py").touch()
+
+
+def generate_protos() -> None:
+    """Compile protos/ into hci_scheduler/v1, and etcd's v3 API protos (protos/etcd/, their own
+    include root) into hci_scheduler/etcd (generated, git-ignored, never edited)."""
+    etcd_root = ROOT / "protos" / "etcd"
+    protos = sorted(p for p in (ROOT / "protos").rglob("*.proto") if etcd_root not in p.parents)
+    etcd_protos = sorted(etcd_root.rglob("*.proto")) if etcd_root.is_dir() else []
+    if not protos and not etcd_protos:
+        return
+    import grpc_tools
+
+    include = str(Path(grpc_tools.__file__).parent / "_proto")
+    if protos:
+        _protoc(ROOT / "protos", protos, include)
+        (ROOT / "hci_scheduler" / "v1" / "__init__.py").touch()
+    if etcd_protos:
+        _protoc(etcd_root, etcd_protos, include)
+        for p in etcd_protos:  # hci_scheduler/etcd and each proto package in it are packages
+            for pkg in (ROOT / p.parent.relative_to(etcd_root), ROOT / "hci_scheduler" / "etcd"):
+                (pkg / "__init__.py").touch()
 
 
 class BuildWithProtos(build_py):

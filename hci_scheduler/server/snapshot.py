@@ -42,7 +42,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -53,6 +52,8 @@ import numpy as np
 from ..errors import SchedulerError
 from ..model import Host, Volume, Workload
 from ..store import StoreError
+from ..store.base import SnapshotStorage, StoreUnwritable
+from ..store.snapfiles import DirectorySnapshots, SUFFIX, snapshot_files, write_file
 from ..v1 import scheduler_pb2 as pb
 from . import convert
 from .wire import varint
@@ -61,7 +62,6 @@ log = logging.getLogger("hci_scheduler.server")
 
 FORMAT = 1
 MAGIC = b"HCISNAP\x00"
-SUFFIX = ".snap"
 DEFAULT_EVERY = 100_000
 MIN_EVERY = 10_000  # events: below this a snapshot is written only every `every` events
 DEFAULT_TAIL = 100_000
@@ -222,6 +222,25 @@ def read(path: str) -> Snapshot:
             data = f.read()
     except OSError as exc:
         raise SnapshotError(f"snapshot {path}: cannot read: {exc}") from exc
+    return parse(path, data)
+
+
+def load(storage: SnapshotStorage, sequence: int) -> Snapshot:
+    """Get one snapshot from a store's snapshot storage and check it (see parse). A store
+    that cannot be reached raises its StoreUnwritable; a snapshot that cannot be read is
+    a SnapshotError (an older one may do)."""
+    name = storage.name(sequence)
+    try:
+        data = storage.get(sequence)
+    except StoreUnwritable:
+        raise
+    except StoreError as exc:
+        raise SnapshotError(f"snapshot {name}: cannot read: {exc}") from exc
+    return parse(name, data)
+
+
+def parse(path: str, data: bytes) -> Snapshot:
+    """Check a snapshot's bytes (`path` names it in messages)."""
     if len(data) < len(MAGIC) + 4 + _DIGEST or not data.startswith(MAGIC):
         raise SnapshotError(f"snapshot {path}: not a snapshot file (bad magic or truncated)")
     body = memoryview(data)[:-_DIGEST]
@@ -417,22 +436,6 @@ def _check_history(snap: Snapshot, store) -> None:
                             f"the store's is {store.incarnation()}")
 
 
-def snapshot_files(directory: str) -> list[tuple[int, str]]:
-    """(sequence, path) of the snapshot files in `directory`, newest first."""
-    out = []
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        if name.startswith("snapshot-") and name.endswith(SUFFIX):
-            try:
-                out.append((int(name[len("snapshot-"):-len(SUFFIX)]), os.path.join(directory, name)))
-            except ValueError:
-                continue
-    return sorted(out, reverse=True)
-
-
 def check_directory(directory: str, compacted: int = 0) -> list[str]:
     """Problems with the snapshots of a store, one line each (for `hci-scheduler check`):
     files that do not check out, and no usable snapshot when the log is compacted."""
@@ -449,31 +452,9 @@ def check_directory(directory: str, compacted: int = 0) -> list[str]:
     return problems
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write(directory: str, sequence: int, data: bytes) -> str:
-    """Write a snapshot atomically: a temporary file, fsync, rename, fsync the directory."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"snapshot-{sequence:020d}{SUFFIX}")
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):  # a full disk: leave no partial file behind
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
-    return path
+    """Write a snapshot file atomically (store/snapfiles.py)."""
+    return write_file(directory, sequence, data)
 
 
 class Snapshots:
@@ -482,8 +463,9 @@ class Snapshots:
 
     Parameters
     ----------
-    directory : str
-        Where snapshot files live (`<data dir>/snapshots`).
+    storage : SnapshotStorage or str
+        Where snapshots live: the store's (`Store.snapshots()`), or a directory of
+        snapshot files (`<data dir>/snapshots`).
     every : int
         The most events between two snapshots (0: none in the background; one is still
         written at a clean stop); a small state is snapshotted sooner (see `due`).
@@ -492,11 +474,12 @@ class Snapshots:
         behind is not cut off.
     """
 
-    def __init__(self, directory: str, every: int = DEFAULT_EVERY, tail: int = DEFAULT_TAIL,
+    def __init__(self, storage: SnapshotStorage | str, every: int = DEFAULT_EVERY, tail: int = DEFAULT_TAIL,
                  poll_s: float = 0.5):
         if every < 0 or tail < 0:
             raise ValueError(f"snapshot every and tail must be >= 0, got {every} and {tail}")
-        self.directory = directory
+        self.storage = DirectorySnapshots(storage) if isinstance(storage, str) else storage
+        self.directory = getattr(self.storage, "directory", None) or repr(self.storage)  # for messages
         self.every = every
         self.tail = tail
         self.poll_s = poll_s
@@ -515,32 +498,24 @@ class Snapshots:
         state; `released(sequence)` names the workloads the log's tail after that sequence
         releases (see `restore`), and the ids left out are returned. A damaged one is logged and an older one tried; the server refuses to start
         (SnapshotError naming the files) when the log is compacted past every usable one."""
-        if self._thread is None and os.path.isdir(self.directory):  # at start (also called to rebuild later)
-            for name in os.listdir(self.directory):
-                if name.endswith(".tmp"):  # a snapshot a crash interrupted
-                    try:
-                        os.remove(os.path.join(self.directory, name))
-                    except OSError as exc:  # a read-only store: never read, removed once it is writable
-                        log.warning("cannot remove an interrupted snapshot", extra={"fields": {
-                            "path": name, "reason": str(exc)}})
+        storage = self.storage
+        if self._thread is None:  # at start (also called to rebuild later)
+            storage.clean()
         store = state.store
         compacted, last = store.compacted_sequence(), store.last_sequence()
         bad = []
-        for seq, path in snapshot_files(self.directory):
+        for seq in storage.list():
+            path = storage.name(seq)
             if seq > last:
                 # The log lost the events it holds (see SQLiteStore's incarnation): moved aside,
                 # so that it is never taken for the state at a number the log reuses.
-                try:
-                    os.replace(path, path + ".beyond-log")
-                    aside = f"moved aside to {path}.beyond-log"
-                except OSError as exc:  # a read-only store: skipped now, moved aside at a later start
-                    aside = f"cannot move it aside: {exc}"
+                aside = storage.set_aside(seq)
                 bad.append(f"{path}: sequence {seq} is beyond the log's last sequence {last} ({aside})")
                 continue
             if seq < compacted:
                 break  # older ones cannot be followed by the log either
             try:
-                snap = read(path)
+                snap = load(storage, seq)
                 _check_history(snap, store)
                 enabled = gc.isenabled()
                 gc.disable()  # hundreds of thousands of objects, no cycles: collections only cost
@@ -560,7 +535,7 @@ class Snapshots:
                 bad.append(str(exc))
                 continue
             self.sequence = seq
-            others = [s for s, _ in snapshot_files(self.directory) if s < seq]
+            others = [s for s in storage.list() if s < seq]
             self._floor = others[0] if others else seq
             return left_out
         if compacted:
@@ -613,7 +588,7 @@ class Snapshots:
             t1 = time.perf_counter()
             if cap.sequence <= self.sequence:
                 return self.sequence
-            path = write(self.directory, cap.sequence, encode(cap))
+            path = self.storage.put(cap.sequence, encode(cap))
             self.last_pause_s, self.last_write_s = t1 - t0, time.perf_counter() - t1
             previous, self.sequence = self.sequence, cap.sequence
             self._floor = previous
@@ -628,9 +603,9 @@ class Snapshots:
         upto = min(self.sequence - self.tail, self._floor)
         if upto > state.store.compacted_sequence():
             state.store.compact(upto)
-        for seq, path in snapshot_files(self.directory):
+        for seq in self.storage.list():
             if seq < self._floor:
-                os.remove(path)
+                self.storage.delete(seq)
 
     def close(self, state, final: bool = True) -> None:
         """Stop the thread; with final, write a snapshot of what changed since the last one

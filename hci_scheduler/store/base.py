@@ -105,6 +105,11 @@ class Store(abc.ABC):
         leaves a log that the next open finishes compacting (never a gap inside it)."""
         raise StoreError(f"{type(self).__name__} does not compact")
 
+    def snapshots(self) -> "SnapshotStorage | None":
+        """Where this store keeps the server's snapshots (server/snapshot.py), or None: a
+        store that keeps nothing across restarts needs none."""
+        return None
+
     def iter_all(self, chunk: int = 10_000, after: int = 0) -> Iterable[Record]:
         """Every record with sequence > after in order, read in chunks (for replay on restart)."""
         while True:
@@ -119,6 +124,40 @@ class Store(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class SnapshotStorage(abc.ABC):
+    """Snapshot blobs of one store, named by the sequence they were taken at. A blob is
+    written whole or not at all (a crash mid-way leaves nothing `list` shows); what they
+    hold and how they are checked is server/snapshot.py's business."""
+
+    @abc.abstractmethod
+    def put(self, sequence: int, data: bytes) -> str:
+        """Store a snapshot atomically and durably; returns its name (for logs)."""
+
+    @abc.abstractmethod
+    def list(self) -> list[int]:
+        """The sequences of the complete snapshots, newest first."""
+
+    @abc.abstractmethod
+    def get(self, sequence: int) -> bytes:
+        """The bytes of one snapshot; StoreError when it is gone or unreadable."""
+
+    @abc.abstractmethod
+    def delete(self, sequence: int) -> None:
+        """Remove one snapshot (no error when it is gone already)."""
+
+    @abc.abstractmethod
+    def name(self, sequence: int) -> str:
+        """How messages name one snapshot (a file path, a key)."""
+
+    @abc.abstractmethod
+    def set_aside(self, sequence: int) -> str:
+        """Take a snapshot out of `list` without destroying it (one beyond the log's end);
+        returns what was done, for the log."""
+
+    def clean(self) -> None:
+        """Remove what interrupted writes left (at start)."""
 
 
 def check_contiguous(last: int, records: Sequence[Record]) -> None:

@@ -603,6 +603,12 @@ class SQLiteStore(Store):
         self._turn(self._wconn.execute, "INSERT INTO meta (key, value) VALUES (?, ?) "
                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
+    def snapshots(self):
+        """Snapshot files in `snapshots/` beside the database (store/snapfiles.py)."""
+        from .snapfiles import DirectorySnapshots
+
+        return DirectorySnapshots(os.path.join(os.path.dirname(os.path.abspath(self.path)), "snapshots"))
+
     def close(self) -> None:
         with self._cond:
             while self._committing:

@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ck = sub.add_parser("check", help="verify a store offline without changing it (exit 0: sound, 1: not)")
     ck.add_argument("--data-dir", required=True, help="the data directory of the store (as given to serve)")
+    from .agent import agent as _agent, images as _images
+
+    _agent.add_arguments(sub.add_parser("agent", help="run the Docker Engine agent of one host"))
+    _images.add_arguments(sub.add_parser("images", help="build the offline images (busybox, qemu launcher)"))
     b = sub.add_parser("bench", help="run the benchmark suite (arguments go to bench.main)", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     d = sub.add_parser("demo", help="the main job through gRPC", add_help=False)
@@ -716,6 +720,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "check":
         return run_check(args)
+    if args.command in ("agent", "images"):
+        from .agent import agent, images
+
+        return (agent if args.command == "agent" else images).run(args)
     import grpc
 
     try:

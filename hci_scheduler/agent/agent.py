@@ -1,0 +1,709 @@
+"""The agent: one per Docker host; makes the scheduler's placements on that host run.
+
+    hci-scheduler agent --scheduler ADDR --docker-host unix:///var/run/docker.sock --host-id ID
+
+Level-triggered, after kubelet's PLEG: the desired state (the workloads the event log puts on
+this host) is kept from `WatchEvents`; the actual state is the engine's containers labelled
+with this host's id, relisted every --relist-s seconds (Docker's event stream only wakes the
+loop early). Any difference marks a workload dirty, and a pool of workers brings each dirty
+workload to its desired state, one workload at a time per worker: start, adopt, replace, stop,
+restart by policy, and report the outcome with ReportStatus. An empty report every
+--heartbeat-s seconds is the heartbeat that keeps the host out of DOWN.
+
+Moves (ApplyPlan's MOVED events): the target starts the workload and the source stops it once
+the target reports it RUNNING (a STATUS event); a workload that must not run twice
+(single_instance) and every VM (a cold migration from the same disk) stops on the source first
+and starts on the target once the source reports it STOPPED. Either side gives up waiting
+after --move-timeout-s (the other agent may be dead).
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from ..errors import ValidationError
+from ..v1 import scheduler_pb2 as pb
+from . import hostinfo, runtime, statefile
+from .runtime import LABEL_RESTARTS, LABEL_SPEC_HASH, ContainerState, HostFacts, Runtime
+
+log = logging.getLogger("hci_scheduler.agent")
+
+RESYNC_CODES = (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS)
+MAX_BACKOFF_S = 300.0  # restart backoff: base doubling to this, with jitter (kubelet)
+REPORT_BATCH = 500  # statuses per ReportStatus call
+
+
+@dataclass
+class AgentConfig:
+    scheduler: str
+    docker_host: str
+    host_id: str
+    labels: dict[str, str]
+    state_dir: str
+    heartbeat_s: float = 5.0
+    vm_image: str = ""
+    relist_s: float = 2.0
+    restart_backoff_s: float = 10.0
+    move_timeout_s: float = 60.0
+    workers: int = 8
+    engine_timeout_s: float = 60.0
+    volumes_dir: str = ""
+    token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    rpc_timeout_s: float = 30.0
+
+
+@dataclass
+class Desired:
+    """A workload the log puts on this host."""
+
+    spec: pb.Workload
+    spec_bytes: bytes
+    hash: str
+    wait_for: str = ""  # a move's source host that must report the workload stopped first
+    wait_until: float = 0.0  # monotonic: when to stop waiting for it
+
+    @classmethod
+    def of(cls, spec_bytes: bytes) -> "Desired":
+        w = pb.Workload.FromString(spec_bytes)
+        return cls(w, spec_bytes, runtime.spec_hash(spec_bytes))
+
+
+@dataclass
+class Leaving:
+    """A workload moved away: its container runs until the target runs it (or at once)."""
+
+    target: str
+    until: float  # monotonic deadline
+    stop_now: bool
+
+
+def _must_not_run_twice(w: pb.Workload) -> bool:
+    return runtime.is_vm(w) or w.container.single_instance
+
+
+def _restart_wanted(w: pb.Workload, exit_code: int) -> bool:
+    policy = w.container.restart_policy
+    if policy == pb.RESTART_POLICY_ALWAYS:
+        return True
+    if policy == pb.RESTART_POLICY_NEVER:
+        return False
+    return exit_code != 0  # ON_FAILURE, the default
+
+
+class Agent:
+    """The agent's loops. `run()` blocks until `stop()`; containers keep running after it."""
+
+    def __init__(self, config: AgentConfig):
+        import docker
+
+        from ..client import SchedulerClient
+
+        self.cfg = config
+        self.sched = SchedulerClient(config.scheduler, token=config.token, tls_ca=config.tls_ca,
+                                     tls_cert=config.tls_cert, tls_key=config.tls_key,
+                                     tls_server_name=config.tls_server_name, timeout=config.rpc_timeout_s)
+        # Every engine call has a timeout (kubernetes #94829); the event stream has its own client
+        # without one, and the pool is sized to the workers (docker-py's 10 starves: #1636).
+        self.docker = docker.DockerClient(base_url=config.docker_host, timeout=config.engine_timeout_s,
+                                          max_pool_size=config.workers + 4)
+        self.docker_events = docker.DockerClient(base_url=config.docker_host, timeout=None)
+        self.runtime = Runtime(self.docker, config.host_id)
+        self.lock = threading.RLock()
+        self.desired: dict[str, Desired] = {}
+        self.leaving: dict[str, Leaving] = {}
+        self.sequence = 0
+        self.incarnation = ""
+        self._stop = threading.Event()
+        self._dirty: set[str] = set()
+        self._busy: set[str] = set()
+        self._queue_cv = threading.Condition()
+        self._timers: list[tuple[float, str]] = []  # (monotonic due, workload id)
+        self._reports: dict[str, pb.WorkloadStatus] = {}  # latest unsent status per workload
+        self._report_cv = threading.Condition()
+        self._reported: dict[str, tuple] = {}  # workload id -> last status key sent
+        self._failed: dict[str, str] = {}  # workload id -> spec hash that failed to start (no retry loop)
+        self._exit_seen: dict[str, float] = {}  # container id -> monotonic time its exit was seen
+        self._seen_states: dict[str, str] = {}  # container id -> state at the last relist
+        self._state_dirty = False
+        self._synced = threading.Event()  # set after the first full relist
+        self.last_relist = 0.0
+        self.facts: HostFacts | None = None
+        self._watch_call = None
+        self._engine_stream = None
+        self._threads: list[threading.Thread] = []
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Register the host from `docker info` (labels updated when it exists)."""
+        eh = hostinfo.engine_host(self.docker, self.cfg.docker_host, self.cfg.labels)
+        if not eh.kvm:
+            log.warning("kvm=false: %s", eh.kvm_reason)
+        volumes = self.cfg.volumes_dir or os.path.join(self.cfg.state_dir, "volumes")
+        self.facts = HostFacts(self.cfg.host_id, eh.kvm, self.cfg.vm_image, volumes,
+                               os.path.join(self.cfg.state_dir, "q"), eh.storage_limit, eh.numa_cpus)
+        host = pb.Host(id=self.cfg.host_id, capacity=eh.capacity, labels=eh.labels,
+                       numa_nodes=[pb.NumaNode(resources=r) for r in eh.numa_resources])
+        try:
+            self.sched.register_hosts([host])
+            log.info("registered host %s: %s", self.cfg.host_id, dict(eh.capacity))
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION,
+                                  grpc.StatusCode.INVALID_ARGUMENT):
+                raise
+            self.sched.update_host(self.cfg.host_id, labels=eh.labels)
+            log.info("host %s exists: labels updated", self.cfg.host_id)
+
+    def _resync(self) -> None:
+        """Desired state from scratch: a listing of this host's allocations, then the watch
+        continues after the listing's sequence."""
+        status = self.sched.status()
+        listing = self.sched.allocations(self.cfg.host_id, include_workloads=True)
+        specs = {}
+        for p in listing:
+            if p.host_id == self.cfg.host_id or self.cfg.host_id in p.replica_host_ids:
+                specs[p.workload_id] = p.workload.SerializeToString(deterministic=True)
+        with self.lock:
+            old = set(self.desired)
+            self.desired = {wid: Desired.of(b) for wid, b in specs.items()}
+            self.sequence = listing.sequence or status.last_sequence
+            self.incarnation = status.incarnation
+            self._state_dirty = True
+        self._mark(old | set(specs))
+        log.info("resynced from a listing: %d workloads at sequence %d", len(specs), self.sequence)
+
+    def _load_state(self) -> bool:
+        saved = statefile.load(self.cfg.state_dir)
+        if saved is None:
+            return False
+        with self.lock:
+            self.desired = {wid: Desired.of(b) for wid, b in saved.specs.items()}
+            self.sequence, self.incarnation = saved.sequence, saved.incarnation
+        self._mark(set(saved.specs))
+        log.info("resuming at sequence %d with %d workloads", saved.sequence, len(saved.specs))
+        return True
+
+    def _save_state(self) -> None:
+        with self.lock:
+            if not self._state_dirty:
+                return
+            state = statefile.AgentState(self.sequence, self.incarnation,
+                                         {w: d.spec_bytes for w, d in self.desired.items()})
+            self._state_dirty = False
+        statefile.save(self.cfg.state_dir, state)
+
+    # -- the loops -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._retry(self.register)
+        if not self._load_state():
+            self._retry(self._resync)
+        self._save_state()
+        loops = [self._watch_loop, self._engine_events_loop, self._relist_loop, self._report_loop,
+                 self._persist_loop] + [self._worker] * self.cfg.workers
+        for fn in loops:
+            t = threading.Thread(target=fn, name=f"agent-{fn.__name__}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._stop.wait()
+        self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._queue_cv:
+            self._queue_cv.notify_all()
+        with self._report_cv:
+            self._report_cv.notify_all()
+        call = self._watch_call
+        if call is not None:
+            call.cancel()
+        stream = self._engine_stream
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # the stream may be mid-read in its thread
+                pass
+
+    def _shutdown(self) -> None:
+        for t in self._threads:
+            t.join(timeout=self.cfg.engine_timeout_s)
+        self._save_state()
+        self.sched.close()
+        self.docker.close()
+        self.docker_events.close()
+
+    def _retry(self, fn) -> None:
+        """Call fn until it succeeds or the agent stops (the server may be restarting)."""
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                log.warning("%s: %s %s (retrying in %.1f s)", fn.__name__, exc.code().name, exc.details(), delay)
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _watch_loop(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            with self.lock:
+                req = pb.WatchEventsRequest(after_sequence=self.sequence, incarnation=self.incarnation)
+            call = self.sched.stub.WatchEvents(req, metadata=self.sched.metadata)
+            self._watch_call = call
+            try:
+                for resp in call:
+                    delay = 0.2
+                    self._apply_event(resp.event, resp.incarnation)
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                if exc.code() in RESYNC_CODES:
+                    log.warning("watch: %s %s: relisting", exc.code().name, exc.details())
+                    self._retry(self._resync)
+                    continue
+                log.warning("watch: %s %s (again in %.1f s)", exc.code().name, exc.details(), delay)
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _apply_event(self, ev: pb.Event, incarnation: str) -> None:
+        """Fold one event into the desired state (under the lock, with its sequence)."""
+        me = self.cfg.host_id
+        wid = ev.workload_id
+        relist = False
+        with self.lock:
+            if ev.sequence <= self.sequence:
+                return  # already in a listing taken after it
+            t = ev.type
+            if t == pb.EVENT_TYPE_PLACED and (ev.host_id == me or me in ev.replica_host_ids):
+                b = ev.workload.SerializeToString(deterministic=True)
+                self.desired[wid] = Desired.of(b)
+                self._failed.pop(wid, None)
+                self._mark({wid})
+            elif t in (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED) and wid in self.desired:
+                del self.desired[wid]
+                self._mark({wid})
+            elif t == pb.EVENT_TYPE_MOVED:
+                if ev.source_host_id == me and wid in self.desired:
+                    d = self.desired.pop(wid)
+                    self.leaving[wid] = Leaving(ev.host_id, time.monotonic() + self.cfg.move_timeout_s,
+                                                _must_not_run_twice(d.spec))
+                    self._mark({wid})
+                if ev.host_id == me:
+                    relist = True  # the event does not carry the spec
+            elif t == pb.EVENT_TYPE_STATUS:
+                self._on_status(ev)
+            elif t == pb.EVENT_TYPE_HOST_ADDED and ev.host_id == me and ev.per_host_workload_ids:
+                relist = True
+            self.sequence = ev.sequence
+            self.incarnation = incarnation or self.incarnation
+            self._state_dirty = True
+        if relist:
+            self._adopt_moved(ev)
+
+    def _adopt_moved(self, ev: pb.Event) -> None:
+        """A workload moved here: its spec from this host's allocations."""
+        wid = ev.workload_id
+        listing = None
+        for attempt in range(5):
+            try:
+                listing = [p for p in self.sched.allocations(self.cfg.host_id, include_workloads=True)]
+                break
+            except grpc.RpcError as exc:
+                log.warning("moved %s here: listing failed: %s", wid, exc.code().name)
+                self._stop.wait(0.5)
+        if listing is None:
+            self._retry(self._resync)
+            return
+        with self.lock:
+            for p in listing:
+                if p.workload_id == wid or (ev.type == pb.EVENT_TYPE_HOST_ADDED and p.workload_id not in self.desired
+                                            and self.cfg.host_id in p.replica_host_ids):
+                    d = Desired.of(p.workload.SerializeToString(deterministic=True))
+                    if ev.type == pb.EVENT_TYPE_MOVED and _must_not_run_twice(d.spec) and ev.source_host_id:
+                        d.wait_for = ev.source_host_id
+                        d.wait_until = time.monotonic() + self.cfg.move_timeout_s
+                    self.desired[p.workload_id] = d
+                    self._mark({p.workload_id})
+            self._state_dirty = True
+
+    def _on_status(self, ev: pb.Event) -> None:
+        s = ev.status
+        wid = s.workload_id
+        leaving = self.leaving.get(wid)
+        if leaving is not None and s.host_id == leaving.target and s.state == pb.WORKLOAD_STATE_RUNNING:
+            leaving.until = 0.0  # the target runs it: stop here now
+            self._mark({wid})
+        d = self.desired.get(wid)
+        if d is not None and d.wait_for and s.host_id == d.wait_for and s.state in (
+                pb.WORKLOAD_STATE_STOPPED, pb.WORKLOAD_STATE_EXITED, pb.WORKLOAD_STATE_FAILED):
+            d.wait_for = ""
+            self._mark({wid})
+
+    def _engine_events_loop(self) -> None:
+        """Docker's events wake the workers early; the relist stays the truth. The stream ends
+        silently when the daemon restarts (docker-py), so it reconnects with `since`."""
+        since = None
+        while not self._stop.is_set():
+            try:
+                stream = self.docker_events.events(
+                    decode=True, since=since,
+                    filters={"type": "container", "label": f"{runtime.LABEL_HOST}={self.cfg.host_id}"})
+                self._engine_stream = stream
+                for e in stream:
+                    since = e.get("time", since)
+                    wid = (e.get("Actor", {}).get("Attributes") or {}).get(runtime.LABEL_WORKLOAD)
+                    if wid and e.get("Action") in ("die", "start", "oom", "destroy"):
+                        self._mark({wid})
+            except Exception as exc:  # a closed or broken stream
+                if self._stop.is_set():
+                    return
+                log.warning("engine events: %s", exc)
+            self._stop.wait(1.0)
+            self._relist()
+
+    def _relist_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._relist()
+            except Exception as exc:
+                log.warning("relist: %s", exc)
+            wait = self.cfg.relist_s
+            now = time.monotonic()
+            with self.lock:
+                while self._timers and self._timers[0][0] <= now:
+                    self._mark({heapq.heappop(self._timers)[1]})
+                if self._timers:
+                    wait = min(wait, self._timers[0][0] - now)
+                for wid, lv in self.leaving.items():
+                    if lv.until <= now:
+                        self._mark({wid})
+                for wid, d in self.desired.items():
+                    if d.wait_for and d.wait_until <= now:
+                        self._mark({wid})
+            self._stop.wait(max(0.05, wait))
+
+    def _relist(self) -> None:
+        """One listing of this host's containers (sparse: no inspect per container), diffed
+        against the desired state; what differs is marked dirty."""
+        containers = self.docker.containers.list(all=True, sparse=True,
+                                                 filters={"label": f"{runtime.LABEL_HOST}={self.cfg.host_id}"})
+        by_wid: dict[str, list] = {}
+        dirty = set()
+        seen = {}
+        for c in containers:
+            labels = c.attrs.get("Labels") or {}
+            wid = labels.get(runtime.LABEL_WORKLOAD)
+            if wid is None:
+                continue
+            by_wid.setdefault(wid, []).append((c, labels))
+            state = c.attrs.get("State", "")
+            seen[c.id] = state
+            if self._seen_states.get(c.id) != state:
+                dirty.add(wid)
+        with self.lock:
+            for wid, d in self.desired.items():
+                have = by_wid.get(wid, [])
+                if len(have) != 1 or have[0][1].get(LABEL_SPEC_HASH) != d.hash:
+                    if self._failed.get(wid) != d.hash:
+                        dirty.add(wid)
+                elif have[0][0].attrs.get("State") != "running" and wid not in self._reported:
+                    dirty.add(wid)
+            for wid in by_wid:
+                if wid not in self.desired:
+                    dirty.add(wid)
+            self._seen_states = seen
+        self.last_relist = time.monotonic()
+        self._synced.set()
+        self._mark(dirty)
+
+    def _persist_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self._save_state()
+            except OSError as exc:
+                log.error("state dir: %s", exc)
+
+    # -- workers -------------------------------------------------------------------------
+
+    def _mark(self, wids) -> None:
+        if not wids:
+            return
+        with self._queue_cv:
+            self._dirty.update(wids)
+            self._queue_cv.notify(len(wids))
+
+    def _worker(self) -> None:
+        while True:
+            with self._queue_cv:
+                wid = None
+                while wid is None:
+                    if self._stop.is_set():
+                        return
+                    ready = self._dirty - self._busy
+                    if ready:
+                        wid = next(iter(ready))
+                        self._dirty.discard(wid)
+                        self._busy.add(wid)
+                    else:
+                        self._queue_cv.wait(1.0)
+            try:
+                self._sync(wid)
+            except Exception as exc:  # an engine call failed: try again at the next relist
+                log.warning("workload %s: %s", wid, exc)
+            finally:
+                with self._queue_cv:
+                    self._busy.discard(wid)
+                    if wid in self._dirty:
+                        self._queue_cv.notify()
+
+    def _schedule(self, wid: str, due: float) -> None:
+        with self.lock:
+            heapq.heappush(self._timers, (due, wid))
+
+    def _sync(self, wid: str) -> None:
+        """Bring one workload's containers to its desired state."""
+        now = time.monotonic()
+        with self.lock:
+            d = self.desired.get(wid)
+            leaving = self.leaving.get(wid)
+        containers = self.runtime.find(wid)
+        if d is None:
+            if leaving is not None and not leaving.stop_now and leaving.until > now and any(
+                    c.status == "running" for c in containers):
+                return  # a move away: runs until the target reports it running
+            if containers and not self._synced.is_set():
+                return  # reap only after the first full sync (hashicorp/nomad PR #7792)
+            for c in containers:
+                self.runtime.remove(c)
+            with self.lock:
+                self.leaving.pop(wid, None)
+                self._failed.pop(wid, None)
+                self._reported.pop(wid, None)
+            if leaving is not None:
+                self._report(wid, pb.WORKLOAD_STATE_STOPPED, message=f"moved to {leaving.target}")
+            return
+        if d.wait_for and d.wait_until > now:
+            self._report(wid, pb.WORKLOAD_STATE_PENDING, message=f"waiting for {d.wait_for} to stop it")
+            return
+        keep = [c for c in containers if c.labels.get(LABEL_SPEC_HASH) == d.hash]
+        for c in containers:
+            if c not in keep:
+                self.runtime.remove(c)  # another spec: replaced
+        keep.sort(key=lambda c: (c.status == "running", int(c.labels.get(LABEL_RESTARTS, "0"))), reverse=True)
+        for c in keep[1:]:
+            self.runtime.remove(c)  # never two of one workload
+        if not keep:
+            self._start(wid, d, restarts=0)
+            return
+        c = keep[0]
+        st = ContainerState.of(c)
+        restarts = int(c.labels.get(LABEL_RESTARTS, "0"))
+        if st.running:
+            self._exit_seen.pop(c.id, None)
+            self._report(wid, pb.WORKLOAD_STATE_RUNNING, container=c, restarts=restarts,
+                         message=self._vm_message(d), since=st.started_at)
+            return
+        if st.status == "created":
+            c.start()
+            self._mark({wid})
+            return
+        message = "out of memory (OOM killed)" if st.oom_killed else st.error or f"exited with code {st.exit_code}"
+        state = pb.WORKLOAD_STATE_FAILED if st.error else pb.WORKLOAD_STATE_EXITED
+        self._report(wid, state, exit_code=st.exit_code, container=c, restarts=restarts, message=message,
+                     since=st.finished_at)
+        if not _restart_wanted(d.spec, st.exit_code):
+            return
+        seen = self._exit_seen.setdefault(c.id, now)
+        delay = min(self.cfg.restart_backoff_s * (2 ** restarts), MAX_BACKOFF_S)
+        delay *= 1 + random.uniform(-0.1, 0.1)
+        if now < seen + delay:
+            self._schedule(wid, seen + delay)
+            return
+        self.runtime.remove(c)
+        self._exit_seen.pop(c.id, None)
+        self._start(wid, d, restarts=restarts + 1)
+
+    def _numa_node(self, d: Desired) -> int | None:
+        """The NUMA node a pinned VM gets: the node with the fewest vCPUs pinned by the
+        other VMs here (the placement message does not name one)."""
+        if not (d.spec.numa and runtime.is_vm(d.spec) and self.facts.numa_cpus):
+            return None
+        load = {n: 0 for n in self.facts.numa_cpus}
+        for c in self.docker.containers.list(filters={"label": [f"{runtime.LABEL_HOST}={self.cfg.host_id}",
+                                                                runtime.LABEL_NUMA_NODE]}):
+            n = int(c.labels[runtime.LABEL_NUMA_NODE])
+            if n in load and c.labels.get(runtime.LABEL_WORKLOAD) != d.spec.id:
+                load[n] += int(c.attrs.get("HostConfig", {}).get("NanoCpus", 0) or 0)
+        return min(load, key=lambda n: (load[n], n))
+
+    def _start(self, wid: str, d: Desired, restarts: int) -> None:
+        import docker.errors
+
+        if self._failed.get(wid) == d.hash:
+            return
+        try:
+            spec = runtime.run_spec(d.spec, d.spec_bytes, self.facts, restarts, self._numa_node(d))
+            c = self.runtime.start(spec)
+        except (docker.errors.ImageNotFound, docker.errors.APIError, ValidationError) as exc:
+            reason = getattr(exc, "explanation", None) or str(exc)
+            if isinstance(exc, docker.errors.APIError) and exc.status_code and exc.status_code >= 500 \
+                    and not isinstance(exc, docker.errors.ImageNotFound) and "no such image" not in str(reason):
+                raise  # the engine's own trouble: try again at the next relist
+            with self.lock:
+                self._failed[wid] = d.hash  # not again until the spec changes
+            self._report(wid, pb.WORKLOAD_STATE_FAILED, message=f"failed to start: {reason}")
+            log.warning("workload %s failed to start: %s", wid, reason)
+            return
+        if spec.qmp_dir:
+            state = runtime.wait_running(spec.qmp_dir, timeout_s=10.0)
+            log.info("VM %s: qemu %s", wid, state)
+        self._report(wid, pb.WORKLOAD_STATE_RUNNING, container=c, restarts=restarts, message=spec.warning,
+                     since=ContainerState.of(c).started_at)
+
+    def _vm_message(self, d: Desired) -> str:
+        return runtime.vm.TCG_WARNING if runtime.is_vm(d.spec) and not self.facts.kvm else ""
+
+    # -- reports -------------------------------------------------------------------------
+
+    def _report(self, wid: str, state: int, *, exit_code: int = 0, container=None, restarts: int = 0,
+                message: str = "", since: str = "") -> None:
+        """Queue a status when it differs from the last one sent for the workload."""
+        cid = container.id if container is not None else ""
+        key = (state, exit_code, cid, restarts, message)
+        with self.lock:
+            if self._reported.get(wid) == key:
+                return
+            self._reported[wid] = key
+        status = pb.WorkloadStatus(workload_id=wid, host_id=self.cfg.host_id, state=state, exit_code=exit_code,
+                                   message=message, container_id=cid, restarts=restarts)
+        if since:
+            try:
+                status.since.FromJsonString(since[:26].rstrip("Z") + "Z" if "." in since else since)
+            except ValueError:
+                pass
+        with self._report_cv:
+            self._reports[wid] = status
+            self._report_cv.notify()
+
+    def _report_loop(self) -> None:
+        """Status changes as they come (batched), and an empty report as the heartbeat."""
+        last = 0.0
+        while not self._stop.is_set():
+            with self._report_cv:
+                if not self._reports:
+                    self._report_cv.wait(max(0.0, last + self.cfg.heartbeat_s - time.monotonic()))
+                if self._stop.is_set():
+                    return
+                batch = dict(list(self._reports.items())[:REPORT_BATCH])
+                for wid in batch:
+                    del self._reports[wid]
+            if not batch and time.monotonic() < last + self.cfg.heartbeat_s:
+                continue
+            with self.lock:
+                applied = self.sequence
+            try:
+                self.sched.call("ReportStatus", pb.ReportStatusRequest(
+                    host_id=self.cfg.host_id, statuses=list(batch.values()), applied_sequence=applied))
+                last = time.monotonic()
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    # The host is gone from the scheduler (removed, or a store rebuilt): register again.
+                    self._retry(self.register)
+                log.warning("report: %s %s", exc.code().name, exc.details())
+                with self._report_cv:
+                    for wid, s in batch.items():
+                        self._reports.setdefault(wid, s)  # a newer one wins
+                self._stop.wait(0.5)
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--scheduler", required=True, help="HOST:PORT of the scheduler service")
+    p.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
+                   help="the engine's URL (env DOCKER_HOST)")
+    p.add_argument("--host-id", required=True, help="this host's id in the scheduler")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="host label, repeatable")
+    p.add_argument("--state-dir", default="/var/lib/hci-scheduler-agent",
+                   help="applied sequence, desired workloads, QMP sockets (keep the path short)")
+    p.add_argument("--volumes-dir", default="", help="volume directories (default: STATE_DIR/volumes)")
+    p.add_argument("--heartbeat-s", type=float, default=5.0, help="seconds between heartbeats (default 5)")
+    p.add_argument("--vm-image", default="", help="launcher image for VMs without one (hci-scheduler/qemu:...)")
+    p.add_argument("--relist-s", type=float, default=2.0, help="seconds between container relists (default 2)")
+    p.add_argument("--restart-backoff-s", type=float, default=10.0,
+                   help="first restart delay, doubling to 300 s (default 10)")
+    p.add_argument("--move-timeout-s", type=float, default=60.0,
+                   help="how long a move waits for the other host's report (default 60)")
+    p.add_argument("--workers", type=int, default=8, help="workloads synced in parallel (default 8)")
+    p.add_argument("--tls-ca", help="CA certificate to verify the server (turns on TLS)")
+    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", help="client key for mutual TLS")
+    p.add_argument("--tls-server-name", help="override the name checked in the server certificate")
+    p.add_argument("--token-file", default=os.environ.get("HCI_SCHEDULER_TOKEN_FILE"),
+                   help="file whose first token is sent as a bearer token")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline per call in seconds")
+    p.add_argument("--log-level", default="info", help="debug, info, warning (default info)")
+
+
+def config_from_args(args) -> AgentConfig:
+    from ..client import read_token_file
+
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"--label must be KEY=VALUE, got {item!r}")
+        labels[key] = value
+    if args.heartbeat_s <= 0:
+        raise ValidationError(f"--heartbeat-s must be positive, got {args.heartbeat_s}")
+    if args.workers < 1:
+        raise ValidationError(f"--workers must be at least 1, got {args.workers}")
+    vm_image = args.vm_image
+    if not vm_image:
+        from .images import QEMU_REPO
+
+        vm_image = f"{QEMU_REPO}:latest"
+        try:
+            from .images import image_names
+
+            vm_image = image_names()[1]
+        except Exception:  # qemu or busybox not installed here: the name stays a guess
+            pass
+    return AgentConfig(
+        scheduler=args.scheduler, docker_host=args.docker_host, host_id=args.host_id, labels=labels,
+        state_dir=args.state_dir, heartbeat_s=args.heartbeat_s, vm_image=vm_image, relist_s=args.relist_s,
+        restart_backoff_s=args.restart_backoff_s, move_timeout_s=args.move_timeout_s, workers=args.workers,
+        volumes_dir=args.volumes_dir,
+        token=read_token_file(args.token_file) if args.token_file else None, tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
+        rpc_timeout_s=args.timeout)
+
+
+def run(args) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import sys
+
+    try:
+        config = config_from_args(args)
+    except ValidationError as exc:
+        print(f"hci-scheduler agent: {exc}", file=sys.stderr)
+        return 2
+    agent = Agent(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    agent.run()
+    return 0

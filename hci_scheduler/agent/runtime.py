@@ -1,0 +1,276 @@
+"""The container side of the agent: one workload = one container, through the docker SDK.
+
+The engine keeps the truth about what runs (kubelet's rule): every container the agent makes
+carries labels with the workload id, a versioned hash of the workload's spec, the host id and
+its restart count, so a restarted agent rebuilds its view from a listing. Names are the
+workload id made safe for Docker plus a short hash of the id, so two agents (or a retry)
+cannot make two containers of one workload: a 409 on create means inspect and adopt or
+replace (hashicorp/nomad #2084). Docker's own restart policy is off: the agent restarts by the
+workload's policy so that the scheduler sees every exit.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+from ..errors import ValidationError
+from . import vm
+
+log = logging.getLogger("hci_scheduler.agent")
+
+LABEL_WORKLOAD = "io.hci-scheduler.workload-id"
+LABEL_SPEC_HASH = "io.hci-scheduler.spec-hash"
+LABEL_HOST = "io.hci-scheduler.host-id"
+LABEL_RESTARTS = "io.hci-scheduler.restarts"
+LABEL_KIND = "io.hci-scheduler.kind"
+LABEL_QMP_DIR = "io.hci-scheduler.qmp-dir"
+LABEL_NUMA_NODE = "io.hci-scheduler.numa-node"
+# The hash's version is part of its value: a new hash function gets a new prefix, and a
+# container with another version is compared field by field, not replaced (kubernetes #53644).
+HASH_VERSION = "v1"
+MAX_NAME = 200
+STOP_TIMEOUT_S = 10  # SIGTERM, then SIGKILL after this long
+
+
+def spec_hash(spec_bytes: bytes) -> str:
+    """The versioned hash of a workload's spec bytes (deterministic protobuf encoding)."""
+    return f"{HASH_VERSION}-{hashlib.sha256(spec_bytes).hexdigest()[:32]}"
+
+
+def container_name(workload_id: str) -> str:
+    """The workload id made safe for Docker ([a-zA-Z0-9][a-zA-Z0-9_.-]*) plus a short hash of
+    the exact id, since two ids can map to one safe form."""
+    safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", workload_id)[:MAX_NAME]
+    if not safe[:1].isalnum():
+        safe = "w" + safe
+    return f"{safe}-{hashlib.sha256(workload_id.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class HostFacts:
+    """What the agent knows about its host that shapes a container."""
+
+    host_id: str
+    kvm: bool
+    vm_image: str
+    volumes_dir: str  # volume ids map to directories here (on the host's SSD)
+    qmp_root: str  # per-VM directories holding QMP sockets (short: a unix path is <= 107 bytes)
+    storage_limit: bool  # the storage driver takes a per-container size (vfs does not)
+    numa_cpus: dict[int, str] = field(default_factory=dict)  # NUMA node -> its cpulist ("0-15")
+
+
+@dataclass
+class RunSpec:
+    """Everything the engine is asked for to run one workload."""
+
+    name: str
+    image: str
+    entrypoint: list[str] | None
+    command: list[str]
+    environment: dict[str, str]
+    labels: dict[str, str]
+    nano_cpus: int
+    mem_limit_mib: int
+    cpuset_cpus: str = ""
+    cpuset_mems: str = ""
+    devices: list[str] = field(default_factory=list)
+    binds: dict[str, dict] = field(default_factory=dict)
+    storage_gib: int = 0
+    warning: str = ""  # goes into the workload's status message (TCG)
+    qmp_dir: str = ""
+
+
+def is_vm(workload) -> bool:
+    from ..v1 import scheduler_pb2 as pb
+
+    return workload.kind == pb.WORKLOAD_KIND_VM
+
+
+def run_spec(workload, spec_bytes: bytes, facts: HostFacts, restarts: int = 0,
+             numa_node: int | None = None) -> RunSpec:
+    """The RunSpec of a workload on this host. Limits come from its requests: nano_cpus =
+    millicores * 1e6, a hard memory limit in MiB (a VM's adds qemu's overhead), cpuset for a
+    NUMA-pinned VM when the host has that node. Raises ValidationError when nothing says
+    what to run (no image)."""
+    import os
+
+    req = workload.requests
+    cpu, memory = int(req.get("cpu", 0)), int(req.get("memory", 0))
+    labels = {LABEL_WORKLOAD: workload.id, LABEL_SPEC_HASH: spec_hash(spec_bytes), LABEL_HOST: facts.host_id,
+              LABEL_RESTARTS: str(restarts)}
+    spec = RunSpec(name=container_name(workload.id), image="", entrypoint=None, command=[], environment={},
+                   labels=labels, nano_cpus=cpu * 1_000_000, mem_limit_mib=memory,
+                   storage_gib=int(req.get("ssd", 0)) if facts.storage_limit else 0)
+    if is_vm(workload):
+        labels[LABEL_KIND] = "vm"
+        vcpus = vm.vcpus_of(cpu)
+        if memory <= 0:
+            raise ValidationError(f"workload {workload.id!r}: a VM needs a memory request, got {memory}")
+        disk = vm.disk_path(workload.vm.disk_image, facts.volumes_dir)
+        cmd = vm.qemu_command(vcpus, memory, facts.kvm, disk)
+        spec.image = workload.vm.launcher_image or facts.vm_image
+        spec.entrypoint = [f"/usr/bin/{'qemu-system-x86_64'}"]
+        spec.command = cmd.argv
+        spec.devices = cmd.devices
+        spec.warning = cmd.warning
+        spec.mem_limit_mib = vm.memory_limit_mib(memory, vcpus)
+        spec.qmp_dir = os.path.join(facts.qmp_root, hashlib.sha256(workload.id.encode()).hexdigest()[:12])
+        labels[LABEL_QMP_DIR] = spec.qmp_dir
+        spec.binds[spec.qmp_dir] = {"bind": vm.QMP_DIR_INSIDE, "mode": "rw"}
+        if disk:
+            spec.binds[disk] = {"bind": vm.DISK_INSIDE, "mode": "rw"}
+        if workload.numa and numa_node is not None and numa_node in facts.numa_cpus:
+            spec.cpuset_cpus, spec.cpuset_mems = facts.numa_cpus[numa_node], str(numa_node)
+            labels[LABEL_NUMA_NODE] = str(numa_node)
+        return spec
+    labels[LABEL_KIND] = "container"
+    c = workload.container
+    if not c.image:
+        raise ValidationError(f"workload {workload.id!r} has no container image (Workload.container.image)")
+    spec.image = c.image
+    if c.command:
+        spec.entrypoint = list(c.command)
+    spec.command = list(c.args)
+    spec.environment = dict(c.env)
+    for m in c.mounts:
+        spec.binds[os.path.join(facts.volumes_dir, m.volume_id)] = {"bind": m.path,
+                                                                    "mode": "ro" if m.read_only else "rw"}
+    return spec
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """The engine's state of one container, as the status report needs it."""
+
+    status: str  # created, running, exited, dead, ...
+    exit_code: int
+    error: str
+    oom_killed: bool
+    started_at: str
+    finished_at: str
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "restarting")
+
+    @classmethod
+    def of(cls, container) -> "ContainerState":
+        s = container.attrs.get("State", {})
+        return cls(s.get("Status", container.status), int(s.get("ExitCode", 0) or 0), s.get("Error", "") or "",
+                   bool(s.get("OOMKilled")), s.get("StartedAt", ""), s.get("FinishedAt", ""))
+
+
+class Runtime:
+    """The engine calls the agent makes, all with the client's timeout; only containers
+    labelled with this host's id are ever listed, stopped or removed."""
+
+    def __init__(self, client, host_id: str):
+        self.client = client
+        self.host_id = host_id
+
+    def list(self) -> dict[str, list]:
+        """Containers of this host by workload id (every state)."""
+        out: dict[str, list] = {}
+        for c in self.client.containers.list(all=True, sparse=False,
+                                             filters={"label": f"{LABEL_HOST}={self.host_id}"}):
+            wid = c.labels.get(LABEL_WORKLOAD)
+            if wid is not None:
+                out.setdefault(wid, []).append(c)
+        return out
+
+    def find(self, workload_id: str) -> list:
+        return self.client.containers.list(
+            all=True, filters={"label": [f"{LABEL_HOST}={self.host_id}", f"{LABEL_WORKLOAD}={workload_id}"]})
+
+    def start(self, spec: RunSpec):
+        """Create and start the container. Raises docker.errors.ImageNotFound / APIError with
+        the engine's reason."""
+        import docker.errors
+
+        if spec.qmp_dir:
+            import os
+
+            os.makedirs(spec.qmp_dir, exist_ok=True)
+        for host_path, bind in spec.binds.items():
+            if bind["bind"] not in (vm.DISK_INSIDE,):
+                import os
+
+                os.makedirs(host_path, exist_ok=True)
+        kwargs = dict(name=spec.name, entrypoint=spec.entrypoint, command=spec.command or None,
+                      environment=spec.environment, labels=spec.labels, nano_cpus=spec.nano_cpus or None,
+                      network_mode="none", detach=True, devices=spec.devices or None, volumes=spec.binds or None,
+                      restart_policy={"Name": "no"}, stop_signal="SIGTERM")
+        if spec.mem_limit_mib:
+            # Hard limit, no extra swap: memswap equal to the limit.
+            kwargs["mem_limit"] = f"{spec.mem_limit_mib}m"
+            kwargs["memswap_limit"] = f"{spec.mem_limit_mib}m"
+        if spec.cpuset_cpus:
+            kwargs["cpuset_cpus"], kwargs["cpuset_mems"] = spec.cpuset_cpus, spec.cpuset_mems
+        if spec.storage_gib:
+            kwargs["storage_opt"] = {"size": f"{spec.storage_gib}G"}
+        try:
+            container = self.client.containers.create(spec.image, **kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+            # A container of that name exists (a create whose answer was lost, or a restart):
+            # adopt it when it is the same spec, else replace it.
+            existing = self.client.containers.get(spec.name)
+            if existing.labels.get(LABEL_SPEC_HASH) == spec.labels[LABEL_SPEC_HASH] and \
+                    existing.labels.get(LABEL_HOST) == self.host_id and \
+                    existing.labels.get(LABEL_RESTARTS) == spec.labels[LABEL_RESTARTS]:
+                container = existing
+            else:
+                self.remove(existing)
+                container = self.client.containers.create(spec.image, **kwargs)
+        container.start()
+        container.reload()
+        return container
+
+    def remove(self, container, timeout: int = STOP_TIMEOUT_S) -> None:
+        """Stop (a VM is asked to quit over QMP first) and remove."""
+        import docker.errors
+
+        qmp_dir = container.labels.get(LABEL_QMP_DIR)
+        if qmp_dir and container.status == "running":
+            quit_vm(qmp_dir)
+        try:
+            if container.status == "running":
+                container.stop(timeout=timeout)
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+def quit_vm(qmp_dir: str, wait_s: float = 5.0) -> bool:
+    """Ask qemu to quit over QMP (a clean stop that flushes the disk); False when it cannot
+    be reached."""
+    import os
+
+    from .qmp import QmpClient, QmpError
+
+    try:
+        with QmpClient(os.path.join(qmp_dir, vm.QMP_SOCKET), timeout=wait_s) as q:
+            q.quit()
+        return True
+    except (OSError, QmpError, ValueError):
+        return False
+
+
+def wait_running(qmp_dir: str, timeout_s: float = 10.0):
+    """QMP query-status once qemu's socket accepts, or None when it does not in time."""
+    import os
+
+    from .qmp import QmpClient, QmpError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with QmpClient(os.path.join(qmp_dir, vm.QMP_SOCKET), timeout=2.0) as q:
+                return q.status()
+        except (OSError, QmpError, ValueError):
+            time.sleep(0.1)
+    return None

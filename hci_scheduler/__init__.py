@@ -5,14 +5,16 @@ from .errors import (
 )
 from .explain import Explanation, NearestMiss
 from .model import (
-    Affinity, BatchResult, Host, LabelExpr, Placement, Spread, Taint, Toleration, Volume, Workload,
+    Affinity, BatchResult, ContainerSpec, Host, LabelExpr, Placement, Spread, Taint, Toleration, VmSpec, Volume,
+    VolumeMount, Workload,
 )
 from .policy import Policy
 
 __all__ = [
-    "Affinity", "BatchResult", "Cluster", "DuplicateId", "Explanation", "Host", "LabelExpr", "NearestMiss",
+    "Affinity", "BatchResult", "Cluster", "ContainerSpec", "DuplicateId", "Explanation", "Host", "LabelExpr", "NearestMiss",
     "NotFound", "Placement", "Policy", "SchedulerClient", "SchedulerError", "Spread", "StateConflict", "Taint",
-    "Toleration", "UnknownDimension", "Unschedulable", "ValidationError", "Volume", "Workload",
+    "Toleration", "UnknownDimension", "Unschedulable", "ValidationError", "VmSpec", "Volume", "VolumeMount",
+    "Workload",
 ]
 __version__ = "0.1.0"
 

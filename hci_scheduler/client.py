@@ -27,6 +27,18 @@ GOALS = {"consolidate": pb.REBALANCE_GOAL_CONSOLIDATE, "drain": pb.REBALANCE_GOA
          "defragment": pb.REBALANCE_GOAL_DEFRAGMENT, "balance": pb.REBALANCE_GOAL_BALANCE}
 #: Time a plan's search may take on the server when a call gives no limit (its default).
 DEFAULT_SEARCH_S = 30.0
+#: Workload states (ReportStatus, Placement.status) by the names the CLI prints.
+WORKLOAD_STATES = {"pending": pb.WORKLOAD_STATE_PENDING, "running": pb.WORKLOAD_STATE_RUNNING,
+                   "exited": pb.WORKLOAD_STATE_EXITED, "failed": pb.WORKLOAD_STATE_FAILED,
+                   "stopped": pb.WORKLOAD_STATE_STOPPED}
+#: Restart policies of a ContainerSpec by name.
+RESTART_POLICIES = {"always": pb.RESTART_POLICY_ALWAYS, "on-failure": pb.RESTART_POLICY_ON_FAILURE,
+                    "never": pb.RESTART_POLICY_NEVER}
+#: The wire types an agent builds its reports and reads its workloads' runtime specs with.
+WorkloadStatus = pb.WorkloadStatus
+ContainerSpec = pb.ContainerSpec
+VmSpec = pb.VmSpec
+VolumeMount = pb.VolumeMount
 #: Placement strategies by name.
 STRATEGIES = {"binpack": pb.STRATEGY_BINPACK, "spread": pb.STRATEGY_SPREAD,
               "balanced": pb.STRATEGY_BALANCED, "dot": pb.STRATEGY_DOT}
@@ -226,6 +238,21 @@ class SchedulerClient:
                       host_types: Iterable[pb.HostType]) -> pb.PlanCapacityResponse:
         """The cheapest new hosts on which `workloads` fit beside what runs now."""
         return self.call("PlanCapacity", pb.PlanCapacityRequest(workloads=workloads, host_types=host_types))
+
+    def report_status(self, host_id: str, statuses: Iterable[pb.WorkloadStatus] = (),
+                      applied_sequence: int = 0) -> pb.ReportStatusResponse:
+        """An agent's report for its host: workload statuses (a state given by name is
+        accepted in a dict: {"workload_id": ..., "state": "running", ...}); none is a
+        heartbeat. applied_sequence: the last event sequence the agent applied."""
+        req = pb.ReportStatusRequest(host_id=host_id, applied_sequence=applied_sequence)
+        for st in statuses:
+            if isinstance(st, dict):
+                st = dict(st)
+                if isinstance(st.get("state"), str):
+                    st["state"] = WORKLOAD_STATES[st["state"]]
+                st = pb.WorkloadStatus(**st)
+            req.statuses.append(st)
+        return self.call("ReportStatus", req)
 
     def status(self) -> pb.GetStatusResponse:
         return self.call("GetStatus", pb.GetStatusRequest())

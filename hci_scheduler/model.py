@@ -21,6 +21,15 @@ HOST_STATES = ("ready", "cordoned", "draining", "down")
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule")
 LABEL_OPS = ("In", "NotIn", "Exists", "DoesNotExist")
 ISOLATIONS = ("shared", "dedicated")
+RESTART_POLICIES = ("on-failure", "always", "never")
+#: Bounds of a runtime spec: what an agent hands to the engine, and what every
+#: listing and watch carries, so they are capped like every other string (issue 13).
+MAX_IMAGE_LENGTH = 255
+MAX_ARGUMENT_LENGTH = 4096  # one command or args item, one mount path
+MAX_ARGUMENTS = 256  # command items, args items, mounts
+MAX_ENV_ENTRIES = 256
+MAX_ENV_KEY_LENGTH = 255
+MAX_ENV_VALUE_LENGTH = 32768
 
 
 def _check_id(kind: str, value) -> None:
@@ -224,6 +233,104 @@ class Volume:
             raise ValidationError(f"volume {self.id} spread must be 'host' or a host label, got {self.spread!r}")
 
 
+def _check_text(field_name: str, value, cap: int, *, empty: bool = True) -> None:
+    if not isinstance(value, str):
+        raise ValidationError(f"{field_name} must be a string, got {type(value).__name__} {value!r}")
+    if not empty and not value:
+        raise ValidationError(f"{field_name} must not be empty")
+    if len(value) > cap:
+        raise ValidationError(f"{field_name} is longer than {cap} characters: {value[:40]!r}...")
+
+
+def _check_strings(field_name: str, values) -> tuple[str, ...]:
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        raise ValidationError(f"{field_name} must be a list of strings, got {values!r}")
+    values = tuple(values)
+    if len(values) > MAX_ARGUMENTS:
+        raise ValidationError(f"{field_name}: at most {MAX_ARGUMENTS} items, got {len(values)}")
+    for v in values:
+        _check_text(f"{field_name} item", v, MAX_ARGUMENT_LENGTH)
+    return values
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    """A volume of the workload mounted at `path` inside its container."""
+
+    volume_id: str
+    path: str
+    read_only: bool = False
+
+    def __post_init__(self):
+        _check_id("mount volume", self.volume_id)
+        _check_text(f"mount {self.volume_id} path", self.path, MAX_ARGUMENT_LENGTH, empty=False)
+        if not self.path.startswith("/"):
+            raise ValidationError(f"mount {self.volume_id} path must be absolute, got {self.path[:40]!r}")
+        if not isinstance(self.read_only, bool):
+            raise ValidationError(f"mount {self.volume_id} read_only must be a bool, got {self.read_only!r}")
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """How the agent runs a container. Placement ignores it; it is part of the spec
+    (a retry with another image is another spec). single_instance: the container must
+    never run twice, so a move stops it on its source before starting it on its target."""
+
+    image: str
+    command: Sequence[str] = ()
+    args: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    restart_policy: str = "on-failure"
+    mounts: Sequence[VolumeMount] = ()
+    single_instance: bool = False
+
+    def __post_init__(self):
+        _check_text("container image", self.image, MAX_IMAGE_LENGTH, empty=False)
+        object.__setattr__(self, "command", _check_strings("container command", self.command))
+        object.__setattr__(self, "args", _check_strings("container args", self.args))
+        _check_mapping("container env", self.env)
+        if len(self.env) > MAX_ENV_ENTRIES:
+            raise ValidationError(f"container env: at most {MAX_ENV_ENTRIES} entries, got {len(self.env)}")
+        for k, v in self.env.items():
+            _check_text("container env key", k, MAX_ENV_KEY_LENGTH, empty=False)
+            _check_text(f"container env[{k!r}]", v, MAX_ENV_VALUE_LENGTH)
+        if self.restart_policy not in RESTART_POLICIES:
+            raise ValidationError(f"container restart_policy must be one of {RESTART_POLICIES}, "
+                                  f"got {self.restart_policy!r}")
+        mounts = tuple(self.mounts) if isinstance(self.mounts, Iterable) else self.mounts
+        if not isinstance(mounts, tuple) or not all(isinstance(m, VolumeMount) for m in mounts):
+            raise ValidationError(f"container mounts must be VolumeMount objects, got {self.mounts!r}")
+        if len(mounts) > MAX_ARGUMENTS:
+            raise ValidationError(f"container mounts: at most {MAX_ARGUMENTS}, got {len(mounts)}")
+        paths = [m.path for m in mounts]
+        if len(set(paths)) != len(paths):
+            raise ValidationError(f"container mounts: a path is mounted twice in {paths[:10]!r}")
+        object.__setattr__(self, "mounts", mounts)
+        if not isinstance(self.single_instance, bool):
+            raise ValidationError(f"container single_instance must be a bool, got {self.single_instance!r}")
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """How the agent runs a KVM guest: its boot disk (a host path, or "volume:<id>" for
+    a volume of the workload) and the launcher image running qemu (empty: the agent's
+    --vm-image). vCPUs and memory come from the workload's requests."""
+
+    disk_image: str
+    launcher_image: str = ""
+
+    def __post_init__(self):
+        _check_text("vm disk_image", self.disk_image, MAX_ARGUMENT_LENGTH, empty=False)
+        if self.disk_image == "volume:":
+            raise ValidationError("vm disk_image 'volume:' names no volume")
+        _check_text("vm launcher_image", self.launcher_image, MAX_IMAGE_LENGTH)
+
+    @property
+    def disk_volume(self) -> str | None:
+        """The volume id of a "volume:<id>" disk, else None."""
+        return self.disk_image[len("volume:"):] if self.disk_image.startswith("volume:") else None
+
+
 @dataclass(frozen=True)
 class Host:
     """A server (or cloud instance) that runs workloads.
@@ -292,10 +399,14 @@ class Workload:
     priority: int = 0
     numa: bool = False
     per_host: bool = False
+    container: ContainerSpec | None = None
+    vm: VmSpec | None = None
 
     def __post_init__(self):
         _check_id("workload", self.id)
         _check_mapping(f"workload {self.id} requests", self.requests)
+        if self.container is not None or self.vm is not None:
+            self._check_runtime()
         if self.kind not in KINDS:
             raise ValidationError(f"workload {self.id} kind must be one of {KINDS}, got {self.kind!r}")
         if self.isolation not in ISOLATIONS:
@@ -345,6 +456,33 @@ class Workload:
             if not isinstance(v, (str, Volume)) or (isinstance(v, str) and not v):
                 raise ValidationError(f"workload {self.id} volumes must be volume ids or Volume, got {v!r}")
         object.__setattr__(self, "volumes", volumes)
+        if self.container is not None or self.vm is not None:
+            self._check_mounted_volumes()
+
+    def _check_runtime(self) -> None:
+        """A container spec only on a container, a VM spec only on a VM."""
+        for name, cls, kind in (("container", ContainerSpec, "container"), ("vm", VmSpec, "vm")):
+            spec = getattr(self, name)
+            if spec is None:
+                continue
+            if not isinstance(spec, cls):
+                raise ValidationError(f"workload {self.id} {name} must be a {cls.__name__}, got {spec!r}")
+            if self.kind != kind:
+                raise ValidationError(f"workload {self.id} {name}: a {cls.__name__} is for kind {kind!r}, "
+                                      f"not {self.kind!r}")
+        if not self.volumes:
+            self._check_mounted_volumes()
+
+    def _check_mounted_volumes(self) -> None:
+        """What the runtime spec mounts is a volume of the workload: placement puts the
+        workload with its volumes' replicas, and nowhere else is its data."""
+        own = {v if isinstance(v, str) else v.id for v in self.volumes}
+        wanted = [m.volume_id for m in self.container.mounts] if self.container is not None else []
+        if self.vm is not None and self.vm.disk_volume is not None:
+            wanted.append(self.vm.disk_volume)
+        for vid in wanted:
+            if vid not in own:
+                raise ValidationError(f"workload {self.id} mounts volume {vid!r}, which is not one of its volumes")
 
 
 @dataclass(frozen=True)

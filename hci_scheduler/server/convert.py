@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import ValidationError
-from ..model import Affinity, Host, LabelExpr, Spread, Taint, Toleration, Volume, Workload
+from ..model import (Affinity, ContainerSpec, Host, LabelExpr, Spread, Taint, Toleration, VmSpec, Volume,
+                     VolumeMount, Workload)
 from ..v1 import scheduler_pb2 as pb
 from .limits import (MAX_NAME_LENGTH, MAX_TAINTS, MAX_TERMS, check_count, check_id, check_label_key,
                      check_labels, check_name)
@@ -54,6 +55,20 @@ EVENT_TYPES = {
     pb.EVENT_TYPE_MOVED: "moved",
     pb.EVENT_TYPE_PLAN_STARTED: "plan_started",
     pb.EVENT_TYPE_PLAN_APPLIED: "plan_applied",
+    pb.EVENT_TYPE_STATUS: "status",
+}
+RESTART_POLICIES = {
+    pb.RESTART_POLICY_ALWAYS: "always",
+    pb.RESTART_POLICY_ON_FAILURE: "on-failure",
+    pb.RESTART_POLICY_NEVER: "never",
+}
+RESTART_POLICY_NUMBERS = {v: k for k, v in RESTART_POLICIES.items()}
+WORKLOAD_STATES = {
+    pb.WORKLOAD_STATE_PENDING: "pending",
+    pb.WORKLOAD_STATE_RUNNING: "running",
+    pb.WORKLOAD_STATE_EXITED: "exited",
+    pb.WORKLOAD_STATE_FAILED: "failed",
+    pb.WORKLOAD_STATE_STOPPED: "stopped",
 }
 
 
@@ -80,6 +95,14 @@ def taint_to_model(t: pb.Taint, where: str) -> Taint:
 
 def host_state(value: int, where: str) -> str:
     return _enum(f"{where} state", HOST_STATES, value)
+
+
+def client_host_state(value: int, where: str) -> str:
+    """A host state a client may set: DOWN is the service's own (agent heartbeats)."""
+    if value == pb.HOST_STATE_DOWN:
+        raise ValidationError(f"{where} state: HOST_STATE_DOWN is set only by the service, when a host's "
+                              "agent stops reporting")
+    return host_state(value, where)
 
 
 def normalize_host(h: pb.Host) -> pb.Host:
@@ -160,6 +183,8 @@ def normalize_workload(w: pb.Workload) -> pb.Workload:
         v.spread = v.spread or "host"
     for k in [k for k, v in out.requests.items() if v == 0]:
         del out.requests[k]
+    if out.HasField("container") and out.container.restart_policy == pb.RESTART_POLICY_UNSPECIFIED:
+        out.container.restart_policy = pb.RESTART_POLICY_ON_FAILURE
     return out
 
 
@@ -314,6 +339,8 @@ def workload_to_model(w: pb.Workload) -> Workload:
     )
     volumes: list = list(w.volume_ids)
     volumes += [Volume(v.id, v.size_gib, v.replicas or 1, v.spread or "host") for v in w.new_volumes]
+    container = container_to_model(w.container, where) if w.HasField("container") else None
+    vm = vm_to_model(w.vm, where) if w.HasField("vm") else None
     return Workload(
         id=w.id,
         requests=dict(w.requests),
@@ -331,7 +358,41 @@ def workload_to_model(w: pb.Workload) -> Workload:
         priority=w.priority,
         numa=w.numa,
         per_host=w.per_host,
+        container=container,
+        vm=vm,
     )
+
+
+def container_to_model(c: pb.ContainerSpec, where: str) -> ContainerSpec:
+    """The model of a container spec; its bounds are the model's (ValidationError naming the field)."""
+    policy = "on-failure" if c.restart_policy == pb.RESTART_POLICY_UNSPECIFIED else \
+        _enum(f"{where} container restart_policy", RESTART_POLICIES, c.restart_policy)
+    try:
+        return ContainerSpec(image=c.image, command=tuple(c.command), args=tuple(c.args), env=dict(c.env),
+                             restart_policy=policy,
+                             mounts=tuple(VolumeMount(m.volume_id, m.path, m.read_only) for m in c.mounts),
+                             single_instance=c.single_instance)
+    except ValidationError as exc:
+        raise ValidationError(f"{where} {exc}") from None
+
+
+def container_to_proto(c: ContainerSpec) -> pb.ContainerSpec:
+    return pb.ContainerSpec(image=c.image, command=c.command, args=c.args, env=c.env,
+                            restart_policy=RESTART_POLICY_NUMBERS[c.restart_policy],
+                            mounts=[pb.VolumeMount(volume_id=m.volume_id, path=m.path, read_only=m.read_only)
+                                    for m in c.mounts],
+                            single_instance=c.single_instance)
+
+
+def vm_to_model(v: pb.VmSpec, where: str) -> VmSpec:
+    try:
+        return VmSpec(v.disk_image, v.launcher_image)
+    except ValidationError as exc:
+        raise ValidationError(f"{where} {exc}") from None
+
+
+def vm_to_proto(v: VmSpec) -> pb.VmSpec:
+    return pb.VmSpec(disk_image=v.disk_image, launcher_image=v.launcher_image)
 
 
 # -- explanations -------------------------------------------------------------

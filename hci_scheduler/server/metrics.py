@@ -22,6 +22,10 @@ RPC_TOTAL = "hci_scheduler_rpc"  # exported as hci_scheduler_rpc_total
 PLACEMENTS = "hci_scheduler_placements"
 REFUSALS = "hci_scheduler_refusals"
 BATCH_WORKLOADS = "hci_scheduler_writer_batch_workloads"
+STATUS_REPORTS = "hci_scheduler_status_reports"  # exported as ..._total: ReportStatus calls applied
+STATUSES_REPORTED = "hci_scheduler_statuses_reported"  # workload statuses those calls carried
+HOSTS_MARKED_DOWN = "hci_scheduler_hosts_marked_down"  # hosts set DOWN for a silent agent
+RESCHEDULED = "hci_scheduler_down_host_moves"  # containers re-placed off DOWN hosts
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -61,6 +65,10 @@ class Metrics:
         self._placements = 0
         self._refusals: dict[str, int] = {}
         self._batch = _Histogram(_BATCH_BUCKETS)
+        self._reports = 0
+        self._statuses = 0
+        self._marked_down = 0
+        self._rescheduled = 0
         self.registry.register(_Collector(self))
 
     def bind_state(self, state) -> None:
@@ -90,6 +98,19 @@ class Metrics:
             with self._lock:
                 self._batch.observe(n)
 
+    def status_report(self, n_statuses: int) -> None:
+        with self._lock:
+            self._reports += 1
+            self._statuses += n_statuses
+
+    def hosts_marked_down(self, n: int) -> None:
+        with self._lock:
+            self._marked_down += n
+
+    def rescheduled(self, n: int) -> None:
+        with self._lock:
+            self._rescheduled += n
+
     def families(self) -> list:
         """The metrics as Prometheus families, read consistently under the lock."""
         with self._lock:
@@ -107,7 +128,17 @@ class Metrics:
             batch = HistogramMetricFamily(BATCH_WORKLOADS, "Workloads carried by one writer batch "
                                           "(coalesced Place calls).",
                                           buckets=self._batch.buckets(), sum_value=self._batch.sum)
-        return [seconds, total, placements, refusals, batch]
+            agents = [
+                CounterMetricFamily(STATUS_REPORTS, "ReportStatus calls applied (heartbeats included).",
+                                    value=self._reports),
+                CounterMetricFamily(STATUSES_REPORTED, "Workload statuses carried by ReportStatus calls.",
+                                    value=self._statuses),
+                CounterMetricFamily(HOSTS_MARKED_DOWN, "Hosts set DOWN because their agent fell silent.",
+                                    value=self._marked_down),
+                CounterMetricFamily(RESCHEDULED, "Containers re-placed off DOWN hosts by the down-host policy.",
+                                    value=self._rescheduled),
+            ]
+        return [seconds, total, placements, refusals, batch, *agents]
 
 
 class _Collector:
@@ -128,6 +159,8 @@ class _StateCollector:
         for name, n in st.hosts_by_state.items():
             hosts.add_metric([name], n)
         yield hosts
+        yield GaugeMetricFamily("hci_scheduler_hosts_down", "Hosts DOWN (their agent is silent).",
+                                value=st.hosts_by_state.get("down", 0))
         util = GaugeMetricFamily("hci_scheduler_utilization_ratio", "Used / allocatable per dimension.",
                                  labels=["dimension"])
         for d, v in st.utilization.items():

@@ -194,6 +194,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             self._check_dims(f"host {h.id!r} allocation_ratios", h.allocation_ratios)
             for node in h.numa_nodes:
                 self._check_dims(f"host {h.id!r} numa_nodes", node.resources)
+            if h.state:
+                convert.client_host_state(h.state, f"host {h.id!r}")
             n = convert.normalize_host(h)
             hosts.append(n)
             models.append(convert.host_to_model(n))
@@ -220,7 +222,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         if "taints" in paths:
             limits.check_count(f"{where} taints", len(request.taints), limits.MAX_TAINTS)
             taints = [convert.taint_to_model(t, where) for t in request.taints]
-        state = convert.host_state(request.state, "state") if "state" in paths else None
+        state = convert.client_host_state(request.state, where) if "state" in paths else None
         return pb.UpdateHostResponse(host=self._execute("update", (request.host_id, labels, taints, state), context))
 
     @_rpc
@@ -426,6 +428,14 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         with self.state.lock:  # the durable state, as every read sees it
             plan = self.state.cluster.plan_capacity(workloads, types)
         return convert.capacity_to_proto(plan)
+
+    # -- agents --------------------------------------------------------------
+
+    @_rpc
+    def ReportStatus(self, request, context):
+        self.state.health.check_report(request)
+        sequence = self._execute("report", (request,), context, n=max(1, len(request.statuses)))
+        return pb.ReportStatusResponse(sequence=sequence)
 
     # -- events --------------------------------------------------------------
 

@@ -191,7 +191,7 @@ def _released_in(tail: list, keys: list) -> frozenset:
                 placed.remove(ev.workload_id)
             else:
                 released.add(ev.workload_id)
-        elif t != pb.EVENT_TYPE_HOST_ADDED:
+        elif t != pb.EVENT_TYPE_HOST_ADDED and t != pb.EVENT_TYPE_STATUS:  # a status changes no placement
             return frozenset()
     return frozenset(released)
 
@@ -262,6 +262,7 @@ class SchedulerState:
         log.info("state rebuilt", extra={"fields": {
             "events": n, "hosts": self.cluster.n_hosts, "allocations": len(self._placed),
             "sequence": self.sequence, "seconds": round(time.perf_counter() - t0, 3)}})
+        self.health.load(self)
         self.writer = Writer(self._process, max_batch)
         if snapshots is not None:
             snapshots.start(self)
@@ -320,6 +321,8 @@ class SchedulerState:
             elif t == pb.EVENT_TYPE_HOST_ADDED:
                 run.flush(c, self._placed)
                 adds.append(ev)  # add_hosts gives rows in the same order as one call per event
+            elif t == pb.EVENT_TYPE_STATUS:
+                self.health.replay_status(ev)  # no placement changes: the run goes on
             else:
                 run.flush(c, self._placed)
                 flush()
@@ -350,6 +353,8 @@ class SchedulerState:
             c.remove_host(ev.host_id)
         elif t == pb.EVENT_TYPE_VOLUME_DELETED:
             c.remove_volume(ev.volume_id)
+        elif t == pb.EVENT_TYPE_MOVED and not ev.plan_id:
+            self.health.replay_moved(self, ev)  # the down-host policy's moves
         elif t in convert.PLAN_EVENT_TYPES:
             self.plans.replay(self, ev)  # MOVED through Cluster.apply_step, as a live apply
         else:
@@ -402,6 +407,7 @@ class SchedulerState:
         self.cluster = self._cluster_factory(self.dimensions)
         self._placed = {}
         self.sequence = 0
+        self.health.forget_statuses()
         self._replay()
 
     def _refuse_writes(self, exc: StoreUnwritable) -> None:
@@ -516,6 +522,8 @@ class SchedulerState:
         return hosts
 
     def _do_update(self, host_id: str, labels, taints, state, *, events: _Events):
+        if state is not None:
+            state = self.health.operator_state(self, host_id, state)  # a DOWN host stays DOWN
         host = convert.host_to_proto(self.cluster.update_host(host_id, labels=labels, taints=taints, state=state))
         events.add(pb.EVENT_TYPE_HOST_UPDATED, host_id, host=host)
         return host
@@ -537,6 +545,24 @@ class SchedulerState:
             events.add(pb.EVENT_TYPE_RELEASED, where.host_id or "", wid)
             released.append(wid)
         return released
+
+    # -- agents (server/hosts_health.py) --------------------------------------------
+
+    @cached_property
+    def health(self):
+        """Agents' statuses and heartbeats, and hosts going DOWN (hosts_health.HostHealth)."""
+        from .hosts_health import HostHealth
+
+        return HostHealth()
+
+    def _do_report(self, request: pb.ReportStatusRequest, *, events: _Events):
+        return self.health.report(self, request, events)
+
+    def _do_mark_down(self, host_ids: list[str], *, events: _Events):
+        return self.health.mark_down(self, host_ids, events)
+
+    def _do_reschedule_down(self, host_ids: list[str], *, events: _Events):
+        return self.health.reschedule(self, host_ids, events)
 
     def _do_delete_volume(self, volume_id: str, *, events: _Events):
         self.cluster.remove_volume(volume_id)  # NotFound; StateConflict while a workload mounts it
@@ -741,9 +767,13 @@ class SchedulerState:
             else:
                 order = self._placement_order.sync(placed)
 
+            status_of = self.health.status_of
+
             def entries():
                 for seq, wid in order.live_from(start, order.live(placed)):
-                    m = self._answer(c.placement(wid), seq)
+                    p = c.placement(wid)
+                    m = self._answer(p, seq)
+                    m.status.CopyFrom(status_of(wid, p.host_id))
                     yield seq, (m, placed[wid][1])
 
             def cost(item) -> int:

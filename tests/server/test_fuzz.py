@@ -40,7 +40,16 @@ workloads = st.builds(
                                max_skew=st.integers(-5, 5), hard=st.booleans()), max_size=1),
     new_volumes=st.lists(st.builds(pb.Volume, id=ids, size_gib=quantities, replicas=st.integers(-3, 3)),
                          max_size=1),
+    container=st.one_of(st.none(), st.builds(
+        pb.ContainerSpec, image=st.one_of(st.just(""), st.text(max_size=5), st.text(min_size=250, max_size=300)),
+        command=st.lists(st.text(max_size=4), max_size=3), args=st.lists(st.text(max_size=4), max_size=300),
+        env=smap, restart_policy=enums,
+        mounts=st.lists(st.builds(pb.VolumeMount, volume_id=ids, path=st.text(max_size=4)), max_size=2))),
+    vm=st.one_of(st.none(), st.builds(pb.VmSpec, disk_image=st.text(max_size=10), launcher_image=st.text(max_size=5))),
 )
+statuses = st.builds(pb.WorkloadStatus, workload_id=ids, host_id=ids, state=enums,
+                     exit_code=st.integers(-(2**31), 2**31 - 1), message=st.text(max_size=10),
+                     restarts=st.integers(-3, 3))
 calls = st.one_of(
     st.builds(lambda hs: ("RegisterHosts", pb.RegisterHostsRequest(hosts=hs)), st.lists(hosts, max_size=4)),
     st.builds(lambda ws, g, s, p: ("Place", pb.PlaceRequest(workloads=ws, gang=g, strategy=s, preempt=p)),
@@ -55,6 +64,8 @@ calls = st.one_of(
     st.builds(lambda s: ("ListHosts", pb.ListHostsRequest(state=s)), enums),
     st.builds(lambda h: ("ListAllocations", pb.ListAllocationsRequest(host_id=h)), ids),
     st.builds(lambda v: ("DeleteVolume", pb.DeleteVolumeRequest(volume_id=v)), ids),
+    st.builds(lambda h, ss, a: ("ReportStatus", pb.ReportStatusRequest(host_id=h, statuses=ss, applied_sequence=a)),
+              ids, st.lists(statuses, max_size=3), st.integers(0, 2**64 - 1)),
 )
 
 
@@ -120,6 +131,8 @@ SAMPLES = {
     "Drain": pb.DrainRequest(host_id="raw-gone", time_limit_s=0.5),
     "PlanCapacity": pb.PlanCapacityRequest(workloads=[pb.Workload(id="raw-p", requests={"cpu": 100})],
                                            host_types=[pb.HostType(name="raw-t", capacity={"cpu": 4000}, price=3)]),
+    "ReportStatus": pb.ReportStatusRequest(host_id="raw-h", applied_sequence=3, statuses=[
+        pb.WorkloadStatus(workload_id="raw-w", state=pb.WORKLOAD_STATE_RUNNING, container_id="c1")]),
 }
 #: Answers to bytes that decode into a request the server may refuse; never INTERNAL or UNKNOWN.
 RAW_ALLOWED = ALLOWED | {grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS}

@@ -90,13 +90,15 @@ def test_cordon_keeps_new_work_off_and_uncordon_restores(stub):
 
 
 @pytest.mark.parametrize("request_, code", [
-    (pb.UpdateHostRequest(host_id="nope", state=pb.HOST_STATE_DOWN), grpc.StatusCode.NOT_FOUND),
+    (pb.UpdateHostRequest(host_id="nope", state=pb.HOST_STATE_CORDONED), grpc.StatusCode.NOT_FOUND),
+    # DOWN is the service's own (a silent agent): a client may not set it.
+    (pb.UpdateHostRequest(host_id="reg-a", state=pb.HOST_STATE_DOWN), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.UpdateHostRequest(host_id="reg-a", state=42), grpc.StatusCode.INVALID_ARGUMENT),
     (pb.UpdateHostRequest(host_id="reg-a"), grpc.StatusCode.INVALID_ARGUMENT),  # nothing to change
     (pb.UpdateHostRequest(host_id="reg-a", update_mask=field_mask_pb2.FieldMask(paths=["capacity"])),
      grpc.StatusCode.INVALID_ARGUMENT),
     (pb.UpdateHostRequest(host_id="", state=pb.HOST_STATE_DOWN), grpc.StatusCode.INVALID_ARGUMENT),
-], ids=["unknown-host", "unknown-state", "empty-update", "bad-mask", "empty-id"])
+], ids=["unknown-host", "down-refused", "unknown-state", "empty-update", "bad-mask", "empty-id"])
 def test_update_host_errors(stub, request_, code):
     stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("reg-a")])) if "reg-a" not in hosts(stub) else None
     assert code_of(lambda: stub.UpdateHost(request_)) == code
@@ -130,13 +132,17 @@ def test_remove_host_refused_while_busy_then_removed(stub):
 
 def test_list_hosts_filters_by_state_and_reports_usage(stub):
     stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[
-        make_host("usage", cpu=7_000_000, memory=10**6), make_host("downhost", state=pb.HOST_STATE_DOWN)]))
+        make_host("usage", cpu=7_000_000, memory=10**6), make_host("offhost", state=pb.HOST_STATE_CORDONED)]))
     stub.Place(pb.PlaceRequest(workloads=[make_workload("usage-w", cpu=6_500_000, memory=300)]))
     h = hosts(stub)["usage"]
     # 6,500,000 millicores only fit on "usage" (7,000,000), so its usage is exactly the request.
     assert (h.used["cpu"], h.used["memory"], h.workload_count) == (6_500_000, 300, 1)
-    down = stub.ListHosts(pb.ListHostsRequest(state=pb.HOST_STATE_DOWN)).hosts
-    assert "downhost" in [x.id for x in down] and all(x.state == pb.HOST_STATE_DOWN for x in down)
+    off = stub.ListHosts(pb.ListHostsRequest(state=pb.HOST_STATE_CORDONED)).hosts
+    assert "offhost" in [x.id for x in off] and all(x.state == pb.HOST_STATE_CORDONED for x in off)
+    # A host cannot be registered DOWN: only the service sets it.
+    bad = pb.RegisterHostsRequest(hosts=[make_host("born-down", state=pb.HOST_STATE_DOWN)])
+    assert code_of(lambda: stub.RegisterHosts(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "born-down" not in hosts(stub)
 
 
 # -- workloads --------------------------------------------------------------------

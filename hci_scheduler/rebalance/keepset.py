@@ -24,6 +24,7 @@ import numpy as np
 from ..bounds import cover_by_shape
 from ..errors import ValidationError
 from .problem import Problem
+from sched_core._keepset import keep_fill
 
 
 def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = None) -> np.ndarray | None:
@@ -31,6 +32,15 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
     hosts with the fewest workloads), or None when the
     problem has terms this construction does not model (spread, dependencies, transient
     dimensions) or it would exceed `max_moves`."""
+    kept = kept_hosts(problem, fixed_use, max_moves)
+    if kept is None or not (~kept[problem.initial]).any():
+        return None
+    return fill(problem, kept, max_moves)
+
+
+def kept_hosts(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = None) -> np.ndarray | None:
+    """bool (m,): the hosts to keep (steps 1 and 2, and the move budget), or None when the
+    construction does not apply (see `keep_set`)."""
     if problem.spread_min.any() or len(problem.depends) or problem.transient.any():
         return None
     n, m = problem.n_workloads, problem.n_hosts
@@ -53,6 +63,7 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
     spare = np.maximum(room - load, 0)[forced].sum(axis=0)
     demand = np.maximum(charge_home[on_candidates].sum(axis=0) - spare, 0)
 
+    scale = np.maximum(room.max(axis=0), 1)
     kept = forced.copy()
     cand_rows = np.flatnonzero(candidates)
     if demand.any() and len(cand_rows):
@@ -61,7 +72,6 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
             cover = cover_by_shape(room[cand_rows], demand, cost, prefer_room=True)
         except ValidationError:
             return None
-        scale = np.maximum(room.max(axis=0), 1)
         weight = (load[cand_rows] / scale).sum(axis=1)
         for s, count in enumerate(cover.counts.tolist()):
             rows = np.flatnonzero(cover.shape_of == s)
@@ -74,17 +84,31 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
         counts = np.bincount(initial, minlength=m)[emptied]
         order = np.argsort(counts, kind="stable")
         kept[emptied[order[np.cumsum(counts[order]) > max_moves]]] = True
-    assignment = initial.copy()
+    return kept
+
+
+def fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None) -> np.ndarray | None:
+    """Step 3: the workloads of the hosts outside `kept` move into the kept hosts' room
+    (`sched_core._keepset.keep_fill`); None when that exceeds `max_moves`."""
+    n, m = problem.n_workloads, problem.n_hosts
+    initial = problem.initial
+    charge_home = problem.charge(np.arange(n), initial)
+    scale = np.maximum(np.maximum(problem.capacity - problem.fixed, 0).max(axis=0), 1)
+    kept = kept.copy()
     leaving = ~kept[initial]
-    if not leaving.any():
-        return None
     usage = problem.fixed.copy()
     np.add.at(usage, initial[~leaving], charge_home[~leaving])
-    on = np.bincount(initial[~leaving], minlength=m)
-    conflict_count = {}
-    for s in np.flatnonzero(problem.conflict).tolist():
-        mine = (problem.service == s) & ~leaving
-        conflict_count[s] = np.bincount(initial[mine], minlength=m)
+    on = np.bincount(initial[~leaving], minlength=m).astype(np.int32)
+    conflicting = np.flatnonzero(problem.conflict)
+    conflict_row = np.full(problem.n_services, -1, dtype=np.int32)
+    conflict_row[conflicting] = np.arange(len(conflicting), dtype=np.int32)
+    conflict_count = np.zeros((max(len(conflicting), 1), m), dtype=np.int32)
+    stays = ~leaving & (problem.service >= 0)
+    if len(conflicting):
+        stays &= conflict_row[np.maximum(problem.service, 0)] >= 0
+    else:
+        stays[:] = False
+    np.add.at(conflict_count, (conflict_row[problem.service[stays]], initial[stays]), 1)
     dedicated = np.zeros(n, dtype=bool)
     has_tenant = problem.tenant >= 0
     dedicated[has_tenant] = problem.dedicated[problem.tenant[has_tenant]]
@@ -94,63 +118,21 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
     np.add.at(owned, initial[stay], 1)
     owner[initial[stay]] = problem.tenant[stay]
 
-    scale = np.maximum(room.max(axis=0), 1)
     order = np.flatnonzero(leaving)
     order = order[np.argsort(-(problem.request[order] / scale).max(axis=1), kind="stable")]
-    moves = 0
-    hosts = np.arange(m)
-    done = np.zeros(n, dtype=bool)
-    for w in order.tolist():
-        if done[w]:
-            continue      # its host was kept after all: it stayed there
-        home = initial[w]
-        # A container pays its request everywhere; only a VM's charge follows the host's ratio.
-        charge = problem.charge(np.full(m, w), hosts) if problem.vm[w] else problem.request[w]
-        ok = problem.allowed[problem.allowed_class[w]] & kept & problem.open
-        ok &= (usage + charge <= problem.capacity).all(axis=1)
-        s = problem.service[w]
-        if s >= 0 and s in conflict_count:
-            ok &= conflict_count[s] == 0
-        if dedicated[w]:
-            ok &= (on == 0) | ((owner == problem.tenant[w]) & (owned == on))
-        else:
-            ok &= owner < 0
-        target = -1
-        if ok.any():
-            slack = ((problem.capacity - usage - charge) / scale).sum(axis=1)
-            target = int(np.flatnonzero(ok)[np.argmin(slack[ok])])
-        else:
-            # It fits nowhere kept: open the allowed host with the most room (an empty big
-            # one first), or failing that keep its own host with what is still on it.
-            spare = problem.allowed[problem.allowed_class[w]] & ~kept & problem.open
-            spare &= (usage + charge <= problem.capacity).all(axis=1) & (on == 0)
-            if spare.any():
-                free_room = ((problem.capacity - usage) / scale).sum(axis=1)
-                target = int(np.flatnonzero(spare)[np.argmax(free_room[spare])])
-                kept[target] = True
-        if target >= 0:
-            if target != home:
-                assignment[w] = target
-                moves += 1
-                if max_moves is not None and moves > max_moves:
-                    return None
-            _add(w, target, problem, usage, on, conflict_count, owner, owned, dedicated,
-                 charge[target] if charge.ndim == 2 else charge)
-            done[w] = True
-        else:
-            kept[home] = True
-            for u in np.flatnonzero((initial == home) & leaving & ~done).tolist():
-                _add(u, home, problem, usage, on, conflict_count, owner, owned, dedicated)
-                done[u] = True
+    # The leaving workloads by home host, so a host kept after all takes its own back.
+    members = np.flatnonzero(leaving)
+    home_members = members[np.argsort(initial[members], kind="stable")].astype(np.intp)
+    home_ptr = np.zeros(m + 1, dtype=np.intp)
+    np.cumsum(np.bincount(initial[members], minlength=m), out=home_ptr[1:])
+    kept_u8 = kept.astype(np.uint8)
+    assignment = initial.astype(np.int32)
+    moves = keep_fill(problem.capacity, usage, problem.ratio_milli, problem.request, problem.vm.view(np.uint8),
+                      initial, order.astype(np.intp), home_ptr, home_members,
+                      problem.allowed.view(np.uint8), problem.allowed_class, problem.open.view(np.uint8),
+                      kept_u8, on, problem.service, conflict_row, conflict_count, problem.tenant,
+                      dedicated.view(np.uint8), owner, owned, scale.astype(np.float64), assignment,
+                      -1 if max_moves is None else int(max_moves))
+    if moves < 0:
+        return None
     return assignment
-
-
-def _add(w, h, problem, usage, on, conflict_count, owner, owned, dedicated, charge=None) -> None:
-    usage[h] += problem.charge(np.array([w]), np.array([h]))[0] if charge is None else charge
-    on[h] += 1
-    s = problem.service[w]
-    if s >= 0 and s in conflict_count:
-        conflict_count[s][h] += 1
-    if dedicated[w]:
-        owner[h] = problem.tenant[w]
-        owned[h] += 1

@@ -80,7 +80,8 @@ class SearchResult:
 
 
 def search(problem: Problem, *, time_limit_s: float = 30.0, work_budget: int | None = None,
-           seed: int = 0, max_moves: int | None = None, progress=None) -> SearchResult:
+           seed: int = 0, max_moves: int | None = None, progress=None,
+           start: np.ndarray | None = None) -> SearchResult:
     """Find a feasible assignment of lower objective than the problem's initial one.
 
     Parameters
@@ -94,6 +95,9 @@ def search(problem: Problem, *, time_limit_s: float = 30.0, work_budget: int | N
     max_moves : int, optional
         most workloads away from their initial host in the result.
     progress : callable(fraction: float, best_objective: int), optional
+    start : int (n,), optional
+        a feasible assignment to improve instead of the initial one (a constructed
+        candidate, such as the keep-set's); moves still count from the initial hosts.
 
     Returns
     -------
@@ -115,15 +119,22 @@ def search(problem: Problem, *, time_limit_s: float = 30.0, work_budget: int | N
         raise ValidationError(f"work_budget must be an integer >= 0, got {work_budget!r}")
     if max_moves is not None and (not isinstance(max_moves, (int, np.integer)) or max_moves < 0):
         raise ValidationError(f"max_moves must be an integer >= 0, got {max_moves!r}")
+    if start is not None:
+        start = np.asarray(start)
+        if start.shape != problem.initial.shape or objective.violations(problem, start):
+            raise ValidationError("start must be a feasible assignment of every workload")
+        if max_moves is not None and int((start != problem.initial).sum()) > max_moves:
+            raise ValidationError(f"start moves more than max_moves={max_moves} workloads")
     t0 = time.perf_counter()
     # The final check against the reference (objective.violations, terms) takes about
     # 10 us per workload: kept out of the search's time so the whole call meets the limit.
     deadline = t0 + float(time_limit_s) - min(0.1 * float(time_limit_s), 0.05 + 1e-5 * problem.n_workloads)
     budget = int(work_budget) if work_budget is not None else int(time_limit_s * WORK_PER_SECOND)
     engine = _Engine(problem, seed=seed, max_moves=-1 if max_moves is None else int(max_moves),
-                     budget=budget, deadline=deadline, progress=progress)
+                     budget=budget, deadline=deadline, progress=progress,
+                     start=problem.initial if start is None else start)
     start_violations = objective.violations(problem, problem.initial)
-    engine.repair(start_violations)
+    engine.repair(start_violations if start is None else [])
     engine.improve()
     out = engine.state.assignment
     left = objective.violations(problem, out)
@@ -143,11 +154,11 @@ def search(problem: Problem, *, time_limit_s: float = 30.0, work_budget: int | N
 class _Engine:
     """One search: the move state, the budget, and the neighbourhoods."""
 
-    def __init__(self, problem, *, seed, max_moves, budget, deadline, progress):
+    def __init__(self, problem, *, seed, max_moves, budget, deadline, progress, start):
         self.p = problem
         self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self.state = MoveState(problem, problem.initial, max_moves, seed)
+        self.state = MoveState(problem, start, max_moves, seed)
         self.max_moves = max_moves
         self.budget = budget
         self.work_left = budget

@@ -73,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML file with any of the options below (flags win)")
     s.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:50051)")
     s.add_argument("--data-dir", help="directory of the SQLite store (omit: memory only, lost on exit)")
+    s.add_argument("--store", help="etcd://HOST:PORT[,HOST:PORT...]: keep the log and snapshots in etcd instead of "
+                   "--data-dir (high availability: replicas on one etcd elect a leader; the others wait as "
+                   "standbys)")
+    s.add_argument("--etcd-prefix", help="with --store: the prefix of every key (default /hci)")
+    s.add_argument("--etcd-ca", help="with --store: CA of the etcd members' certificates (PEM; turns on TLS)")
+    s.add_argument("--etcd-cert", help="with --store: client certificate for etcd (PEM)")
+    s.add_argument("--etcd-key", help="with --store: client key for etcd (PEM)")
+    s.add_argument("--advertise", help="with --store: the address clients reach this replica at, written into "
+                   "the leader key (default: --listen)")
+    s.add_argument("--lease-ttl-s", type=int, help="with --store: leader lease TTL in whole seconds (default 1); "
+                   "a failover waits for it")
     s.add_argument("--fsync", choices=["full", "normal"], help="SQLite synchronous mode: full (default, "
                    "a reply survives power loss) or normal (survives a crash, not a power loss)")
     s.add_argument("--snapshot-every", type=int, help="with --data-dir: write a snapshot of the state at most every "
@@ -98,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 16)")
     s.add_argument("--max-workers", type=int, help="streaming calls handled at once (default 128)")
     s.add_argument("--grace", type=float, help="seconds in-flight calls get on SIGTERM (default 5)")
+    s.add_argument("--host-down-after-s", type=float, help="a host whose agent has reported goes DOWN after "
+                   "this many seconds of silence (default 15)")
+    s.add_argument("--down-reschedule-after-s", type=float, help="the containers of a host DOWN this long are "
+                   "re-placed elsewhere; VMs wait for their host (default 60, 0: never)")
     s.add_argument("--port-file", help="write the bound port here once serving")
     s.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
 
@@ -139,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     hu.add_argument("--clear-labels", action="store_true")
     hu.add_argument("--taint", action="append", metavar="KEY=VALUE:EFFECT", help="replaces all taints")
     hu.add_argument("--clear-taints", action="store_true")
-    hu.add_argument("--state", choices=["ready", "cordoned", "draining", "down"])
+    hu.add_argument("--state", choices=["ready", "cordoned", "draining"],
+                    help="DOWN is set by the service only, when a host's agent falls silent")
     client(hsub.add_parser("remove", help="remove a host without workloads")).add_argument("host_id")
 
     def workload_flags(sp):
@@ -523,8 +539,9 @@ def run_client(args) -> int:
         allocations = _print_listing(args, pb.ListAllocationsResponse, "allocations",
                                      c.allocations(args.host, args.workloads, page_size=args.page_size))
         if not args.json:
-            _table("allocations", ("workload", "host", "seq", "requests"),
-                   [(p.workload_id, _where(p), p.sequence, _fmt_map(p.workload.requests)) for p in allocations])
+            _table("allocations", ("workload", "host", "seq", "status", "requests"),
+                   [(p.workload_id, _where(p), p.sequence, _status_text(p.status), _fmt_map(p.workload.requests))
+                    for p in allocations])
     elif cmd == "explain":
         ws = _workloads_from_args(args)
         for w in ws:
@@ -635,6 +652,18 @@ def run_client(args) -> int:
 SERVE_GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_for_all_other_endpoints"
 
 
+def _status_text(st: pb.WorkloadStatus) -> str:
+    """A workload's reported status in a table cell: "running", "exited(1)", "failed: reason"."""
+    name = pb.WorkloadState.Name(st.state)[len("WORKLOAD_STATE_"):].lower() if st.state else "pending"
+    if st.state == pb.WORKLOAD_STATE_EXITED:
+        name += f"({st.exit_code})"
+    if st.restarts:
+        name += f" restarts={st.restarts}"
+    if st.message and st.state in (pb.WORKLOAD_STATE_FAILED, pb.WORKLOAD_STATE_EXITED):
+        name += f": {st.message[:60]}"
+    return name
+
+
 def run_serve(args) -> int:
     # gRPC reads GRPC_EXPERIMENTS once, as it starts: before the server is imported.
     os.environ.setdefault("GRPC_EXPERIMENTS", SERVE_GRPC_EXPERIMENTS)
@@ -673,13 +702,18 @@ def run_serve(args) -> int:
     try:
         server, _ = create_server(
             opt("listen", DEFAULT_SERVER),
-            ServerOptions(data_dir=opt("data_dir"), fsync=str(opt("fsync", "full")).upper(), dimensions=dims, tls=tls, token_file=opt("token_file"),
+            ServerOptions(data_dir=opt("data_dir"), store=opt("store"), etcd_prefix=str(opt("etcd_prefix", "/hci")),
+                          etcd_ca_file=opt("etcd_ca"), etcd_cert_file=opt("etcd_cert"), etcd_key_file=opt("etcd_key"),
+                          advertise=opt("advertise"), lease_ttl_s=int(opt("lease_ttl_s", 1)),
+                          fsync=str(opt("fsync", "full")).upper(), dimensions=dims, tls=tls, token_file=opt("token_file"),
                           allow_insecure_remote=bool(opt("allow_insecure_remote", False)),
                           metrics_address=opt("metrics"),
                           transport=str(opt("transport", "grpcio")), pollers=int(opt("pollers", 16)),
                           max_workers=int(opt("max_workers", 128)),
                           snapshot_every=int(opt("snapshot_every", 100_000)),
-                          snapshot_tail=int(opt("snapshot_tail", 100_000))))
+                          snapshot_tail=int(opt("snapshot_tail", 100_000)),
+                          host_down_after_s=float(opt("host_down_after_s", 15.0)),
+                          down_reschedule_after_s=float(opt("down_reschedule_after_s", 60.0))))
     except (ValueError, OSError) as exc:
         print(f"hci-scheduler serve: {exc}", file=sys.stderr)
         return 2

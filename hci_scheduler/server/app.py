@@ -60,6 +60,16 @@ class TLSConfig:
 @dataclass
 class ServerOptions:
     data_dir: str | None = None
+    # High availability: etcd://HOST:PORT[,...] instead of data_dir (store/etcd.py). The server
+    # campaigns for <etcd_prefix>/leader (advertising `advertise`, default the listen address)
+    # and serves once it leads; losing the lead stops it (exit 1), to be restarted as a standby.
+    store: str | None = None
+    etcd_prefix: str = "/hci"
+    etcd_ca_file: str | None = None
+    etcd_cert_file: str | None = None
+    etcd_key_file: str | None = None
+    advertise: str | None = None
+    lease_ttl_s: int = 1
     fsync: str = "FULL"  # SQLite synchronous mode: FULL (durable on power loss) or NORMAL
     # With a data_dir: a snapshot every snapshot_every events (0: only at a clean stop), then the
     # log is compacted, keeping snapshot_tail events before the newest snapshot (server/snapshot.py).
@@ -74,6 +84,10 @@ class ServerOptions:
     pollers: int = 16  # unary calls handled at once (lean: threads polling gRPC's queue)
     max_workers: int = 128  # streaming calls handled at once (WatchEvents, health Watch, reflection)
     grace_s: float = 5.0
+    # Agents (server/hosts_health.py): a host whose agent reported once goes DOWN after this
+    # many seconds of silence; the containers of a host DOWN this long are re-placed (0: never).
+    host_down_after_s: float = 15.0
+    down_reschedule_after_s: float = 60.0
     metrics: Metrics | None = field(default=None, repr=False)
 
 
@@ -171,6 +185,7 @@ class Server:
 
     def start(self) -> None:
         self.grpc.start()
+        self.state.health.start(self.state)  # hosts whose agent falls silent go DOWN
         self.writable_changed(self.state.unwritable_reason is None)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
@@ -198,6 +213,7 @@ class Server:
         try:
             self.health.enter_graceful_shutdown()
             self.servicer.stopping = True
+            self.state.health.stop()
             self.grpc.stop(grace).wait()
             self.state.close()
             log.info("server stopped", extra={"fields": {"sequence": self.state.sequence}})
@@ -213,8 +229,6 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
 
     Keyword arguments override fields of `options` (see ServerOptions).
     """
-    from ..store import open_store
-
     opts = options or ServerOptions()
     for k, v in kwargs.items():
         if not hasattr(opts, k):
@@ -238,20 +252,26 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
             "(--allow-insecure-remote)")
     if opts.metrics_address:
         check_metrics_address(opts.metrics_address, opts)
+    if not opts.host_down_after_s > 0 or not opts.down_reschedule_after_s >= 0:  # NaN fails too
+        raise ValueError(f"host_down_after_s must be > 0 and down_reschedule_after_s >= 0 (0: never), got "
+                         f"{opts.host_down_after_s} and {opts.down_reschedule_after_s}")
 
     metrics = opts.metrics or Metrics()
-    store = open_store(opts.data_dir, opts.fsync)
+    store = _open_configured_store(opts, address)
     try:
         snapshots = None
-        if opts.data_dir is not None:
+        storage = store.snapshots()  # None: a memory store keeps nothing to restart from
+        if storage is not None:
             from .snapshot import Snapshots
 
-            snapshots = Snapshots(os.path.join(opts.data_dir, "snapshots"), opts.snapshot_every, opts.snapshot_tail)
+            snapshots = Snapshots(storage, opts.snapshot_every, opts.snapshot_tail)
         state = SchedulerState(store, opts.dimensions, metrics=metrics, snapshots=snapshots)
     except BaseException:
         store.close()
         raise
     metrics.bind_state(state)
+    state.health.down_after_s = opts.host_down_after_s
+    state.health.reschedule_after_s = opts.down_reschedule_after_s
     _quiet_gc()
 
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
@@ -280,7 +300,8 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     log.info("server created", extra={"fields": {
         "address": address, "port": port, "tls": opts.tls is not None,
         "mtls": bool(opts.tls and opts.tls.client_ca_file), "token_auth": tokens is not None,
-        "data_dir": opts.data_dir, "durable": opts.data_dir is not None, "fsync": opts.fsync,
+        "data_dir": opts.data_dir, "store": opts.store,
+        "durable": opts.data_dir is not None or bool(opts.store), "fsync": opts.fsync,
         "dimensions": list(state.dimensions)}})
     if tokens is not None and opts.tls is None and not is_loopback(host):
         log.warning("bearer tokens without TLS on a non-loopback address: tokens cross the network in "
@@ -292,13 +313,36 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
         else:
             log.warning("no TLS and no tokens configured: listening on a non-loopback address "
                         "because allow_insecure_remote is set", extra={"fields": {"address": address}})
-    if opts.data_dir is None:
+    if opts.data_dir is None and not opts.store:
         log.warning("no data dir: state lives in memory and is lost on exit")
     srv = Server(server, port, state, servicer, health_servicer, metrics)
     srv.options = opts
     state.on_fatal = srv.stop_fatally
+    election = getattr(store, "election", None)
+    if election is not None:
+        from ..store.etcd import NotLeader
+
+        election.on_lost = lambda why: srv.stop_fatally(NotLeader(f"lost the leader key: {why}"))
     state.on_writable_change = srv.writable_changed
     return srv, port
+
+
+def _open_configured_store(opts: ServerOptions, address: str):
+    """SQLite under data_dir (memory without one), or etcd when opts.store is set: then this
+    call returns once this replica leads (see store/etcd.open_etcd_store)."""
+    from ..store import open_store
+
+    if not opts.store:
+        return open_store(opts.data_dir, opts.fsync)
+    if opts.data_dir is not None:
+        raise ValueError("--store etcd://... and --data-dir exclude each other: the etcd store keeps the log "
+                         "and snapshots in etcd")
+    if not opts.store.startswith("etcd://"):
+        raise ValueError(f"store must look like etcd://HOST:PORT[,HOST:PORT...], got {opts.store!r}")
+    from ..store.etcd import open_etcd_store
+
+    return open_etcd_store(opts.store, opts.etcd_prefix, opts.advertise or address, opts.lease_ttl_s,
+                           ca_file=opts.etcd_ca_file, cert_file=opts.etcd_cert_file, key_file=opts.etcd_key_file)
 
 
 def _grpc_server(opts: ServerOptions, interceptors: list):

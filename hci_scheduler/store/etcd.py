@@ -424,3 +424,30 @@ class EtcdSnapshots(SnapshotStorage):
                 start = self._key(seq, "")
                 self.store._fenced([rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                     key=start, range_end=prefix_end(start)))], what="snapshot clean")
+
+
+def open_etcd_store(spec: str, prefix: str = "/hci", advertise: str = "", ttl_s: int = 1,
+                    timeout_s: float = 2.0, ca_file: str | None = None, cert_file: str | None = None,
+                    key_file: str | None = None, stop: threading.Event | None = None) -> EtcdStore:
+    """The store of `hci-scheduler serve --store etcd://...`: connect, campaign for the leader
+    key (blocking while another replica leads: this one is its standby) and open the log.
+    StoreError when `stop` is set first."""
+    from ..ha.etcd_client import parse_endpoints
+
+    client = EtcdClient(parse_endpoints(spec), timeout_s, ca_file, cert_file, key_file)
+    try:
+        election = Election(client, prefix, advertise, ttl_s)
+        current = election.leader() if not (stop and stop.is_set()) else None
+        if current is not None:
+            log.info("another replica leads: waiting as its standby", extra={"fields": {
+                "leader": current[0], "key": election.key.decode()}})
+        if not election.campaign(stop=stop):
+            raise StoreError("stopped before this replica became leader")
+        try:
+            return EtcdStore(client, prefix, election, own_client=True)
+        except BaseException:
+            election.resign()
+            raise
+    except BaseException:
+        client.close()
+        raise

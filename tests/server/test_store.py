@@ -1,6 +1,8 @@
-"""The Store contract, on SQLite and in memory; SQLite atomicity under SIGKILL."""
+"""The Store contract, on SQLite, in memory and on a real etcd (one suite for every store):
+append, read, meta, compaction, snapshot storage, reopening; SQLite atomicity under SIGKILL."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -9,13 +11,46 @@ import threading
 import pytest
 
 from hci_scheduler.store import MemoryStore, Record, SQLiteStore, StoreError
+from tests.etcd.fixtures import etcd_prefix, etcd_server, leading_store  # noqa: F401 (fixtures)
+
+STORES = ["sqlite", "memory", pytest.param("etcd", marks=pytest.mark.etcd)]
+DURABLE = ["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)]
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@contextlib.contextmanager
+def _opener(kind: str, request, tmp_path):
+    """A function that opens this test's store (again: the same log), closing all at the end."""
+    opened = []
+
+    def open_store():
+        if kind == "sqlite":
+            s = SQLiteStore(str(tmp_path / "s.db"))
+        elif kind == "memory":
+            s = MemoryStore()
+        else:
+            s = leading_store(request.getfixturevalue("etcd_server").endpoints,
+                              request.getfixturevalue("etcd_prefix"))
+        opened.append(s)
+        return s
+
+    try:
+        yield open_store
+    finally:
+        for s in opened:
+            s.close()
+
+
+@pytest.fixture(params=STORES)
 def store(request, tmp_path):
-    s = SQLiteStore(str(tmp_path / "s.db")) if request.param == "sqlite" else MemoryStore()
-    yield s
-    s.close()
+    with _opener(request.param, request, tmp_path) as open_store:
+        yield open_store()
+
+
+@pytest.fixture(params=DURABLE)
+def reopen(request, tmp_path):
+    """Opens the durable store of this test; each call after closing the previous sees the same log."""
+    with _opener(request.param, request, tmp_path) as open_store:
+        yield open_store
 
 
 def recs(start: int, n: int) -> list[Record]:
@@ -45,16 +80,61 @@ def test_store_meta_roundtrip(store):
     assert store.get_meta("dimensions") == "cpu"
 
 
-def test_sqlite_reopen_sees_everything(tmp_path):
-    path = str(tmp_path / "s.db")
-    with SQLiteStore(path) as s:
-        s.append(recs(1, 10))
-        s.set_meta("k", "v")
-    with SQLiteStore(path) as s:
-        assert s.last_sequence() == 10 and s.get_meta("k") == "v"
-        assert s.read(9) == [Record(10, 4, b"body-10")]
-        with pytest.raises(StoreError):
-            s.append(recs(1, 1))  # sequence must continue at 11
+def test_store_reopen_sees_everything(reopen):
+    s = reopen()
+    s.append(recs(1, 10))
+    s.set_meta("k", "v")
+    s.close()
+    s = reopen()
+    assert s.last_sequence() == 10 and s.get_meta("k") == "v"
+    assert s.read(9) == [Record(10, 4, b"body-10")]
+    with pytest.raises(StoreError):
+        s.append(recs(1, 1))  # sequence must continue at 11
+    s.append(recs(11, 1))
+    assert [r.sequence for r in s.read(8)] == [9, 10, 11]
+
+
+def test_store_compaction_keeps_the_tail_across_reopen(reopen):
+    s = reopen()
+    s.append(recs(1, 4))
+    s.append(recs(5, 3))  # two appends: on etcd, two keys, and 6 falls inside the second
+    s.append(recs(8, 3))
+    s.compact(6)
+    assert s.compacted_sequence() == 6 and s.first_sequence() == 7
+    assert [r.sequence for r in s.read()] == [7, 8, 9, 10]
+    assert s.read(0, 1) == [Record(7, 4, b"body-7")]
+    s.compact(3)  # behind: nothing to do
+    assert s.compacted_sequence() == 6
+    s.close()
+    s = reopen()
+    assert s.compacted_sequence() == 6 and s.last_sequence() == 10
+    assert [r.sequence for r in s.read()] == [7, 8, 9, 10]
+    s.compact(10)  # the whole log: the next append still continues it
+    assert s.read() == [] and s.last_sequence() == 10
+    s.append(recs(11, 1))
+    s.close()
+    s = reopen()
+    assert [r.sequence for r in s.read()] == [11] and s.compacted_sequence() == 10
+
+
+def test_store_snapshot_storage_roundtrip(reopen):
+    s = reopen()
+    shots = s.snapshots()
+    big = bytes(range(256)) * (10 * 1024)  # 2.5 MiB: several chunks on etcd
+    assert shots.list() == []
+    shots.put(5, b"small snapshot")
+    shots.put(9, big)
+    assert shots.list() == [9, 5]
+    assert shots.get(5) == b"small snapshot" and shots.get(9) == big
+    shots.delete(5)
+    shots.delete(5)  # gone already: no error
+    assert shots.list() == [9]
+    with pytest.raises(StoreError):
+        shots.get(5)
+    shots.set_aside(9)  # beyond the log's end: out of the listing, kept for a person to look at
+    assert shots.list() == []
+    s.close()
+    assert reopen().snapshots().list() == []
 
 
 def test_sqlite_is_wal_with_full_sync(tmp_path):

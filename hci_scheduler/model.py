@@ -456,8 +456,6 @@ class Workload:
             if not isinstance(v, (str, Volume)) or (isinstance(v, str) and not v):
                 raise ValidationError(f"workload {self.id} volumes must be volume ids or Volume, got {v!r}")
         object.__setattr__(self, "volumes", volumes)
-        if self.container is not None or self.vm is not None:
-            self._check_mounted_volumes()
 
     def _check_runtime(self) -> None:
         """A container spec only on a container, a VM spec only on a VM."""
@@ -470,12 +468,12 @@ class Workload:
             if self.kind != kind:
                 raise ValidationError(f"workload {self.id} {name}: a {cls.__name__} is for kind {kind!r}, "
                                       f"not {self.kind!r}")
-        if not self.volumes:
-            self._check_mounted_volumes()
 
-    def _check_mounted_volumes(self) -> None:
-        """What the runtime spec mounts is a volume of the workload: placement puts the
-        workload with its volumes' replicas, and nowhere else is its data."""
+    def check_mounted_volumes(self) -> None:
+        """Raise unless what the runtime spec mounts is a volume of the workload: placement
+        puts the workload with its volumes' replicas, and nowhere else is its data. Called
+        where a workload enters (the server's conversion), not in __post_init__: the
+        Cluster derives copies without the volumes it creates."""
         own = {v if isinstance(v, str) else v.id for v in self.volumes}
         wanted = [m.volume_id for m in self.container.mounts] if self.container is not None else []
         if self.vm is not None and self.vm.disk_volume is not None:

@@ -341,7 +341,7 @@ def workload_to_model(w: pb.Workload) -> Workload:
     volumes += [Volume(v.id, v.size_gib, v.replicas or 1, v.spread or "host") for v in w.new_volumes]
     container = container_to_model(w.container, where) if w.HasField("container") else None
     vm = vm_to_model(w.vm, where) if w.HasField("vm") else None
-    return Workload(
+    model = Workload(
         id=w.id,
         requests=dict(w.requests),
         kind="container" if w.kind == pb.WORKLOAD_KIND_UNSPECIFIED else _enum(f"{where} kind", KINDS, w.kind),
@@ -361,6 +361,9 @@ def workload_to_model(w: pb.Workload) -> Workload:
         container=container,
         vm=vm,
     )
+    if container is not None or vm is not None:
+        model.check_mounted_volumes()
+    return model
 
 
 def container_to_model(c: pb.ContainerSpec, where: str) -> ContainerSpec:

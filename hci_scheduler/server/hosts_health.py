@@ -297,14 +297,15 @@ class HostHealth:
             n_before = len(moved)
             for wid, w in self._movable(state, hid):
                 model = convert.workload_to_model(w)
+                if not c.explain(model).feasible:
+                    continue  # fits nowhere else now: stays, tried again next round
                 c.release(wid)
                 try:
-                    result = c.place_batch([model])
-                    target = result.placements.get(wid)
+                    target = c.place_batch([model]).placements.get(wid)
                 except SchedulerError:
                     target = None
                 if target is None:
-                    c.restore(model, Placement(wid, hid))  # as it was: nothing else changed meanwhile
+                    self._put_back(c, model, hid)
                     continue
                 events.add(pb.EVENT_TYPE_MOVED, target, wid, source_host_id=hid, reason=reason)
                 moved.append(pb.Placement(workload_id=wid, host_id=target, sequence=state._placed[wid][0]))
@@ -314,6 +315,16 @@ class HostHealth:
         if state.metrics is not None and moved:
             state.metrics.rescheduled(len(moved))
         return moved
+
+    def _put_back(self, c, model, host_id: str) -> None:
+        """A released container that fitted elsewhere by `explain` but not once released (its
+        own affinity, say) goes back where it was: the host is made schedulable for the
+        restore (a DOWN host takes nothing), nothing else changed meanwhile."""
+        c.update_host(host_id, state=self.down_from.get(host_id, "ready"))
+        try:
+            c.restore(model, Placement(model.id, host_id))
+        finally:
+            c.update_host(host_id, state="down")
 
     @staticmethod
     def replay_moved(state, ev: pb.Event) -> None:

@@ -12,7 +12,8 @@ Keys (prefix "/hci" by default):
 
 Fencing: every write is one etcd Txn whose compares include `CreateRevision(<prefix>/leader)
 == token`, the revision at which this replica created the key when it won the election; an
-append also compares `CreateRevision(<next log key>) == 0`. A replica that lost the key
+append also compares `CreateRevision == 0` over the log keys from its first sequence on
+(none may exist). A replica that lost the key
 (its lease ran out while it was paused, say) fails the compare, writes nothing, raises
 NotLeader and steps down. A log key that exists already while the token still matches
 means the log moved on without this replica (a write whose answer was lost committed
@@ -215,8 +216,10 @@ class EtcdStore(Store):
             for batch in self._batches(records):
                 first = self._log_prefix + _seq(batch[0].sequence).encode()
                 ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=first, value=encode_group(batch)))]
-                absent = rpc.Compare(key=first, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL,
-                                     create_revision=0)
+                # No log key at or after `first` exists: over the range, so a key written by a Txn whose
+                # answer was lost (or by anything else) is caught wherever it starts.
+                absent = rpc.Compare(key=first, range_end=prefix_end(self._log_prefix), target=rpc.Compare.CREATE,
+                                     result=rpc.Compare.EQUAL, create_revision=0)
                 t0 = time.perf_counter()
                 try:
                     self._fenced(ops, [absent], "append")

@@ -78,8 +78,6 @@ def qemu_command(vcpus: int, memory_mib: int, kvm: bool, disk: str | None) -> Vm
     argv = ["-machine", f"q35,accel={'kvm' if kvm else 'tcg'}", "-smp", str(vcpus), "-m", str(memory_mib),
             "-nographic", "-nodefaults", "-serial", "none", "-nic", "none",
             "-qmp", f"unix:{QMP_DIR_INSIDE}/{QMP_SOCKET},server=on,wait=off"]
-    if kvm:
-        argv += ["-cpu", "host"]
     if disk:
         fmt = "qcow2" if disk.endswith(".qcow2") else "raw"
         argv += ["-drive", f"file={DISK_INSIDE},if=virtio,format={fmt}"]

@@ -69,6 +69,8 @@ class HostHealth:
         self.agents: set[str] = set()  # hosts whose agent has reported (durable, AGENTS_KEY)
         self.down_from: dict[str, str] = {}  # DOWN host id -> the state it returns to (durable)
         self._saved: str | None = None
+        self._next_try: dict[str, float] = {}  # DOWN host id -> when the policy may try it again
+        self._next_prune = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -163,12 +165,13 @@ class HostHealth:
         now = self.clock()
         if host_id not in self.agents or host.state == "down":
             self.agents.add(host_id)
-            back = self.down_from.pop(host_id, "ready") if host.state == "down" else None
+            back = self.down_from.get(host_id, "ready") if host.state == "down" else None
             self._save(state)
             if back is not None:
                 h = convert.host_to_proto(c.update_host(host_id, state=back))
                 events.add(pb.EVENT_TYPE_HOST_UPDATED, host_id, host=h)
                 self.down_since.pop(host_id, None)
+                self._next_try.pop(host_id, None)
                 log.info("host back", extra={"fields": {"host": host_id, "state": back}})
         ns = time.time_ns()
         for st in request.statuses:
@@ -256,7 +259,8 @@ class HostHealth:
         now = self.clock()
         with state.lock:
             return [hid for hid, t in self.down_since.items()
-                    if now - t >= self.reschedule_after_s and self._movable(state, hid)]
+                    if now - t >= self.reschedule_after_s and now >= self._next_try.get(hid, 0.0)
+                    and self._movable(state, hid)]
 
     @staticmethod
     def _movable(state, host_id: str) -> list:
@@ -294,6 +298,8 @@ class HostHealth:
                 self.down_since.pop(hid, None)
                 continue
             reason = DOWN_REASON.format(host=hid, seconds=self.reschedule_after_s)
+            # What stays (fits nowhere else) is tried again one grace later, not every tick.
+            self._next_try[hid] = now + self.reschedule_after_s
             n_before = len(moved)
             for wid, w in self._movable(state, hid):
                 model = convert.workload_to_model(w)
@@ -388,10 +394,16 @@ class HostHealth:
             state.execute("reschedule_down", (due,))
         self._prune(state)
 
+    #: Seconds between two prunes of the statuses (a scan of every status).
+    PRUNE_EVERY_S = 30.0
+
     def _prune(self, state) -> None:
-        """Forget statuses of workloads no longer on the host they were reported on."""
-        if not self.statuses:
+        """Forget statuses of workloads no longer on the host they were reported on (listings
+        never show them: they look a status up by the workload's current host)."""
+        now = self.clock()
+        if not self.statuses or now < self._next_prune:
             return
+        self._next_prune = now + self.PRUNE_EVERY_S
         with state.lock:
             c = state.cluster
             gone = []

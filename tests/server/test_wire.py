@@ -222,3 +222,29 @@ def test_a_workload_with_an_unknown_field_is_left_to_protobuf():
     for unknown in (b"\xa2\x06\x03abc", b"\xcb\x06\xcc\x06"):  # field 100: bytes; a group
         data = pb.PlaceRequest(workloads=[pb.Workload.FromString(known + unknown)]).SerializeToString()
         assert decoder().decode(data) is None
+
+
+def test_status_and_policy_moved_events_are_byte_for_byte_protobuf():
+    """The agent's event kinds go through `event` with their rare fields encoded by
+    protobuf (status 17, reason 18, after the spec): the same bytes as protobuf's."""
+    from hci_scheduler.server.wire import event, event_head
+
+    ns = 1_764_000_000_000_000_777
+    st = pb.WorkloadStatus(workload_id="w1", host_id="h1", state=pb.WORKLOAD_STATE_EXITED, exit_code=-9,
+                           message="killed", container_id="c" * 64, restarts=3)
+    st.since.FromNanoseconds(ns)
+    cases = [
+        (pb.EVENT_TYPE_STATUS, "h1", "w1", {"status": st}),
+        (pb.EVENT_TYPE_MOVED, "h2", "w1", {"source_host_id": "h1", "reason": "host h1 down"}),
+    ]
+    for etype, hid, wid, fields in cases:
+        want = pb.Event(sequence=2**40, type=etype, host_id=hid, workload_id=wid, **fields)
+        want.time.FromNanoseconds(ns)
+        got = event(2**40, event_head(etype, ns), hid, wid, b"", pb.Event(**fields).SerializeToString())
+        assert got == want.SerializeToString(deterministic=True)
+
+
+def test_a_workload_with_a_runtime_spec_is_left_to_protobuf():
+    for w in (pb.Workload(id="c", requests={"cpu": 1}, container=pb.ContainerSpec(image="busybox")),
+              pb.Workload(id="v", kind=2, vm=pb.VmSpec(disk_image="/d"))):
+        assert decoder().decode(pb.PlaceRequest(workloads=[w]).SerializeToString()) is None

@@ -652,8 +652,10 @@ def run_client(args) -> int:
 SERVE_GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_for_all_other_endpoints"
 
 
-def _status_text(st: pb.WorkloadStatus) -> str:
+def _status_text(st) -> str:
     """A workload's reported status in a table cell: "running", "exited(1)", "failed: reason"."""
+    from .v1 import scheduler_pb2 as pb
+
     name = pb.WorkloadState.Name(st.state)[len("WORKLOAD_STATE_"):].lower() if st.state else "pending"
     if st.state == pb.WORKLOAD_STATE_EXITED:
         name += f"({st.exit_code})"

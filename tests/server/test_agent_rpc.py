@@ -420,3 +420,35 @@ def test_metrics_count_reports_and_hosts_marked_down(tmp_path):
         assert value("hci_scheduler_status_reports") == 2
         assert value("hci_scheduler_hosts_marked_down") == 1
         assert value("hci_scheduler_hosts_down") == 1
+
+
+def test_cli_shows_statuses_and_down_hosts(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    with running_server(tmp_path) as (srv, stub):
+        address = f"127.0.0.1:{srv.port}"
+
+        def cli(*args):
+            proc = subprocess.run([sys.executable, "-m", "hci_scheduler.cli", *args, "--server", address],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
+            return proc
+
+        stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("cli-h")]))
+        stub.Place(pb.PlaceRequest(workloads=[make_workload("ok", cpu=100), make_workload("bad", cpu=100),
+                                              make_workload("new", cpu=100)]))
+        report(stub, "cli-h", status("ok"), status("bad", EXITED, exit_code=137, message="OOM killed"))
+        rows = {}
+        for line in cli("allocations").stdout.splitlines():  # a table: cells between box bars
+            cells = [c.strip() for c in line.replace("┃", "│").split("│")[1:-1]]
+            if cells:
+                rows[cells[0]] = cells
+        status_column = rows["workload"].index("status")
+        assert {w: rows[w][status_column] for w in ("ok", "bad", "new")} == \
+            {"ok": "running", "bad": "exited(137): OOM killed", "new": "pending"}
+        eventually(lambda: host_states(stub)["cli-h"] == pb.HOST_STATE_DOWN)
+        assert any("cli-h" in line and " down " in line for line in cli("hosts", "list").stdout.splitlines())
+        refused = cli("hosts", "update", "cli-h", "--state", "down")
+        assert refused.returncode != 0

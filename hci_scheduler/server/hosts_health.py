@@ -98,6 +98,27 @@ class HostHealth:
                     self.last_report[h.id] = now
                 if h.state == "down":
                     self.down_since[h.id] = now
+        self._statuses_behind_snapshot(state)
+
+    def _statuses_behind_snapshot(self, state) -> None:
+        """Statuses logged before the snapshot the state was restored from: a snapshot holds
+        placements, not statuses, and replay read only the events after it. The log keeps
+        a tail before its newest snapshot (--snapshot-tail), read here by record kind, so
+        only STATUS records are decoded; one older than that tail comes back with the
+        agent's next report of a change."""
+        snapshots = state.snapshots
+        upto = snapshots.sequence if snapshots is not None else 0
+        if not upto:
+            return
+        older: dict[tuple[str, str], pb.WorkloadStatus] = {}
+        for rec in state.store.iter_all(after=state.store.first_sequence() - 1):
+            if rec.sequence > upto:
+                break
+            if rec.kind == pb.EVENT_TYPE_STATUS:
+                ev = pb.Event.FromString(rec.body)
+                older[(ev.workload_id, ev.status.host_id or ev.host_id)] = ev.status
+        for key, st in older.items():
+            self.statuses.setdefault(key, st)  # one the tail replayed is newer
 
     def _save(self, state) -> None:
         """The agent set and return states into the store's metadata, when they changed;

@@ -1,7 +1,7 @@
 """Restart time with a long history: full replay against snapshot + tail.
 
     python -m hci_scheduler.bench.restart [--live 200000] [--events 1000000] [--hosts 2000]
-                                          [--shapes 1000] [--tail-events 0] [--quick] [--grpc] [--keep]
+                                          [--shapes 1000] [--tail-events 0] [--repeat 3] [--quick] [--grpc] [--keep]
                                           [--profile] [--out DIR]
 
 Builds a store in-process (SQLite, synchronous=NORMAL to build it fast; restart reads
@@ -16,7 +16,10 @@ one in ten in a group with a tenant (the per-workload restore path). Then measur
   are written back to back, against none;
 * compaction: the database's size before and after (`--tail-events` kept);
 * restart from the snapshot plus a tail of `--tail-events` events written after it
-  (0: a clean stop, which writes a snapshot; a crash leaves at most snapshot_every);
+  (0: a clean stop, which writes a snapshot; a crash leaves at most snapshot_every),
+  `--repeat` times over the same store: the median, and the median of each phase
+  (open the store, read the snapshot, SHA-256, decode, hosts, placements, read the
+  tail, replay it; see SchedulerState.replay_phases);
 * with `--grpc`: batched Place through gRPC (grpc_latency's `batched`) on a served store
   of live/2 placements, with no background snapshot and with one every 2,000 events.
 
@@ -97,18 +100,28 @@ def _fingerprint(state: SchedulerState) -> tuple:
 def _open(db: str, snap_dir: str | None, profile: bool = False) -> tuple[SchedulerState, float, float]:
     """The state over the store (and its snapshots), the seconds it took and the CPU
     seconds this process spent (the machine is shared: CPU time drifts less); with
-    `profile`, the functions that took the most time go to stdout (cProfile)."""
+    `profile`, the functions that took the most time go to stdout (cProfile). The
+    state's `replay_phases` get the time the store took to open as `open_store`."""
     prof = cProfile.Profile() if profile else None
     t0, c0 = time.perf_counter(), time.process_time()
     if prof is not None:
         prof.enable()
-    state = SchedulerState(SQLiteStore(db, "NORMAL"), None, snapshots=Snapshots(snap_dir, 0) if snap_dir else None)
+    store = SQLiteStore(db, "NORMAL")
+    opened = time.perf_counter() - t0
+    state = SchedulerState(store, None, snapshots=Snapshots(snap_dir, 0) if snap_dir else None)
     if prof is not None:
         prof.disable()
     took = round(time.perf_counter() - t0, 3), round(time.process_time() - c0, 3)
+    state.replay_phases = {"open_store": opened, **state.replay_phases}
     if prof is not None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
     return state, *took
+
+
+def _median_phases(runs: list[dict]) -> dict:
+    """Per phase, the median over runs of its seconds (ms, rounded)."""
+    names = list(dict.fromkeys(k for r in runs for k in r))
+    return {k: round(1000 * float(np.median([r.get(k, 0.0) for r in runs])), 1) for k in names}
 
 
 def _throughput(state: SchedulerState, builder: _Builder, seconds: float, during=None) -> float:
@@ -130,7 +143,7 @@ def _throughput(state: SchedulerState, builder: _Builder, seconds: float, during
 
 
 def run(live: int, events: int, hosts: int, shapes: int, tail_events: int, out: str, keep: bool = False,
-        profile: bool = False) -> dict:
+        profile: bool = False, repeat: int = 3) -> dict:
     tmp = tempfile.mkdtemp(prefix="restart-")
     db, snaps = os.path.join(tmp, "scheduler.db"), os.path.join(tmp, "snapshots")
     res: dict = {"live": live, "events_target": events, "hosts": hosts, "shapes": shapes}
@@ -186,11 +199,19 @@ def run(live: int, events: int, hosts: int, shapes: int, tail_events: int, out: 
         res["tail_events"] = state.sequence - shots.sequence
         state.close()
 
-        state, res["restart_s"], res["restart_cpu_s"] = _open(db, snaps, profile)
-        assert _fingerprint(state) == want, "restart from the snapshot differs"
-        res["first_sequence"] = state.store.first_sequence()
-        state.snapshots = None  # no final snapshot: --keep leaves the store this restart read
-        state.close()
+        walls, cpus, phases = [], [], []
+        for i in range(repeat):  # the same store each time: a restart writes no snapshot here
+            state, wall, cpu = _open(db, snaps, profile and i == 0)
+            assert _fingerprint(state) == want, "restart from the snapshot differs"
+            walls.append(wall)
+            cpus.append(cpu)
+            phases.append(state.replay_phases)
+            res["first_sequence"] = state.store.first_sequence()
+            state.snapshots = None  # no final snapshot: --keep leaves the store this restart read
+            state.close()
+        res["restart_s"], res["restart_cpu_s"] = float(np.median(walls)), float(np.median(cpus))
+        res["restart_runs_s"], res["restart_runs_cpu_s"] = walls, cpus
+        res["restart_phases_ms"] = _median_phases(phases)
     finally:
         if keep:
             res["dir"] = tmp
@@ -250,6 +271,7 @@ def main(argv=None) -> int:
     p.add_argument("--hosts", type=int, default=2_000)
     p.add_argument("--shapes", type=int, default=1_000)
     p.add_argument("--tail-events", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=3, help="restarts from the snapshot to time (median reported)")
     p.add_argument("--quick", action="store_true", help="20,000 live of 100,000 events on 200 hosts")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--keep", action="store_true", help="keep the store and snapshots the restart read (the path "
@@ -261,13 +283,18 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.live, a.events, a.hosts = 20_000, 100_000, 200
-    res = run(a.live, a.events, a.hosts, a.shapes, a.tail_events, a.out, a.keep, a.profile)
+    res = run(a.live, a.events, a.hosts, a.shapes, a.tail_events, a.out, a.keep, a.profile, a.repeat)
     if a.grpc:
         res.update(grpc_during_snapshots(live=a.live // 2))
         (Path(a.out) / "restart.json").write_text(json.dumps(res, indent=2))
     width = max(map(len, res))
     for k, v in res.items():
-        print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")
+        if isinstance(v, dict):
+            print(f"{k}:")
+            for name, ms in v.items():
+                print(f"  {name:<{width - 2}}  {ms}")
+        else:
+            print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")
     return 0
 
 

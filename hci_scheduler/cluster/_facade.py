@@ -423,7 +423,7 @@ class Cluster:
         """
         import sched_core
 
-        from ._ledger import Record
+        from ._ledger import RestoredRecord
 
         with self._lock:
             table, ledger, n = self._hosts, self._ledger, len(ids)
@@ -470,16 +470,15 @@ class Cluster:
             for r in np.flatnonzero(per_row).tolist():
                 counts[r] += int(per_row[r])
             per_spec = [(t.__dict__, terms, plain) for t, (_, terms), plain in zip(templates, compiled, bulk_spec)]
-            records, new, setattr_ = ledger.records, object.__new__, object.__setattr__
+            # Records whose workload and charge row are made on first use (RestoredRecord).
+            records, new = ledger.records, object.__new__
             commit_host, host_state, cons = sched_core.commit_host, table.state, table.cons
-            for wid, k, row, ch in zip(ids, which.tolist(), rows.tolist(), charge):
+            for i, (wid, k, row) in enumerate(zip(ids, which.tolist(), rows.tolist())):
                 shape, terms, plain = per_spec[k]
-                shape = shape.copy()  # the template under another id, validated once as the template
-                shape["id"] = wid
-                w = new(Workload)
-                setattr_(w, "__dict__", shape)
-                records[wid] = Record(w, row, ch, -1 if plain else
-                                      int(commit_host(host_state, cons.state, terms.core, row, ch)), terms)
+                rec = new(RestoredRecord)
+                rec.row, rec.terms, rec._lazy = row, terms, (shape, wid, charge, i)
+                rec.numa = -1 if plain else int(commit_host(host_state, cons.state, terms.core, row, charge[i]))
+                records[wid] = rec
             for k, (_, terms) in enumerate(compiled):
                 if not bulk_spec[k]:
                     cons.record(terms, rows[which == k], +1)

@@ -25,16 +25,41 @@ from ..model import Workload
 from ._hosts import HostTable
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """A placed named workload (or one replica of a per-host service): what it costs its
-    host, and the terms it was counted under (released with the same terms)."""
+    host, and the terms it was counted under (released with the same terms). Slots: a
+    restart makes one per live placement (200,000 and more)."""
 
     workload: Workload
     row: int
     charge: np.ndarray
     numa: int
     terms: CompiledTerms
+
+
+class RestoredRecord(Record):
+    """A record `Cluster.restore_many` built: its workload (a template under its id) and
+    its charge (a row of the restored block) are made on first use, from `_lazy`. A
+    restart restores every live placement and reads few records before they are
+    released; making both up front was the larger part of restoring 200,000 placements
+    (bench/README.md, "Restart"). Once made they are ordinary attributes.
+    """
+
+    __slots__ = ("_lazy",)  # (template attributes, workload id, charge block, row in it)
+
+    def __getattr__(self, name):
+        # Called only when a slot is unset: `workload` and `charge` until first use.
+        if name != "workload" and name != "charge":
+            raise AttributeError(name)
+        shape, wid, block, i = self._lazy
+        w = object.__new__(Workload)  # the template, validated once as the template, under its id
+        fields = shape.copy()
+        fields["id"] = wid
+        object.__setattr__(w, "__dict__", fields)
+        self.workload = w
+        self.charge = block[i]
+        return w if name == "workload" else self.charge
 
 
 class Ledger:

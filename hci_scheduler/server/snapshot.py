@@ -225,18 +225,25 @@ def read(path: str) -> Snapshot:
     return parse(path, data)
 
 
-def load(storage: SnapshotStorage, sequence: int) -> Snapshot:
+def load(storage: SnapshotStorage, sequence: int, phases: dict | None = None) -> Snapshot:
     """Get one snapshot from a store's snapshot storage and check it (see parse). A store
     that cannot be reached raises its StoreUnwritable; a snapshot that cannot be read is
-    a SnapshotError (an older one may do)."""
+    a SnapshotError (an older one may do). `phases`, if given, gets the seconds spent
+    reading it and checking it."""
     name = storage.name(sequence)
+    t0 = time.perf_counter()
     try:
         data = storage.get(sequence)
     except StoreUnwritable:
         raise
     except StoreError as exc:
         raise SnapshotError(f"snapshot {name}: cannot read: {exc}") from exc
-    return parse(name, data)
+    t1 = time.perf_counter()
+    snap = parse(name, data)
+    if phases is not None:
+        phases["snapshot_read"] = t1 - t0
+        phases["snapshot_sha256"] = time.perf_counter() - t1
+    return snap
 
 
 def parse(path: str, data: bytes) -> Snapshot:
@@ -328,13 +335,15 @@ def _gap_id(row: int, taken) -> str:
     return hid
 
 
-def restore(state, snap: Snapshot, released=frozenset()) -> set:
+def restore(state, snap: Snapshot, released=frozenset(), phases: dict | None = None) -> set:
     """Rebuild the state's (empty) cluster, placed map and sequence from a checked snapshot.
 
     `released` names workloads the log's tail releases: plain placements among them that
     no special placement came after are left out (a release in the tail would undo them;
     restoring fewer leaves only more room, and no special placement's affinity was checked
-    against them). Returns the ids left out: the caller skips their release."""
+    against them). Returns the ids left out: the caller skips their release. `phases`,
+    if given, gets the seconds spent decoding, restoring hosts and placements."""
+    t0 = time.perf_counter()
     if tuple(snap.header["dimensions"]) != tuple(state.dimensions):
         raise SnapshotError(f"snapshot {snap.path}: dimensions {snap.header['dimensions']} differ from the "
                             f"store's {list(state.dimensions)}")
@@ -348,8 +357,10 @@ def restore(state, snap: Snapshot, released=frozenset()) -> set:
         raise SnapshotError(f"snapshot {snap.path}: does not decode: {exc}") from exc
     # Nothing changed so far: a snapshot that does not decode leaves the cluster empty for
     # an older one. From here on a failure means the snapshot disagrees with itself.
+    phases = {} if phases is None else phases
+    phases["snapshot_decode"] = time.perf_counter() - t0
     try:
-        return _rebuild(state, snap, _without(d, released, specials), templates, models, specials)
+        return _rebuild(state, snap, _without(d, released, specials), templates, models, specials, phases)
     except SchedulerError as exc:
         raise StoreError(f"snapshot {snap.path} checks out but does not restore: {exc}; "
                          "move it aside to start from an older one") from exc
@@ -371,7 +382,8 @@ def _without(d: _Decoded, released, specials: list) -> tuple[_Decoded, set]:
 
 
 def _rebuild(state, snap: Snapshot, dropped: tuple[_Decoded, set], templates: list, models: list,
-             specials: list) -> set:
+             specials: list, phases: dict) -> set:
+    t0 = time.perf_counter()
     d, left_out = dropped
     c = state.cluster
     # Hosts in their rows, ready and untainted while placements are restored (a host
@@ -386,6 +398,8 @@ def _rebuild(state, snap: Snapshot, dropped: tuple[_Decoded, set], templates: li
     for v in snap.header["volumes"]:
         c.add_volume(Volume(v["id"], v["size_gib"], v["replicas"], v["spread"]), hosts=v["hosts"])
     row_ids = [None if m is None else m.id for m in models]
+    t1 = time.perf_counter()
+    phases["snapshot_hosts"] = t1 - t0
     specs = d.specs
     placed: dict = {}
     seqs = d.seqs.tolist()
@@ -418,6 +432,7 @@ def _rebuild(state, snap: Snapshot, dropped: tuple[_Decoded, set], templates: li
             c.update_host(m.id, taints=m.taints or None, state=m.state)
     state._placed = placed
     state.sequence = snap.sequence
+    phases["snapshot_placements"] = time.perf_counter() - t1
     return left_out
 
 
@@ -493,11 +508,14 @@ class Snapshots:
 
     # -- start ---------------------------------------------------------------
 
-    def restore(self, state, released=None) -> set:
+    def restore(self, state, released=None, phases: dict | None = None) -> set:
         """Load the newest snapshot that checks out and can be followed by the log into the
         state; `released(sequence)` names the workloads the log's tail after that sequence
-        releases (see `restore`), and the ids left out are returned. A damaged one is logged and an older one tried; the server refuses to start
-        (SnapshotError naming the files) when the log is compacted past every usable one."""
+        releases (see `restore`), and the ids left out are returned. A damaged one is logged
+        and an older one tried; the server refuses to start (SnapshotError naming the files)
+        when the log is compacted past every usable one. `phases`, if given, gets the
+        seconds each step of loading the snapshot took (bench/restart.py prints them)."""
+        phases = {} if phases is None else phases
         storage = self.storage
         if self._thread is None:  # at start (also called to rebuild later)
             storage.clean()
@@ -515,17 +533,24 @@ class Snapshots:
             if seq < compacted:
                 break  # older ones cannot be followed by the log either
             try:
-                snap = load(storage, seq)
+                snap = load(storage, seq, phases)
+                t0 = time.perf_counter()
                 _check_history(snap, store)
+                phases["snapshot_history"] = time.perf_counter() - t0
                 enabled = gc.isenabled()
                 gc.disable()  # hundreds of thousands of objects, no cycles: collections only cost
                 try:
-                    left_out = restore(state, snap, released(seq) if released is not None else frozenset())
+                    t0 = time.perf_counter()
+                    gone = released(seq) if released is not None else frozenset()
+                    phases["tail_read"] = time.perf_counter() - t0
+                    left_out = restore(state, snap, gone, phases)
                     if self._thread is None:
                         # At start: the restored state lives as long as the server, so it goes
                         # to the permanent generation at once (as app._quiet_gc does after a
                         # replay), which spares a full collection walking it (0.14 s at 200,000).
+                        t0 = time.perf_counter()
                         gc.freeze()
+                        phases["gc_freeze"] = time.perf_counter() - t0
                 finally:
                     if enabled:
                         gc.enable()

@@ -274,9 +274,11 @@ class SchedulerState:
     # -- replay --------------------------------------------------------------
 
     def _replay(self) -> int:
-        """Feed the stored events back into the cluster, in order."""
+        """Feed the stored events back into the cluster, in order. `replay_phases` gets the
+        seconds each step took (snapshot_* while the snapshot loads, tail_read, replay)."""
         n = 0
         c = self.cluster
+        self.replay_phases: dict[str, float] = {}
         adds: list[pb.Event] = []  # consecutive HOST_ADDED events, registered in one call
 
         def flush() -> None:
@@ -299,12 +301,13 @@ class SchedulerState:
                 tail_after = after
                 return _released_in(tail, keys)
 
-            left_out = self.snapshots.restore(self, released)  # the newest that checks out
+            left_out = self.snapshots.restore(self, released, self.replay_phases)  # the newest that checks out
             if tail_after != self.sequence:
                 tail = keys = None  # read after a snapshot that did not load
         elif self.store.compacted_sequence():
             raise StoreError(f"the log is compacted up to sequence {self.store.compacted_sequence()}: "
                              "start with its snapshots (a data directory)")
+        t0 = time.perf_counter()
         events = tail if tail is not None else (pb.Event.FromString(rec.body)
                                                 for rec in self.store.iter_all(after=self.sequence))
         for i, ev in enumerate(events):
@@ -331,6 +334,7 @@ class SchedulerState:
             n += 1
         run.flush(c, self._placed)
         flush()
+        self.replay_phases["replay"] = time.perf_counter() - t0
         return n
 
     def _apply(self, ev: pb.Event) -> None:
@@ -394,6 +398,76 @@ class SchedulerState:
         if self._prober is not None:
             self._prober.join()
         self.store.close()
+
+    # -- high availability: follower and leader hooks (ha/replica.py) ----------
+
+    def follow(self) -> int:
+        """Apply the events the store holds beyond self.sequence: a follower replays the
+        leader's log as it grows, and a replica that won the election applies the tail
+        before it writes. Returns how many; StoreError when the log no longer continues
+        this state (compacted past it: only a restart from a snapshot catches up)."""
+        with self.lock:
+            records = self.store.read(after=self.sequence)
+            if not records:
+                return 0
+            n = self._follow_events([pb.Event.FromString(r.body) for r in records])
+        if self._event_waiters:
+            with self.events_cond:
+                self.events_cond.notify_all()
+        return n
+
+    def _follow_events(self, events: list) -> int:
+        """The events applied as _replay applies a log's tail (plain placements in bulk runs,
+        consecutive hosts in one call; TODO fold into one loop with _replay's once the
+        replay work in flight has landed)."""
+        c, placed = self.cluster, self._placed
+        run, adds = _PlainRun(), []
+
+        def flush() -> None:
+            if adds:
+                c.add_hosts([convert.host_to_model(ev.host) for ev in adds],
+                            replicas={ev.host.id: list(ev.per_host_workload_ids) for ev in adds})
+                adds.clear()
+
+        for ev in events:
+            if ev.sequence != self.sequence + 1:
+                raise StoreError(f"event sequence {ev.sequence} follows {self.sequence}: the log no longer "
+                                 "continues this replica's state")
+            t = ev.type
+            if t == _PLACED and (flush() or run.add(ev, run.key(ev))):
+                pass
+            elif t in _RELEASES and run.release(ev.workload_id):
+                pass
+            elif t in _RELEASES and ev.workload_id in placed:
+                c.release(ev.workload_id)
+                del placed[ev.workload_id]
+            elif t == pb.EVENT_TYPE_HOST_ADDED:
+                run.flush(c, placed)
+                adds.append(ev)
+            elif t == pb.EVENT_TYPE_STATUS:
+                self.health.replay_status(ev)
+            else:
+                run.flush(c, placed)
+                flush()
+                self._apply(ev)
+            self.sequence = ev.sequence
+        run.flush(c, placed)
+        flush()
+        return len(events)
+
+    def step_down(self, exc: StoreUnwritable) -> None:
+        """Stop taking mutations (this replica lost the lead): they fail with UNAVAILABLE
+        and `exc`'s reason until resume_writes."""
+        self._refuse_writes(exc)
+
+    def resume_writes(self) -> None:
+        """Take mutations again (this replica leads and has applied the whole log)."""
+        if self.unwritable_reason is None:
+            return
+        self.unwritable_reason = None
+        log.info("leading: taking mutations", extra={"fields": {"sequence": self.sequence}})
+        if self.on_writable_change is not None:
+            self.on_writable_change(True, "")
 
     # -- a store that refuses writes ------------------------------------------
 

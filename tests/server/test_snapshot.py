@@ -74,6 +74,42 @@ def test_restore_many_gives_the_state_of_one_restore_per_workload():
     assert one.explain(other) == bulk.explain(other)
 
 
+def test_restore_many_records_are_those_of_one_restore_per_workload():
+    """The records restore_many makes lazily (workload and charge on first use) read the
+    same as those restore makes, whichever is read first, and preemption over them
+    evicts the same workloads and leaves the same usage (recomputed from the records)."""
+    templates = [Workload("t", {"cpu": 8_000, "memory": 1024}, priority=1),
+                 Workload("t", {"cpu": 4_000, "memory": 2048}, kind="vm"),
+                 Workload("t", {"cpu": 2_000}, group="web", tenant="blue")]
+    rng = random.Random(5)
+    n = 300
+    ids = [f"w{i}" for i in range(n)]
+    spec_of = [rng.randrange(3) for _ in range(n)]
+    hosts = [f"h{rng.randrange(40)}" for _ in range(n)]
+    one, bulk = _cluster(), _cluster()
+    for wid, k, hid in zip(ids, spec_of, hosts):
+        one.restore(dataclasses.replace(templates[k], id=wid), Placement(wid, hid))
+    bulk.restore_many(templates, ids, spec_of, hosts)
+    for i, wid in enumerate(ids):
+        a, b = one._ledger.records[wid], bulk._ledger.records[wid]
+        if i % 2:  # the charge made first, then the workload
+            assert np.array_equal(a.charge, b.charge)
+        assert b.workload == a.workload == dataclasses.replace(templates[spec_of[i]], id=wid)
+        assert (b.row, b.numa) == (a.row, a.numa) and np.array_equal(a.charge, b.charge)
+    # Fill the cluster, then preempt: victims chosen over restored records in both.
+    for c in (one, bulk):
+        c.place_batch([Workload(f"f{i}", {"cpu": 4_000}) for i in range(600)])
+    big = Workload("big", {"cpu": 60_000, "memory": 4096}, priority=5)
+    p1, p2 = one.place(big, preempt=True), bulk.place(big, preempt=True)
+    assert p1.host_id == p2.host_id and p1 == p2
+    assert list(one.assignments().items()) == list(bulk.assignments().items())
+    for c in (one, bulk):  # usage recomputed from the records alone
+        want = np.zeros_like(c.usage())
+        for rec in c._ledger.records.values():
+            want[rec.row] += rec.charge
+        assert np.array_equal(c.usage(), want)
+
+
 def test_restore_many_refuses_what_would_overcommit_and_changes_nothing():
     c = _cluster()
     before = c.usage()

@@ -54,6 +54,7 @@ class AgentConfig:
     restart_backoff_s: float = 10.0
     move_timeout_s: float = 60.0
     workers: int = 8
+    stop_timeout_s: int = runtime.STOP_TIMEOUT_S
     engine_timeout_s: float = 60.0
     volumes_dir: str = ""
     token: str | None = None
@@ -119,7 +120,7 @@ class Agent:
         self.docker = docker.DockerClient(base_url=config.docker_host, timeout=config.engine_timeout_s,
                                           max_pool_size=config.workers + 4)
         self.docker_events = docker.DockerClient(base_url=config.docker_host, timeout=None)
-        self.runtime = Runtime(self.docker, config.host_id)
+        self.runtime = Runtime(self.docker, config.host_id, config.stop_timeout_s)
         self.lock = threading.RLock()
         self.desired: dict[str, Desired] = {}
         self.leaving: dict[str, Leaving] = {}
@@ -331,7 +332,8 @@ class Agent:
                 if p.workload_id == wid or (ev.type == pb.EVENT_TYPE_HOST_ADDED and p.workload_id not in self.desired
                                             and self.cfg.host_id in p.replica_host_ids):
                     d = Desired.of(p.workload.SerializeToString(deterministic=True))
-                    if ev.type == pb.EVENT_TYPE_MOVED and _must_not_run_twice(d.spec) and ev.source_host_id:
+                    # A move off a DOWN host (no plan) has nobody to wait for.
+                    if ev.type == pb.EVENT_TYPE_MOVED and _must_not_run_twice(d.spec) and ev.plan_id:
                         d.wait_for = ev.source_host_id
                         d.wait_until = time.monotonic() + self.cfg.move_timeout_s
                     self.desired[p.workload_id] = d
@@ -618,6 +620,12 @@ class Agent:
                     host_id=self.cfg.host_id, statuses=list(batch.values()), applied_sequence=applied))
                 last = time.monotonic()
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and batch:
+                    # A status of a workload no longer placed here (released or moved while
+                    # the report was queued) refuses the whole report: send one at a time.
+                    self._report_each(batch, applied)
+                    last = time.monotonic()
+                    continue
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     # The host is gone from the scheduler (removed, or a store rebuilt): register again.
                     self._retry(self.register)
@@ -626,6 +634,19 @@ class Agent:
                     for wid, s in batch.items():
                         self._reports.setdefault(wid, s)  # a newer one wins
                 self._stop.wait(0.5)
+
+
+    def _report_each(self, batch: dict, applied: int) -> None:
+        for wid, status in batch.items():
+            try:
+                self.sched.call("ReportStatus", pb.ReportStatusRequest(
+                    host_id=self.cfg.host_id, statuses=[status], applied_sequence=applied))
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    log.debug("status of %s dropped: %s", wid, exc.details())
+                    continue
+                with self._report_cv:
+                    self._reports.setdefault(wid, status)
 
 
 # -- command line ------------------------------------------------------------------------
@@ -647,6 +668,8 @@ def add_arguments(p) -> None:
                    help="first restart delay, doubling to 300 s (default 10)")
     p.add_argument("--move-timeout-s", type=float, default=60.0,
                    help="how long a move waits for the other host's report (default 60)")
+    p.add_argument("--stop-timeout-s", type=int, default=runtime.STOP_TIMEOUT_S,
+                   help="seconds a stopped container gets between SIGTERM and SIGKILL (default 10)")
     p.add_argument("--workers", type=int, default=8, help="workloads synced in parallel (default 8)")
     p.add_argument("--tls-ca", help="CA certificate to verify the server (turns on TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
@@ -686,7 +709,7 @@ def config_from_args(args) -> AgentConfig:
         scheduler=args.scheduler, docker_host=args.docker_host, host_id=args.host_id, labels=labels,
         state_dir=args.state_dir, heartbeat_s=args.heartbeat_s, vm_image=vm_image, relist_s=args.relist_s,
         restart_backoff_s=args.restart_backoff_s, move_timeout_s=args.move_timeout_s, workers=args.workers,
-        volumes_dir=args.volumes_dir,
+        volumes_dir=args.volumes_dir, stop_timeout_s=args.stop_timeout_s,
         token=read_token_file(args.token_file) if args.token_file else None, tls_ca=args.tls_ca,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
         rpc_timeout_s=args.timeout)
@@ -695,6 +718,7 @@ def config_from_args(args) -> AgentConfig:
 def run(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # one line per engine call otherwise
     import sys
 
     try:

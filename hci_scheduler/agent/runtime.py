@@ -167,9 +167,10 @@ class Runtime:
     """The engine calls the agent makes, all with the client's timeout; only containers
     labelled with this host's id are ever listed, stopped or removed."""
 
-    def __init__(self, client, host_id: str):
+    def __init__(self, client, host_id: str, stop_timeout_s: int = STOP_TIMEOUT_S):
         self.client = client
         self.host_id = host_id
+        self.stop_timeout_s = stop_timeout_s
 
     def list(self) -> dict[str, list]:
         """Containers of this host by workload id (every state)."""
@@ -230,7 +231,7 @@ class Runtime:
         container.reload()
         return container
 
-    def remove(self, container, timeout: int = STOP_TIMEOUT_S) -> None:
+    def remove(self, container, timeout: int | None = None) -> None:
         """Stop (a VM is asked to quit over QMP first) and remove."""
         import docker.errors
 
@@ -239,7 +240,7 @@ class Runtime:
             quit_vm(qmp_dir)
         try:
             if container.status == "running":
-                container.stop(timeout=timeout)
+                container.stop(timeout=self.stop_timeout_s if timeout is None else timeout)
             container.remove(force=True)
         except docker.errors.NotFound:
             pass

@@ -60,9 +60,9 @@ class TLSConfig:
 @dataclass
 class ServerOptions:
     data_dir: str | None = None
-    # High availability: etcd://HOST:PORT[,...] instead of data_dir (store/etcd.py). The server
-    # campaigns for <etcd_prefix>/leader (advertising `advertise`, default the listen address)
-    # and serves once it leads; losing the lead stops it (exit 1), to be restarted as a standby.
+    # High availability: etcd://HOST:PORT[,...] instead of data_dir (store/etcd.py). The replica
+    # leads when <etcd_prefix>/leader is free (advertising `advertise`, default the listen
+    # address), else follows the leader's log, serves reads and refuses mutations (ha/replica.py).
     store: str | None = None
     etcd_prefix: str = "/hci"
     etcd_ca_file: str | None = None
@@ -182,12 +182,15 @@ class Server:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self.fatal: BaseException | None = None  # the store failure that stopped the server
+        self.replica = None  # on an etcd store: ha.replica.Replica
 
     def start(self) -> None:
         self.grpc.start()
         self.state.health.start(self.state)  # hosts whose agent falls silent go DOWN
         self.writable_changed(self.state.unwritable_reason is None)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.replica is not None:  # follows or leads on etcd
+            self.replica.start()
 
     def writable_changed(self, writable: bool, reason: str = "") -> None:
         """The scheduler service is NOT_SERVING while the store refuses writes (reads
@@ -215,6 +218,8 @@ class Server:
             self.servicer.stopping = True
             self.state.health.stop()
             self.grpc.stop(grace).wait()
+            if self.replica is not None:
+                self.replica.stop()
             self.state.close()
             log.info("server stopped", extra={"fields": {"sequence": self.state.sequence}})
         finally:
@@ -275,6 +280,11 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     _quiet_gc()
 
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+    replicas: list = [None]  # the HA replica, made once the server exists (ha/replica.py)
+    if opts.store:
+        from ..ha.replica import LeaderTrailers
+
+        interceptors.append(LeaderTrailers(lambda: replicas[0]))
     server = _grpc_server(opts, interceptors)
     servicer = SchedulerServicer(state, metrics)
     # Every method takes its request as wire bytes: undecodable ones are INVALID_ARGUMENT (see method_handlers).
@@ -318,18 +328,21 @@ def create_server(address: str, options: ServerOptions | None = None, **kwargs) 
     srv = Server(server, port, state, servicer, health_servicer, metrics)
     srv.options = opts
     state.on_fatal = srv.stop_fatally
-    election = getattr(store, "election", None)
-    if election is not None:
-        from ..store.etcd import NotLeader
+    if opts.store:
+        from ..ha.replica import Replica
 
-        election.on_lost = lambda why: srv.stop_fatally(NotLeader(f"lost the leader key: {why}"))
+        def set_serving(ok: bool) -> None:
+            health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if ok
+                                else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        srv.replica = replicas[0] = Replica(state, store, set_serving, srv.stop_fatally, registry=metrics.registry)
     state.on_writable_change = srv.writable_changed
     return srv, port
 
 
 def _open_configured_store(opts: ServerOptions, address: str):
-    """SQLite under data_dir (memory without one), or etcd when opts.store is set: then this
-    call returns once this replica leads (see store/etcd.open_etcd_store)."""
+    """SQLite under data_dir (memory without one), or etcd when opts.store is set (as leader or
+    follower: see store/etcd.open_etcd_store)."""
     from ..store import open_store
 
     if not opts.store:

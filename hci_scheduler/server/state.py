@@ -29,7 +29,15 @@ import threading
 import time
 from bisect import bisect_left
 from functools import cached_property
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from sched_core._wirescan import (
+    FLAGS, HOST_START, HOST_STOP, N_COLUMNS, SEQUENCE, SPEC_REST, TYPE, WORKLOAD_ID_START, WORKLOAD_ID_STOP,
+    WORKLOAD_START, WORKLOAD_STOP, scan_events,
+)
 
 from ..errors import DuplicateId, NotFound, SchedulerError, ValidationError
 from ..model import Placement
@@ -91,11 +99,12 @@ class _PlainRun:
     rounds is then one bulk restore instead of one per round (each restore_many call
     compiles its templates and sums charges over every host)."""
 
-    __slots__ = ("models", "plain_specs", "templates", "ids", "spec_of", "hosts", "placed", "index")
+    __slots__ = ("models", "plain_specs", "rests", "templates", "ids", "spec_of", "hosts", "placed", "index")
 
     def __init__(self):
         self.models: dict[bytes, object] = {}  # spec without its id -> its model (id "t")
         self.plain_specs: dict[bytes, bool] = {}  # spec without its id -> whether it is plain
+        self.rests: dict[bytes, bytes | None] = {}  # see `rest`
         self._clear()
 
     def _clear(self) -> None:
@@ -125,6 +134,29 @@ class _PlainRun:
             plain = self.plain_specs[spec[n:]] = not (w.per_host or w.volume_ids or w.new_volumes
                                                       or w.isolation == _DEDICATED)
         return (spec, n) if plain else None
+
+    def rest(self, raw: bytes) -> bytes | None:
+        """The canonical spec without its id of a workload whose stored bytes after its id
+        field are `raw`, when that spec is plain (else None), decided once per distinct
+        `raw`: what `key` gives without decoding and encoding each event's workload.
+        Canonical bytes start with the id (field 1), so the id's field followed by this
+        is the workload's canonical spec whatever order the log wrote `raw` in."""
+        if raw in self.rests:
+            return self.rests[raw]
+        try:
+            w = pb.Workload.FromString(raw)
+        except DecodeError:
+            w = None  # the event's own decoding names the error
+        rest = None
+        if w is not None and not w.id:  # an id again after the first would be the one protobuf keeps
+            spec = convert.spec_bytes(w)
+            plain = self.plain_specs.get(spec)
+            if plain is None:
+                plain = self.plain_specs[spec] = not (w.per_host or w.volume_ids or w.new_volumes
+                                                      or w.isolation == _DEDICATED)
+            rest = spec if plain else None
+        self.rests[raw] = rest
+        return rest
 
     def add(self, ev: pb.Event, key: tuple[bytes, int] | None) -> bool:
         """Take a PLACED event whose `key` is not None; False leaves it to `restore`."""
@@ -163,6 +195,83 @@ class _PlainRun:
         cluster.restore_many(templates, ids, spec_of, hosts)
         placed.update(zip(ids, done))
         self._clear()
+
+
+class _Scanned:
+    """A plain PLACED event, or a RELEASED or EVICTED one, as replay reads it: the fields
+    `scan_events` located, sliced from the log's bytes without a protobuf message; `full`
+    decodes it when the replay needs more (an event that does not apply)."""
+
+    __slots__ = ("sequence", "type", "workload_id", "host_id", "body")
+
+    def __init__(self, sequence: int, etype: int, workload_id: str, host_id: str, body: bytes):
+        self.sequence, self.type, self.workload_id, self.host_id, self.body = (
+            sequence, etype, workload_id, host_id, body)
+
+    def full(self) -> pb.Event:
+        return pb.Event.FromString(self.body)
+
+
+#: Records scanned at a time when the log is streamed (a full replay, a long tail).
+_SCAN_CHUNK = 20_000
+
+
+def _scanned(records: list[Record], run: _PlainRun) -> tuple[list, list]:
+    """The events of `records` and, for PLACED ones, their `_PlainRun.key` (None for the
+    rest). Plain placements and releases are read from the bounds `scan_events` finds
+    (each workload's spec bytes are in its event: nothing is decoded or encoded again
+    per event); every other event, and any the scan flags, is decoded by protobuf.
+    Restarting with a 100,000-event tail spent most of its time decoding events."""
+    n = len(records)
+    if not n:
+        return [], []
+    bodies = [r.body for r in records]
+    blob = b"".join(bodies)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, bodies), dtype=np.int64, count=n), out=starts[1:])
+    cols = np.empty((n, N_COLUMNS), dtype=np.int64)
+    scan_events(np.frombuffer(blob, dtype=np.uint8), starts, cols)
+    seqs, types, flags = cols[:, SEQUENCE].tolist(), cols[:, TYPE].tolist(), cols[:, FLAGS].tolist()
+    h0, h1 = cols[:, HOST_START].tolist(), cols[:, HOST_STOP].tolist()
+    i0, i1 = cols[:, WORKLOAD_ID_START].tolist(), cols[:, WORKLOAD_ID_STOP].tolist()
+    w0, w1, rest = cols[:, WORKLOAD_START].tolist(), cols[:, WORKLOAD_STOP].tolist(), cols[:, SPEC_REST].tolist()
+    events: list = []
+    keys: list = []
+    rests = run.rests
+    for i in range(n):
+        t = types[i]
+        if not flags[i] and i1[i] > i0[i]:
+            try:
+                if t == _PLACED and w1[i] > w0[i] and h1[i] > h0[i]:
+                    raw = blob[rest[i]:w1[i]]
+                    tail = rests[raw] if raw in rests else run.rest(raw)
+                    if tail is not None:
+                        events.append(_Scanned(seqs[i], t, blob[i0[i]:i1[i]].decode(), blob[h0[i]:h1[i]].decode(),
+                                               bodies[i]))
+                        keys.append((blob[w0[i]:rest[i]] + tail, rest[i] - w0[i]))
+                        continue
+                elif (t == _RELEASES[0] or t == _RELEASES[1]) and w1[i] == w0[i]:
+                    events.append(_Scanned(seqs[i], t, blob[i0[i]:i1[i]].decode(), blob[h0[i]:h1[i]].decode(),
+                                           bodies[i]))
+                    keys.append(None)
+                    continue
+            except UnicodeDecodeError:
+                pass  # protobuf's decoding below names the error
+        ev = pb.Event.FromString(bodies[i])
+        events.append(ev)
+        keys.append(run.key(ev) if t == _PLACED else None)
+    return events, keys
+
+
+def _scanned_log(store: Store, after: int, run: _PlainRun) -> Iterator[tuple[object, object]]:
+    """(event, key) of every record after `after`, scanned a chunk at a time (`_scanned`)."""
+    chunk: list[Record] = []
+    for rec in store.iter_all(after=after):
+        chunk.append(rec)
+        if len(chunk) == _SCAN_CHUNK:
+            yield from zip(*_scanned(chunk, run))
+            chunk = []
+    yield from zip(*_scanned(chunk, run))
 
 
 def _take(ids: set, workload_id: str) -> bool:
@@ -296,8 +405,7 @@ class SchedulerState:
                 tail, keys, tail_after = None, None, -1
                 if self.store.last_sequence() - after > MAX_TAIL_READ_AHEAD:
                     return frozenset()  # streamed instead (memory)
-                tail = [pb.Event.FromString(rec.body) for rec in self.store.iter_all(after=after)]
-                keys = [run.key(ev) if ev.type == _PLACED else None for ev in tail]
+                tail, keys = _scanned(list(self.store.iter_all(after=after)), run)
                 tail_after = after
                 return _released_in(tail, keys)
 
@@ -308,13 +416,12 @@ class SchedulerState:
             raise StoreError(f"the log is compacted up to sequence {self.store.compacted_sequence()}: "
                              "start with its snapshots (a data directory)")
         t0 = time.perf_counter()
-        events = tail if tail is not None else (pb.Event.FromString(rec.body)
-                                                for rec in self.store.iter_all(after=self.sequence))
-        for i, ev in enumerate(events):
+        events = zip(tail, keys) if tail is not None else _scanned_log(self.store, self.sequence, run)
+        for ev, key in events:
             if ev.sequence != self.sequence + 1:
                 raise StoreError(f"event sequence {ev.sequence} follows {self.sequence}")
             t = ev.type
-            if t == _PLACED and (flush() or run.add(ev, run.key(ev) if keys is None else keys[i])):
+            if t == _PLACED and (flush() or run.add(ev, key)):
                 pass  # restored with the plain placements next to it (hosts registered first)
             elif t in _RELEASES and (run.release(ev.workload_id) or _take(left_out, ev.workload_id)):
                 pass  # it never reaches the Cluster
@@ -329,7 +436,7 @@ class SchedulerState:
             else:
                 run.flush(c, self._placed)
                 flush()
-                self._apply(ev)
+                self._apply(ev.full() if type(ev) is _Scanned else ev)
             self.sequence = ev.sequence
             n += 1
         run.flush(c, self._placed)

@@ -51,7 +51,7 @@ from typing import Sequence
 from ..etcd.etcdserverpb import rpc_pb2 as rpc
 from ..ha.election import Election, leader_key
 from ..ha.etcd_client import DEFAULT_MAX_REQUEST_BYTES, EtcdClient, EtcdUnavailable, prefix_end
-from .base import COMPACTED_KEY, Record, SnapshotStorage, Store, StoreError, check_contiguous
+from .base import COMPACTED_KEY, INCARNATION_KEY, Record, SnapshotStorage, Store, StoreError, StoreUnwritable, check_contiguous
 
 log = logging.getLogger("hci_scheduler.store")
 
@@ -63,8 +63,10 @@ _FRAME = struct.Struct("<HI")
 SNAPSHOT_CHUNK_BYTES = 1024 * 1024
 
 
-class NotLeader(StoreError):
-    """This replica does not hold the leader key (any more): the write was refused whole."""
+class NotLeader(StoreUnwritable):
+    """This replica does not hold the leader key (any more), or won it and has not applied
+    the log's tail yet: the write was refused whole. A StoreUnwritable: the server goes on
+    serving reads as a follower and refuses mutations until it leads (ha/replica.py)."""
 
 
 def _seq(sequence: int) -> str:
@@ -130,9 +132,14 @@ class EtcdStore(Store):
         self.commit_seconds = 0.0  # their total time (etcd commit latency, for metrics)
         self._uncertain: int | None = None  # first sequence of an append whose outcome is unknown
         self._meta: dict[str, str] = {}
+        # The token writes are accepted under: the election's, once this store holds the whole
+        # log of that term (at open when it leads, else accept_writes after refresh).
+        self._writable_token: int | None = None
         self._records: list[Record] = []
         self._groups: list[int] = []  # the first sequence of each log key, ascending
         self._load()
+        if election is not None and election.revision is not None:
+            self._writable_token = election.revision  # it led before the log was read: the log is whole
 
     # -- open ----------------------------------------------------------------
 
@@ -164,7 +171,58 @@ class EtcdStore(Store):
     def _token(self) -> int:
         if self.election is None:
             raise NotLeader(f"etcd store {self.prefix} is open read-only (no election)")
-        return self.election.check()
+        token = self.election.check()
+        if token != self._writable_token:
+            raise NotLeader("this replica won the leader key and has not applied the log's tail yet")
+        return token
+
+    def accept_writes(self) -> None:
+        """Write under the election's current token: call once this store and the state
+        above it hold the whole log (refresh, then the state applied it)."""
+        with self._lock:
+            self._writable_token = self.election.check()
+
+    @property
+    def leading(self) -> bool:
+        """Whether writes go through now (as far as this replica knows)."""
+        e = self.election
+        return e is not None and e.is_leader and e.revision == self._writable_token
+
+    def refresh(self) -> int:
+        """Read what other replicas wrote since this store last looked: meta, and the log keys
+        after the last event it holds (a follower's view of the leader's log). Returns how
+        many events came in; StoreError when the log was compacted past them or has a gap."""
+        with self._lock:
+            self._check_open()
+            meta = {kv.key[len(self._meta_prefix):].decode(): kv.value.decode()
+                    for kv in self.client.range_prefix(self._meta_prefix)}
+            compacted = int(meta.get(COMPACTED_KEY) or 0)
+            if compacted > self._last:
+                raise StoreError(f"etcd log {self.prefix} was compacted up to {compacted}, past this replica's "
+                                 f"{self._last}: restart it to load a snapshot")
+            self._meta = meta
+            if compacted > self._compacted:
+                self._trim(compacted)
+            n = len(self._log_prefix)
+            added = 0
+            start = self._log_prefix + _seq(self._last + 1).encode()
+            for kv in self.client.range_prefix(start, end=prefix_end(self._log_prefix)):
+                first = int(kv.key[n:])
+                if first != self._last + 1:
+                    raise StoreError(f"etcd log {self.prefix}: sequence {first} follows {self._last} (a gap)")
+                group = decode_group(first, kv.value)
+                self._records.extend(group)
+                self._groups.append(first)
+                self._last = group[-1].sequence
+                added += len(group)
+            return added
+
+    def _trim(self, upto: int) -> None:
+        """Forget the events up to upto (compacted) from memory."""
+        keep = len(self._groups) if upto == self._last else bisect.bisect_right(self._groups, upto + 1) - 1
+        del self._groups[:max(keep, 0)]
+        del self._records[:upto - self._compacted]
+        self._compacted = upto
 
     def _fenced(self, ops: list, compares: Sequence = (), what: str = "write") -> rpc.TxnResponse:
         """One Txn of `ops` that commits only while this replica holds the leader key (and
@@ -292,10 +350,8 @@ class EtcdStore(Store):
                 ops.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._log_prefix,
                                                                                       range_end=end)))
             resp = self._fenced(ops, what="compaction")
-            del self._groups[:keep]
             self._meta[COMPACTED_KEY] = str(upto)
-            del self._records[:upto - self._compacted]
-            self._compacted = upto
+            self._trim(upto)
             self._stale = 0
             previous = int(self._meta.get("etcd_compacted_revision") or 0)
             if previous:
@@ -431,26 +487,43 @@ class EtcdSnapshots(SnapshotStorage):
 
 def open_etcd_store(spec: str, prefix: str = "/hci", advertise: str = "", ttl_s: int = 1,
                     timeout_s: float = 2.0, ca_file: str | None = None, cert_file: str | None = None,
-                    key_file: str | None = None, stop: threading.Event | None = None) -> EtcdStore:
-    """The store of `hci-scheduler serve --store etcd://...`: connect, campaign for the leader
-    key (blocking while another replica leads: this one is its standby) and open the log.
-    StoreError when `stop` is set first."""
+                    key_file: str | None = None, stop: threading.Event | None = None,
+                    campaign: bool = False) -> EtcdStore:
+    """The store of `hci-scheduler serve --store etcd://...`: connect, try once to win the
+    leader key, and open the log: as leader, or as follower (ha/replica.py follows the
+    leader's log and takes over when the key is free). A follower of a log that has no
+    incarnation yet waits for the leader to create it. With `campaign`, block until this
+    replica leads instead. StoreError when `stop` is set first."""
     from ..ha.etcd_client import parse_endpoints
 
     client = EtcdClient(parse_endpoints(spec), timeout_s, ca_file, cert_file, key_file)
     try:
         election = Election(client, prefix, advertise, ttl_s)
-        current = election.leader() if not (stop and stop.is_set()) else None
-        if current is not None:
-            log.info("another replica leads: waiting as its standby", extra={"fields": {
-                "leader": current[0], "key": election.key.decode()}})
-        if not election.campaign(stop=stop):
+        if not campaign:
+            _lead_or_follow(election, prefix, stop)
+        elif not election.campaign(stop=stop):
             raise StoreError("stopped before this replica became leader")
         try:
-            return EtcdStore(client, prefix, election, own_client=True)
+            store = EtcdStore(client, prefix, election, own_client=True)
         except BaseException:
             election.resign()
             raise
+        leader = election.leader()
+        log.info("etcd store open", extra={"fields": {
+            "prefix": prefix, "role": "leader" if election.revision is not None else "follower",
+            "leader": leader[0] if leader else None, "last_sequence": store.last_sequence()}})
+        return store
     except BaseException:
         client.close()
         raise
+
+
+def _lead_or_follow(election: Election, prefix: str, stop: threading.Event | None) -> None:
+    """Win the leader key, or return as a follower once the log has its incarnation (a
+    leader started it: a follower can write nothing, not even the log's meta)."""
+    key = f"{prefix}/meta/{INCARNATION_KEY}".encode()
+    while not (stop and stop.is_set()):
+        if election.try_acquire() or election.client.range(key, keys_only=True).kvs:
+            return
+        time.sleep(0.05)
+    raise StoreError("stopped before the log was started")

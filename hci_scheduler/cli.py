@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client(sp):
         sp.add_argument("--server", default=os.environ.get("HCI_SCHEDULER_SERVER", DEFAULT_SERVER),
-                        help="HOST:PORT of the service (env HCI_SCHEDULER_SERVER)")
+                        help="HOST:PORT of the service, or of its replicas comma-separated: calls follow the "
+                        "leader across a failover (env HCI_SCHEDULER_SERVER)")
         sp.add_argument("--tls-ca", help="CA certificate to verify the server (turns on TLS)")
         sp.add_argument("--tls-cert", help="client certificate for mutual TLS")
         sp.add_argument("--tls-key", help="client key for mutual TLS")

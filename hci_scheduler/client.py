@@ -12,6 +12,7 @@ messages of `hci_scheduler.v1.scheduler_pb2`; failures are `grpc.RpcError`.
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 import grpc
@@ -44,6 +45,8 @@ STRATEGIES = {"binpack": pb.STRATEGY_BINPACK, "spread": pb.STRATEGY_SPREAD,
               "balanced": pb.STRATEGY_BALANCED, "dot": pb.STRATEGY_DOT}
 
 T = TypeVar("T")
+#: Trailing metadata in which a follower names the leader's address (server: ha/replica.py).
+LEADER_METADATA = "hci-leader"
 
 
 def read_token_file(path: str | os.PathLike) -> str:
@@ -100,7 +103,17 @@ class SchedulerClient:
     Parameters
     ----------
     address : str
-        HOST:PORT of the service.
+        HOST:PORT of the service; several replicas (high availability) as a comma-separated
+        list, or in `addresses`.
+    addresses : sequence of str, optional
+        Every replica's HOST:PORT. A call refused with UNAVAILABLE goes to the address a
+        follower names in its `hci-leader` trailer, else to the next replica, until
+        `failover_s` has passed: across a failover the client follows the leader by
+        itself. A retried Place is answered from the log (idempotent by workload id and
+        spec); other mutations may find their first try applied (a release then says
+        NotFound unless allow_missing).
+    failover_s : float
+        How long a call keeps trying other replicas.
     token : str, optional
         Bearer token sent with every call.
     tls_ca : path or PEM bytes, optional
@@ -116,22 +129,47 @@ class SchedulerClient:
         Extra gRPC channel options.
     """
 
-    def __init__(self, address: str, *, token: str | None = None, tls_ca=None, tls_cert=None, tls_key=None,
-                 tls_server_name: str | None = None, timeout: float = 30.0, options: Iterable = ()):
+    def __init__(self, address: str = "", *, token: str | None = None, tls_ca=None, tls_cert=None, tls_key=None,
+                 tls_server_name: str | None = None, timeout: float = 30.0, options: Iterable = (),
+                 addresses: Iterable[str] | None = None, failover_s: float = 15.0):
         self.timeout = timeout
+        self.failover_s = failover_s
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = list(options)
+        self.addresses = list(addresses) if addresses else [a.strip() for a in address.split(",") if a.strip()]
+        if not self.addresses:
+            raise ValueError("SchedulerClient needs an address")
+        self._options = list(options)
+        self._creds = None
         if tls_ca is not None or tls_cert is not None:
-            creds = grpc.ssl_channel_credentials(_pem(tls_ca), _pem(tls_key), _pem(tls_cert))
+            self._creds = grpc.ssl_channel_credentials(_pem(tls_ca), _pem(tls_key), _pem(tls_cert))
             if tls_server_name:
-                options.append(("grpc.ssl_target_name_override", tls_server_name))
-            self.channel = grpc.secure_channel(address, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(address, options=options)
-        self.stub = pb_grpc.SchedulerServiceStub(self.channel)
+                self._options.append(("grpc.ssl_target_name_override", tls_server_name))
+        self._channels: dict[str, grpc.Channel] = {}
+        self._use(self.addresses[0])
+
+    def _use(self, address: str) -> None:
+        """Send the next calls to `address` (channels stay open for a later switch back)."""
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = (grpc.secure_channel(address, self._creds, options=self._options)
+                                            if self._creds is not None else
+                                            grpc.insecure_channel(address, options=self._options))
+        self.address = address
+        self.channel = ch
+        self.stub = pb_grpc.SchedulerServiceStub(ch)
+
+    def _next_replica(self, exc: grpc.RpcError) -> str:
+        """Where a call refused with UNAVAILABLE goes next: the leader a follower named, else
+        the replica after the current one."""
+        for key, value in exc.trailing_metadata() or ():
+            if key == LEADER_METADATA and value and value != self.address:
+                return value
+        i = self.addresses.index(self.address) if self.address in self.addresses else -1
+        return self.addresses[(i + 1) % len(self.addresses)]
 
     def close(self) -> None:
-        self.channel.close()
+        for ch in self._channels.values():
+            ch.close()
 
     def __enter__(self) -> "SchedulerClient":
         return self
@@ -141,8 +179,22 @@ class SchedulerClient:
 
     def call(self, method: str, request, timeout: float | None = None):
         """One unary call by its RPC name, with the deadline (`timeout`, else the client's)
-        and the token."""
-        return getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        and the token; with several replicas, retried on the leader across a failover."""
+        if len(self.addresses) == 1:
+            return getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        end = time.monotonic() + self.failover_s
+        tried = 0
+        while True:
+            try:
+                return getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= end:
+                    raise
+                nxt = self._next_replica(exc)
+                tried += 1
+                if tried % len(self.addresses) == 0:
+                    time.sleep(0.05)  # every replica refused: an election is under way
+                self._use(nxt)
 
     def _search_timeout(self, time_limit_s: float) -> float:
         """A call that searches gets its search's time on top of the client's deadline."""

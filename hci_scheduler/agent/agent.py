@@ -139,6 +139,9 @@ class Agent:
         self._seen_states: dict[str, str] = {}  # container id -> state at the last relist
         self._state_dirty = False
         self._synced = threading.Event()  # set after the first full relist
+        self._reconciled = threading.Event()  # set once the first full relist's work is done
+        self._started_at = time.monotonic()
+        self.counts = {"adopted": 0, "started": 0, "removed": 0, "restarted": 0}
         self.last_relist = 0.0
         self.facts: HostFacts | None = None
         self._watch_call = None
@@ -161,8 +164,7 @@ class Agent:
             self.sched.register_hosts([host])
             log.info("registered host %s: %s", self.cfg.host_id, dict(eh.capacity))
         except grpc.RpcError as exc:
-            if exc.code() not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION,
-                                  grpc.StatusCode.INVALID_ARGUMENT):
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             self.sched.update_host(self.cfg.host_id, labels=eh.labels)
             log.info("host %s exists: labels updated", self.cfg.host_id)
@@ -427,8 +429,9 @@ class Agent:
                     dirty.add(wid)
             self._seen_states = seen
         self.last_relist = time.monotonic()
-        self._synced.set()
         self._mark(dirty)
+        self._synced.set()
+        self._check_reconciled()
 
     def _persist_loop(self) -> None:
         while not self._stop.wait(0.2):
@@ -469,6 +472,19 @@ class Agent:
                     self._busy.discard(wid)
                     if wid in self._dirty:
                         self._queue_cv.notify()
+            self._check_reconciled()
+
+    def _check_reconciled(self) -> None:
+        """Log, once, when the work the first full relist found is done (the benchmark's
+        reconcile time after a restart)."""
+        if self._reconciled.is_set() or not self._synced.is_set():
+            return
+        with self._queue_cv:
+            if self._dirty or self._busy:
+                return
+            self._reconciled.set()
+        log.info("reconciled %d workloads in %.3f s after start: %s", len(self.desired),
+                 time.monotonic() - self._started_at, ", ".join(f"{k} {v}" for k, v in self.counts.items()))
 
     def _schedule(self, wid: str, due: float) -> None:
         with self.lock:
@@ -489,6 +505,7 @@ class Agent:
                 return  # reap only after the first full sync (hashicorp/nomad PR #7792)
             for c in containers:
                 self.runtime.remove(c)
+                self.counts["removed"] += 1
             with self.lock:
                 self.leaving.pop(wid, None)
                 self._failed.pop(wid, None)
@@ -513,6 +530,8 @@ class Agent:
         st = ContainerState.of(c)
         restarts = int(c.labels.get(LABEL_RESTARTS, "0"))
         if st.running:
+            if wid not in self._reported:
+                self.counts["adopted"] += 1
             self._exit_seen.pop(c.id, None)
             self._report(wid, pb.WORKLOAD_STATE_RUNNING, container=c, restarts=restarts,
                          message=self._vm_message(d), since=st.started_at)
@@ -535,6 +554,7 @@ class Agent:
             return
         self.runtime.remove(c)
         self._exit_seen.pop(c.id, None)
+        self.counts["restarted"] += 1
         self._start(wid, d, restarts=restarts + 1)
 
     def _numa_node(self, d: Desired) -> int | None:
@@ -568,6 +588,7 @@ class Agent:
             self._report(wid, pb.WORKLOAD_STATE_FAILED, message=f"failed to start: {reason}")
             log.warning("workload %s failed to start: %s", wid, reason)
             return
+        self.counts["started"] += 1
         if spec.qmp_dir:
             state = runtime.wait_running(spec.qmp_dir, timeout_s=10.0)
             log.info("VM %s: qemu %s", wid, state)

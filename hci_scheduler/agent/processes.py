@@ -56,3 +56,53 @@ class AgentProcess:
                 return f.read()
         except OSError:
             return ""
+
+
+class ServeProcess:
+    """`hci-scheduler serve` in a subprocess on a loopback port (given, or free and read back
+    from --port-file), for the benchmark and the demo."""
+
+    def __init__(self, data_dir: str, *, port: int = 0, extra: list[str] | None = None,
+                 log_path: str | None = None):
+        self.data_dir = data_dir
+        self.port = port
+        self.extra = list(extra or [])
+        self.log_path = log_path or os.path.join(data_dir + ".log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "ServeProcess":
+        import time
+
+        port_file = self.data_dir + ".port"
+        if os.path.exists(port_file):
+            os.unlink(port_file)
+        cmd = [sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", f"127.0.0.1:{self.port}",
+               "--port-file", port_file, "--data-dir", self.data_dir] + self.extra
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(port_file) or not open(port_file).read().strip():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the server did not start (see {self.log_path})")
+            time.sleep(0.05)
+        self.port = int(open(port_file).read())
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def terminate(self, timeout: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -172,19 +172,31 @@ class Runtime:
         self.host_id = host_id
         self.stop_timeout_s = stop_timeout_s
 
+    def _inspected(self, filters: dict) -> list:
+        """Containers matching filters, each inspected; one removed between the listing and
+        its inspection is skipped (a non-sparse list would raise NotFound)."""
+        import docker.errors
+
+        out = []
+        for c in self.client.containers.list(all=True, sparse=True, filters=filters):
+            try:
+                c.reload()
+            except docker.errors.NotFound:
+                continue
+            out.append(c)
+        return out
+
     def list(self) -> dict[str, list]:
         """Containers of this host by workload id (every state)."""
         out: dict[str, list] = {}
-        for c in self.client.containers.list(all=True, sparse=False,
-                                             filters={"label": f"{LABEL_HOST}={self.host_id}"}):
+        for c in self._inspected({"label": f"{LABEL_HOST}={self.host_id}"}):
             wid = c.labels.get(LABEL_WORKLOAD)
             if wid is not None:
                 out.setdefault(wid, []).append(c)
         return out
 
     def find(self, workload_id: str) -> list:
-        return self.client.containers.list(
-            all=True, filters={"label": [f"{LABEL_HOST}={self.host_id}", f"{LABEL_WORKLOAD}={workload_id}"]})
+        return self._inspected({"label": [f"{LABEL_HOST}={self.host_id}", f"{LABEL_WORKLOAD}={workload_id}"]})
 
     def start(self, spec: RunSpec):
         """Create and start the container. Raises docker.errors.ImageNotFound / APIError with

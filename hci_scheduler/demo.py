@@ -238,6 +238,10 @@ def run(n_hosts: int = 400, n_containers: int = 8000, n_vms: int = 3000, unary: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is not None and "--docker" in argv:  # the same on real Docker Engines (agent/demo.py)
+        from .agent import demo as docker_demo
+
+        return docker_demo.main([a for a in argv if a != "--docker"])
     p = argparse.ArgumentParser(prog="hci-scheduler demo", description=__doc__.splitlines()[0])
     p.add_argument("--hosts", type=int, default=400)
     p.add_argument("--containers", type=int, default=8000)

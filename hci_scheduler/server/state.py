@@ -29,15 +29,12 @@ import threading
 import time
 from bisect import bisect_left
 from functools import cached_property
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from sched_core._wirescan import (
-    FLAGS, HOST_START, HOST_STOP, N_COLUMNS, SEQUENCE, SPEC_REST, TYPE, WORKLOAD_ID_START, WORKLOAD_ID_STOP,
-    WORKLOAD_START, WORKLOAD_STOP, scan_events,
-)
+from sched_core._wirescan import N_COLUMNS, scan_events
 
 from ..errors import DuplicateId, NotFound, SchedulerError, ValidationError
 from ..model import Placement
@@ -197,16 +194,16 @@ class _PlainRun:
         self._clear()
 
 
-class _Scanned:
+class _Scanned(NamedTuple):
     """A plain PLACED event, or a RELEASED or EVICTED one, as replay reads it: the fields
     `scan_events` located, sliced from the log's bytes without a protobuf message; `full`
     decodes it when the replay needs more (an event that does not apply)."""
 
-    __slots__ = ("sequence", "type", "workload_id", "host_id", "body")
-
-    def __init__(self, sequence: int, etype: int, workload_id: str, host_id: str, body: bytes):
-        self.sequence, self.type, self.workload_id, self.host_id, self.body = (
-            sequence, etype, workload_id, host_id, body)
+    sequence: int
+    type: int
+    workload_id: str
+    host_id: str  # "" for a release: replay does not read it
+    body: bytes
 
     def full(self) -> pb.Event:
         return pb.Event.FromString(self.body)
@@ -231,33 +228,27 @@ def _scanned(records: list[Record], run: _PlainRun) -> tuple[list, list]:
     np.cumsum(np.fromiter(map(len, bodies), dtype=np.int64, count=n), out=starts[1:])
     cols = np.empty((n, N_COLUMNS), dtype=np.int64)
     scan_events(np.frombuffer(blob, dtype=np.uint8), starts, cols)
-    seqs, types, flags = cols[:, SEQUENCE].tolist(), cols[:, TYPE].tolist(), cols[:, FLAGS].tolist()
-    h0, h1 = cols[:, HOST_START].tolist(), cols[:, HOST_STOP].tolist()
-    i0, i1 = cols[:, WORKLOAD_ID_START].tolist(), cols[:, WORKLOAD_ID_STOP].tolist()
-    w0, w1, rest = cols[:, WORKLOAD_START].tolist(), cols[:, WORKLOAD_STOP].tolist(), cols[:, SPEC_REST].tolist()
     events: list = []
     keys: list = []
-    rests = run.rests
-    for i in range(n):
-        t = types[i]
-        if not flags[i] and i1[i] > i0[i]:
+    rests, new, scanned = run.rests, tuple.__new__, _Scanned
+    released, evicted = _RELEASES
+    for (seq, t, h0, h1, i0, i1, w0, w1, rest, flags), body in zip(cols.tolist(), bodies):
+        if not flags and i1 > i0:
             try:
-                if t == _PLACED and w1[i] > w0[i] and h1[i] > h0[i]:
-                    raw = blob[rest[i]:w1[i]]
+                if t == _PLACED and w1 > w0 and h1 > h0:
+                    raw = blob[rest:w1]
                     tail = rests[raw] if raw in rests else run.rest(raw)
                     if tail is not None:
-                        events.append(_Scanned(seqs[i], t, blob[i0[i]:i1[i]].decode(), blob[h0[i]:h1[i]].decode(),
-                                               bodies[i]))
-                        keys.append((blob[w0[i]:rest[i]] + tail, rest[i] - w0[i]))
+                        events.append(new(scanned, (seq, t, blob[i0:i1].decode(), blob[h0:h1].decode(), body)))
+                        keys.append((blob[w0:rest] + tail, rest - w0))
                         continue
-                elif (t == _RELEASES[0] or t == _RELEASES[1]) and w1[i] == w0[i]:
-                    events.append(_Scanned(seqs[i], t, blob[i0[i]:i1[i]].decode(), blob[h0[i]:h1[i]].decode(),
-                                           bodies[i]))
+                elif (t == released or t == evicted) and w1 == w0:
+                    events.append(new(scanned, (seq, t, blob[i0:i1].decode(), "", body)))
                     keys.append(None)
                     continue
             except UnicodeDecodeError:
                 pass  # protobuf's decoding below names the error
-        ev = pb.Event.FromString(bodies[i])
+        ev = pb.Event.FromString(body)
         events.append(ev)
         keys.append(run.key(ev) if t == _PLACED else None)
     return events, keys

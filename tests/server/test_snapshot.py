@@ -665,3 +665,105 @@ def test_no_final_snapshot_after_a_fatal_store_error(tmp_path):
         assert again.state.sequence == 1           # the HOST_ADDED event only
     finally:
         again.stop(0)
+
+
+# -- the log's events read from their bytes ---------------------------------------
+
+
+def _placed_event(seq: int, wid: str, host: str, rest: bytes, **fields) -> bytes:
+    """A PLACED event whose workload is its id field followed by `rest` as given (in any
+    field order, as an older writer may have written it)."""
+    idb = wid.encode()
+    spec = b"\n" + bytes([len(idb)]) + idb + rest
+    head = pb.Event(sequence=seq, type=pb.EVENT_TYPE_PLACED, host_id=host, workload_id=wid, incarnation="i1",
+                    **fields).SerializeToString()
+    return head + b"\x3a" + bytes([len(spec)]) + spec
+
+
+def test_replay_reads_events_from_their_bytes_exactly_as_protobuf_decodes_them():
+    """Plain placements and releases are read without protobuf (state._scanned): for every
+    event, canonical or not, what replay reads equals what protobuf decodes, and the spec
+    bytes kept are the canonical ones."""
+    from hci_scheduler.server import convert
+    from hci_scheduler.server.state import _PlainRun, _Scanned, _scanned
+
+    req = pb.Workload(requests={"cpu": 100, "memory": 64}).SerializeToString()
+    cpu, mem = pb.Workload(requests={"cpu": 100}).SerializeToString(), pb.Workload(
+        requests={"memory": 64}).SerializeToString()
+    kind = pb.Workload(kind=pb.WORKLOAD_KIND_CONTAINER).SerializeToString()
+    bodies = [
+        _placed_event(1, "a", "h0", req),                      # as protobuf writes it
+        _placed_event(2, "b", "h1", kind + mem + cpu),         # fields and map entries out of order
+        _placed_event(3, "c", "h0", mem + cpu),                # the same spec as b, other bytes
+        _placed_event(4, "d", "h1", pb.Workload(per_host=True).SerializeToString()),  # not plain
+        _placed_event(5, "e", "h1", req + b"\n\x01x"),         # an id again: protobuf keeps "x"
+        pb.Event(sequence=6, type=pb.EVENT_TYPE_RELEASED, workload_id="a", host_id="h0").SerializeToString(),
+        pb.Event(sequence=7, type=pb.EVENT_TYPE_HOST_ADDED, host=pb.Host(id="h2")).SerializeToString(),
+        pb.Event(sequence=8, type=pb.EVENT_TYPE_EVICTED, workload_id="b", reason="preempted").SerializeToString(),
+    ]
+    events, keys = _scanned([Record(i + 1, 0, b) for i, b in enumerate(bodies)], _PlainRun())
+    reference = _PlainRun()
+    for body, ev, key in zip(bodies, events, keys):
+        want = pb.Event.FromString(body)
+        got = ev.full() if isinstance(ev, _Scanned) else ev
+        assert got == want
+        assert (ev.sequence, ev.type, ev.workload_id) == (want.sequence, want.type, want.workload_id)
+        if want.type == pb.EVENT_TYPE_PLACED:
+            assert ev.host_id == want.host_id
+            assert key == reference.key(want)
+            if key is not None:
+                assert key[0] == convert.spec_bytes(want.workload)  # canonical, whatever was written
+    # Which were read from bytes: the plain placements and the plain release only.
+    assert [isinstance(ev, _Scanned) for ev in events] == [True, True, True, False, False, True, False, False]
+    # Invalid UTF-8 in an id fails as protobuf fails, never as something else.
+    bad = pb.Event(sequence=9, type=pb.EVENT_TYPE_RELEASED, workload_id="z").SerializeToString().replace(
+        b"z", b"\xff")
+    with pytest.raises(type(_decode_error(bad))):
+        _scanned([Record(9, 0, bad)], _PlainRun())
+
+
+def _decode_error(body: bytes) -> Exception:
+    try:
+        pb.Event.FromString(body)
+    except Exception as exc:  # noqa: BLE001 (the type protobuf raises is what is compared)
+        return exc
+    raise AssertionError("protobuf decoded it")
+
+
+def test_full_replay_of_a_log_written_out_of_canonical_order_keeps_canonical_specs(tmp_path, monkeypatch):
+    """A log an older writer wrote with other field orders replays (scanned in chunks) to
+    the placements it records, each kept under its canonical spec bytes (what a retried
+    Place is compared with)."""
+    from hci_scheduler.server import convert, state as state_mod
+    from hci_scheduler.server.state import SchedulerState
+
+    monkeypatch.setattr(state_mod, "_SCAN_CHUNK", 7)  # chunks end mid-run and between a place and its release
+
+    store = SQLiteStore(str(tmp_path / "scheduler.db"), "NORMAL")
+    hosts = [pb.Event(sequence=i + 1, type=pb.EVENT_TYPE_HOST_ADDED,
+                      host=pb.Host(id=f"h{i}", capacity={"cpu": 10_000, "memory": 10_000})).SerializeToString()
+             for i in range(3)]
+    cpu, mem = pb.Workload(requests={"cpu": 100}).SerializeToString(), pb.Workload(
+        requests={"memory": 64}).SerializeToString()
+    placed = [_placed_event(4 + i, f"w{i}", f"h{i % 3}", (mem + cpu) if i % 2 else (cpu + mem)) for i in range(40)]
+    releases = [pb.Event(sequence=44 + k, type=pb.EVENT_TYPE_RELEASED, workload_id=f"w{i}").SerializeToString()
+                for k, i in enumerate(range(0, 40, 3))]
+    bodies = hosts + placed + releases
+    store.append([Record(pb.Event.FromString(b).sequence, pb.Event.FromString(b).type, b) for b in bodies])
+    store.close()
+    state = SchedulerState(SQLiteStore(str(tmp_path / "scheduler.db"), "NORMAL"), ("cpu", "memory"))
+    try:
+        gone = {f"w{i}" for i in range(0, 40, 3)}
+        want = {f"w{i}": f"h{i % 3}" for i in range(40) if f"w{i}" not in gone}
+        assert state.cluster.assignments() == want
+        for i, body in enumerate(placed):
+            ev = pb.Event.FromString(body)
+            if ev.workload_id in want:
+                assert state._placed[ev.workload_id] == (ev.sequence, convert.spec_bytes(ev.workload))
+        # Usage recomputed from the placements: 100 cpu and 64 memory each.
+        per_host = {h: sum(1 for v in want.values() if v == h) for h in ("h0", "h1", "h2")}
+        usage = state.cluster.usage()
+        for r, h in enumerate(("h0", "h1", "h2")):
+            assert usage[r].tolist() == [100 * per_host[h], 64 * per_host[h]]
+    finally:
+        state.close()

@@ -11,7 +11,7 @@
     hci-scheduler drain HOST
     hci-scheduler capacity --types types.yaml --workloads workloads.yaml
     hci-scheduler bench ...        (forwarded to bench.main)
-    hci-scheduler demo             (the main job through gRPC)
+    hci-scheduler demo             (the main job through gRPC; --ha: three replicas on etcd)
 
 Client commands print tables for people and JSON with --json; listings print every
 page (--page-size sets the items per call). The server address comes from --server or
@@ -749,6 +749,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench.main(argv[1:]) or 0
     if argv and argv[0] == "demo":
+        if "--ha" in argv[1:]:  # three replicas on etcd, the leader killed mid-run (ha/demo.py)
+            from .ha import demo as ha_demo
+
+            return ha_demo.main(argv[1:]) or 0
         from . import demo
 
         return demo.main(argv[1:]) or 0

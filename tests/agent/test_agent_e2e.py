@@ -63,7 +63,9 @@ class Cluster:
 
     def _server(self) -> ServerProcess:
         return ServerProcess(self.tmp, data_dir=self.tmp / "data", listen=f"127.0.0.1:{self.port}",
-                             extra=["--host-down-after-s", "2", "--down-reschedule-after-s", "0"]).start()
+                             # --snapshot-tail 0: a clean stop compacts the whole log away.
+                             extra=["--host-down-after-s", "2", "--down-reschedule-after-s", "0",
+                                    "--snapshot-tail", "0"]).start()
 
     def restart_server(self, kill: bool = True) -> None:
         self.server.kill() if kill else self.server.terminate()
@@ -291,3 +293,27 @@ def test_drain_moves_containers_and_cold_migrates_the_vm(cluster):
         wait_for(lambda: cluster.containers(s, w) == [], f"{w} stopped on {src}")
     qmp_dir = running_on(cluster, t, "mv-vm").labels[runtime.LABEL_QMP_DIR]
     assert runtime.wait_running(qmp_dir, timeout_s=DEADLINE_S) == "running"
+
+
+def test_agent_behind_a_compacted_log_relists(cluster):
+    b = cluster.images[0]
+    place(cluster, container("keep-2", b, 2), container("drop-2", b, 2))
+    keep = wait_for(lambda: running_on(cluster, 2, "keep-2"), "keep-2 running")
+    wait_for(lambda: running_on(cluster, 2, "drop-2"), "drop-2 running")
+    a = cluster.agents[2]
+    a.kill()
+    cluster.client.release(["drop-2"])
+    # A clean stop writes a snapshot and compacts up to the snapshot before it: after two,
+    # the agent's saved sequence is gone from the log, so its watch gets OUT_OF_RANGE and it
+    # must rebuild its desired state from a listing.
+    saved = cluster.client.status().last_sequence - 1
+    for k in range(2):
+        cluster.restart_server(kill=False)
+        cluster.client.close()
+        cluster.client = SchedulerClient(cluster.server.address, timeout=30)
+        place(cluster, container(f"pad-{k}", b, 0))
+    assert cluster.client.status().first_sequence > saved + 1
+    a.start()
+    wait_for(lambda: cluster.containers(2, "drop-2") == [], "drop-2 removed after the relist")
+    assert [c.id for c in cluster.containers(2, "keep-2")] == [keep.id]
+    assert "relisting" in a.log()

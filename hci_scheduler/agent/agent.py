@@ -294,9 +294,13 @@ class Agent:
                 self.desired[wid] = Desired.of(b)
                 self._failed.pop(wid, None)
                 self._mark({wid})
-            elif t in (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED) and wid in self.desired:
-                del self.desired[wid]
-                self._mark({wid})
+            elif t in (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED):
+                if wid in self.leaving:
+                    self.leaving[wid].until = 0.0  # moved away, then released: stop now
+                    self._mark({wid})
+                if wid in self.desired:
+                    del self.desired[wid]
+                    self._mark({wid})
             elif t == pb.EVENT_TYPE_MOVED:
                 if ev.source_host_id == me and wid in self.desired:
                     d = self.desired.pop(wid)
@@ -339,6 +343,7 @@ class Agent:
                         d.wait_for = ev.source_host_id
                         d.wait_until = time.monotonic() + self.cfg.move_timeout_s
                     self.desired[p.workload_id] = d
+                    self.leaving.pop(p.workload_id, None)  # moved away and back: it stays
                     self._mark({p.workload_id})
             self._state_dirty = True
 

@@ -21,6 +21,7 @@ millicores on one 2-core host); the agents find them registered and keep them.
 
 Figures go to stdout and OUT/agent.json, with the machine they came from.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,13 @@ CPU_RATIO = 4.0
 
 def _pcts(values_ms: list[float]) -> dict:
     a = np.asarray(values_ms)
-    return {"n": int(a.size), "p50_ms": round(float(np.percentile(a, 50)), 1),
-            "p99_ms": round(float(np.percentile(a, 99)), 1), "mean_ms": round(float(a.mean()), 1),
-            "max_ms": round(float(a.max()), 1)}
+    return {
+        "n": int(a.size),
+        "p50_ms": round(float(np.percentile(a, 50)), 1),
+        "p99_ms": round(float(np.percentile(a, 99)), 1),
+        "mean_ms": round(float(a.mean()), 1),
+        "max_ms": round(float(a.max()), 1),
+    }
 
 
 class StartEvents:
@@ -62,8 +67,10 @@ class StartEvents:
         self.clients = [e.client(timeout=None) for e in engines]
         self.streams = []
         for c in self.clients:
-            stream = c.events(decode=True, filters={"type": "container", "event": "start",
-                                                     "label": runtime.LABEL_WORKLOAD})
+            stream = c.events(
+                decode=True,
+                filters={"type": "container", "event": "start", "label": runtime.LABEL_WORKLOAD},
+            )
             self.streams.append(stream)
             threading.Thread(target=self._follow, args=(stream,), daemon=True).start()
 
@@ -99,9 +106,18 @@ def engine_run_ms(engines, image: str, n: int) -> list[float]:
         for i in range(n):
             c = clients[i % len(clients)]
             t = time.perf_counter()
-            made.append(c.containers.run(image, ["sleep", "100000"], detach=True, network_mode="none",
-                                         nano_cpus=CPU_M * 1_000_000, mem_limit=f"{MEMORY_MIB}m",
-                                         memswap_limit=f"{MEMORY_MIB}m", name=f"base-{i}"))
+            made.append(
+                c.containers.run(
+                    image,
+                    ["sleep", "100000"],
+                    detach=True,
+                    network_mode="none",
+                    nano_cpus=CPU_M * 1_000_000,
+                    mem_limit=f"{MEMORY_MIB}m",
+                    memswap_limit=f"{MEMORY_MIB}m",
+                    name=f"base-{i}",
+                )
+            )
             out.append((time.perf_counter() - t) * 1e3)
         for k in made:
             k.remove(force=True)
@@ -112,8 +128,12 @@ def engine_run_ms(engines, image: str, n: int) -> list[float]:
 
 
 def workload(wid: str, image: str, idx: int) -> pb.Workload:
-    return pb.Workload(id=wid, requests={"cpu": CPU_M, "memory": MEMORY_MIB}, node_selector={"idx": str(idx)},
-                       container=pb.ContainerSpec(image=image, args=["sleep", "100000"]))
+    return pb.Workload(
+        id=wid,
+        requests={"cpu": CPU_M, "memory": MEMORY_MIB},
+        node_selector={"idx": str(idx)},
+        container=pb.ContainerSpec(image=image, args=["sleep", "100000"]),
+    )
 
 
 def wait_until(pred, what: str, timeout: float = 600.0):
@@ -146,18 +166,30 @@ def run(n_containers: int, n_reconcile: int, out: Path) -> dict:
         figures["engine_run"] = _pcts(engine_run_ms(engines.engines, image, n_containers))
         print(f"engine run: {figures['engine_run']}", flush=True)
 
-        server = ServeProcess(os.path.join(base, "data"), extra=["--down-reschedule-after-s", "0"]).start()
+        server = ServeProcess(
+            os.path.join(base, "data"), extra=["--down-reschedule-after-s", "0"]
+        ).start()
         sched = SchedulerClient(server.address, timeout=60)
         hosts = []
         for i, e in enumerate(engines.engines):
             c = e.client()
             info = c.info()
             c.close()
-            hosts.append(pb.Host(id=f"h{i}", labels={"idx": str(i)}, allocation_ratios={"cpu": CPU_RATIO},
-                                 capacity={"cpu": info["NCPU"] * 1000, "memory": info["MemTotal"] >> 20}))
+            hosts.append(
+                pb.Host(
+                    id=f"h{i}",
+                    labels={"idx": str(i)},
+                    allocation_ratios={"cpu": CPU_RATIO},
+                    capacity={"cpu": info["NCPU"] * 1000, "memory": info["MemTotal"] >> 20},
+                )
+            )
         sched.register_hosts(hosts)
-        agents = [AgentProcess(server.address, e.url, f"h{i}", os.path.join(base, f"a{i}"),
-                               labels={"idx": str(i)}) for i, e in enumerate(engines.engines)]
+        agents = [
+            AgentProcess(
+                server.address, e.url, f"h{i}", os.path.join(base, f"a{i}"), labels={"idx": str(i)}
+            )
+            for i, e in enumerate(engines.engines)
+        ]
         for a in agents:
             a.start()
         wait_until(lambda: all("reconciled" in a.log() for a in agents), "agents up", 120)
@@ -174,8 +206,15 @@ def run(n_containers: int, n_reconcile: int, out: Path) -> dict:
         figures["place_to_running"] = _pcts(lat)
         sched.release([f"lat-{i}" for i in range(n_containers)])
         dcs = [e.client() for e in engines.engines]
-        wait_until(lambda: all(not d.containers.list(all=True, sparse=True, filters={"label": runtime.LABEL_WORKLOAD})
-                               for d in dcs), "latency containers removed")
+        wait_until(
+            lambda: all(
+                not d.containers.list(
+                    all=True, sparse=True, filters={"label": runtime.LABEL_WORKLOAD}
+                )
+                for d in dcs
+            ),
+            "latency containers removed",
+        )
         for d in dcs:
             d.close()
         print(f"latency done: {figures['place_to_running']}", flush=True)
@@ -183,27 +222,51 @@ def run(n_containers: int, n_reconcile: int, out: Path) -> dict:
         # 2. Reconcile after an agent restart.
         t = time.perf_counter()
         for k in range(0, n_reconcile, 100):
-            resp = sched.place([workload(f"rec-{j}", image, 0) for j in range(k, min(k + 100, n_reconcile))])
+            resp = sched.place(
+                [workload(f"rec-{j}", image, 0) for j in range(k, min(k + 100, n_reconcile))]
+            )
             assert all(p.host_id == "h0" for p in resp.placements), resp
         dc = engines[0].client(timeout=120)
-        running = lambda: {c.id: c.attrs["State"]["StartedAt"] for c in dc.containers.list(  # noqa: E731
-            sparse=False, filters={"label": runtime.LABEL_WORKLOAD, "status": "running"})}
-        wait_until(lambda: len(dc.containers.list(sparse=True, filters={"label": runtime.LABEL_WORKLOAD})) == n_reconcile,
-                   f"{n_reconcile} containers running", 1800)
+
+        def running() -> dict:
+            listed = dc.containers.list(
+                sparse=False, filters={"label": runtime.LABEL_WORKLOAD, "status": "running"}
+            )
+            return {c.id: c.attrs["State"]["StartedAt"] for c in listed}
+
+        wait_until(
+            lambda: (
+                len(dc.containers.list(sparse=True, filters={"label": runtime.LABEL_WORKLOAD}))
+                == n_reconcile
+            ),
+            f"{n_reconcile} containers running",
+            1800,
+        )
         figures["reconcile_start_all_s"] = round(time.perf_counter() - t, 1)
         before = running()
         agents[0].kill()
         log_before = len(agents[0].log())
         t = time.perf_counter()
         agents[0].start()
-        line = wait_until(lambda: re.search(r"reconciled (\d+) workloads in ([0-9.]+) s after start: (.*)",
-                                            agents[0].log()[log_before:]), "agent h0 reconciled", 600)
+        line = wait_until(
+            lambda: re.search(
+                r"reconciled (\d+) workloads in ([0-9.]+) s after start: (.*)",
+                agents[0].log()[log_before:],
+            ),
+            "agent h0 reconciled",
+            600,
+        )
         wall = time.perf_counter() - t
         after = running()
-        figures["reconcile"] = {"workloads": int(line.group(1)), "agent_s": float(line.group(2)),
-                                "process_start_to_done_s": round(wall, 2), "counts": line.group(3).strip(),
-                                "containers_before": len(before), "containers_after": len(after),
-                                "restarted_or_replaced": sum(1 for cid, s in before.items() if after.get(cid) != s)}
+        figures["reconcile"] = {
+            "workloads": int(line.group(1)),
+            "agent_s": float(line.group(2)),
+            "process_start_to_done_s": round(wall, 2),
+            "counts": line.group(3).strip(),
+            "containers_before": len(before),
+            "containers_after": len(after),
+            "restarted_or_replaced": sum(1 for cid, s in before.items() if after.get(cid) != s),
+        }
         dc.close()
     finally:
         if events is not None:
@@ -221,7 +284,9 @@ def run(n_containers: int, n_reconcile: int, out: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hci_scheduler.bench.agent", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m hci_scheduler.bench.agent", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--containers", type=int, default=200)
     p.add_argument("--reconcile", type=int, default=500)
     p.add_argument("--out", default="bench-out")

@@ -16,6 +16,7 @@ the target reports it RUNNING (a STATUS event); a workload that must not run twi
 and starts on the target once the source reports it STOPPED. Either side gives up waiting
 after --move-timeout-s (the other agent may be dead).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -32,7 +33,7 @@ import grpc
 from ..errors import ValidationError
 from ..v1 import scheduler_pb2 as pb
 from . import hostinfo, runtime, statefile
-from .runtime import LABEL_RESTARTS, LABEL_SPEC_HASH, ContainerState, HostFacts, Runtime
+from .runtime import LABEL_RESTARTS, ContainerState, HostFacts, Runtime
 
 log = logging.getLogger("hci_scheduler.agent")
 
@@ -112,13 +113,22 @@ class Agent:
         from ..client import SchedulerClient
 
         self.cfg = config
-        self.sched = SchedulerClient(config.scheduler, token=config.token, tls_ca=config.tls_ca,
-                                     tls_cert=config.tls_cert, tls_key=config.tls_key,
-                                     tls_server_name=config.tls_server_name, timeout=config.rpc_timeout_s)
+        self.sched = SchedulerClient(
+            config.scheduler,
+            token=config.token,
+            tls_ca=config.tls_ca,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            tls_server_name=config.tls_server_name,
+            timeout=config.rpc_timeout_s,
+        )
         # Every engine call has a timeout (kubernetes #94829); the event stream has its own client
         # without one, and the pool is sized to the workers (docker-py's 10 starves: #1636).
-        self.docker = docker.DockerClient(base_url=config.docker_host, timeout=config.engine_timeout_s,
-                                          max_pool_size=config.workers + 4)
+        self.docker = docker.DockerClient(
+            base_url=config.docker_host,
+            timeout=config.engine_timeout_s,
+            max_pool_size=config.workers + 4,
+        )
         self.docker_events = docker.DockerClient(base_url=config.docker_host, timeout=None)
         self.runtime = Runtime(self.docker, config.host_id, config.stop_timeout_s)
         self.lock = threading.RLock()
@@ -134,7 +144,9 @@ class Agent:
         self._reports: dict[str, pb.WorkloadStatus] = {}  # latest unsent status per workload
         self._report_cv = threading.Condition()
         self._reported: dict[str, tuple] = {}  # workload id -> last status key sent
-        self._failed: dict[str, str] = {}  # workload id -> spec hash that failed to start (no retry loop)
+        self._failed: dict[
+            str, str
+        ] = {}  # workload id -> spec hash that failed to start (no retry loop)
         self._exit_seen: dict[str, float] = {}  # container id -> monotonic time its exit was seen
         self._seen_states: dict[str, str] = {}  # container id -> state at the last relist
         self._state_dirty = False
@@ -156,10 +168,21 @@ class Agent:
         if not eh.kvm:
             log.warning("kvm=false: %s", eh.kvm_reason)
         volumes = self.cfg.volumes_dir or os.path.join(self.cfg.state_dir, "volumes")
-        self.facts = HostFacts(self.cfg.host_id, eh.kvm, self.cfg.vm_image, volumes,
-                               os.path.join(self.cfg.state_dir, "q"), eh.storage_limit, eh.numa_cpus)
-        host = pb.Host(id=self.cfg.host_id, capacity=eh.capacity, labels=eh.labels,
-                       numa_nodes=[pb.NumaNode(resources=r) for r in eh.numa_resources])
+        self.facts = HostFacts(
+            self.cfg.host_id,
+            eh.kvm,
+            self.cfg.vm_image,
+            volumes,
+            os.path.join(self.cfg.state_dir, "q"),
+            eh.storage_limit,
+            eh.numa_cpus,
+        )
+        host = pb.Host(
+            id=self.cfg.host_id,
+            capacity=eh.capacity,
+            labels=eh.labels,
+            numa_nodes=[pb.NumaNode(resources=r) for r in eh.numa_resources],
+        )
         try:
             self.sched.register_hosts([host])
             log.info("registered host %s: %s", self.cfg.host_id, dict(eh.capacity))
@@ -202,8 +225,9 @@ class Agent:
         with self.lock:
             if not self._state_dirty:
                 return
-            state = statefile.AgentState(self.sequence, self.incarnation,
-                                         {w: d.spec_bytes for w, d in self.desired.items()})
+            state = statefile.AgentState(
+                self.sequence, self.incarnation, {w: d.spec_bytes for w, d in self.desired.items()}
+            )
             self._state_dirty = False
         statefile.save(self.cfg.state_dir, state)
 
@@ -214,8 +238,13 @@ class Agent:
         if not self._load_state():
             self._retry(self._resync)
         self._save_state()
-        loops = [self._watch_loop, self._engine_events_loop, self._relist_loop, self._report_loop,
-                 self._persist_loop] + [self._worker] * self.cfg.workers
+        loops = [
+            self._watch_loop,
+            self._engine_events_loop,
+            self._relist_loop,
+            self._report_loop,
+            self._persist_loop,
+        ] + [self._worker] * self.cfg.workers
         for fn in loops:
             t = threading.Thread(target=fn, name=f"agent-{fn.__name__}", daemon=True)
             t.start()
@@ -254,7 +283,13 @@ class Agent:
             try:
                 return fn()
             except grpc.RpcError as exc:
-                log.warning("%s: %s %s (retrying in %.1f s)", fn.__name__, exc.code().name, exc.details(), delay)
+                log.warning(
+                    "%s: %s %s (retrying in %.1f s)",
+                    fn.__name__,
+                    exc.code().name,
+                    exc.details(),
+                    delay,
+                )
             self._stop.wait(delay)
             delay = min(delay * 2, 5.0)
 
@@ -262,7 +297,9 @@ class Agent:
         delay = 0.2
         while not self._stop.is_set():
             with self.lock:
-                req = pb.WatchEventsRequest(after_sequence=self.sequence, incarnation=self.incarnation)
+                req = pb.WatchEventsRequest(
+                    after_sequence=self.sequence, incarnation=self.incarnation
+                )
             call = self.sched.stub.WatchEvents(req, metadata=self.sched.metadata)
             self._watch_call = call
             try:
@@ -304,8 +341,11 @@ class Agent:
             elif t == pb.EVENT_TYPE_MOVED:
                 if ev.source_host_id == me and wid in self.desired:
                     d = self.desired.pop(wid)
-                    self.leaving[wid] = Leaving(ev.host_id, time.monotonic() + self.cfg.move_timeout_s,
-                                                _must_not_run_twice(d.spec))
+                    self.leaving[wid] = Leaving(
+                        ev.host_id,
+                        time.monotonic() + self.cfg.move_timeout_s,
+                        _must_not_run_twice(d.spec),
+                    )
                     self._mark({wid})
                 if ev.host_id == me:
                     relist = True  # the event does not carry the spec
@@ -325,7 +365,9 @@ class Agent:
         listing = None
         for attempt in range(5):
             try:
-                listing = [p for p in self.sched.allocations(self.cfg.host_id, include_workloads=True)]
+                listing = [
+                    p for p in self.sched.allocations(self.cfg.host_id, include_workloads=True)
+                ]
                 break
             except grpc.RpcError as exc:
                 log.warning("moved %s here: listing failed: %s", wid, exc.code().name)
@@ -335,11 +377,18 @@ class Agent:
             return
         with self.lock:
             for p in listing:
-                if p.workload_id == wid or (ev.type == pb.EVENT_TYPE_HOST_ADDED and p.workload_id not in self.desired
-                                            and self.cfg.host_id in p.replica_host_ids):
+                if p.workload_id == wid or (
+                    ev.type == pb.EVENT_TYPE_HOST_ADDED
+                    and p.workload_id not in self.desired
+                    and self.cfg.host_id in p.replica_host_ids
+                ):
                     d = Desired.of(p.workload.SerializeToString(deterministic=True))
                     # A move off a DOWN host (no plan) has nobody to wait for.
-                    if ev.type == pb.EVENT_TYPE_MOVED and _must_not_run_twice(d.spec) and ev.plan_id:
+                    if (
+                        ev.type == pb.EVENT_TYPE_MOVED
+                        and _must_not_run_twice(d.spec)
+                        and ev.plan_id
+                    ):
                         d.wait_for = ev.source_host_id
                         d.wait_until = time.monotonic() + self.cfg.move_timeout_s
                     self.desired[p.workload_id] = d
@@ -351,12 +400,21 @@ class Agent:
         s = ev.status
         wid = s.workload_id
         leaving = self.leaving.get(wid)
-        if leaving is not None and s.host_id == leaving.target and s.state == pb.WORKLOAD_STATE_RUNNING:
+        if (
+            leaving is not None
+            and s.host_id == leaving.target
+            and s.state == pb.WORKLOAD_STATE_RUNNING
+        ):
             leaving.until = 0.0  # the target runs it: stop here now
             self._mark({wid})
         d = self.desired.get(wid)
-        if d is not None and d.wait_for and s.host_id == d.wait_for and s.state in (
-                pb.WORKLOAD_STATE_STOPPED, pb.WORKLOAD_STATE_EXITED, pb.WORKLOAD_STATE_FAILED):
+        if (
+            d is not None
+            and d.wait_for
+            and s.host_id == d.wait_for
+            and s.state
+            in (pb.WORKLOAD_STATE_STOPPED, pb.WORKLOAD_STATE_EXITED, pb.WORKLOAD_STATE_FAILED)
+        ):
             d.wait_for = ""
             self._mark({wid})
 
@@ -367,8 +425,13 @@ class Agent:
         while not self._stop.is_set():
             try:
                 stream = self.docker_events.events(
-                    decode=True, since=since,
-                    filters={"type": "container", "label": f"{runtime.LABEL_HOST}={self.cfg.host_id}"})
+                    decode=True,
+                    since=since,
+                    filters={
+                        "type": "container",
+                        "label": f"{runtime.LABEL_HOST}={self.cfg.host_id}",
+                    },
+                )
                 self._engine_stream = stream
                 for e in stream:
                     since = e.get("time", since)
@@ -406,8 +469,9 @@ class Agent:
     def _relist(self) -> None:
         """One listing of this host's containers (sparse: no inspect per container), diffed
         against the desired state; what differs is marked dirty."""
-        containers = self.docker.containers.list(all=True, sparse=True,
-                                                 filters={"label": f"{runtime.LABEL_HOST}={self.cfg.host_id}"})
+        containers = self.docker.containers.list(
+            all=True, sparse=True, filters={"label": f"{runtime.LABEL_HOST}={self.cfg.host_id}"}
+        )
         by_wid: dict[str, list] = {}
         dirty = set()
         seen = {}
@@ -424,7 +488,7 @@ class Agent:
         with self.lock:
             for wid, d in self.desired.items():
                 have = by_wid.get(wid, [])
-                if len(have) != 1 or have[0][1].get(LABEL_SPEC_HASH) != d.hash:
+                if len(have) != 1 or not runtime.matches(have[0][1], d.hash, d.spec):
                     if self._failed.get(wid) != d.hash:
                         dirty.add(wid)
                 elif have[0][0].attrs.get("State") != "running" and wid not in self._reported:
@@ -488,8 +552,12 @@ class Agent:
             if self._dirty or self._busy:
                 return
             self._reconciled.set()
-        log.info("reconciled %d workloads in %.3f s after start: %s", len(self.desired),
-                 time.monotonic() - self._started_at, ", ".join(f"{k} {v}" for k, v in self.counts.items()))
+        log.info(
+            "reconciled %d workloads in %.3f s after start: %s",
+            len(self.desired),
+            time.monotonic() - self._started_at,
+            ", ".join(f"{k} {v}" for k, v in self.counts.items()),
+        )
 
     def _schedule(self, wid: str, due: float) -> None:
         with self.lock:
@@ -503,8 +571,12 @@ class Agent:
             leaving = self.leaving.get(wid)
         containers = self.runtime.find(wid)
         if d is None:
-            if leaving is not None and not leaving.stop_now and leaving.until > now and any(
-                    c.status == "running" for c in containers):
+            if (
+                leaving is not None
+                and not leaving.stop_now
+                and leaving.until > now
+                and any(c.status == "running" for c in containers)
+            ):
                 return  # a move away: runs until the target reports it running
             if containers and not self._synced.is_set():
                 return  # reap only after the first full sync (hashicorp/nomad PR #7792)
@@ -519,13 +591,18 @@ class Agent:
                 self._report(wid, pb.WORKLOAD_STATE_STOPPED, message=f"moved to {leaving.target}")
             return
         if d.wait_for and d.wait_until > now:
-            self._report(wid, pb.WORKLOAD_STATE_PENDING, message=f"waiting for {d.wait_for} to stop it")
+            self._report(
+                wid, pb.WORKLOAD_STATE_PENDING, message=f"waiting for {d.wait_for} to stop it"
+            )
             return
-        keep = [c for c in containers if c.labels.get(LABEL_SPEC_HASH) == d.hash]
+        keep = [c for c in containers if runtime.matches(c.labels, d.hash, d.spec)]
         for c in containers:
             if c not in keep:
                 self.runtime.remove(c)  # another spec: replaced
-        keep.sort(key=lambda c: (c.status == "running", int(c.labels.get(LABEL_RESTARTS, "0"))), reverse=True)
+        keep.sort(
+            key=lambda c: (c.status == "running", int(c.labels.get(LABEL_RESTARTS, "0"))),
+            reverse=True,
+        )
         for c in keep[1:]:
             self.runtime.remove(c)  # never two of one workload
         if not keep:
@@ -538,21 +615,38 @@ class Agent:
             if wid not in self._reported:
                 self.counts["adopted"] += 1
             self._exit_seen.pop(c.id, None)
-            self._report(wid, pb.WORKLOAD_STATE_RUNNING, container=c, restarts=restarts,
-                         message=self._vm_message(d), since=st.started_at)
+            self._report(
+                wid,
+                pb.WORKLOAD_STATE_RUNNING,
+                container=c,
+                restarts=restarts,
+                message=self._vm_message(d),
+                since=st.started_at,
+            )
             return
         if st.status == "created":
             c.start()
             self._mark({wid})
             return
-        message = "out of memory (OOM killed)" if st.oom_killed else st.error or f"exited with code {st.exit_code}"
+        message = (
+            "out of memory (OOM killed)"
+            if st.oom_killed
+            else st.error or f"exited with code {st.exit_code}"
+        )
         state = pb.WORKLOAD_STATE_FAILED if st.error else pb.WORKLOAD_STATE_EXITED
-        self._report(wid, state, exit_code=st.exit_code, container=c, restarts=restarts, message=message,
-                     since=st.finished_at)
+        self._report(
+            wid,
+            state,
+            exit_code=st.exit_code,
+            container=c,
+            restarts=restarts,
+            message=message,
+            since=st.finished_at,
+        )
         if not _restart_wanted(d.spec, st.exit_code):
             return
         seen = self._exit_seen.setdefault(c.id, now)
-        delay = min(self.cfg.restart_backoff_s * (2 ** restarts), MAX_BACKOFF_S)
+        delay = min(self.cfg.restart_backoff_s * (2**restarts), MAX_BACKOFF_S)
         delay *= 1 + random.uniform(-0.1, 0.1)
         if now < seen + delay:
             self._schedule(wid, seen + delay)
@@ -568,8 +662,9 @@ class Agent:
         if not (d.spec.numa and runtime.is_vm(d.spec) and self.facts.numa_cpus):
             return None
         load = {n: 0 for n in self.facts.numa_cpus}
-        for c in self.docker.containers.list(filters={"label": [f"{runtime.LABEL_HOST}={self.cfg.host_id}",
-                                                                runtime.LABEL_NUMA_NODE]}):
+        for c in self.docker.containers.list(
+            filters={"label": [f"{runtime.LABEL_HOST}={self.cfg.host_id}", runtime.LABEL_NUMA_NODE]}
+        ):
             n = int(c.labels[runtime.LABEL_NUMA_NODE])
             if n in load and c.labels.get(runtime.LABEL_WORKLOAD) != d.spec.id:
                 load[n] += int(c.attrs.get("HostConfig", {}).get("NanoCpus", 0) or 0)
@@ -585,8 +680,13 @@ class Agent:
             c = self.runtime.start(spec)
         except (docker.errors.ImageNotFound, docker.errors.APIError, ValidationError) as exc:
             reason = getattr(exc, "explanation", None) or str(exc)
-            if isinstance(exc, docker.errors.APIError) and exc.status_code and exc.status_code >= 500 \
-                    and not isinstance(exc, docker.errors.ImageNotFound) and "no such image" not in str(reason):
+            if (
+                isinstance(exc, docker.errors.APIError)
+                and exc.status_code
+                and exc.status_code >= 500
+                and not isinstance(exc, docker.errors.ImageNotFound)
+                and "no such image" not in str(reason)
+            ):
                 raise  # the engine's own trouble: try again at the next relist
             with self.lock:
                 self._failed[wid] = d.hash  # not again until the spec changes
@@ -597,16 +697,31 @@ class Agent:
         if spec.qmp_dir:
             state = runtime.wait_running(spec.qmp_dir, timeout_s=10.0)
             log.info("VM %s: qemu %s", wid, state)
-        self._report(wid, pb.WORKLOAD_STATE_RUNNING, container=c, restarts=restarts, message=spec.warning,
-                     since=ContainerState.of(c).started_at)
+        self._report(
+            wid,
+            pb.WORKLOAD_STATE_RUNNING,
+            container=c,
+            restarts=restarts,
+            message=spec.warning,
+            since=ContainerState.of(c).started_at,
+        )
 
     def _vm_message(self, d: Desired) -> str:
         return runtime.vm.TCG_WARNING if runtime.is_vm(d.spec) and not self.facts.kvm else ""
 
     # -- reports -------------------------------------------------------------------------
 
-    def _report(self, wid: str, state: int, *, exit_code: int = 0, container=None, restarts: int = 0,
-                message: str = "", since: str = "") -> None:
+    def _report(
+        self,
+        wid: str,
+        state: int,
+        *,
+        exit_code: int = 0,
+        container=None,
+        restarts: int = 0,
+        message: str = "",
+        since: str = "",
+    ) -> None:
         """Queue a status when it differs from the last one sent for the workload."""
         cid = container.id if container is not None else ""
         key = (state, exit_code, cid, restarts, message)
@@ -614,8 +729,15 @@ class Agent:
             if self._reported.get(wid) == key:
                 return
             self._reported[wid] = key
-        status = pb.WorkloadStatus(workload_id=wid, host_id=self.cfg.host_id, state=state, exit_code=exit_code,
-                                   message=message, container_id=cid, restarts=restarts)
+        status = pb.WorkloadStatus(
+            workload_id=wid,
+            host_id=self.cfg.host_id,
+            state=state,
+            exit_code=exit_code,
+            message=message,
+            container_id=cid,
+            restarts=restarts,
+        )
         if since:
             try:
                 status.since.FromJsonString(since[:26].rstrip("Z") + "Z" if "." in since else since)
@@ -642,8 +764,14 @@ class Agent:
             with self.lock:
                 applied = self.sequence
             try:
-                self.sched.call("ReportStatus", pb.ReportStatusRequest(
-                    host_id=self.cfg.host_id, statuses=list(batch.values()), applied_sequence=applied))
+                self.sched.call(
+                    "ReportStatus",
+                    pb.ReportStatusRequest(
+                        host_id=self.cfg.host_id,
+                        statuses=list(batch.values()),
+                        applied_sequence=applied,
+                    ),
+                )
                 last = time.monotonic()
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and batch:
@@ -653,7 +781,8 @@ class Agent:
                     last = time.monotonic()
                     continue
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    # The host is gone from the scheduler (removed, or a store rebuilt): register again.
+                    # The host is gone from the scheduler (removed, or a store rebuilt):
+                    # register again.
                     self._retry(self.register)
                 log.warning("report: %s %s", exc.code().name, exc.details())
                 with self._report_cv:
@@ -661,12 +790,15 @@ class Agent:
                         self._reports.setdefault(wid, s)  # a newer one wins
                 self._stop.wait(0.5)
 
-
     def _report_each(self, batch: dict, applied: int) -> None:
         for wid, status in batch.items():
             try:
-                self.sched.call("ReportStatus", pb.ReportStatusRequest(
-                    host_id=self.cfg.host_id, statuses=[status], applied_sequence=applied))
+                self.sched.call(
+                    "ReportStatus",
+                    pb.ReportStatusRequest(
+                        host_id=self.cfg.host_id, statuses=[status], applied_sequence=applied
+                    ),
+                )
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.debug("status of %s dropped: %s", wid, exc.details())
@@ -680,29 +812,62 @@ class Agent:
 
 def add_arguments(p) -> None:
     p.add_argument("--scheduler", required=True, help="HOST:PORT of the scheduler service")
-    p.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
-                   help="the engine's URL (env DOCKER_HOST)")
+    p.add_argument(
+        "--docker-host",
+        default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
+        help="the engine's URL (env DOCKER_HOST)",
+    )
     p.add_argument("--host-id", required=True, help="this host's id in the scheduler")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="host label, repeatable")
-    p.add_argument("--state-dir", default="/var/lib/hci-scheduler-agent",
-                   help="applied sequence, desired workloads, QMP sockets (keep the path short)")
-    p.add_argument("--volumes-dir", default="", help="volume directories (default: STATE_DIR/volumes)")
-    p.add_argument("--heartbeat-s", type=float, default=5.0, help="seconds between heartbeats (default 5)")
-    p.add_argument("--vm-image", default="", help="launcher image for VMs without one (hci-scheduler/qemu:...)")
-    p.add_argument("--relist-s", type=float, default=2.0, help="seconds between container relists (default 2)")
-    p.add_argument("--restart-backoff-s", type=float, default=10.0,
-                   help="first restart delay, doubling to 300 s (default 10)")
-    p.add_argument("--move-timeout-s", type=float, default=60.0,
-                   help="how long a move waits for the other host's report (default 60)")
-    p.add_argument("--stop-timeout-s", type=int, default=runtime.STOP_TIMEOUT_S,
-                   help="seconds a stopped container gets between SIGTERM and SIGKILL (default 10)")
-    p.add_argument("--workers", type=int, default=8, help="workloads synced in parallel (default 8)")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="host label, repeatable"
+    )
+    p.add_argument(
+        "--state-dir",
+        default="/var/lib/hci-scheduler-agent",
+        help="applied sequence, desired workloads, QMP sockets (keep the path short)",
+    )
+    p.add_argument(
+        "--volumes-dir", default="", help="volume directories (default: STATE_DIR/volumes)"
+    )
+    p.add_argument(
+        "--heartbeat-s", type=float, default=5.0, help="seconds between heartbeats (default 5)"
+    )
+    p.add_argument(
+        "--vm-image", default="", help="launcher image for VMs without one (hci-scheduler/qemu:...)"
+    )
+    p.add_argument(
+        "--relist-s", type=float, default=2.0, help="seconds between container relists (default 2)"
+    )
+    p.add_argument(
+        "--restart-backoff-s",
+        type=float,
+        default=10.0,
+        help="first restart delay, doubling to 300 s (default 10)",
+    )
+    p.add_argument(
+        "--move-timeout-s",
+        type=float,
+        default=60.0,
+        help="how long a move waits for the other host's report (default 60)",
+    )
+    p.add_argument(
+        "--stop-timeout-s",
+        type=int,
+        default=runtime.STOP_TIMEOUT_S,
+        help="seconds a stopped container gets between SIGTERM and SIGKILL (default 10)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=8, help="workloads synced in parallel (default 8)"
+    )
     p.add_argument("--tls-ca", help="CA certificate to verify the server (turns on TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
     p.add_argument("--tls-key", help="client key for mutual TLS")
     p.add_argument("--tls-server-name", help="override the name checked in the server certificate")
-    p.add_argument("--token-file", default=os.environ.get("HCI_SCHEDULER_TOKEN_FILE"),
-                   help="file whose first token is sent as a bearer token")
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get("HCI_SCHEDULER_TOKEN_FILE"),
+        help="file whose first token is sent as a bearer token",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per call in seconds")
     p.add_argument("--log-level", default="info", help="debug, info, warning (default info)")
 
@@ -732,18 +897,33 @@ def config_from_args(args) -> AgentConfig:
         except Exception:  # qemu or busybox not installed here: the name stays a guess
             pass
     return AgentConfig(
-        scheduler=args.scheduler, docker_host=args.docker_host, host_id=args.host_id, labels=labels,
-        state_dir=args.state_dir, heartbeat_s=args.heartbeat_s, vm_image=vm_image, relist_s=args.relist_s,
-        restart_backoff_s=args.restart_backoff_s, move_timeout_s=args.move_timeout_s, workers=args.workers,
-        volumes_dir=args.volumes_dir, stop_timeout_s=args.stop_timeout_s,
-        token=read_token_file(args.token_file) if args.token_file else None, tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
-        rpc_timeout_s=args.timeout)
+        scheduler=args.scheduler,
+        docker_host=args.docker_host,
+        host_id=args.host_id,
+        labels=labels,
+        state_dir=args.state_dir,
+        heartbeat_s=args.heartbeat_s,
+        vm_image=vm_image,
+        relist_s=args.relist_s,
+        restart_backoff_s=args.restart_backoff_s,
+        move_timeout_s=args.move_timeout_s,
+        workers=args.workers,
+        volumes_dir=args.volumes_dir,
+        stop_timeout_s=args.stop_timeout_s,
+        token=read_token_file(args.token_file) if args.token_file else None,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        rpc_timeout_s=args.timeout,
+    )
 
 
 def run(args) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # one line per engine call otherwise
     import sys
 

@@ -9,6 +9,7 @@
    engine reports them, and the VM's state and vCPUs from QMP.
 4. Everything released (the agents remove the containers) and stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,20 +65,38 @@ def run(docker_hosts: Sequence[str], n_containers: int = 6, console=None) -> int
         con.print(f"images: {', '.join(names)}")
         server = ServeProcess(os.path.join(base, "data")).start()
         con.print(f"service on {server.address}")
-        agents = [AgentProcess(server.address, u, f"host-{i}", os.path.join(base, f"a{i}"),
-                               extra=["--vm-image", names[1], "--stop-timeout-s", "2"]).start()
-                  for i, u in enumerate(docker_hosts)]
+        agents = [
+            AgentProcess(
+                server.address,
+                u,
+                f"host-{i}",
+                os.path.join(base, f"a{i}"),
+                extra=["--vm-image", names[1], "--stop-timeout-s", "2"],
+            ).start()
+            for i, u in enumerate(docker_hosts)
+        ]
         sched = SchedulerClient(server.address)
         _wait(lambda: len(list(sched.hosts())) == len(agents), "the agents to register their hosts")
         for h in sched.hosts():
-            con.print(f"  {h.id}: cpu {h.capacity['cpu']} m, memory {h.capacity['memory']} MiB, "
-                      f"ssd {h.capacity['ssd']} GiB, labels {dict(h.labels)}")
-        work = [pb.Workload(id=f"web-{i}", group="web", requests={"cpu": 100 * (1 + i % 3), "memory": 16 * (1 + i % 2)},
-                            anti_affinities=[pb.AffinityTerm(group="web", hard=False, weight=50)],
-                            container=pb.ContainerSpec(image=names[0], args=["sleep", "100000"],
-                                                       env={"INDEX": str(i)}))
-                for i in range(n_containers)]
-        work.append(pb.Workload(id="vm-0", kind=pb.WORKLOAD_KIND_VM, requests={"cpu": 1000, "memory": 64}))
+            con.print(
+                f"  {h.id}: cpu {h.capacity['cpu']} m, memory {h.capacity['memory']} MiB, "
+                f"ssd {h.capacity['ssd']} GiB, labels {dict(h.labels)}"
+            )
+        work = [
+            pb.Workload(
+                id=f"web-{i}",
+                group="web",
+                requests={"cpu": 100 * (1 + i % 3), "memory": 16 * (1 + i % 2)},
+                anti_affinities=[pb.AffinityTerm(group="web", hard=False, weight=50)],
+                container=pb.ContainerSpec(
+                    image=names[0], args=["sleep", "100000"], env={"INDEX": str(i)}
+                ),
+            )
+            for i in range(n_containers)
+        ]
+        work.append(
+            pb.Workload(id="vm-0", kind=pb.WORKLOAD_KIND_VM, requests={"cpu": 1000, "memory": 64})
+        )
         resp = sched.place(work, strategy="spread")
         placed = {p.workload_id: p.host_id for p in resp.placements if p.host_id}
         for p in resp.placements:
@@ -86,11 +105,26 @@ def run(docker_hosts: Sequence[str], n_containers: int = 6, console=None) -> int
 
         def running():
             st = {p.workload_id: p.status for p in sched.allocations()}
-            return all(st[w].state in (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED) for w in placed) and st
+            return (
+                all(
+                    st[w].state in (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED)
+                    for w in placed
+                )
+                and st
+            )
 
         statuses = _wait(running, "every workload to run")
         table = Table(title="where the workloads run")
-        for col in ("workload", "host", "engine", "container", "state", "cpu (NanoCpus)", "memory limit", "note"):
+        for col in (
+            "workload",
+            "host",
+            "engine",
+            "container",
+            "state",
+            "cpu (NanoCpus)",
+            "memory limit",
+            "note",
+        ):
             table.add_column(col)
         for wid, host in placed.items():
             i = int(host.rsplit("-", 1)[1])
@@ -102,14 +136,28 @@ def run(docker_hosts: Sequence[str], n_containers: int = 6, console=None) -> int
                 qmp_dir = cont.labels.get(runtime.LABEL_QMP_DIR)
                 if qmp_dir and runtime.wait_running(qmp_dir, 30):
                     with QmpClient(os.path.join(qmp_dir, vm.QMP_SOCKET)) as q:
-                        note = f"qemu {q.status()}, {q.vcpus()} vCPUs, kvm {q.execute('query-kvm')['enabled']}"
+                        kvm = q.execute("query-kvm")["enabled"]
+                        note = f"qemu {q.status()}, {q.vcpus()} vCPUs, kvm {kvm}"
             hc = cont.attrs["HostConfig"] if cont is not None else {}
-            table.add_row(wid, host, f"#{i}", st.container_id[:12], pb.WorkloadState.Name(st.state)[15:],
-                          f"{hc.get('NanoCpus', 0) / 1e9:g}", f"{hc.get('Memory', 0) >> 20} MiB", note)
+            table.add_row(
+                wid,
+                host,
+                f"#{i}",
+                st.container_id[:12],
+                pb.WorkloadState.Name(st.state)[15:],
+                f"{hc.get('NanoCpus', 0) / 1e9:g}",
+                f"{hc.get('Memory', 0) >> 20} MiB",
+                note,
+            )
         con.print(table)
         sched.release(list(placed))
-        _wait(lambda: all(not c.containers.list(all=True, filters={"label": runtime.LABEL_WORKLOAD})
-                          for c in clients), "the agents to remove the released workloads")
+        _wait(
+            lambda: all(
+                not c.containers.list(all=True, filters={"label": runtime.LABEL_WORKLOAD})
+                for c in clients
+            ),
+            "the agents to remove the released workloads",
+        )
         con.print("released: the agents removed every container")
         sched.close()
         return 0
@@ -126,9 +174,16 @@ def run(docker_hosts: Sequence[str], n_containers: int = 6, console=None) -> int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hci-scheduler demo --docker", description=__doc__.splitlines()[0])
-    p.add_argument("--docker-host", action="append", default=[], metavar="URL",
-                   help="an engine on this machine, repeatable (default: start three local ones)")
+    p = argparse.ArgumentParser(
+        prog="hci-scheduler demo --docker", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--docker-host",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an engine on this machine, repeatable (default: start three local ones)",
+    )
     p.add_argument("--containers", type=int, default=6)
     a = p.parse_args(argv)
     return run(a.docker_host, a.containers)

@@ -8,6 +8,7 @@ vfs needs no kernel support, and without a bridge containers run with network_mo
 The base directory is short because a unix socket path holds at most 107 bytes, and the exec
 root holds containerd's sockets.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,11 +47,24 @@ class LocalEngine:
 
         os.makedirs(self.data_root, exist_ok=True)
         os.makedirs(self.exec_root, exist_ok=True)
-        cmd = ["dockerd", "--storage-driver=vfs", "--iptables=false", "--bridge=none",
-               "--data-root", self.data_root, "--exec-root", self.exec_root, "--pidfile", self.pidfile,
-               "-H", self.url]
+        cmd = [
+            "dockerd",
+            "--storage-driver=vfs",
+            "--iptables=false",
+            "--bridge=none",
+            "--data-root",
+            self.data_root,
+            "--exec-root",
+            self.exec_root,
+            "--pidfile",
+            self.pidfile,
+            "-H",
+            self.url,
+        ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -4,6 +4,7 @@ cpu = NCPU * 1000 millicores, memory = MemTotal in MiB, ssd = the size of the fi
 holding the engine's data root in GiB (read here, so only for an engine on this machine),
 kvm=true only when /dev/kvm can create a VM, NUMA nodes from /sys for a local engine.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,9 @@ def _cpulist_len(text: str) -> int:
     return n
 
 
-def numa_nodes(root: str = "/sys/devices/system/node") -> tuple[dict[int, str], list[dict[str, int]]]:
+def numa_nodes(
+    root: str = "/sys/devices/system/node",
+) -> tuple[dict[int, str], list[dict[str, int]]]:
     """NUMA node -> cpulist, and each node's cpu millicores and memory MiB, from sysfs."""
     cpus: dict[int, str] = {}
     resources: list[dict[str, int]] = []
@@ -84,14 +87,19 @@ def engine_host(client, docker_host: str, labels: dict[str, str] | None = None) 
     root = info.get("DockerRootDir", "")
     if local and root and os.path.isdir(root):
         st = os.statvfs(root)
-        capacity["ssd"] = st.f_blocks * st.f_frsize // (1024 ** 3)
+        capacity["ssd"] = st.f_blocks * st.f_frsize // (1024**3)
     kvm, reason = vm.kvm_usable() if local else (False, "the engine is not on this machine")
     out_labels = dict(labels or {})
     out_labels["kvm"] = "true" if kvm else "false"
     storage_limit = supports_storage_limit(info)
     if not storage_limit:
         out_labels[STORAGE_LIMIT_LABEL] = "unsupported"
-        log.warning("storage driver %s takes no per-container size: SSD requests are not enforced as "
-                    "storage limits on this host", info.get("Driver"))
+        log.warning(
+            "storage driver %s takes no per-container size: SSD requests are not enforced as "
+            "storage limits on this host",
+            info.get("Driver"),
+        )
     cpus, resources = numa_nodes() if local else ({}, [])
-    return EngineHost(capacity, out_labels, kvm, reason, info.get("Driver", ""), storage_limit, cpus, resources)
+    return EngineHost(
+        capacity, out_labels, kvm, reason, info.get("Driver", ""), storage_limit, cpus, resources
+    )

@@ -7,6 +7,7 @@ its shared libraries, accel modules and firmware, plus busybox, for VMs). The ta
 deterministic (sorted members, zero mtimes and owners), so its sha256 names the content: an
 image whose `io.hci-scheduler.content-hash` label matches is not imported again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,6 @@ import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import NotFound
 
@@ -27,7 +27,12 @@ QEMU_REPO = "hci-scheduler/qemu"
 CONTENT_HASH_LABEL = "io.hci-scheduler.content-hash"
 QEMU_BINARY = "qemu-system-x86_64"
 # Where Debian and Fedora keep qemu's firmware and loadable modules (accel-tcg-*.so).
-QEMU_DATA_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/share/ipxe/qemu", "/usr/lib/ipxe/qemu")
+QEMU_DATA_DIRS = (
+    "/usr/share/qemu",
+    "/usr/share/seabios",
+    "/usr/share/ipxe/qemu",
+    "/usr/lib/ipxe/qemu",
+)
 QEMU_MODULE_DIRS = ("/usr/lib/x86_64-linux-gnu/qemu", "/usr/lib64/qemu", "/usr/lib/qemu")
 
 
@@ -101,7 +106,9 @@ class RootFs:
 def _which(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise NotFound(f"{name} is not installed on this machine (needed to build the offline images)")
+        raise NotFound(
+            f"{name} is not installed on this machine (needed to build the offline images)"
+        )
     return os.path.realpath(path)
 
 
@@ -115,7 +122,9 @@ def add_busybox(fs: RootFs) -> str:
     """The static busybox at /bin/busybox with a link per applet; returns its version."""
     busybox = _which("busybox")
     fs.add_file("bin/busybox", busybox)
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, timeout=30).stdout.split()
+    applets = subprocess.run(
+        [busybox, "--list"], capture_output=True, text=True, timeout=30
+    ).stdout.split()
     for applet in applets:
         if applet != "busybox":
             fs.add_link(f"bin/{applet}", "busybox")
@@ -193,7 +202,9 @@ def build_all(client) -> list[BuiltImage]:
     fs, version = busybox_rootfs()
     out = [build_image(client, BUSYBOX_REPO, fs, version, ['CMD ["/bin/sh"]'])]
     fs, version = qemu_rootfs()
-    out.append(build_image(client, QEMU_REPO, fs, version, [f'ENTRYPOINT ["/usr/bin/{QEMU_BINARY}"]']))
+    out.append(
+        build_image(client, QEMU_REPO, fs, version, [f'ENTRYPOINT ["/usr/bin/{QEMU_BINARY}"]'])
+    )
     return out
 
 
@@ -206,9 +217,14 @@ def image_names() -> tuple[str, str]:
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="images_command", required=True, metavar="ACTION")
-    b = sub.add_parser("build", help="build the busybox and qemu images offline; prints their names")
-    b.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
-                   help="the engine's URL (env DOCKER_HOST)")
+    b = sub.add_parser(
+        "build", help="build the busybox and qemu images offline; prints their names"
+    )
+    b.add_argument(
+        "--docker-host",
+        default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
+        help="the engine's URL (env DOCKER_HOST)",
+    )
 
 
 def run(args) -> int:

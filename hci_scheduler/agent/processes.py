@@ -1,5 +1,6 @@
 """Agents as subprocesses (`hci-scheduler agent ...`), for tests, the benchmark and the demo:
 each can be SIGKILLed and started again on the same state dir, as a crashed agent would be."""
+
 from __future__ import annotations
 
 import os
@@ -9,13 +10,34 @@ import sys
 
 
 class AgentProcess:
-    def __init__(self, scheduler: str, docker_host: str, host_id: str, state_dir: str, *,
-                 labels: dict[str, str] | None = None, extra: list[str] | None = None, log_path: str | None = None):
+    def __init__(
+        self,
+        scheduler: str,
+        docker_host: str,
+        host_id: str,
+        state_dir: str,
+        *,
+        labels: dict[str, str] | None = None,
+        extra: list[str] | None = None,
+        log_path: str | None = None,
+    ):
         self.scheduler = scheduler
         self.host_id = host_id
         self.state_dir = state_dir
-        self.cmd = [sys.executable, "-m", "hci_scheduler.cli", "agent", "--scheduler", scheduler,
-                    "--docker-host", docker_host, "--host-id", host_id, "--state-dir", state_dir]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "hci_scheduler.cli",
+            "agent",
+            "--scheduler",
+            scheduler,
+            "--docker-host",
+            docker_host,
+            "--host-id",
+            host_id,
+            "--state-dir",
+            state_dir,
+        ]
         for k, v in (labels or {}).items():
             self.cmd += ["--label", f"{k}={v}"]
         self.cmd += list(extra or [])
@@ -25,8 +47,12 @@ class AgentProcess:
     def start(self) -> "AgentProcess":
         os.makedirs(self.state_dir, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         return self
 
     @property
@@ -62,8 +88,14 @@ class ServeProcess:
     """`hci-scheduler serve` in a subprocess on a loopback port (given, or free and read back
     from --port-file), for the benchmark and the demo."""
 
-    def __init__(self, data_dir: str, *, port: int = 0, extra: list[str] | None = None,
-                 log_path: str | None = None):
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        port: int = 0,
+        extra: list[str] | None = None,
+        log_path: str | None = None,
+    ):
         self.data_dir = data_dir
         self.port = port
         self.extra = list(extra or [])
@@ -76,11 +108,25 @@ class ServeProcess:
         port_file = self.data_dir + ".port"
         if os.path.exists(port_file):
             os.unlink(port_file)
-        cmd = [sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", f"127.0.0.1:{self.port}",
-               "--port-file", port_file, "--data-dir", self.data_dir] + self.extra
+        cmd = [
+            sys.executable,
+            "-m",
+            "hci_scheduler.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--port-file",
+            port_file,
+            "--data-dir",
+            self.data_dir,
+        ] + self.extra
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + timeout
         while not os.path.exists(port_file) or not open(port_file).read().strip():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -1,5 +1,6 @@
 """A small QMP client: qemu's JSON machine protocol over the unix socket the VM container
 exposes in a mounted directory (the agent's only view of the guest's state)."""
+
 from __future__ import annotations
 
 import json

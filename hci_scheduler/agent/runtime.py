@@ -8,6 +8,7 @@ cannot make two containers of one workload: a 409 on create means inspect and ad
 replace (hashicorp/nomad #2084). Docker's own restart policy is off: the agent restarts by the
 workload's policy so that the scheduler sees every exit.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +29,8 @@ LABEL_RESTARTS = "io.hci-scheduler.restarts"
 LABEL_KIND = "io.hci-scheduler.kind"
 LABEL_QMP_DIR = "io.hci-scheduler.qmp-dir"
 LABEL_NUMA_NODE = "io.hci-scheduler.numa-node"
+LABEL_SPEC = "io.hci-scheduler.spec"  # base64 of the spec bytes, for comparing across hash versions
+MAX_SPEC_LABEL = 16384  # a larger spec is not kept in a label (its hash still is)
 # The hash's version is part of its value: a new hash function gets a new prefix, and a
 # container with another version is compared field by field, not replaced (kubernetes #53644).
 HASH_VERSION = "v1"
@@ -38,6 +41,25 @@ STOP_TIMEOUT_S = 10  # SIGTERM, then SIGKILL after this long
 def spec_hash(spec_bytes: bytes) -> str:
     """The versioned hash of a workload's spec bytes (deterministic protobuf encoding)."""
     return f"{HASH_VERSION}-{hashlib.sha256(spec_bytes).hexdigest()[:32]}"
+
+
+def matches(labels: dict, want_hash: str, want_spec) -> bool:
+    """Whether a container made from `labels` runs the desired spec. Equal hashes match; a
+    hash of another version (the hash function changed) is not a mismatch by itself: the
+    spec kept in the label is compared field by field, so an upgrade restarts nothing."""
+    have = labels.get(LABEL_SPEC_HASH, "")
+    if have == want_hash:
+        return True
+    if have.split("-", 1)[0] == HASH_VERSION or LABEL_SPEC not in labels:
+        return False
+    import base64
+
+    from ..v1 import scheduler_pb2 as pb
+
+    try:
+        return pb.Workload.FromString(base64.b64decode(labels[LABEL_SPEC])) == want_spec
+    except Exception:  # a label that does not decode is another spec
+        return False
 
 
 def container_name(workload_id: str) -> str:
@@ -89,8 +111,9 @@ def is_vm(workload) -> bool:
     return workload.kind == pb.WORKLOAD_KIND_VM
 
 
-def run_spec(workload, spec_bytes: bytes, facts: HostFacts, restarts: int = 0,
-             numa_node: int | None = None) -> RunSpec:
+def run_spec(
+    workload, spec_bytes: bytes, facts: HostFacts, restarts: int = 0, numa_node: int | None = None
+) -> RunSpec:
     """The RunSpec of a workload on this host. Limits come from its requests: nano_cpus =
     millicores * 1e6, a hard memory limit in MiB (a VM's adds qemu's overhead), cpuset for a
     NUMA-pinned VM when the host has that node. Raises ValidationError when nothing says
@@ -99,16 +122,34 @@ def run_spec(workload, spec_bytes: bytes, facts: HostFacts, restarts: int = 0,
 
     req = workload.requests
     cpu, memory = int(req.get("cpu", 0)), int(req.get("memory", 0))
-    labels = {LABEL_WORKLOAD: workload.id, LABEL_SPEC_HASH: spec_hash(spec_bytes), LABEL_HOST: facts.host_id,
-              LABEL_RESTARTS: str(restarts)}
-    spec = RunSpec(name=container_name(workload.id), image="", entrypoint=None, command=[], environment={},
-                   labels=labels, nano_cpus=cpu * 1_000_000, mem_limit_mib=memory,
-                   storage_gib=int(req.get("ssd", 0)) if facts.storage_limit else 0)
+    labels = {
+        LABEL_WORKLOAD: workload.id,
+        LABEL_SPEC_HASH: spec_hash(spec_bytes),
+        LABEL_HOST: facts.host_id,
+        LABEL_RESTARTS: str(restarts),
+    }
+    if len(spec_bytes) <= MAX_SPEC_LABEL:
+        import base64
+
+        labels[LABEL_SPEC] = base64.b64encode(spec_bytes).decode()
+    spec = RunSpec(
+        name=container_name(workload.id),
+        image="",
+        entrypoint=None,
+        command=[],
+        environment={},
+        labels=labels,
+        nano_cpus=cpu * 1_000_000,
+        mem_limit_mib=memory,
+        storage_gib=int(req.get("ssd", 0)) if facts.storage_limit else 0,
+    )
     if is_vm(workload):
         labels[LABEL_KIND] = "vm"
         vcpus = vm.vcpus_of(cpu)
         if memory <= 0:
-            raise ValidationError(f"workload {workload.id!r}: a VM needs a memory request, got {memory}")
+            raise ValidationError(
+                f"workload {workload.id!r}: a VM needs a memory request, got {memory}"
+            )
         disk = vm.disk_path(workload.vm.disk_image, facts.volumes_dir)
         cmd = vm.qemu_command(vcpus, memory, facts.kvm, disk)
         spec.image = workload.vm.launcher_image or facts.vm_image
@@ -117,7 +158,9 @@ def run_spec(workload, spec_bytes: bytes, facts: HostFacts, restarts: int = 0,
         spec.devices = cmd.devices
         spec.warning = cmd.warning
         spec.mem_limit_mib = vm.memory_limit_mib(memory, vcpus)
-        spec.qmp_dir = os.path.join(facts.qmp_root, hashlib.sha256(workload.id.encode()).hexdigest()[:12])
+        spec.qmp_dir = os.path.join(
+            facts.qmp_root, hashlib.sha256(workload.id.encode()).hexdigest()[:12]
+        )
         labels[LABEL_QMP_DIR] = spec.qmp_dir
         spec.binds[spec.qmp_dir] = {"bind": vm.QMP_DIR_INSIDE, "mode": "rw"}
         if disk:
@@ -129,15 +172,19 @@ def run_spec(workload, spec_bytes: bytes, facts: HostFacts, restarts: int = 0,
     labels[LABEL_KIND] = "container"
     c = workload.container
     if not c.image:
-        raise ValidationError(f"workload {workload.id!r} has no container image (Workload.container.image)")
+        raise ValidationError(
+            f"workload {workload.id!r} has no container image (Workload.container.image)"
+        )
     spec.image = c.image
     if c.command:
         spec.entrypoint = list(c.command)
     spec.command = list(c.args)
     spec.environment = dict(c.env)
     for m in c.mounts:
-        spec.binds[os.path.join(facts.volumes_dir, m.volume_id)] = {"bind": m.path,
-                                                                    "mode": "ro" if m.read_only else "rw"}
+        spec.binds[os.path.join(facts.volumes_dir, m.volume_id)] = {
+            "bind": m.path,
+            "mode": "ro" if m.read_only else "rw",
+        }
     return spec
 
 
@@ -159,8 +206,14 @@ class ContainerState:
     @classmethod
     def of(cls, container) -> "ContainerState":
         s = container.attrs.get("State", {})
-        return cls(s.get("Status", container.status), int(s.get("ExitCode", 0) or 0), s.get("Error", "") or "",
-                   bool(s.get("OOMKilled")), s.get("StartedAt", ""), s.get("FinishedAt", ""))
+        return cls(
+            s.get("Status", container.status),
+            int(s.get("ExitCode", 0) or 0),
+            s.get("Error", "") or "",
+            bool(s.get("OOMKilled")),
+            s.get("StartedAt", ""),
+            s.get("FinishedAt", ""),
+        )
 
 
 class Runtime:
@@ -196,7 +249,9 @@ class Runtime:
         return out
 
     def find(self, workload_id: str) -> list:
-        return self._inspected({"label": [f"{LABEL_HOST}={self.host_id}", f"{LABEL_WORKLOAD}={workload_id}"]})
+        return self._inspected(
+            {"label": [f"{LABEL_HOST}={self.host_id}", f"{LABEL_WORKLOAD}={workload_id}"]}
+        )
 
     def start(self, spec: RunSpec):
         """Create and start the container. Raises docker.errors.ImageNotFound / APIError with
@@ -212,10 +267,20 @@ class Runtime:
                 import os
 
                 os.makedirs(host_path, exist_ok=True)
-        kwargs = dict(name=spec.name, entrypoint=spec.entrypoint, command=spec.command or None,
-                      environment=spec.environment, labels=spec.labels, nano_cpus=spec.nano_cpus or None,
-                      network_mode="none", detach=True, devices=spec.devices or None, volumes=spec.binds or None,
-                      restart_policy={"Name": "no"}, stop_signal="SIGTERM")
+        kwargs = dict(
+            name=spec.name,
+            entrypoint=spec.entrypoint,
+            command=spec.command or None,
+            environment=spec.environment,
+            labels=spec.labels,
+            nano_cpus=spec.nano_cpus or None,
+            network_mode="none",
+            detach=True,
+            devices=spec.devices or None,
+            volumes=spec.binds or None,
+            restart_policy={"Name": "no"},
+            stop_signal="SIGTERM",
+        )
         if spec.mem_limit_mib:
             # Hard limit, no extra swap: memswap equal to the limit.
             kwargs["mem_limit"] = f"{spec.mem_limit_mib}m"
@@ -232,9 +297,11 @@ class Runtime:
             # A container of that name exists (a create whose answer was lost, or a restart):
             # adopt it when it is the same spec, else replace it.
             existing = self.client.containers.get(spec.name)
-            if existing.labels.get(LABEL_SPEC_HASH) == spec.labels[LABEL_SPEC_HASH] and \
-                    existing.labels.get(LABEL_HOST) == self.host_id and \
-                    existing.labels.get(LABEL_RESTARTS) == spec.labels[LABEL_RESTARTS]:
+            if (
+                existing.labels.get(LABEL_SPEC_HASH) == spec.labels[LABEL_SPEC_HASH]
+                and existing.labels.get(LABEL_HOST) == self.host_id
+                and existing.labels.get(LABEL_RESTARTS) == spec.labels[LABEL_RESTARTS]
+            ):
                 container = existing
             else:
                 self.remove(existing)

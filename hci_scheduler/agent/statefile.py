@@ -2,6 +2,7 @@
 belongs to, and the specs of the workloads that sequence puts on its host, written together
 and atomically (temp file, fsync, rename, fsync of the directory), so a restarted agent resumes
 the watch without a gap and without a listing."""
+
 from __future__ import annotations
 
 import base64
@@ -30,16 +31,23 @@ def load(state_dir: str) -> AgentState | None:
         return None
     if raw.get("format") != FORMAT:
         return None
-    return AgentState(int(raw["sequence"]), raw.get("incarnation", ""),
-                      {k: base64.b64decode(v) for k, v in raw.get("specs", {}).items()})
+    return AgentState(
+        int(raw["sequence"]),
+        raw.get("incarnation", ""),
+        {k: base64.b64decode(v) for k, v in raw.get("specs", {}).items()},
+    )
 
 
 def save(state_dir: str, state: AgentState) -> None:
     os.makedirs(state_dir, exist_ok=True)
     path = os.path.join(state_dir, STATE_FILE)
     tmp = path + ".tmp"
-    body = {"format": FORMAT, "sequence": state.sequence, "incarnation": state.incarnation,
-            "specs": {k: base64.b64encode(v).decode() for k, v in sorted(state.specs.items())}}
+    body = {
+        "format": FORMAT,
+        "sequence": state.sequence,
+        "incarnation": state.incarnation,
+        "specs": {k: base64.b64encode(v).decode() for k, v in sorted(state.specs.items())},
+    }
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(body, f)
         f.flush()

@@ -6,6 +6,7 @@ memory MiB). `/dev/kvm` is passed in and accel=kvm only when the host's /dev/kvm
 agent puts in the workload's status. QMP listens on a socket in a host directory mounted into
 the container, which is how the agent reads the guest's state and asks qemu to quit.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -75,13 +76,28 @@ def qemu_command(vcpus: int, memory_mib: int, kvm: bool, disk: str | None) -> Vm
     """qemu's arguments: headless, no default devices or network (containers run without a
     bridge), QMP on the mounted socket, and the disk (mounted at DISK_INSIDE) when there is
     one; a diskless guest boots the firmware and waits, which is a running VM to QMP."""
-    argv = ["-machine", f"q35,accel={'kvm' if kvm else 'tcg'}", "-smp", str(vcpus), "-m", str(memory_mib),
-            "-nographic", "-nodefaults", "-serial", "none", "-nic", "none",
-            "-qmp", f"unix:{QMP_DIR_INSIDE}/{QMP_SOCKET},server=on,wait=off"]
+    argv = [
+        "-machine",
+        f"q35,accel={'kvm' if kvm else 'tcg'}",
+        "-smp",
+        str(vcpus),
+        "-m",
+        str(memory_mib),
+        "-nographic",
+        "-nodefaults",
+        "-serial",
+        "none",
+        "-nic",
+        "none",
+        "-qmp",
+        f"unix:{QMP_DIR_INSIDE}/{QMP_SOCKET},server=on,wait=off",
+    ]
     if disk:
         fmt = "qcow2" if disk.endswith(".qcow2") else "raw"
         argv += ["-drive", f"file={DISK_INSIDE},if=virtio,format={fmt}"]
-    return VmCommand(argv, [f"{KVM_DEVICE}:{KVM_DEVICE}:rwm"] if kvm else [], kvm, "" if kvm else TCG_WARNING)
+    return VmCommand(
+        argv, [f"{KVM_DEVICE}:{KVM_DEVICE}:rwm"] if kvm else [], kvm, "" if kvm else TCG_WARNING
+    )
 
 
 def disk_path(disk_image: str, volumes_dir: str) -> str | None:
@@ -90,5 +106,5 @@ def disk_path(disk_image: str, volumes_dir: str) -> str | None:
     if not disk_image:
         return None
     if disk_image.startswith("volume:"):
-        return os.path.join(volumes_dir, disk_image[len("volume:"):], "disk.img")
+        return os.path.join(volumes_dir, disk_image[len("volume:") :], "disk.img")
     return disk_image

@@ -1,5 +1,6 @@
 """Real Docker Engines for the agent's tests: three dockerd's side by side (one per host),
 started once per session with the offline images built on each, and stopped at the end."""
+
 from __future__ import annotations
 
 import pytest

@@ -7,10 +7,10 @@ the agent adopts its containers (same ids, no restarts); a SIGKILLed server lose
 acknowledged and the agents catch up. Waits poll with a generous fail-safe deadline (no
 wall-clock assertions); the tests of this module run in order on one cluster.
 """
+
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
 
@@ -27,8 +27,20 @@ from tests.server.conftest import ServerProcess
 pytestmark = pytest.mark.docker
 
 DEADLINE_S = 60.0
-AGENT_FLAGS = ["--heartbeat-s", "0.5", "--relist-s", "0.5", "--restart-backoff-s", "0.2", "--stop-timeout-s", "1",
-               "--move-timeout-s", "5", "--log-level", "info"]
+AGENT_FLAGS = [
+    "--heartbeat-s",
+    "0.5",
+    "--relist-s",
+    "0.5",
+    "--restart-backoff-s",
+    "0.2",
+    "--stop-timeout-s",
+    "1",
+    "--move-timeout-s",
+    "5",
+    "--log-level",
+    "info",
+]
 
 
 def wait_for(pred, what: str, timeout: float = DEADLINE_S):
@@ -57,22 +69,42 @@ class Cluster:
         self.server = self._server()
         self.client = SchedulerClient(self.server.address, timeout=30)
         self.docker = [e.client() for e in engines.engines]
-        self.agents = [AgentProcess(self.server.address, e.url, f"h{i}", os.path.join(engines.base, f"a{i}"),
-                                    labels={"idx": str(i)}, extra=AGENT_FLAGS + ["--vm-image", images[1]])
-                       for i, e in enumerate(engines.engines)]
+        self.agents = [
+            AgentProcess(
+                self.server.address,
+                e.url,
+                f"h{i}",
+                os.path.join(engines.base, f"a{i}"),
+                labels={"idx": str(i)},
+                extra=AGENT_FLAGS + ["--vm-image", images[1]],
+            )
+            for i, e in enumerate(engines.engines)
+        ]
 
     def _server(self) -> ServerProcess:
-        return ServerProcess(self.tmp, data_dir=self.tmp / "data", listen=f"127.0.0.1:{self.port}",
-                             # --snapshot-tail 0: a clean stop compacts the whole log away.
-                             extra=["--host-down-after-s", "2", "--down-reschedule-after-s", "0",
-                                    "--snapshot-tail", "0"]).start()
+        return ServerProcess(
+            self.tmp,
+            data_dir=self.tmp / "data",
+            listen=f"127.0.0.1:{self.port}",
+            # --snapshot-tail 0: a clean stop compacts the whole log away.
+            extra=[
+                "--host-down-after-s",
+                "2",
+                "--down-reschedule-after-s",
+                "0",
+                "--snapshot-tail",
+                "0",
+            ],
+        ).start()
 
     def restart_server(self, kill: bool = True) -> None:
         self.server.kill() if kill else self.server.terminate()
         self.server = self._server()
 
     def containers(self, i: int, wid: str, all: bool = True) -> list:
-        return self.docker[i].containers.list(all=all, filters={"label": f"{runtime.LABEL_WORKLOAD}={wid}"})
+        return self.docker[i].containers.list(
+            all=all, filters={"label": f"{runtime.LABEL_WORKLOAD}={wid}"}
+        )
 
     def status(self, wid: str) -> pb.WorkloadStatus | None:
         for p in self.client.allocations():
@@ -105,9 +137,15 @@ def cluster(engines, images, tmp_path_factory):
             print(f"--- agent {a.host_id}\n{a.log()[-3000:]}")
 
 
-def container(wid: str, image: str, idx: int, cpu=100, memory=16, args=("sleep", "100000"), **spec) -> pb.Workload:
-    return pb.Workload(id=wid, requests={"cpu": cpu, "memory": memory}, node_selector={"idx": str(idx)},
-                       container=pb.ContainerSpec(image=image, args=list(args), **spec))
+def container(
+    wid: str, image: str, idx: int, cpu=100, memory=16, args=("sleep", "100000"), **spec
+) -> pb.Workload:
+    return pb.Workload(
+        id=wid,
+        requests={"cpu": cpu, "memory": memory},
+        node_selector={"idx": str(idx)},
+        container=pb.ContainerSpec(image=image, args=list(args), **spec),
+    )
 
 
 def place(c: Cluster, *workloads) -> None:
@@ -119,8 +157,12 @@ def running_on(c: Cluster, i: int, wid: str):
     """The one running container of wid on engine i, once the scheduler also says RUNNING."""
     found = c.containers(i, wid, all=False)
     st = c.status(wid)
-    if len(found) == 1 and st is not None and st.state == pb.WORKLOAD_STATE_RUNNING and \
-            st.container_id == found[0].id:
+    if (
+        len(found) == 1
+        and st is not None
+        and st.state == pb.WORKLOAD_STATE_RUNNING
+        and st.container_id == found[0].id
+    ):
         return found[0]
     return None
 
@@ -130,7 +172,7 @@ def test_hosts_registered_from_engines(cluster):
         info = d.info()
         h = cluster.host(f"h{i}")
         assert h.capacity["cpu"] == info["NCPU"] * 1000
-        assert h.capacity["memory"] == info["MemTotal"] // 2 ** 20
+        assert h.capacity["memory"] == info["MemTotal"] // 2**20
         assert h.labels["idx"] == str(i)
         assert h.labels["kvm"] == ("true" if vm.kvm_usable()[0] else "false")
         assert h.labels["storage-limit"] == "unsupported"  # vfs takes no per-container size
@@ -138,12 +180,18 @@ def test_hosts_registered_from_engines(cluster):
 
 def test_containers_land_on_the_chosen_engine_with_limits(cluster):
     busybox = cluster.images[0]
-    place(cluster, *(container(f"web-{i}", busybox, i, cpu=100 * (i + 1), memory=32 * (i + 1)) for i in range(3)))
+    place(
+        cluster,
+        *(
+            container(f"web-{i}", busybox, i, cpu=100 * (i + 1), memory=32 * (i + 1))
+            for i in range(3)
+        ),
+    )
     for i in range(3):
         c = wait_for(lambda: running_on(cluster, i, f"web-{i}"), f"web-{i} running on engine {i}")
         hc = c.attrs["HostConfig"]
         assert hc["NanoCpus"] == 100 * (i + 1) * 1_000_000
-        assert hc["Memory"] == 32 * (i + 1) * 2 ** 20
+        assert hc["Memory"] == 32 * (i + 1) * 2**20
         assert c.labels[runtime.LABEL_HOST] == f"h{i}"
         for j in range(3):  # nowhere else
             if j != i:
@@ -152,8 +200,13 @@ def test_containers_land_on_the_chosen_engine_with_limits(cluster):
 
 def test_vm_runs_with_requested_vcpus(cluster):
     cpus, _ = numa_nodes()
-    vm_w = pb.Workload(id="vm-a", kind=pb.WORKLOAD_KIND_VM, numa=bool(cpus), node_selector={"idx": "1"},
-                       requests={"cpu": 1500, "memory": 64})  # 1500 millicores: 2 vCPUs
+    vm_w = pb.Workload(
+        id="vm-a",
+        kind=pb.WORKLOAD_KIND_VM,
+        numa=bool(cpus),
+        node_selector={"idx": "1"},
+        requests={"cpu": 1500, "memory": 64},
+    )  # 1500 millicores: 2 vCPUs
     place(cluster, vm_w)
     c = wait_for(lambda: running_on(cluster, 1, "vm-a"), "vm-a running on engine 1")
     qmp_dir = c.labels[runtime.LABEL_QMP_DIR]
@@ -163,7 +216,7 @@ def test_vm_runs_with_requested_vcpus(cluster):
         assert q.vcpus() == 2
     hc = c.attrs["HostConfig"]
     assert hc["NanoCpus"] == 1500 * 1_000_000
-    assert hc["Memory"] == vm.memory_limit_mib(64, 2) * 2 ** 20
+    assert hc["Memory"] == vm.memory_limit_mib(64, 2) * 2**20
     if cpus:  # a NUMA-fit VM is pinned to one node's cpus and memory
         assert hc["CpusetCpus"] in cpus.values() and hc["CpusetMems"] in {str(n) for n in cpus}
     cluster.client.release(["vm-a"])
@@ -179,8 +232,10 @@ def test_release_removes(cluster):
 
 def test_missing_image_fails_once_without_retrying(cluster):
     place(cluster, container("noimg", "hci-scheduler/absent:0", 0))
-    st = wait_for(lambda: (s := cluster.status("noimg")) and s.state == pb.WORKLOAD_STATE_FAILED and s,
-                  "noimg FAILED")
+    st = wait_for(
+        lambda: (s := cluster.status("noimg")) and s.state == pb.WORKLOAD_STATE_FAILED and s,
+        "noimg FAILED",
+    )
     assert "hci-scheduler/absent" in st.message
     # Several relists later: still no container, still the same single report.
     seq = cluster.client.status().last_sequence
@@ -203,22 +258,39 @@ def _kill(c) -> None:
 
 def test_killed_container_follows_restart_policy(cluster):
     b = cluster.images[0]
-    place(cluster,
-          container("pol-onfail", b, 0),  # unspecified = ON_FAILURE
-          container("pol-never", b, 0, restart_policy=pb.RESTART_POLICY_NEVER),
-          container("pol-always", b, 0, args=("sh", "-c", "sleep 1; exit 0"), restart_policy=pb.RESTART_POLICY_ALWAYS))
-    first = {w: wait_for(lambda: running_on(cluster, 0, w), f"{w} running") for w in ("pol-onfail", "pol-never")}
+    place(
+        cluster,
+        container("pol-onfail", b, 0),  # unspecified = ON_FAILURE
+        container("pol-never", b, 0, restart_policy=pb.RESTART_POLICY_NEVER),
+        container(
+            "pol-always",
+            b,
+            0,
+            args=("sh", "-c", "sleep 1; exit 0"),
+            restart_policy=pb.RESTART_POLICY_ALWAYS,
+        ),
+    )
+    first = {
+        w: wait_for(lambda: running_on(cluster, 0, w), f"{w} running")
+        for w in ("pol-onfail", "pol-never")
+    }
     seq = cluster.client.status().last_sequence
     for c in first.values():
         _kill(c)
     # ON_FAILURE: a new container, restarts=1, running.
-    c = wait_for(lambda: (x := running_on(cluster, 0, "pol-onfail")) and x.id != first["pol-onfail"].id and x,
-                 "pol-onfail restarted")
+    c = wait_for(
+        lambda: (
+            (x := running_on(cluster, 0, "pol-onfail")) and x.id != first["pol-onfail"].id and x
+        ),
+        "pol-onfail restarted",
+    )
     assert c.labels[runtime.LABEL_RESTARTS] == "1"
     assert cluster.status("pol-onfail").restarts == 1
     # NEVER: reported EXITED with the signal's exit code and left alone.
-    st = wait_for(lambda: (s := cluster.status("pol-never")) and s.state == pb.WORKLOAD_STATE_EXITED and s,
-                  "pol-never EXITED")
+    st = wait_for(
+        lambda: (s := cluster.status("pol-never")) and s.state == pb.WORKLOAD_STATE_EXITED and s,
+        "pol-never EXITED",
+    )
     assert st.exit_code == 137 and st.container_id == first["pol-never"].id
     assert [x.id for x in cluster.containers(0, "pol-never")] == [first["pol-never"].id]
     # The exit was an event before the restart: STATUS EXITED 137 for pol-onfail too.
@@ -231,7 +303,10 @@ def test_killed_container_follows_restart_policy(cluster):
             break
     assert ("pol-onfail", 137) in exits and ("pol-never", 137) in exits
     # ALWAYS: a clean exit is restarted too (restarts keep counting).
-    wait_for(lambda: (s := cluster.status("pol-always")) and s.restarts >= 2, "pol-always restarted twice")
+    wait_for(
+        lambda: (s := cluster.status("pol-always")) and s.restarts >= 2,
+        "pol-always restarted twice",
+    )
     cluster.client.release(["pol-onfail", "pol-never", "pol-always"])
 
 
@@ -275,15 +350,28 @@ def test_drain_moves_containers_and_cold_migrates_the_vm(cluster):
     cluster.client.release([p.workload_id for p in cluster.client.allocations()])
     for h in ("h0", "h1"):
         cluster.client.update_host(h, labels={**cluster.host(h).labels, "mv": "yes"})
-    place(cluster, pb.Workload(id="mv-c", requests={"cpu": 100, "memory": 16}, node_selector={"mv": "yes"},
-                               container=pb.ContainerSpec(image=cluster.images[0], args=["sleep", "100000"])),
-          pb.Workload(id="mv-vm", kind=pb.WORKLOAD_KIND_VM, node_selector={"mv": "yes"},
-                      requests={"cpu": 1000, "memory": 64}))
+    place(
+        cluster,
+        pb.Workload(
+            id="mv-c",
+            requests={"cpu": 100, "memory": 16},
+            node_selector={"mv": "yes"},
+            container=pb.ContainerSpec(image=cluster.images[0], args=["sleep", "100000"]),
+        ),
+        pb.Workload(
+            id="mv-vm",
+            kind=pb.WORKLOAD_KIND_VM,
+            node_selector={"mv": "yes"},
+            requests={"cpu": 1000, "memory": 64},
+        ),
+    )
     where = {p.workload_id: p.host_id for p in cluster.client.allocations()}
     src = where["mv-c"]
     assert where["mv-vm"] == src  # binpack: the same host
     s, t = int(src[1:]), 1 - int(src[1:])
-    before = {w: wait_for(lambda: running_on(cluster, s, w), f"{w} running").id for w in ("mv-c", "mv-vm")}
+    before = {
+        w: wait_for(lambda: running_on(cluster, s, w), f"{w} running").id for w in ("mv-c", "mv-vm")
+    }
     resp = cluster.client.drain(src, time_limit_s=5)
     where = {p.workload_id: p.host_id for p in cluster.client.allocations()}
     assert where["mv-c"] == where["mv-vm"] == f"h{t}", resp

@@ -1,4 +1,5 @@
 """The agent's pieces that need no engine: state file, flags, qemu's command line, hashes."""
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,17 @@ def test_state_file_round_trip_and_atomic(tmp_path):
     assert raw["sequence"] == 42 and raw["incarnation"] == "inc-1"
 
 
-@pytest.mark.parametrize("policy,code,want", [
-    (pb.RESTART_POLICY_UNSPECIFIED, 0, False),  # unspecified = ON_FAILURE
-    (pb.RESTART_POLICY_UNSPECIFIED, 137, True),
-    (pb.RESTART_POLICY_ON_FAILURE, 1, True),
-    (pb.RESTART_POLICY_ON_FAILURE, 0, False),
-    (pb.RESTART_POLICY_ALWAYS, 0, True),
-    (pb.RESTART_POLICY_NEVER, 137, False),
-])
+@pytest.mark.parametrize(
+    "policy,code,want",
+    [
+        (pb.RESTART_POLICY_UNSPECIFIED, 0, False),  # unspecified = ON_FAILURE
+        (pb.RESTART_POLICY_UNSPECIFIED, 137, True),
+        (pb.RESTART_POLICY_ON_FAILURE, 1, True),
+        (pb.RESTART_POLICY_ON_FAILURE, 0, False),
+        (pb.RESTART_POLICY_ALWAYS, 0, True),
+        (pb.RESTART_POLICY_NEVER, 137, False),
+    ],
+)
 def test_restart_policy(policy, code, want):
     w = pb.Workload(id="w", container=pb.ContainerSpec(image="x", restart_policy=policy))
     assert _restart_wanted(w, code) is want
@@ -57,7 +61,9 @@ def test_qemu_command_kvm_and_tcg():
 
 
 def test_vm_spec_needs_memory_and_uses_the_default_launcher(tmp_path):
-    facts = runtime.HostFacts("h", False, "launcher:1", str(tmp_path / "v"), str(tmp_path / "q"), False)
+    facts = runtime.HostFacts(
+        "h", False, "launcher:1", str(tmp_path / "v"), str(tmp_path / "q"), False
+    )
     w = pb.Workload(id="v", kind=pb.WORKLOAD_KIND_VM, requests={"cpu": 1500, "memory": 256})
     spec = runtime.run_spec(w, b"", facts)
     assert spec.image == "launcher:1" and spec.command[3] == "2"  # 1500 millicores -> 2 vCPUs
@@ -67,16 +73,24 @@ def test_vm_spec_needs_memory_and_uses_the_default_launcher(tmp_path):
     from hci_scheduler.errors import ValidationError
 
     with pytest.raises(ValidationError, match="memory"):
-        runtime.run_spec(pb.Workload(id="v", kind=pb.WORKLOAD_KIND_VM, requests={"cpu": 1000}), b"", facts)
+        runtime.run_spec(
+            pb.Workload(id="v", kind=pb.WORKLOAD_KIND_VM, requests={"cpu": 1000}), b"", facts
+        )
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--label", "novalue"], "--label must be KEY=VALUE"),
-    (["--heartbeat-s", "0"], "--heartbeat-s must be positive"),
-    (["--workers", "0"], "--workers must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--label", "novalue"], "--label must be KEY=VALUE"),
+        (["--heartbeat-s", "0"], "--heartbeat-s must be positive"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ],
+)
 def test_agent_flags_refused(flags, message, capsys):
-    assert main(["agent", "--scheduler", "127.0.0.1:1", "--host-id", "h", "--vm-image", "x"] + flags) == 2
+    assert (
+        main(["agent", "--scheduler", "127.0.0.1:1", "--host-id", "h", "--vm-image", "x"] + flags)
+        == 2
+    )
     assert message in capsys.readouterr().err
 
 
@@ -94,3 +108,22 @@ def test_rootfs_tar_is_deterministic(tmp_path):
         names = tar.getnames()
         assert tar.getmember("bin/g").issym() and tar.extractfile("bin/f").read() == b"hello"
     assert "bin" in names and "tmp" in names
+
+
+def test_spec_match_across_hash_versions():
+    import base64
+
+    w = pb.Workload(id="w", requests={"cpu": 100}, container=pb.ContainerSpec(image="x"))
+    b = w.SerializeToString(deterministic=True)
+    facts = runtime.HostFacts("h", False, "", "/v", "/q", False)
+    labels = runtime.run_spec(w, b, facts).labels
+    assert runtime.matches(labels, runtime.spec_hash(b), w)
+    other = pb.Workload(id="w", requests={"cpu": 200}, container=pb.ContainerSpec(image="x"))
+    ob = other.SerializeToString(deterministic=True)
+    assert not runtime.matches(labels, runtime.spec_hash(ob), other)  # same version, other hash
+    # A container labelled by an older hash function: compared by its spec, not replaced.
+    old = {**labels, runtime.LABEL_SPEC_HASH: "v0-abc"}
+    assert runtime.matches(old, runtime.spec_hash(b), w)
+    assert not runtime.matches(old, runtime.spec_hash(ob), other)
+    assert not runtime.matches({runtime.LABEL_SPEC_HASH: "v0-abc"}, runtime.spec_hash(b), w)
+    assert base64.b64decode(labels[runtime.LABEL_SPEC]) == b

@@ -1,5 +1,6 @@
 """The engine side without a scheduler: offline images, containers with the placement's
 limits, qemu VMs answering QMP. Each test checks what `docker inspect` or qemu says."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,15 @@ pytestmark = pytest.mark.docker
 
 
 def make_facts(tmp, host_id="h-test", kvm=False, numa=None):
-    return runtime.HostFacts(host_id=host_id, kvm=kvm, vm_image="", volumes_dir=os.path.join(tmp, "v"),
-                             qmp_root=os.path.join(tmp, "q"), storage_limit=False, numa_cpus=numa or {})
+    return runtime.HostFacts(
+        host_id=host_id,
+        kvm=kvm,
+        vm_image="",
+        volumes_dir=os.path.join(tmp, "v"),
+        qmp_root=os.path.join(tmp, "q"),
+        storage_limit=False,
+        numa_cpus=numa or {},
+    )
 
 
 @pytest.fixture
@@ -33,8 +41,11 @@ def short_tmp():
 
 
 def container_workload(wid, image, cpu=250, memory=64, args=("sleep", "1000"), **container):
-    return pb.Workload(id=wid, requests={"cpu": cpu, "memory": memory},
-                       container=pb.ContainerSpec(image=image, args=list(args), **container))
+    return pb.Workload(
+        id=wid,
+        requests={"cpu": cpu, "memory": memory},
+        container=pb.ContainerSpec(image=image, args=list(args), **container),
+    )
 
 
 def test_images_build_is_idempotent_and_runs(engines, images, docker_client):
@@ -44,11 +55,24 @@ def test_images_build_is_idempotent_and_runs(engines, images, docker_client):
     again = images_mod.build_all(docker_client)
     assert [i.name for i in again] == [busybox, qemu]
     assert not any(i.imported for i in again)
-    assert docker_client.images.get(busybox).labels[images_mod.CONTENT_HASH_LABEL] == again[0].content_hash
-    out = docker_client.containers.run(busybox, ["sh", "-c", "echo $((6*7)); ls /bin | wc -l"],
-                                       network_mode="none", remove=True).decode().split()
+    assert (
+        docker_client.images.get(busybox).labels[images_mod.CONTENT_HASH_LABEL]
+        == again[0].content_hash
+    )
+    out = (
+        docker_client.containers.run(
+            busybox,
+            ["sh", "-c", "echo $((6*7)); ls /bin | wc -l"],
+            network_mode="none",
+            remove=True,
+        )
+        .decode()
+        .split()
+    )
     assert out[0] == "42" and int(out[1]) > 100  # busybox applets are linked
-    out = docker_client.containers.run(qemu, ["--version"], network_mode="none", remove=True).decode()
+    out = docker_client.containers.run(
+        qemu, ["--version"], network_mode="none", remove=True
+    ).decode()
     assert "QEMU emulator version" in out
 
 
@@ -69,7 +93,7 @@ def test_container_name_safe_and_distinct(wid):
 
 
 def test_container_limits_and_labels(engines, images, docker_client, short_tmp):
-    # cpu 1500 millicores -> NanoCpus 1.5e9; memory 96 MiB -> 96 * 2**20 bytes, hard (no extra swap).
+    # cpu 1500 millicores -> NanoCpus 1.5e9; memory 96 MiB -> 96 * 2**20 bytes, hard (no swap).
     w = container_workload("lim-1", images[0], cpu=1500, memory=96, env={"GREETING": "hi"})
     b = w.SerializeToString(deterministic=True)
     rt = runtime.Runtime(docker_client, "h-test")
@@ -78,7 +102,7 @@ def test_container_limits_and_labels(engines, images, docker_client, short_tmp):
         c.reload()
         hc = c.attrs["HostConfig"]
         assert hc["NanoCpus"] == 1_500_000_000
-        assert hc["Memory"] == 96 * 2 ** 20 and hc["MemorySwap"] == 96 * 2 ** 20
+        assert hc["Memory"] == 96 * 2**20 and hc["MemorySwap"] == 96 * 2**20
         assert hc["RestartPolicy"]["Name"] in ("", "no")  # the agent restarts, not Docker
         assert hc["NetworkMode"] == "none"
         assert c.labels[runtime.LABEL_WORKLOAD] == "lim-1"
@@ -108,8 +132,12 @@ def test_missing_image_is_the_engines_reason(engines, docker_client, short_tmp):
 
 
 def test_volume_mounts_map_to_the_volumes_dir(engines, images, docker_client, short_tmp):
-    w = container_workload("vol-1", images[0], args=("sh", "-c", "echo data > /data/f; sleep 1000"),
-                           mounts=[pb.VolumeMount(volume_id="v1", path="/data")])
+    w = container_workload(
+        "vol-1",
+        images[0],
+        args=("sh", "-c", "echo data > /data/f; sleep 1000"),
+        mounts=[pb.VolumeMount(volume_id="v1", path="/data")],
+    )
     rt = runtime.Runtime(docker_client, "h-test")
     c = rt.start(runtime.run_spec(w, w.SerializeToString(), make_facts(short_tmp)))
     try:
@@ -123,10 +151,18 @@ def test_volume_mounts_map_to_the_volumes_dir(engines, images, docker_client, sh
         rt.remove(c)
 
 
-@pytest.mark.parametrize("cpu,memory,vcpus,limit", [
-    (1000, 512, 1, 512 + 1 + 8 + vm.OVERHEAD_FIXED_MIB),     # 512/512 = 1 MiB page tables, 8 per vCPU
-    (2500, 4096, 3, 4096 + 8 + 24 + vm.OVERHEAD_FIXED_MIB),  # 2500 millicores -> 3 vCPUs
-])
+@pytest.mark.parametrize(
+    "cpu,memory,vcpus,limit",
+    [
+        (
+            1000,
+            512,
+            1,
+            512 + 1 + 8 + vm.OVERHEAD_FIXED_MIB,
+        ),  # 512/512 = 1 MiB page tables, 8 per vCPU
+        (2500, 4096, 3, 4096 + 8 + 24 + vm.OVERHEAD_FIXED_MIB),  # 2500 millicores -> 3 vCPUs
+    ],
+)
 def test_vm_sizes(cpu, memory, vcpus, limit):
     assert vm.vcpus_of(cpu) == vcpus
     assert vm.memory_limit_mib(memory, vcpus) == limit
@@ -145,7 +181,9 @@ def test_vm_boots_and_answers_qmp(engines, images, docker_client, short_tmp, kvm
         pytest.skip("no usable /dev/kvm here")
     facts = make_facts(short_tmp, kvm=kvm, numa={0: "0"})
     facts.vm_image = images[1]
-    w = pb.Workload(id="vm-1", kind=pb.WORKLOAD_KIND_VM, numa=True, requests={"cpu": 2000, "memory": 64})
+    w = pb.Workload(
+        id="vm-1", kind=pb.WORKLOAD_KIND_VM, numa=True, requests={"cpu": 2000, "memory": 64}
+    )
     spec = runtime.run_spec(w, w.SerializeToString(), facts, numa_node=0)
     assert spec.warning == ("" if kvm else vm.TCG_WARNING)
     rt = runtime.Runtime(docker_client, "h-test")
@@ -157,7 +195,7 @@ def test_vm_boots_and_answers_qmp(engines, images, docker_client, short_tmp, kvm
             assert q.execute("query-kvm")["enabled"] is kvm
         c.reload()
         hc = c.attrs["HostConfig"]
-        assert hc["Memory"] == vm.memory_limit_mib(64, 2) * 2 ** 20
+        assert hc["Memory"] == vm.memory_limit_mib(64, 2) * 2**20
         assert hc["CpusetCpus"] == "0" and hc["CpusetMems"] == "0"
         assert bool(hc["Devices"]) is kvm
     finally:

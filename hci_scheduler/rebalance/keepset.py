@@ -10,12 +10,18 @@ hosts to keep are chosen first, by the capacity they offer for the demand at han
    (`bounds.cover_by_shape` over every open host, empty ones included, most room among
    the optimal mixes) is kept, and within a shape the hosts that already carry the most
    load (fewest moves);
-3. the workloads of every other host move, largest first, best fit, into the kept
-   hosts' room, within their allowed hosts, host conflicts and dedicated tenants; one
-   that fits nowhere opens the allowed unkept host with the most room (or keeps its own).
+3. the workloads leave, largest first, into the kept hosts' room by the dot product
+   of what they ask with the room left (`sched_core._keepset.keep_fill`), within their
+   allowed hosts, host conflicts and dedicated tenants; one that fits nowhere opens the
+   allowed unkept host with the most room (or keeps its own). With no move budget every
+   movable workload leaves (a repack: the load already on a kept host was placed online
+   and may strand its scarce dimension; Google 1k cell 607 -> 594 hosts); within a
+   budget, or when a repacked workload fits nowhere, only those of the hosts not kept;
+4. identical workloads trade destinations so that as many as possible stay where they
+   are (`stay_home`): the same hosts end up with the same load, with fewer moves.
 
-The caller keeps this candidate only if the independent check (`objective.violations`)
-passes and its objective beats the search's.
+The caller checks the candidate independently (`objective.violations`) and the search
+starts from it.
 """
 from __future__ import annotations
 
@@ -33,9 +39,12 @@ def keep_set(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = No
     problem has terms this construction does not model (spread, dependencies, transient
     dimensions) or it would exceed `max_moves`."""
     kept = kept_hosts(problem, fixed_use, max_moves)
-    if kept is None or not (~kept[problem.initial]).any():
+    if kept is None:
         return None
-    return fill(problem, kept, max_moves)
+    assignment = fill(problem, kept, None, repack=True) if max_moves is None else None
+    if assignment is None and (~kept[problem.initial]).any():
+        assignment = fill(problem, kept, max_moves)
+    return None if assignment is None else stay_home(problem, assignment)
 
 
 def kept_hosts(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = None) -> np.ndarray | None:
@@ -87,15 +96,17 @@ def kept_hosts(problem: Problem, fixed_use: np.ndarray, max_moves: int | None = 
     return kept
 
 
-def fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None) -> np.ndarray | None:
-    """Step 3: the workloads of the hosts outside `kept` move into the kept hosts' room
-    (`sched_core._keepset.keep_fill`); None when that exceeds `max_moves`."""
+def fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None,
+         repack: bool = False) -> np.ndarray | None:
+    """Step 3: the workloads of the hosts outside `kept` (with `repack`, every movable
+    workload) move into the kept hosts' room (`sched_core._keepset.keep_fill`); None when
+    that exceeds `max_moves`, or a repacked workload fits nowhere."""
     n, m = problem.n_workloads, problem.n_hosts
     initial = problem.initial
     charge_home = problem.charge(np.arange(n), initial)
     scale = np.maximum(np.maximum(problem.capacity - problem.fixed, 0).max(axis=0), 1)
     kept = kept.copy()
-    leaving = ~kept[initial]
+    leaving = problem.movable.copy() if repack else ~kept[initial]
     usage = problem.fixed.copy()
     np.add.at(usage, initial[~leaving], charge_home[~leaving])
     on = np.bincount(initial[~leaving], minlength=m).astype(np.int32)
@@ -118,8 +129,7 @@ def fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None) -> np
     np.add.at(owned, initial[stay], 1)
     owner[initial[stay]] = problem.tenant[stay]
 
-    order = np.flatnonzero(leaving)
-    order = order[np.argsort(-(problem.request[order] / scale).max(axis=1), kind="stable")]
+    order = leaving_order(problem, leaving, scale)
     # The leaving workloads by home host, so a host kept after all takes its own back.
     members = np.flatnonzero(leaving)
     home_members = members[np.argsort(initial[members], kind="stable")].astype(np.intp)
@@ -136,3 +146,48 @@ def fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None) -> np
     if moves < 0:
         return None
     return assignment
+
+
+def leaving_order(problem: Problem, leaving: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The leaving workloads, largest first (largest share of a dimension's `scale`);
+    identical ones together (request, then index), so the core scores each run once."""
+    rows = np.flatnonzero(leaving)
+    req = problem.request[rows]
+    size = (req / scale).max(axis=1)
+    keys = (rows,) + tuple(req[:, r] for r in range(req.shape[1] - 1, -1, -1)) + (-size,)
+    return rows[np.lexsort(keys)].astype(np.intp)
+
+
+def stay_home(problem: Problem, assignment: np.ndarray) -> np.ndarray:
+    """Identical workloads (request, kind, allowed hosts, group, tenant) share out the hosts
+    `assignment` gives them so that the most stay on their initial host: each host keeps up
+    to its count of its own, and the rest take the hosts left over. Every host's load,
+    group and tenant counts are unchanged, so feasibility and host costs are too."""
+    movable = np.flatnonzero(problem.movable)
+    if len(movable) == 0:
+        return assignment
+    key = np.column_stack([problem.request[movable], problem.vm[movable], problem.allowed_class[movable],
+                           problem.service[movable], problem.tenant[movable]])
+    _, group = np.unique(key, axis=0, return_inverse=True)
+    group = group.ravel()
+    home, target = problem.initial[movable].astype(np.int64), assignment[movable].astype(np.int64)
+    m = problem.n_hosts
+    # Slots: (group, host) pairs the assignment fills, with multiplicity.
+    want = np.bincount(group * m + target, minlength=(group.max() + 1) * m)
+    # Each workload, in (group, home, index) order, stays if its rank at home is below
+    # the slots its group has there.
+    order = np.lexsort((movable, home, group))
+    pair = group[order] * m + home[order]
+    first = np.searchsorted(pair, pair, side="left")
+    rank = np.arange(len(order)) - first
+    stays = np.zeros(len(movable), dtype=bool)
+    stays[order] = rank < want[pair]
+    out = assignment.copy()
+    out[movable[stays]] = home[stays]
+    # The rest take the slots left, group by group.
+    left = want - np.bincount(group[stays] * m + home[stays], minlength=len(want))
+    slots = np.repeat(np.arange(len(want)), left)          # sorted by group, then host
+    movers = np.flatnonzero(~stays)
+    movers = movers[np.argsort(group[movers], kind="stable")]
+    out[movable[movers]] = slots % m
+    return out

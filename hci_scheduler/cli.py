@@ -87,11 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fsync", choices=["full", "normal"], help="SQLite synchronous mode: full (default, "
                    "a reply survives power loss) or normal (survives a crash, not a power loss)")
     s.add_argument("--snapshot-every", type=int, help="with --data-dir: write a snapshot of the state at most every "
-                   "N events in the background (default 100000; sooner for a small state: after half as many "
+                   "N events in the background (default 50000; sooner for a small state: after half as many "
                    "events as it has placements and hosts, at least 10000; 0: only at a clean stop); restart "
-                   "reads the newest snapshot plus the events after it")
+                   "reads the newest snapshot plus the events after it, so N bounds what a crash restart "
+                   "replays: with the default, 200,000 live placements restart in about 0.6 s. A larger N "
+                   "costs less CPU while writing (a snapshot of 200,000 placements is about 0.3 s) and "
+                   "restarts slower (about 5 us per event of tail)")
     s.add_argument("--snapshot-tail", type=int, help="events kept in the log before the newest snapshot when "
-                   "it is compacted (default 100000): a watcher that far behind still resumes")
+                   "it is compacted (default 100000): a watcher that far behind still resumes; restart does "
+                   "not read them (disk use is the live state plus this tail)")
     s.add_argument("--metrics", help="HOST:PORT of the Prometheus endpoint, e.g. 127.0.0.1:9464 (a non-loopback "
                    "address needs TLS, then HTTPS, or --allow-insecure-remote)")
     s.add_argument("--dimensions", help="comma-separated resource dimensions for a new store")
@@ -674,6 +678,7 @@ def run_serve(args) -> int:
 
     from .server.app import ServerOptions, TLSConfig, create_server, serve
     from .server.logs import setup_logging
+    from .server.snapshot import DEFAULT_EVERY as SNAPSHOT_EVERY, DEFAULT_TAIL as SNAPSHOT_TAIL
     from .store import StoreError
 
     conf: dict = {}
@@ -713,8 +718,8 @@ def run_serve(args) -> int:
                           metrics_address=opt("metrics"),
                           transport=str(opt("transport", "grpcio")), pollers=int(opt("pollers", 16)),
                           max_workers=int(opt("max_workers", 128)),
-                          snapshot_every=int(opt("snapshot_every", 100_000)),
-                          snapshot_tail=int(opt("snapshot_tail", 100_000)),
+                          snapshot_every=int(opt("snapshot_every", SNAPSHOT_EVERY)),
+                          snapshot_tail=int(opt("snapshot_tail", SNAPSHOT_TAIL)),
                           host_down_after_s=float(opt("host_down_after_s", 15.0)),
                           down_reschedule_after_s=float(opt("down_reschedule_after_s", 60.0))))
     except (ValueError, OSError) as exc:

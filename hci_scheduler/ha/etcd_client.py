@@ -5,8 +5,9 @@ Why not a wrapper package: the python-etcd3 package is unmaintained and breaks o
 protobuf are already this project's dependencies. This module adds only what the store and
 the election need: endpoint failover, TLS, a deadline per call, and typed errors.
 
-Failover: calls go to the endpoint that answered last; one that is UNAVAILABLE (refused,
-reset, no route) passes the call to the next, each endpoint once. When every endpoint fails,
+Failover: calls go to the endpoint that answered last; one that cannot serve the call
+(refused, reset, no route, no quorum, past the deadline) passes it to the next, each endpoint
+once. When every endpoint fails,
 or a call runs past its deadline (a member cut off from its quorum answers nothing),
 EtcdUnavailable is raised: a StoreUnwritable, so the server keeps serving reads and refuses
 mutations until etcd answers again. A write whose call failed may still have committed; the
@@ -27,7 +28,12 @@ from ..store.base import StoreError, StoreUnwritable
 #: etcd's default --max-request-bytes (1.5 MiB): a larger request is refused.
 DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
 _RECEIVE_LIMIT = 256 * 1024 * 1024  # a page of the log or a snapshot chunk, with room to spare
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+#: Answers that say the request itself is wrong: another member would say the same. Anything
+#: else (UNAVAILABLE, DEADLINE_EXCEEDED, and UNKNOWN "context deadline exceeded", which a member
+#: without a quorum returns) means this member cannot serve it now: the next one may.
+_DEFINITIVE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
+               grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND,
+               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNIMPLEMENTED)
 
 
 class EtcdUnavailable(StoreUnwritable):
@@ -127,12 +133,9 @@ class EtcdClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 errors.append(f"{self.endpoints[i]}: {code.name} {exc.details()}")
-                if code in _RETRYABLE:
-                    continue
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    # A member cut off from its quorum holds the call: another may answer.
-                    continue
-                raise EtcdError(f"etcd {method} failed: {code.name}: {exc.details()}") from None
+                if code in _DEFINITIVE:
+                    raise EtcdError(f"etcd {method} failed: {code.name}: {exc.details()}") from None
+                continue  # down, or cut off from its quorum: another member may answer
             self._current = i
             return resp
         raise EtcdUnavailable(f"etcd {method} failed on every endpoint: {'; '.join(errors)}")

@@ -158,6 +158,9 @@ class Replica:
             if self.election.try_acquire():
                 self._take_over()
                 return
+        elif resp.kvs[0].create_revision == self.election.revision and self.election.is_leader:
+            self._take_over()  # it leads but must apply the log first (a late commit: store/etcd.py)
+            return
         else:
             self.leader_address = resp.kvs[0].value.decode()
         self.set_serving(self.lag == 0)

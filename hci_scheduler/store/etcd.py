@@ -137,6 +137,9 @@ class EtcdStore(Store):
         self._writable_token: int | None = None
         self._records: list[Record] = []
         self._groups: list[int] = []  # the first sequence of each log key, ascending
+        # The newest snapshot this replica wrote or read, (sequence, bytes): with the log in memory
+        # it rebuilds the state after a refused batch while etcd cannot be reached (EtcdSnapshots).
+        self.snapshot_cache: tuple[int, bytes] | None = None
         self._load()
         if election is not None and election.revision is not None:
             self._writable_token = election.revision  # it led before the log was read: the log is whole
@@ -215,6 +218,7 @@ class EtcdStore(Store):
                 self._groups.append(first)
                 self._last = group[-1].sequence
                 added += len(group)
+            self._uncertain = None  # what etcd holds is read: a late commit is in memory now
             return added
 
     def _trim(self, upto: int) -> None:
@@ -291,14 +295,17 @@ class EtcdStore(Store):
                 self._last = batch[-1].sequence
 
     def _resolve_uncertain(self) -> None:
-        """An append whose answer was lost: StoreError when it committed after all (the state
-        in memory no longer has it: a restart replays it), else forget it. A Txn still in
-        flight in etcd would commit before the next append's compare, which then fails."""
+        """An append whose answer was lost (etcd without a quorum holds a proposal and may
+        commit it once a member returns). Committed after all: the state above undid it, so
+        writes stop (NotLeader) until the replica has read and applied the log again
+        (refresh, then accept_writes: ha/replica.py does both). Not committed: forgotten; a
+        Txn still in flight would commit before the next append, whose compare then fails."""
         seq = self._uncertain
         resp = self.client.range(self._log_prefix + _seq(seq).encode(), keys_only=True)
         if resp.kvs:
-            raise StoreError(f"etcd store {self.prefix}: event {seq}, written while etcd did not answer, "
-                             "committed after all; restart to replay the log")
+            self._writable_token = None
+            raise NotLeader(f"event {seq}, written while etcd did not answer, committed after all: "
+                            "applying the log before writing again")
         self._uncertain = None
 
     def probe_write(self) -> None:
@@ -395,7 +402,17 @@ class EtcdStore(Store):
 class EtcdSnapshots(SnapshotStorage):
     """Snapshots as chunked keys `<prefix>/snap/<seq>/<n>` plus a manifest written last (a
     snapshot without one is incomplete: never listed, removed by `clean`). Every write is
-    fenced like the log's."""
+    fenced like the log's.
+
+    The newest snapshot written or read stays in memory (the store's snapshot_cache): while
+    etcd cannot be reached, `list` and `get` answer from it, so that a batch etcd did not
+    take can still be undone by rebuilding the state (snapshot plus the log in memory)
+    and reads go on. The price is one snapshot's bytes of memory."""
+
+    def _remember(self, sequence: int, data: bytes) -> None:
+        cached = self.store.snapshot_cache
+        if cached is None or cached[0] <= sequence:
+            self.store.snapshot_cache = (sequence, data)
 
     def __init__(self, store: EtcdStore):
         self.store = store
@@ -420,6 +437,7 @@ class EtcdSnapshots(SnapshotStorage):
                                "sha256": hashlib.sha256(data).hexdigest()}).encode()
         self.store._fenced([rpc.RequestOp(request_put=rpc.PutRequest(key=self._key(sequence, "manifest"),
                                                                      value=manifest))], what="snapshot manifest")
+        self._remember(sequence, data)
         return self.name(sequence)
 
     def _sequences(self, manifest: bool) -> set[int]:
@@ -432,9 +450,24 @@ class EtcdSnapshots(SnapshotStorage):
         return out
 
     def list(self) -> list[int]:
-        return sorted(self._sequences(manifest=True), reverse=True)
+        try:
+            return sorted(self._sequences(manifest=True), reverse=True)
+        except EtcdUnavailable:
+            if self.store.snapshot_cache is not None:
+                return [self.store.snapshot_cache[0]]
+            if self.store.compacted_sequence() == 0:
+                return []  # the whole log is in memory: a replay needs no snapshot
+            raise
 
     def get(self, sequence: int) -> bytes:
+        cached = self.store.snapshot_cache
+        if cached is not None and cached[0] == sequence:
+            return cached[1]
+        data = self._get(sequence)
+        self._remember(sequence, data)
+        return data
+
+    def _get(self, sequence: int) -> bytes:
         man = self.client.range(self._key(sequence, "manifest"))
         if not man.kvs:
             raise StoreError(f"snapshot {self.name(sequence)}: no manifest")
@@ -452,6 +485,8 @@ class EtcdSnapshots(SnapshotStorage):
         return data
 
     def delete(self, sequence: int) -> None:
+        if self.store.snapshot_cache is not None and self.store.snapshot_cache[0] == sequence:
+            self.store.snapshot_cache = None
         # The manifest first: a crash half-way leaves an incomplete snapshot, never a listed broken one.
         manifest = self._key(sequence, "manifest")
         self.store._fenced([rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=manifest))],

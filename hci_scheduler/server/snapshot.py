@@ -497,7 +497,7 @@ class Snapshots:
     """
 
     def __init__(self, storage: SnapshotStorage | str, every: int = DEFAULT_EVERY, tail: int = DEFAULT_TAIL,
-                 poll_s: float = 0.5):
+                 poll_s: float = 0.1):
         if every < 0 or tail < 0:
             raise ValueError(f"snapshot every and tail must be >= 0, got {every} and {tail}")
         self.storage = DirectorySnapshots(storage) if isinstance(storage, str) else storage
@@ -512,6 +512,7 @@ class Snapshots:
         self._thread: threading.Thread | None = None
         self.last_pause_s = 0.0     # time the last capture held the state's lock
         self.last_write_s = 0.0     # time it took to encode and write the last one
+        self.last_lag_events = 0    # events written while the last one was made (see `due`)
 
     # -- start ---------------------------------------------------------------
 
@@ -605,11 +606,17 @@ class Snapshots:
         A crash restart replays the tail after the snapshot, so the tail is kept in
         proportion to the state the snapshot loads (restart time follows the live state,
         not the history), and each snapshot's cost, in proportion to the same state, is
-        spread over as many events (a constant cost per event)."""
+        spread over as many events (a constant cost per event).
+
+        A crash while a snapshot is being made replays everything since the one before,
+        the events written meanwhile included: the next snapshot starts as many events
+        sooner as the last one saw written while it was made (`last_lag_events`, at
+        most half the bound), so under load too the tail stays near the bound."""
         grown = state.sequence - self.sequence
         if not self.every or grown < min(self.every, MIN_EVERY):
             return False
-        return grown >= self.every or grown >= (len(state._placed) + state.cluster.n_hosts) // 2
+        bound = min(self.every, (len(state._placed) + state.cluster.n_hosts) // 2)
+        return grown + min(self.last_lag_events, bound // 2) >= bound
 
     def take(self, state) -> int:
         """Write a snapshot of the state now, then compact the log; returns its sequence."""
@@ -622,11 +629,13 @@ class Snapshots:
                 return self.sequence
             path = self.storage.put(cap.sequence, encode(cap))
             self.last_pause_s, self.last_write_s = t1 - t0, time.perf_counter() - t1
+            self.last_lag_events = max(0, state.sequence - cap.sequence)  # an int read: no lock needed
             previous, self.sequence = self.sequence, cap.sequence
             self._floor = previous
             log.info("snapshot written", extra={"fields": {
                 "path": path, "sequence": cap.sequence, "placements": len(cap.placed),
-                "pause_s": round(self.last_pause_s, 4), "write_s": round(self.last_write_s, 3)}})
+                "pause_s": round(self.last_pause_s, 4), "write_s": round(self.last_write_s, 3),
+                "lag_events": self.last_lag_events}})
             self._compact(state)
             return cap.sequence
 

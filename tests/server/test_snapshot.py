@@ -639,6 +639,38 @@ def test_a_small_state_is_snapshotted_sooner_than_every(tmp_path):
     assert shots.due(_State(100_000, 190_000, 10_000))
     assert not snap_mod.Snapshots(str(tmp_path), every=0).due(_State(10**6, 10, 1))
     assert snap_mod.Snapshots(str(tmp_path), every=500).due(_State(500, 10**6, 1))
+    # 30,000 events were written while the last snapshot was made: the next starts 30,000
+    # sooner, so a crash during it replays about `every`; never sooner than half of it.
+    shots.last_lag_events = 30_000
+    assert not shots.due(_State(69_999, 190_000, 10_000)) and shots.due(_State(70_000, 190_000, 10_000))
+    shots.last_lag_events = 10**6
+    assert not shots.due(_State(49_999, 190_000, 10_000)) and shots.due(_State(50_000, 190_000, 10_000))
+    assert shots.due(_State(snap_mod.MIN_EVERY, 100, 10)) and not shots.due(_State(snap_mod.MIN_EVERY - 1, 100, 10))
+
+
+def test_a_snapshot_records_the_events_written_while_it_was_made(tmp_path):
+    """take() measures the lag `due` uses: events committed between the capture and the
+    end of the write (here Place calls made while the file is written)."""
+    srv = _Server(tmp_path / "data")
+    try:
+        srv.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[_host(0)]))
+        shots = srv.state.snapshots
+        real_put = shots.storage.put
+
+        def slow_put(sequence, data):  # more events commit while the snapshot is written
+            for i in range(3):
+                srv.stub.Place(pb.PlaceRequest(workloads=[pb.Workload(id=f"late{i}", requests={"cpu": 1})]))
+            return real_put(sequence, data)
+
+        shots.storage.put = slow_put
+        before = srv.state.sequence
+        try:
+            assert shots.take(srv.state) == before
+        finally:
+            shots.storage.put = real_put
+        assert shots.last_lag_events == srv.state.sequence - before == 3
+    finally:
+        srv.stop()
 
 
 def test_no_final_snapshot_after_a_fatal_store_error(tmp_path):

@@ -132,7 +132,7 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
               uint8_t[::1] kept, int32_t[::1] on, const int32_t[::1] service, const int32_t[::1] conflict_row,
               int32_t[:, ::1] conflict_count, const int32_t[::1] tenant, const uint8_t[::1] dedicated,
               int64_t[::1] owner, int64_t[::1] owned, const float64_t[::1] scale, int32_t[::1] assignment,
-              int64_t max_moves=-1):
+              int64_t max_moves=-1, bint leave_unfit=False):
     """Place the leaving workloads `order` into the kept hosts; the state arrays are updated.
 
     Parameters
@@ -164,6 +164,9 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
         set to the target of every placed leaving workload.
     max_moves : int
         most workloads sent away from their host (-1: no cap).
+    leave_unfit : bool
+        a workload that fits nowhere, not even on an empty host, stays where it is (the
+        batch packer's rows, which have no host yet: their `initial` is a closed row).
 
     Returns
     -------
@@ -242,6 +245,8 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
                               _score(w, target, capacity, usage, ratio_milli, request, vm, allowed, allowed_class,
                                      is_open, kept, on, service, conflict_row, conflict_count, tenant,
                                      dedicated, owner, owned))
+            elif leave_unfit:
+                continue          # fits nowhere at all: it stays unplaced
             elif kept[home]:
                 # Nowhere at all, and its own host already takes others (a repack): give up.
                 failed = True

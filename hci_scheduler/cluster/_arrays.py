@@ -12,6 +12,8 @@ import numpy as np
 
 import sched_core
 
+from sched_core._keepset import keep_fill
+
 from ..bounds import cover_by_shape
 from ..constraints import CompiledTerms
 from ..errors import NotFound, ValidationError
@@ -144,20 +146,20 @@ def open_by_cover(table: HostTable, req: np.ndarray, order: np.ndarray, code: in
     host sizes a batch fills the hosts whose shape suits its demand least (issue
     14: 869 hosts where 550 cover the demand). Here:
 
-    1. the hosts already in use take what fits them (the strategy's best fit);
-    2. the empty hosts opened for the rest are the covering mix of its demand
-       (`bounds.cover_by_shape`: fewest hosts, or least cost with `host_cost`,
-       then the most room), lowest rows first within a shape, and the core packs
-       the rest into every open host;
-    3. what still did not fit opens the cover of its own demand among the hosts
-       left empty, and so on until every row is placed or no empty host is left.
+    1. the hosts already in use take what fits them; the empty hosts opened for the rest
+       are the covering mix of its demand (`bounds.cover_by_shape`: fewest hosts, or
+       least cost with `host_cost`, then the most room), lowest rows first within a shape;
+    2. the rows go, largest first (`_largest_first`), to the open host whose room
+       has the largest dot product with the row, both over the host's capacity
+       (`sched_core._keepset.keep_fill`, the DotProduct rule of Panigrahy et al.,
+       "Heuristics for Vector Bin Packing"): a memory-heavy row goes where memory is left,
+       so no host strands its scarce dimension (Google 2011 cell: 598 hosts by best fit
+       into the same cover, 584 by this rule; bench/README.md);
+    3. what did not fit opens the cover of its own demand among the hosts left empty,
+       and so on until every row is placed or no empty host is left.
 
-    Sharing the requests out among the shapes first (`bounds.split_by_shape`,
-    each request whole to one shape) and packing each shape apart was measured
-    too: 601 hosts on the Google cell against 598 for this (bench/README.md).
-
-    On identical empty hosts every choice is the same, so the core places the
-    batch as it always did. Writes `hosts` (-1: no fit) and commits to the state.
+    On identical empty hosts every choice is the same, so the core places the batch by
+    the strategy as it always did. Writes `hosts` (-1: no fit) and commits to the state.
     """
     state, n = table.state, table.n_rows
     schedulable = state.schedulable_array()[:n]
@@ -168,39 +170,70 @@ def open_by_cover(table: HostTable, req: np.ndarray, order: np.ndarray, code: in
     if len(order) < 2 or len(empty) < 2 or (shape_key == shape_key[0]).all():
         sched_core.place_rows(state, req, order, code, hosts)
         return
-    # A scratch state over the same rows (room = free now): the core packs into the hosts open in it.
-    pool = sched_core.HostState(state.n_rows, state.inv_ref_array)
-    pool.set_reference(state.inv_ref_array, table.ref.astype(np.float64))
-    _open(pool, free, np.flatnonzero(in_use))
+    n_dims = req.shape[1]
+    # Host rows 0..n-1 with their free room as capacity, and a closed row n where every
+    # request starts (the fill's "initial host"); what is still there after it is unplaced.
+    capacity = np.zeros((n + 1, n_dims), dtype=np.int64)
+    capacity[:n] = np.maximum(free, 0)
+    usage = np.zeros_like(capacity)
+    kept = np.zeros(n + 1, dtype=np.uint8)
+    kept[:n][in_use] = 1
+    is_open = np.zeros(n + 1, dtype=np.uint8)
+    is_open[:n][schedulable] = 1
+    rows = np.ascontiguousarray(req, dtype=np.int64)
+    n_rows = len(rows)
+    at = np.full(n_rows, n, dtype=np.int32)
+    scale = np.maximum(capacity[:n][schedulable].max(axis=0), 1).astype(np.float64)
+    pending = _largest_first(rows, order, scale)
     closed = np.ones(n, dtype=bool)
     closed[in_use] = False
-    sched_core.place_rows(pool, req, order, code, hosts)
-    pending = order[hosts[order] < 0]
-    if len(pending):
-        opened = _cover_rows(free, empty, req[pending].sum(axis=0), host_cost)
-        closed[opened] = False
-        _open(pool, free, opened)
+    if in_use.any():
+        # The hosts in use take what fits them before any empty host opens.
+        _fill(capacity, usage, rows, at, pending, kept, is_open, scale)
+        pending = pending[at[pending] == n]
     while len(pending):
-        sched_core.place_rows(pool, req, pending, code, hosts)
-        pending = pending[hosts[pending] < 0]
         candidates = empty[closed[empty]]
-        if len(pending) == 0 or len(candidates) == 0:
-            break
-        # Rows left over did not fit the room of the open hosts: cover their whole demand,
-        # or open every empty host when no cover exists (or the rows ask for nothing).
-        opened = _cover_rows(free, candidates, req[pending].sum(axis=0), host_cost)
+        opened = _cover_rows(free, candidates, rows[pending].sum(axis=0), host_cost)
         if len(opened) == 0:
+            # No cover exists (or the rows ask for nothing): open every empty host left.
             opened = candidates
         closed[opened] = False
-        _open(pool, free, opened)
+        kept[opened] = 1
+        _fill(capacity, usage, rows, at, pending, kept, is_open, scale)
+        left = pending[at[pending] == n]
+        if len(left) == len(pending) and len(opened) == 0:
+            break          # nothing placed and nothing left to open
+        pending = left
+    hosts[:] = np.where(at < n, at, -1)
     sched_core.commit_rows(state, req, hosts)
 
 
-def _open(pool, free: np.ndarray, rows: np.ndarray) -> None:
-    """Open `rows` in the scratch state `pool`: their room is `free`, and they take work."""
-    for h in rows.tolist():
-        pool.set_limit(h, free[h])
-    pool.set_schedulable_rows(rows.astype(np.intp))
+def _largest_first(req: np.ndarray, order: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The rows of `order`, largest first by their largest share of `scale` (the largest
+    host's room per dimension: an item's size relative to a bin, as vector bin packing
+    heuristics measure it; the caller's order weighs dimensions by the cluster's totals),
+    identical rows together so the fill scores the hosts once per run of them."""
+    rows = np.asarray(order, dtype=np.intp)
+    sub = req[rows]
+    size = (sub / scale).max(axis=1)
+    keys = (rows,) + tuple(sub[:, r] for r in range(sub.shape[1] - 1, -1, -1)) + (-size,)
+    return rows[np.lexsort(keys)]
+
+
+def _fill(capacity, usage, rows, at, pending, kept, is_open, scale) -> None:
+    """Rows `pending` into the kept hosts (the keep-set fill of the rebalancer, rows that
+    fit nowhere left at the closed row)."""
+    m, n_rows = capacity.shape[0], len(rows)
+    n_dims = capacity.shape[1]
+    home_ptr = np.zeros(m + 1, dtype=np.intp)
+    home_ptr[m] = n_rows
+    home_ptr[m - 1] = 0
+    keep_fill(capacity, usage, np.full((m, n_dims), 1000, dtype=np.int64), rows, np.zeros(n_rows, dtype=np.uint8),
+              np.full(n_rows, m - 1, dtype=np.int32), pending, home_ptr, np.arange(n_rows, dtype=np.intp),
+              np.ones((1, m), dtype=np.uint8), np.zeros(n_rows, dtype=np.int32), is_open, kept,
+              np.zeros(m, dtype=np.int32), np.full(n_rows, -1, dtype=np.int32), np.zeros(0, dtype=np.int32),
+              np.zeros((1, m), dtype=np.int32), np.full(n_rows, -1, dtype=np.int32), np.zeros(n_rows, dtype=np.uint8),
+              np.full(m, -1, dtype=np.int64), np.zeros(m, dtype=np.int64), scale, at, -1, True)
 
 
 def _cover_rows(free: np.ndarray, candidates: np.ndarray, need: np.ndarray,

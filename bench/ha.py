@@ -55,13 +55,12 @@ class Serve:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 60.0) -> "Serve":
+    def start(self, timeout_s: float = 60.0) -> Serve:
         port_file = self.work / f"port-{self.port}-{time.monotonic_ns()}"
-        log = open(self.work / f"serve-{self.port}.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", self.address,
-                                      "--port-file", str(port_file), "--log-level", "warning", *self.args],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.work / f"serve-{self.port}.log", "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", self.address,
+                                          "--port-file", str(port_file), "--log-level", "warning", *self.args],
+                                         stdout=log, stderr=subprocess.STDOUT)
         end = time.monotonic() + timeout_s
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > end:

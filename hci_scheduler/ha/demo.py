@@ -22,18 +22,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def _serve(work: Path, url: str, port: int) -> subprocess.Popen:
-    log = open(work / f"replica-{port}.log", "ab")
-    try:
+    with open(work / f"replica-{port}.log", "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "hci_scheduler.cli", "serve", "--listen", f"127.0.0.1:{port}",
                                  "--store", url, "--lease-ttl-s", "1", "--log-level", "warning"],
                                 stdout=log, stderr=subprocess.STDOUT)
-    finally:
-        log.close()
 
 
 def _leader(addresses: list[str]) -> str | None:

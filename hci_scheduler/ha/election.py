@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import ValidationError
 from ..etcd.etcdserverpb import rpc_pb2 as rpc

@@ -16,7 +16,7 @@ store resolves that with its compares (see store/etcd.py).
 from __future__ import annotations
 
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -46,7 +46,7 @@ class EtcdError(StoreError):
 
 def parse_endpoints(spec: str) -> list[str]:
     """HOST:PORT list of `etcd://HOST:PORT[,HOST:PORT...]` (the scheme is optional)."""
-    rest = spec[len("etcd://"):] if spec.startswith("etcd://") else spec
+    rest = spec.removeprefix("etcd://")
     endpoints = [e.strip() for e in rest.split(",") if e.strip()]
     if not endpoints:
         raise ValidationError(f"store must look like etcd://HOST:PORT[,HOST:PORT...], got {spec!r}")
@@ -55,6 +55,13 @@ def parse_endpoints(spec: str) -> list[str]:
         if not sep or not host or not port.isdigit():
             raise ValidationError(f"etcd endpoint must look like HOST:PORT, got {e!r} in {spec!r}")
     return endpoints
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -93,8 +100,7 @@ class EtcdClient:
         self.timeout_s = timeout_s
         self._creds = None
         if ca_file or cert_file:
-            read = lambda p: open(p, "rb").read() if p else None  # noqa: E731
-            self._creds = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+            self._creds = grpc.ssl_channel_credentials(_read(ca_file), _read(key_file), _read(cert_file))
         self._lock = threading.Lock()
         self._current = 0
         self._channels: dict[int, grpc.Channel] = {}

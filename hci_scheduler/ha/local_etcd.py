@@ -7,6 +7,7 @@ needs an election timeout of at most 666 ms: members here run with 50 ms heartbe
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -59,11 +60,8 @@ class EtcdMember:
                 "--initial-cluster-token", "hci-local",
                 "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
                 "--log-level", "warn"]
-        log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
-        try:
+        with open(os.path.join(self.data_dir, "etcd.log"), "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -110,7 +108,7 @@ class LocalEtcd:
     def _initial(self) -> str:
         return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
-    def start(self, timeout_s: float = 30.0) -> "LocalEtcd":
+    def start(self, timeout_s: float = 30.0) -> LocalEtcd:
         for m in self.members:
             m.start(self._initial())
         self.wait_ready(timeout_s)
@@ -134,11 +132,9 @@ class LocalEtcd:
                     if m.proc is not None and m.proc.poll() is not None:
                         raise SchedulerError(f"etcd {m.name} exited with {m.proc.returncode}; see "
                                              f"{os.path.join(m.data_dir, 'etcd.log')}")
-                    try:
+                    with contextlib.suppress(Exception):  # not up yet
                         if client.status(0).leader:
                             break
-                    except Exception:  # noqa: BLE001 - not up yet
-                        pass
                     if time.monotonic() > end:
                         raise SchedulerError(f"etcd {m.name} not ready after {timeout_s} s")
                     time.sleep(0.05)

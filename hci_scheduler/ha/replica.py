@@ -34,7 +34,7 @@ LEADER_METADATA = "hci-leader"
 class HAMetrics:
     """Prometheus metrics of one replica: leader changes, follower lag, etcd commit latency."""
 
-    def __init__(self, registry, replica: "Replica"):
+    def __init__(self, registry, replica: Replica):
         from prometheus_client import Counter, Gauge
 
         self.leader_changes = Counter("hci_ha_leader_changes", "Times this replica became or stopped being "

@@ -53,7 +53,7 @@ from ..errors import SchedulerError
 from ..model import Host, Volume, Workload
 from ..store import StoreError
 from ..store.base import SnapshotStorage, StoreUnwritable
-from ..store.snapfiles import DirectorySnapshots, SUFFIX, snapshot_files, write_file
+from ..store.snapfiles import DirectorySnapshots, snapshot_files, write_file
 from ..v1 import scheduler_pb2 as pb
 from . import convert
 from .wire import varint

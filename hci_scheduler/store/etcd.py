@@ -46,12 +46,21 @@ import logging
 import struct
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..etcd.etcdserverpb import rpc_pb2 as rpc
 from ..ha.election import Election, leader_key
 from ..ha.etcd_client import DEFAULT_MAX_REQUEST_BYTES, EtcdClient, EtcdUnavailable, prefix_end
-from .base import COMPACTED_KEY, INCARNATION_KEY, Record, SnapshotStorage, Store, StoreError, StoreUnwritable, check_contiguous
+from .base import (
+    COMPACTED_KEY,
+    INCARNATION_KEY,
+    Record,
+    SnapshotStorage,
+    Store,
+    StoreError,
+    StoreUnwritable,
+    check_contiguous,
+)
 
 log = logging.getLogger("hci_scheduler.store")
 
@@ -380,7 +389,7 @@ class EtcdStore(Store):
     def last_sequence(self) -> int:
         return self._last
 
-    def snapshots(self) -> "EtcdSnapshots":
+    def snapshots(self) -> EtcdSnapshots:
         return EtcdSnapshots(self)
 
     def _check_open(self) -> None:

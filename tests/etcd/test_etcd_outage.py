@@ -3,8 +3,6 @@ service goes on; two down, mutations fail with UNAVAILABLE naming the cause and 
 a member back, everything resumes without a restart."""
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 

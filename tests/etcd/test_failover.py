@@ -88,9 +88,8 @@ def test_paused_leader_wakes_writes_nothing_and_follows(tmp_path, etcd_server, e
         assert after.host_id and after.sequence == 4  # 2 hosts, "before", then this
 
         a.proc.send_signal(signal.SIGCONT)
-        with SchedulerClient(a.address, timeout=10) as ca:
-            with pytest.raises(grpc.RpcError) as refused:
-                ca.place([workload("from-the-paused-one")])
+        with SchedulerClient(a.address, timeout=10) as ca, pytest.raises(grpc.RpcError) as refused:
+            ca.place([workload("from-the-paused-one")])
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         # It stepped down and follows: it has b's event, refuses writes and names b as leader.
         st = wait_for(lambda: (s := status(a.address)) is not None and s.last_sequence == 4 and s, what="a to follow")
@@ -155,7 +154,8 @@ def test_sigkill_leader_under_concurrent_clients_loses_nothing(tmp_path, etcd_se
             before = len(acked)
             leader = wait_for(lambda: leader_of(replicas), what="a leader")
             leader.kill()
-            wait_for(lambda: len(acked) > before + 20, timeout_s=30, what="placements after the failover")
+            wait_for(lambda before=before: len(acked) > before + 20, timeout_s=30,
+                     what="placements after the failover")
             fresh = replica(tmp_path, etcd_server, etcd_prefix)
             fresh.listen = leader.listen  # the same address: the clients' list stays right
             replicas[replicas.index(leader)] = fresh.start()

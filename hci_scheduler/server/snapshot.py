@@ -588,7 +588,8 @@ class Snapshots:
     def _loop(self, state) -> None:
         failing = False
         while not self._stop.wait(self.poll_s):
-            if self.due(state):
+            # A follower's storage takes no snapshot: capturing and encoding one only to be refused costs its CPU.
+            if self.storage.writable() and self.due(state):
                 try:
                     self.take(state)
                 except (OSError, StoreError) as exc:

@@ -159,6 +159,10 @@ class SnapshotStorage(abc.ABC):
     def clean(self) -> None:
         """Remove what interrupted writes left (at start)."""
 
+    def writable(self) -> bool:
+        """Whether `put` can succeed now (False on a replica that does not lead)."""
+        return True
+
 
 def check_contiguous(last: int, records: Sequence[Record]) -> None:
     """Raise StoreError unless records number last+1, last+2, ..."""

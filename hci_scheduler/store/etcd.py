@@ -431,6 +431,9 @@ class EtcdSnapshots(SnapshotStorage):
     def __repr__(self) -> str:
         return f"etcd {self._prefix.decode()}"
 
+    def writable(self) -> bool:
+        return self.store.leading
+
     def _key(self, sequence: int, part: str) -> bytes:
         return self._prefix + f"{_seq(sequence)}/{part}".encode()
 

@@ -9,6 +9,7 @@ import collections
 import signal
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -74,7 +75,10 @@ def workload(wid: str, cpu: int = 1000, mem: int = 1024) -> pb.Workload:
 def test_paused_leader_wakes_writes_nothing_and_follows(tmp_path, etcd_server, etcd_prefix):
     a = replica(tmp_path, etcd_server, etcd_prefix).start()
     wait_for(lambda: leader_of([a]), what="the first replica to lead")
-    b = replica(tmp_path, etcd_server, etcd_prefix).start()
+    metrics_port = free_port()
+    b = replica(tmp_path, etcd_server, etcd_prefix)
+    b.extra += ["--metrics", f"127.0.0.1:{metrics_port}"]
+    b.start()
     try:
         with SchedulerClient(a.address) as ca:
             ca.register_hosts([pb.Host(id=f"h{i}", capacity={"cpu": CPU, "memory": MEM}) for i in range(2)])
@@ -102,6 +106,9 @@ def test_paused_leader_wakes_writes_nothing_and_follows(tmp_path, etcd_server, e
         assert [e.sequence for e in events] == [1, 2, 3, 4]
         assert [e.workload_id for e in events if e.type == pb.EVENT_TYPE_PLACED] == ["before", "after"]
         assert took_over_s < 10
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert "hci_ha_is_leader 1.0" in metrics and "hci_ha_leader_changes_total 1.0" in metrics
+        assert "hci_ha_follower_lag_events 0.0" in metrics and "hci_ha_etcd_commits " in metrics
     finally:
         for r in (a, b):
             if r.proc.poll() is None:

@@ -174,9 +174,15 @@ class Election:
             if self.revision is None:
                 return
             revision, self.revision = self.revision, None
+            lease, self.lease = self.lease, 0
+        self._stop.set()
         log.error("lost leadership: stepping down", extra={"fields": {"revision": revision, "reason": why}})
         if self.on_lost is not None:
             self.on_lost(why)
+        # The lease may still be alive at etcd (renewals were slow, not lost): revoking it frees
+        # the key now instead of after the TTL. Only this lease's keys go; best effort.
+        if lease:
+            threading.Thread(target=self._revoke, args=(lease,), name="etcd-revoke", daemon=True).start()
 
     def check(self) -> int:
         """The fencing token, or NotLeader when the lease may have run out (the store asks

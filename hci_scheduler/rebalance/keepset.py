@@ -10,13 +10,15 @@ hosts to keep are chosen first, by the capacity they offer for the demand at han
    (`bounds.cover_by_shape` over every open host, empty ones included, most room among
    the optimal mixes) is kept, and within a shape the hosts that already carry the most
    load (fewest moves);
-3. the workloads leave, largest first, into the kept hosts' room by the dot product
-   of what they ask with the room left (`sched_core._keepset.keep_fill`), within their
-   allowed hosts, host conflicts and dedicated tenants; one that fits nowhere opens the
-   allowed unkept host with the most room (or keeps its own). With no move budget every
-   movable workload leaves (a repack: the load already on a kept host was placed online
-   and may strand its scarce dimension; Google 1k cell 607 -> 594 hosts); within a
-   budget, or when a repacked workload fits nowhere, only those of the hosts not kept;
+3. the workloads leave, largest first, into the kept hosts' room
+   (`sched_core._keepset.keep_fill`), within their allowed hosts, host conflicts and
+   dedicated tenants; one that fits nowhere opens the allowed unkept host with the most
+   room (or keeps its own). With no move budget every movable workload leaves (a
+   repack: the load already on a kept host was placed online and may strand its scarce
+   dimension), each to the host of largest dot product between what it asks and the
+   room left (Google 1k cell: 606 hosts by best fit into the loaded hosts, 594 so).
+   Within a budget, or when a repacked workload fits nowhere, only those of the hosts
+   not kept leave, by best fit into the gaps of the loaded hosts;
 4. identical workloads trade destinations so that as many as possible stay where they
    are (`stay_home`): the same hosts end up with the same load, with fewer moves.
 
@@ -142,7 +144,7 @@ def fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None,
                       problem.allowed.view(np.uint8), problem.allowed_class, problem.open.view(np.uint8),
                       kept_u8, on, problem.service, conflict_row, conflict_count, problem.tenant,
                       dedicated.view(np.uint8), owner, owned, scale.astype(np.float64), assignment,
-                      -1 if max_moves is None else int(max_moves))
+                      -1 if max_moves is None else int(max_moves), False, not repack)
     if moves < 0:
         return None
     return assignment

@@ -869,6 +869,7 @@ def add_arguments(p) -> None:
         help="file whose first token is sent as a bearer token",
     )
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per call in seconds")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     p.add_argument("--log-level", default="info", help="debug, info, warning (default info)")
 
 
@@ -933,6 +934,11 @@ def run(args) -> int:
         print(f"hci-scheduler agent: {exc}", file=sys.stderr)
         return 2
     agent = Agent(config)
+    if args.metrics:
+        from .metrics import serve_metrics
+
+        port = serve_metrics(agent, args.metrics)
+        log.info("metrics on %s", f"{args.metrics.rpartition(':')[0] or '127.0.0.1'}:{port}")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     agent.run()

@@ -76,7 +76,9 @@ class Cluster:
                 f"h{i}",
                 os.path.join(engines.base, f"a{i}"),
                 labels={"idx": str(i)},
-                extra=AGENT_FLAGS + ["--vm-image", images[1]],
+                extra=AGENT_FLAGS
+                + ["--vm-image", images[1]]
+                + (["--metrics", "127.0.0.1:0"] if i == 0 else []),
             )
             for i, e in enumerate(engines.engines)
         ]
@@ -405,3 +407,21 @@ def test_agent_behind_a_compacted_log_relists(cluster):
     wait_for(lambda: cluster.containers(2, "drop-2") == [], "drop-2 removed after the relist")
     assert [c.id for c in cluster.containers(2, "keep-2")] == [keep.id]
     assert "relisting" in a.log()
+
+
+def test_agent_metrics(cluster):
+    import re
+    import urllib.request
+
+    m = wait_for(
+        lambda: re.search(r"metrics on 127\.0\.0\.1:(\d+)", cluster.agents[0].log()), "metrics"
+    )
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/metrics", timeout=10).read().decode()
+    )
+    values = dict(re.findall(r"^(hci_agent_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M))
+    on_h0 = sum(1 for p in cluster.client.allocations() if p.host_id == "h0")
+    assert float(values["hci_agent_workloads"]) == on_h0
+    assert 0 <= float(values["hci_agent_relist_age_seconds"]) < DEADLINE_S
+    assert float(values["hci_agent_applied_sequence"]) > 0
+    assert 'hci_agent_container_actions_total{action="started"}' in values

@@ -64,8 +64,8 @@ FORMAT = 1
 MAGIC = b"HCISNAP\x00"
 #: The most events between two snapshots: the longest tail a crash restart replays. A
 #: restart with 200,000 live placements loads the snapshot in about 0.4 s and replays a
-#: tail at about 4-5 us an event, so 50,000 keeps it near 0.6 s, under the 1 s target
-#: with room for a loaded machine (bench/README.md, "Restart"); a snapshot costs about
+#: tail at about 4-5 us an event, so 50,000 keeps it under the 1 s target (0.74-0.87 s
+#: CPU measured on a loaded machine; bench/README.md, "Restart"); a snapshot costs about
 #: 0.3 s of CPU at that size, about 6 us per event written at this cadence.
 DEFAULT_EVERY = 50_000
 MIN_EVERY = 10_000  # events: below this a snapshot is written only every `every` events

@@ -37,6 +37,7 @@ from ..v1 import scheduler_pb2 as pb
 from .limits import MAX_REQUEST_BYTES
 from .metrics import Metrics
 from .service import SchedulerServicer, method_handlers
+from .snapshot import DEFAULT_EVERY as DEFAULT_SNAPSHOT_EVERY, DEFAULT_TAIL as DEFAULT_SNAPSHOT_TAIL
 from .state import SchedulerState
 
 log = logging.getLogger("hci_scheduler.server")
@@ -73,8 +74,8 @@ class ServerOptions:
     fsync: str = "FULL"  # SQLite synchronous mode: FULL (durable on power loss) or NORMAL
     # With a data_dir: a snapshot every snapshot_every events (0: only at a clean stop), then the
     # log is compacted, keeping snapshot_tail events before the newest snapshot (server/snapshot.py).
-    snapshot_every: int = 100_000
-    snapshot_tail: int = 100_000
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
+    snapshot_tail: int = DEFAULT_SNAPSHOT_TAIL
     dimensions: Sequence[str] | None = None
     tls: TLSConfig | None = None
     token_file: str | None = None

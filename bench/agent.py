@@ -230,7 +230,8 @@ def run(n_containers: int, n_reconcile: int, out: Path) -> dict:
 
         def running() -> dict:
             listed = dc.containers.list(
-                sparse=False, filters={"label": runtime.LABEL_WORKLOAD, "status": "running"}
+                sparse=False, filters={"label": runtime.LABEL_WORKLOAD, "status": "running"},
+                ignore_removed=True,
             )
             return {c.id: c.attrs["State"]["StartedAt"] for c in listed}
 

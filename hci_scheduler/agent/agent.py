@@ -663,7 +663,8 @@ class Agent:
             return None
         load = {n: 0 for n in self.facts.numa_cpus}
         for c in self.docker.containers.list(
-            filters={"label": [f"{runtime.LABEL_HOST}={self.cfg.host_id}", runtime.LABEL_NUMA_NODE]}
+            filters={"label": [f"{runtime.LABEL_HOST}={self.cfg.host_id}", runtime.LABEL_NUMA_NODE]},
+            ignore_removed=True,  # one that stopped between the listing and its inspect
         ):
             n = int(c.labels[runtime.LABEL_NUMA_NODE])
             if n in load and c.labels.get(runtime.LABEL_WORKLOAD) != d.spec.id:

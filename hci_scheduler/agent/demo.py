@@ -153,7 +153,7 @@ def run(docker_hosts: Sequence[str], n_containers: int = 6, console=None) -> int
         sched.release(list(placed))
         _wait(
             lambda: all(
-                not c.containers.list(all=True, filters={"label": runtime.LABEL_WORKLOAD})
+                not c.containers.list(all=True, filters={"label": runtime.LABEL_WORKLOAD}, ignore_removed=True)
                 for c in clients
             ),
             "the agents to remove the released workloads",

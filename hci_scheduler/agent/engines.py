@@ -102,7 +102,7 @@ class LocalEngine:
         try:
             c = self.client(timeout=10)
             try:
-                for cont in c.containers.list(all=True):
+                for cont in c.containers.list(all=True, ignore_removed=True):
                     cont.remove(force=True)
             finally:
                 c.close()

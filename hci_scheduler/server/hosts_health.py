@@ -181,6 +181,8 @@ class HostHealth:
             except NotFound:
                 raise StateConflict(f"workload {wid!r} is not placed (status reported by host {host_id!r})") from None
             on = p.host_id == host_id if p.host_id else host_id in p.replicas
+            if not on and st.state == pb.WORKLOAD_STATE_STOPPED and (wid, host_id) in self.statuses:
+                continue  # a host it moved away from, which ran it, says its copy stopped
             if not on:
                 raise StateConflict(f"workload {wid!r} is not placed on host {host_id!r} "
                                     f"(it is on {p.host_id or 'its per-host replicas'!r})")

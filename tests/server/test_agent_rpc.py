@@ -207,6 +207,31 @@ def test_containers_of_a_down_host_are_replaced_after_the_grace_vms_wait_nothing
             {h: u for h, u in listed.items() if u}
 
 
+def test_the_host_a_container_moved_away_from_may_report_it_stopped_and_nothing_else(tmp_path):
+    """The source of a move reports its copy STOPPED (the target of a single-instance move waits
+    for that); a host that never ran the workload, or any other state from the source, is refused."""
+    with running_server(tmp_path, reschedule_after_s=0.5) as (srv, stub):
+        stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("src", cpu=4000, memory=8192)]))
+        stub.Place(pb.PlaceRequest(workloads=[make_workload("c", cpu=1000, memory=1024,
+                                                            container=pb.ContainerSpec(image="busybox"))]))
+        report(stub, "src", status("c"))
+        stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("dst", cpu=4000, memory=8192),
+                                                          make_host("bystander", cpu=1, memory=1)]))
+        eventually(lambda: allocations(stub)["c"].host_id == "dst")  # src went silent: re-placed
+        seq = stub.GetStatus(pb.GetStatusRequest()).last_sequence
+        resp = report(stub, "src", status("c", pb.WORKLOAD_STATE_STOPPED, message="moved to dst"))
+        stopped = [e for e in events(stub, seq) if e.type == pb.EVENT_TYPE_STATUS]
+        assert [(e.workload_id, e.host_id, e.status.state) for e in stopped] == \
+            [("c", "src", pb.WORKLOAD_STATE_STOPPED)]
+        assert resp.sequence == stopped[0].sequence
+        assert allocations(stub)["c"].host_id == "dst"  # the report moved nothing
+        assert allocations(stub)["c"].status.state == pb.WORKLOAD_STATE_PENDING  # its status is dst's
+        for host_id, st in (("src", status("c")), ("bystander", status("c", pb.WORKLOAD_STATE_STOPPED))):
+            with pytest.raises(grpc.RpcError) as err:
+                report(stub, host_id, st)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "'c'" in err.value.details()
+
+
 # -- statuses ---------------------------------------------------------------------------
 
 
@@ -241,6 +266,7 @@ def test_status_changes_are_events_listed_and_repeats_are_not_logged(tmp_path):
 @pytest.mark.parametrize("statuses, code, named", [
     ([status("elsewhere")], grpc.StatusCode.FAILED_PRECONDITION, "elsewhere"),  # placed on another host
     ([status("mine"), status("nobody")], grpc.StatusCode.FAILED_PRECONDITION, "nobody"),  # not placed
+    ([status("elsewhere", pb.WORKLOAD_STATE_STOPPED)], grpc.StatusCode.FAILED_PRECONDITION, "elsewhere"),
     ([status("mine", state=0)], grpc.StatusCode.INVALID_ARGUMENT, "state"),
     ([status("mine", state=42)], grpc.StatusCode.INVALID_ARGUMENT, "state"),
     ([status("mine"), status("mine", EXITED)], grpc.StatusCode.INVALID_ARGUMENT, "twice"),
@@ -248,7 +274,7 @@ def test_status_changes_are_events_listed_and_repeats_are_not_logged(tmp_path):
     ([status("mine", host_id="other")], grpc.StatusCode.INVALID_ARGUMENT, "host_id"),
     ([status("mine", message="x" * 5000)], grpc.StatusCode.INVALID_ARGUMENT, "message"),
     ([status("mine", restarts=-1)], grpc.StatusCode.INVALID_ARGUMENT, "restarts"),
-], ids=["other-host", "not-placed", "unspecified", "unknown-state", "twice", "empty-id", "host-mismatch",
+], ids=["other-host", "not-placed", "stopped-never-ran-here", "unspecified", "unknown-state", "twice", "empty-id", "host-mismatch",
         "long-message", "negative-restarts"])
 def test_bad_reports_are_refused_and_change_nothing(tmp_path_factory, statuses, code, named):
     with running_server(tmp_path_factory.mktemp("bad")) as (srv, stub):

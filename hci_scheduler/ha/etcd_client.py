@@ -155,11 +155,12 @@ class EtcdClient:
         return self.call(rpc_grpc.KVStub, "Range", req, timeout_s)
 
     def range_prefix(self, prefix: bytes, page: int = 5000, keys_only: bool = False,
-                     end: bytes | None = None) -> Iterator:
+                     end: bytes | None = None, revision: int = 0) -> Iterator:
         """Every key-value under prefix (or in [prefix, end)) in key order, in pages, all at one
-        revision (the first page's), so a concurrent writer cannot make a page skip or repeat a key."""
+        revision (`revision`, else the first page's), so a concurrent writer cannot make a page
+        skip or repeat a key."""
         end = end or prefix_end(prefix)
-        key, revision = prefix, 0
+        key = prefix
         while True:
             resp = self.range(key, end, limit=page, keys_only=keys_only, revision=revision)
             revision = revision or resp.header.revision

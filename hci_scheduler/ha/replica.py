@@ -1,7 +1,8 @@
 """One scheduler replica on an etcd store: follower while another leads, leader when it wins.
 
 Follower: it applies the leader's log as it grows (a Watch on the prefix wakes it, then a
-Range reads what is new: level-triggered, so a missed or compacted watch loses nothing),
+Range reads what is new: level-triggered, so a missed or compacted watch loses nothing; a
+follower the log was compacted past loads the newest snapshot and follows from there),
 answers reads from that state with the sequence it is at, and refuses mutations with
 UNAVAILABLE and the leader's address in the trailing metadata (`hci-leader`) for clients to
 follow (chosen over forwarding: a forwarded call would cross two hops and hide from the
@@ -21,6 +22,7 @@ import time
 
 import grpc
 
+from ..server.snapshot import SnapshotError
 from ..store.base import StoreError, StoreUnwritable
 from ..store.etcd import EtcdStore, NotLeader
 from .etcd_client import prefix_end
@@ -62,8 +64,9 @@ class Replica:
     set_serving : callable(bool)
         Sets the scheduler service's health.
     on_fatal : callable(exc)
-        The log no longer continues this state (compacted past a lagging follower, a
-        commit whose answer was lost): the server stops, a restart rebuilds from a snapshot.
+        The log no longer continues this state (a gap, a commit whose answer was lost):
+        the server stops, a restart rebuilds it. A log compacted past a lagging follower is
+        not one of these: the follower catches up from a snapshot by itself (state.follow).
     """
 
     def __init__(self, state, store: EtcdStore, set_serving, on_fatal, poll_s: float = 0.5, registry=None):
@@ -141,6 +144,14 @@ class Replica:
                 if not failing:
                     log.warning("etcd unreachable: serving reads, retrying", extra={"fields": {"reason": str(exc)}})
                 failing = True
+                self._stop.wait(self.poll_s)
+            except SnapshotError as exc:
+                # Catching up past a compaction found no snapshot that checks out: the leader may
+                # have replaced them while this replica read one. Reads go on from the state it had.
+                if not failing:
+                    log.error("cannot catch up from a snapshot yet: retrying", extra={"fields": {"reason": str(exc)}})
+                failing = True
+                self.set_serving(False)
                 self._stop.wait(self.poll_s)
             except StoreError as exc:
                 if self._stop.is_set():

@@ -29,7 +29,7 @@ import threading
 import time
 from bisect import bisect_left
 from functools import cached_property
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -373,20 +373,14 @@ class SchedulerState:
 
     # -- replay --------------------------------------------------------------
 
-    def _replay(self) -> int:
-        """Feed the stored events back into the cluster, in order. `replay_phases` gets the
-        seconds each step took (snapshot_* while the snapshot loads, tail_read, replay)."""
-        n = 0
-        c = self.cluster
+    def _replay(self, wait_for_store: bool = True) -> int:
+        """Rebuild the state from the store: the newest snapshot that checks out, then the
+        log's tail through `_apply_events` (the one path that applies events: a follower's
+        `follow` takes it too). `replay_phases` gets the seconds each step took (snapshot_*
+        while the snapshot loads, tail_read, replay). With `wait_for_store`, a snapshot
+        storage that cannot be reached (etcd briefly down after a compaction: the log alone
+        cannot rebuild the state) is waited for instead of failing the start."""
         self.replay_phases: dict[str, float] = {}
-        adds: list[pb.Event] = []  # consecutive HOST_ADDED events, registered in one call
-
-        def flush() -> None:
-            if adds:
-                c.add_hosts([convert.host_to_model(ev.host) for ev in adds],
-                            replicas={ev.host.id: list(ev.per_host_workload_ids) for ev in adds})
-                adds.clear()
-
         run = _PlainRun()
         tail, keys, tail_after = None, None, -1  # the events after a snapshot, read before it is loaded
         left_out: set = set()  # snapshot placements the tail releases, never restored
@@ -400,7 +394,7 @@ class SchedulerState:
                 tail_after = after
                 return _released_in(tail, keys)
 
-            left_out = self.snapshots.restore(self, released, self.replay_phases)  # the newest that checks out
+            left_out = self._restore_snapshot(released, wait_for_store)  # the newest that checks out
             if tail_after != self.sequence:
                 tail = keys = None  # read after a snapshot that did not load
         elif self.store.compacted_sequence():
@@ -408,31 +402,74 @@ class SchedulerState:
                              "start with its snapshots (a data directory)")
         t0 = time.perf_counter()
         events = zip(tail, keys) if tail is not None else _scanned_log(self.store, self.sequence, run)
-        for ev, key in events:
-            if ev.sequence != self.sequence + 1:
-                raise StoreError(f"event sequence {ev.sequence} follows {self.sequence}")
-            t = ev.type
-            if t == _PLACED and (flush() or run.add(ev, key)):
-                pass  # restored with the plain placements next to it (hosts registered first)
-            elif t in _RELEASES and (run.release(ev.workload_id) or _take(left_out, ev.workload_id)):
-                pass  # it never reaches the Cluster
-            elif t in _RELEASES and ev.workload_id in self._placed:
-                c.release(ev.workload_id)  # the run goes on: see _PlainRun
-                del self._placed[ev.workload_id]
-            elif t == pb.EVENT_TYPE_HOST_ADDED:
-                run.flush(c, self._placed)
-                adds.append(ev)  # add_hosts gives rows in the same order as one call per event
-            elif t == pb.EVENT_TYPE_STATUS:
-                self.health.replay_status(ev)  # no placement changes: the run goes on
-            else:
-                run.flush(c, self._placed)
-                flush()
-                self._apply(ev.full() if type(ev) is _Scanned else ev)
-            self.sequence = ev.sequence
-            n += 1
-        run.flush(c, self._placed)
-        flush()
+        n = self._apply_events(events, run, left_out)
         self.replay_phases["replay"] = time.perf_counter() - t0
+        return n
+
+    def _restore_snapshot(self, released: Callable[[int], frozenset], wait_for_store: bool) -> set:
+        """`Snapshots.restore` into this state; with `wait_for_store`, retried while the
+        snapshot storage cannot be reached (StoreUnwritable: etcd without a quorum). A retry
+        is safe: the snapshot is listed, read and checked before anything changes the state."""
+        delay = 0.1
+        while True:
+            try:
+                return self.snapshots.restore(self, released, self.replay_phases)
+            except StoreUnwritable as exc:
+                if not wait_for_store:
+                    raise
+                if delay == 0.1:
+                    log.warning("snapshot storage unreachable: waiting for it to load the state", extra={
+                        "fields": {"reason": str(exc)}})
+                if self._probe_stop.wait(delay):
+                    raise
+                delay = min(delay * 2, 2.0)
+
+    def _apply_events(self, events: Iterable[tuple[object, object]], run: _PlainRun,
+                      left_out: set = frozenset()) -> int:
+        """Apply (event, key) pairs (`_scanned`) that continue this state's sequence, in
+        order: plain placements in bulk runs (`_PlainRun`), consecutive hosts in one
+        `add_hosts` call, the rest through `_apply`. Replay at start and a follower's
+        `follow` both come here, so a follower's state is exactly the one a restart at
+        the same sequence would build. `left_out`: snapshot placements the events release
+        (see snapshot.restore); their releases are skipped. StoreError at an event that does
+        not continue the sequence (the events before it are applied). Returns how many."""
+        c, placed = self.cluster, self._placed
+        n = 0
+        adds: list = []  # consecutive HOST_ADDED events, registered in one call
+
+        def flush() -> None:
+            if adds:
+                c.add_hosts([convert.host_to_model(ev.host) for ev in adds],
+                            replicas={ev.host.id: list(ev.per_host_workload_ids) for ev in adds})
+                adds.clear()
+
+        try:
+            for ev, key in events:
+                if ev.sequence != self.sequence + 1:
+                    raise StoreError(f"event sequence {ev.sequence} follows {self.sequence}: the log does not "
+                                     "continue this state")
+                t = ev.type
+                if t == _PLACED and (flush() or run.add(ev, key)):
+                    pass  # restored with the plain placements next to it (hosts registered first)
+                elif t in _RELEASES and (run.release(ev.workload_id) or _take(left_out, ev.workload_id)):
+                    pass  # it never reaches the Cluster
+                elif t in _RELEASES and ev.workload_id in placed:
+                    c.release(ev.workload_id)  # the run goes on: see _PlainRun
+                    del placed[ev.workload_id]
+                elif t == pb.EVENT_TYPE_HOST_ADDED:
+                    run.flush(c, placed)
+                    adds.append(ev)  # add_hosts gives rows in the same order as one call per event
+                elif t == pb.EVENT_TYPE_STATUS:
+                    self.health.replay_status(ev)  # no placement changes: the run goes on
+                else:
+                    run.flush(c, placed)
+                    flush()
+                    self._apply(ev.full() if type(ev) is _Scanned else ev)
+                self.sequence = ev.sequence
+                n += 1
+        finally:  # what was read so far is applied whole, even before a gap
+            run.flush(c, placed)
+            flush()
         return n
 
     def _apply(self, ev: pb.Event) -> None:
@@ -500,58 +537,67 @@ class SchedulerState:
     # -- high availability: follower and leader hooks (ha/replica.py) ----------
 
     def follow(self) -> int:
-        """Apply the events the store holds beyond self.sequence: a follower replays the
-        leader's log as it grows, and a replica that won the election applies the tail
-        before it writes. Returns how many; StoreError when the log no longer continues
-        this state (compacted past it: only a restart from a snapshot catches up)."""
+        """Apply the events the store holds beyond self.sequence, as replay applies a log's
+        tail (`_apply_events`): a follower replays the leader's log as it grows, and a
+        replica that won the election applies the tail before it writes. When the log was
+        compacted past this state (a follower paused or cut off while the leader wrote past
+        its snapshots), it catches up as a restart would (`_catch_up`). Returns how many
+        events this state moved on by; StoreError when the log does not continue it."""
+        if self.sequence < self.store.compacted_sequence():
+            return self._catch_up()
         with self.lock:
             records = self.store.read(after=self.sequence)
             if not records:
                 return 0
-            n = self._follow_events([pb.Event.FromString(r.body) for r in records])
+            run = _PlainRun()
+            n = self._apply_events(zip(*_scanned(records, run)), run)
+        self._notify_watchers()
+        return n
+
+    def _catch_up(self) -> int:
+        """Load the newest snapshot the log continues and the tail after it into a state
+        built beside this one (reads go on from this one meanwhile), then swap it in under
+        the lock: readers see the old state or the new one, never a half. StoreUnwritable
+        while the snapshots cannot be reached and SnapshotError when none checks out (the
+        leader may have replaced them meanwhile): the caller tries again later."""
+        t0 = time.perf_counter()
+        before = self.sequence
+        new = self._rebuilt()
+        with self.lock:
+            self.cluster, self._placed, self.sequence = new.cluster, new._placed, new.sequence
+            self.__dict__["plans"] = new.plans  # the plans the log's tail knows, as after a restart
+            for cached in ("_placement_order", "_volume_order"):  # orders of the old maps
+                self.__dict__.pop(cached, None)
+            # Statuses as a restart has them (the tail's, then those logged before the snapshot),
+            # the durable agent set, and a fresh period for every agent's host.
+            self.health.statuses = new.health.statuses
+            self.health.load(self)
+        log.info("caught up from a snapshot: the log was compacted past this replica", extra={"fields": {
+            "from_sequence": before, "snapshot_sequence": self.snapshots.sequence, "sequence": self.sequence,
+            "seconds": round(time.perf_counter() - t0, 3)}})
+        self._notify_watchers()
+        return self.sequence - before
+
+    def _rebuilt(self) -> "SchedulerState":
+        """A state rebuilt from the store as a restart rebuilds one (`_replay`), beside this
+        one: same store, snapshots and cluster factory, a cluster of its own, no writer."""
+        if self.snapshots is None:
+            raise StoreError(f"the log is compacted up to sequence {self.store.compacted_sequence()}, past this "
+                             f"state's {self.sequence}, and there are no snapshots to catch up from")
+        new = object.__new__(SchedulerState)
+        new.store, new.snapshots, new.metrics = self.store, self.snapshots, None
+        new.dimensions, new._cluster_factory = self.dimensions, self._cluster_factory
+        new.cluster = self._cluster_factory(self.dimensions)
+        new.lock = threading.RLock()
+        new.sequence, new._placed = 0, {}
+        new._probe_stop = self._probe_stop
+        new._replay(wait_for_store=False)
+        return new
+
+    def _notify_watchers(self) -> None:
         if self._event_waiters:
             with self.events_cond:
                 self.events_cond.notify_all()
-        return n
-
-    def _follow_events(self, events: list) -> int:
-        """The events applied as _replay applies a log's tail (plain placements in bulk runs,
-        consecutive hosts in one call; TODO fold into one loop with _replay's once the
-        replay work in flight has landed)."""
-        c, placed = self.cluster, self._placed
-        run, adds = _PlainRun(), []
-
-        def flush() -> None:
-            if adds:
-                c.add_hosts([convert.host_to_model(ev.host) for ev in adds],
-                            replicas={ev.host.id: list(ev.per_host_workload_ids) for ev in adds})
-                adds.clear()
-
-        for ev in events:
-            if ev.sequence != self.sequence + 1:
-                raise StoreError(f"event sequence {ev.sequence} follows {self.sequence}: the log no longer "
-                                 "continues this replica's state")
-            t = ev.type
-            if t == _PLACED and (flush() or run.add(ev, run.key(ev))):
-                pass
-            elif t in _RELEASES and run.release(ev.workload_id):
-                pass
-            elif t in _RELEASES and ev.workload_id in placed:
-                c.release(ev.workload_id)
-                del placed[ev.workload_id]
-            elif t == pb.EVENT_TYPE_HOST_ADDED:
-                run.flush(c, placed)
-                adds.append(ev)
-            elif t == pb.EVENT_TYPE_STATUS:
-                self.health.replay_status(ev)
-            else:
-                run.flush(c, placed)
-                flush()
-                self._apply(ev)
-            self.sequence = ev.sequence
-        run.flush(c, placed)
-        flush()
-        return len(events)
 
     def step_down(self, exc: StoreUnwritable) -> None:
         """Stop taking mutations (this replica lost the lead): they fail with UNAVAILABLE

@@ -157,24 +157,37 @@ class EtcdStore(Store):
 
     def _load(self) -> None:
         """Read meta and the log into memory; finish a compaction a crash interrupted."""
-        for kv in self.client.range_prefix(self._meta_prefix):
-            self._meta[kv.key[len(self._meta_prefix):].decode()] = kv.value.decode()
-        self._compacted = int(self._meta.get(COMPACTED_KEY) or 0)
+        self._meta, revision = self._read_meta()
+        self._read_log(int(self._meta.get(COMPACTED_KEY) or 0), revision)
+
+    def _read_meta(self) -> tuple[dict[str, str], int]:
+        """The meta keys as etcd holds them, and the revision they were read at."""
+        resp = self.client.range(self._meta_prefix, prefix_end(self._meta_prefix))
+        return {kv.key[len(self._meta_prefix):].decode(): kv.value.decode() for kv in resp.kvs}, resp.header.revision
+
+    def _read_log(self, compacted: int, revision: int = 0) -> None:
+        """Replace the log in memory with the one etcd holds after `compacted` (at `revision`,
+        the one meta was read at, when given: a compaction between the two reads would
+        otherwise look like a gap). Log keys whose events are all compacted are counted as
+        stale: a compaction a crash interrupted, deleted by the next one."""
         n = len(self._log_prefix)
-        expected = self._compacted + 1
+        expected = compacted + 1
+        records: list[Record] = []
+        groups: list[int] = []
         stale = 0
-        for kv in self.client.range_prefix(self._log_prefix):
+        for kv in self.client.range_prefix(self._log_prefix, revision=revision):
             first = int(kv.key[n:])
             group = decode_group(first, kv.value)
-            if group[-1].sequence <= self._compacted:
-                stale += 1  # a compaction a crash interrupted: deleted by the next one
+            if group[-1].sequence <= compacted:
+                stale += 1
                 continue
             # The first key kept may straddle compacted_seq; every later one continues the last.
-            if first > expected or (first != expected and self._groups):
+            if first > expected or (first != expected and groups):
                 raise StoreError(f"etcd log {self.prefix}: sequence {first} follows {expected - 1} (a gap)")
-            self._groups.append(first)
-            self._records.extend(r for r in group if r.sequence > self._compacted)
+            groups.append(first)
+            records.extend(r for r in group if r.sequence > compacted)
             expected = group[-1].sequence + 1
+        self._compacted, self._records, self._groups = compacted, records, groups
         self._last = expected - 1
         self._stale = stale
 
@@ -202,23 +215,27 @@ class EtcdStore(Store):
 
     def refresh(self) -> int:
         """Read what other replicas wrote since this store last looked: meta, and the log keys
-        after the last event it holds (a follower's view of the leader's log). Returns how
-        many events came in; StoreError when the log was compacted past them or has a gap."""
+        after the last event it holds (a follower's view of the leader's log), both at one
+        etcd revision. When the log was compacted past the last event held (this replica was
+        paused or cut off while the leader wrote on), the log in memory is replaced by the
+        one etcd holds: the state above then catches up from a snapshot (SchedulerState.follow).
+        Returns how many events the log in memory moved on by; StoreError on a gap."""
         with self._lock:
             self._check_open()
-            meta = {kv.key[len(self._meta_prefix):].decode(): kv.value.decode()
-                    for kv in self.client.range_prefix(self._meta_prefix)}
-            compacted = int(meta.get(COMPACTED_KEY) or 0)
+            before = self._last
+            self._meta, revision = self._read_meta()
+            compacted = int(self._meta.get(COMPACTED_KEY) or 0)
             if compacted > self._last:
-                raise StoreError(f"etcd log {self.prefix} was compacted up to {compacted}, past this replica's "
-                                 f"{self._last}: restart it to load a snapshot")
-            self._meta = meta
+                log.warning("the log was compacted past this replica: reading it from the compaction on",
+                            extra={"fields": {"prefix": self.prefix, "compacted": compacted, "last": self._last}})
+                self._read_log(compacted, revision)
+                self._uncertain = None  # what etcd holds is read: a late commit is in memory now
+                return self._last - before
             if compacted > self._compacted:
                 self._trim(compacted)
             n = len(self._log_prefix)
-            added = 0
             start = self._log_prefix + _seq(self._last + 1).encode()
-            for kv in self.client.range_prefix(start, end=prefix_end(self._log_prefix)):
+            for kv in self.client.range_prefix(start, end=prefix_end(self._log_prefix), revision=revision):
                 first = int(kv.key[n:])
                 if first != self._last + 1:
                     raise StoreError(f"etcd log {self.prefix}: sequence {first} follows {self._last} (a gap)")
@@ -226,9 +243,8 @@ class EtcdStore(Store):
                 self._records.extend(group)
                 self._groups.append(first)
                 self._last = group[-1].sequence
-                added += len(group)
-            self._uncertain = None  # what etcd holds is read: a late commit is in memory now
-            return added
+            self._uncertain = None
+            return self._last - before
 
     def _trim(self, upto: int) -> None:
         """Forget the events up to upto (compacted) from memory."""

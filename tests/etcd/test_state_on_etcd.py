@@ -2,6 +2,8 @@
 from them, and a follower that applies the leader's log as it grows."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from hci_scheduler.ha.election import Election
@@ -18,8 +20,8 @@ from .fixtures import leading_store
 pytestmark = pytest.mark.etcd
 
 
-def register(state, n: int) -> None:
-    hosts = [pb.Host(id=f"h{i}", capacity={"cpu": 8000, "memory": 32_768}) for i in range(n)]
+def register(state, n: int, first: int = 0) -> None:
+    hosts = [pb.Host(id=f"h{i}", capacity={"cpu": 8000, "memory": 32_768}) for i in range(first, first + n)]
     state.execute("register", (hosts, [convert.host_to_model(h) for h in hosts]))
 
 
@@ -82,3 +84,102 @@ def test_follower_applies_the_leaders_log_and_cannot_write(etcd_server, etcd_pre
     assert fstate.follow() == 0  # nothing new
     fstate.close()
     lstate.close()
+
+
+def allocations(state) -> tuple[int, dict]:
+    """(sequence, workload id -> (host, sequence of its placement)) as one read answers them."""
+    resp = state.list_allocations(page_size=100_000)
+    assert not resp.next_page_token
+    return resp.sequence, {p.workload_id: (p.host_id, p.sequence) for p in resp.allocations}
+
+
+def compacted_past(lstate, follower_sequence: int) -> None:
+    """Write and snapshot on the leader until its log is compacted past follower_sequence
+    (two snapshots at least: compaction keeps the log from the one before the newest)."""
+    k = 0
+    while lstate.store.compacted_sequence() <= follower_sequence:
+        place(lstate, [f"p{k}-{i}" for i in range(15)])
+        lstate.execute("release", ([f"p{k}-{i}" for i in range(0, 15, 4)], False))
+        lstate.snapshots.take(lstate)
+        k += 1
+    assert k >= 2
+
+
+def test_follower_the_log_was_compacted_past_catches_up_from_a_snapshot(etcd_server, etcd_prefix):
+    leader = leading_store(etcd_server.endpoints, etcd_prefix)
+    lstate = SchedulerState(leader, snapshots=Snapshots(leader.snapshots(), every=0, tail=0))
+    register(lstate, 6)
+    place(lstate, [f"x{i}" for i in range(10)])
+
+    client = EtcdClient(etcd_server.endpoints)
+    election = Election(client, etcd_prefix, "replica-b:1")
+    follower = EtcdStore(client, etcd_prefix, election, own_client=True)
+    fstate = SchedulerState(follower, snapshots=Snapshots(follower.snapshots(), every=0, tail=0))
+    old = allocations(fstate)
+    assert old == allocations(lstate)
+
+    lstate.execute("release", (["x0", "x3"], False))
+    compacted_past(lstate, fstate.sequence)
+    register(lstate, 1, first=6)  # the tail after the newest snapshot: a host and placements
+    place(lstate, ["after-0", "after-1"])
+    new = allocations(lstate)
+
+    # Readers see the state before the catch-up or after it, never a mix.
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            seen.append(allocations(fstate))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        follower.refresh()
+        assert fstate.follow() == new[0] - old[0]
+    finally:
+        stop.set()
+        t.join()
+    assert allocations(fstate) == new
+    assert view(fstate) == view(lstate) and fstate.cluster.n_hosts == 7
+    assert all(s in (old, new) for s in seen)
+    assert fstate.snapshots.sequence == lstate.snapshots.sequence  # it loaded the newest
+    # It follows on from there as from any other position.
+    place(lstate, ["later"])
+    follower.refresh()
+    assert fstate.follow() == 1 and allocations(fstate) == allocations(lstate)
+    fstate.close()
+    lstate.close()
+
+
+def test_replica_starting_while_etcd_is_down_after_a_compaction_waits_for_it(etcd_server, etcd_prefix):
+    leader = leading_store(etcd_server.endpoints, etcd_prefix)
+    lstate = SchedulerState(leader, snapshots=Snapshots(leader.snapshots(), every=0, tail=0))
+    register(lstate, 4)
+    compacted_past(lstate, 1)
+    expected = allocations(lstate)
+    lstate.close()
+
+    # The log is read; then etcd goes away before the snapshot it needs could be.
+    store = EtcdStore(EtcdClient(etcd_server.endpoints, timeout_s=0.5), etcd_prefix, own_client=True)
+    assert store.compacted_sequence() > 0
+    member = etcd_server.members[0]
+    member.stop()
+    built, failed = [], []
+
+    def start():
+        try:
+            built.append(SchedulerState(store, snapshots=Snapshots(store.snapshots(), every=0, tail=0)))
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            failed.append(exc)
+
+    t = threading.Thread(target=start)
+    try:
+        t.start()
+        t.join(3)
+        assert t.is_alive() and not failed  # waiting for etcd, not given up
+    finally:
+        etcd_server.restart(member)
+    t.join(60)
+    assert not failed and built
+    assert allocations(built[0]) == expected
+    built[0].close()

@@ -1,0 +1,148 @@
+"""A follower the leader's log was compacted past, with real processes on a real etcd: paused
+(SIGSTOP) while the leader writes past two snapshots and a compaction, it catches up by
+itself from the newest snapshot once it runs again, with the leader's allocations and
+sequence, and takes over with nothing lost when the leader is then killed. Checked against
+what the clients were answered, not against the servers' own view of themselves."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from hci_scheduler.client import SchedulerClient
+from hci_scheduler.ha.local_etcd import free_port
+from hci_scheduler.v1 import scheduler_pb2 as pb
+from tests.server.conftest import ServerProcess
+
+from .test_failover import leader_of, status, wait_for, workload
+
+pytestmark = pytest.mark.etcd
+
+HOST_CPU, N_HOSTS = 16_000, 4
+
+
+def replica(tmp_path, etcd, prefix: str) -> ServerProcess:
+    # A snapshot every 100 events, no tail kept before the one before the newest: a few hundred
+    # events compact the log past a paused follower.
+    return ServerProcess(tmp_path, extra=["--store", etcd.url, "--etcd-prefix", prefix, "--lease-ttl-s", "1",
+                                          "--snapshot-every", "100", "--snapshot-tail", "0"],
+                         listen=f"127.0.0.1:{free_port()}")
+
+
+class Acked:
+    """What the clients were answered: live placements (id -> (host, sequence)), and the
+    highest sequence any answer carried."""
+
+    def __init__(self):
+        self.live: dict[str, tuple[str, int]] = {}
+        self.released = 0
+
+    def place(self, c: SchedulerClient, ids: list[str]) -> None:
+        for p in c.place([workload(w, cpu=500, mem=64) for w in ids]).placements:
+            assert p.host_id, f"{p.workload_id} found no room: the test's setup is wrong"
+            self.live[p.workload_id] = (p.host_id, p.sequence)
+
+    def release(self, c: SchedulerClient, ids: list[str]) -> None:
+        c.release(ids)
+        for w in ids:
+            del self.live[w]
+        self.released += len(ids)
+
+
+def listed(address: str) -> tuple[int, dict, dict]:
+    """(sequence, workload id -> (host, sequence), host -> cpu used) from one replica's listing."""
+    with SchedulerClient(address, timeout=10) as c:
+        items = c.allocations(include_workloads=True)
+        out, used = {}, {}
+        for p in items:
+            out[p.workload_id] = (p.host_id, p.sequence)
+            used[p.host_id] = used.get(p.host_id, 0) + p.workload.requests["cpu"]
+        return items.sequence, out, used
+
+
+def churn(c: SchedulerClient, acked: Acked, rounds: int, tag: str) -> None:
+    """Place 8 and release the 8 placed the round before, `rounds` times (16 events a round)."""
+    previous: list[str] = []
+    for k in range(rounds):
+        ids = [f"{tag}{k}-{i}" for i in range(8)]
+        acked.place(c, ids)
+        if previous:
+            acked.release(c, previous)
+        previous = ids
+
+
+def test_paused_follower_catches_up_past_compaction_then_takes_over(tmp_path, etcd_server, etcd_prefix):
+    a = replica(tmp_path, etcd_server, etcd_prefix).start()
+    wait_for(lambda: leader_of([a]), what="the first replica to lead")
+    b = replica(tmp_path, etcd_server, etcd_prefix).start()
+    acked = Acked()
+    try:
+        with SchedulerClient(addresses=[a.address, b.address], timeout=10, failover_s=30) as c:
+            c.register_hosts([pb.Host(id=f"h{i}", capacity={"cpu": HOST_CPU, "memory": 262_144})
+                              for i in range(N_HOSTS)])
+            acked.place(c, [f"base-{i}" for i in range(20)])
+            paused_at = wait_for(lambda: (s := status(b.address)) and s.last_sequence == 24 and s.last_sequence,
+                                 what="b to follow")
+            b.proc.send_signal(signal.SIGSTOP)
+            churn(c, acked, 30, "r")  # 480 events: snapshots every 100, compacted past b's sequence
+            st = wait_for(lambda: (s := status(a.address)) and s.first_sequence > paused_at + 1 and s,
+                          what="the leader to compact past b")
+            assert st.snapshot_sequence > st.first_sequence  # a newer snapshot than the one compacted to
+            b.proc.send_signal(signal.SIGCONT)
+
+            # b catches up by itself: the leader's sequence and allocations, the ones answered.
+            leader_seq = status(a.address).last_sequence
+            wait_for(lambda: (s := status(b.address)) and s.last_sequence == leader_seq, timeout_s=30,
+                     what="b to catch up")
+            seq_b, on_b, used_b = listed(b.address)
+            seq_a, on_a, _ = listed(a.address)
+            assert (seq_b, on_b) == (seq_a, on_a) == (leader_seq, acked.live)
+            assert b.proc.poll() is None and "caught up from a snapshot" in b.log()
+
+            # The caught-up follower takes over from a killed leader with nothing lost.
+            a.kill()
+            wait_for(lambda: leader_of([b]), timeout_s=30, what="b to take over")
+            acked.place(c, ["after-failover"])
+            assert acked.live["after-failover"][1] == leader_seq + 1  # the log goes on, gap-free
+            seq_b, on_b, used_b = listed(b.address)
+            assert seq_b == leader_seq + 1 and on_b == acked.live
+            assert all(cpu <= HOST_CPU for cpu in used_b.values())  # recomputed from the placements
+            assert acked.released == 29 * 8
+    finally:
+        for r in (a, b):
+            if r.proc.poll() is None:
+                r.proc.send_signal(signal.SIGCONT)
+            r.kill()
+
+
+def test_follower_paused_past_compaction_and_the_leaders_death_takes_over(tmp_path, etcd_server, etcd_prefix):
+    # b wakes to a log compacted past it and no leader: it catches up and leads at once.
+    a = replica(tmp_path, etcd_server, etcd_prefix).start()
+    wait_for(lambda: leader_of([a]), what="the first replica to lead")
+    b = replica(tmp_path, etcd_server, etcd_prefix).start()
+    acked = Acked()
+    try:
+        with SchedulerClient(addresses=[a.address, b.address], timeout=10, failover_s=30) as c:
+            c.register_hosts([pb.Host(id=f"h{i}", capacity={"cpu": HOST_CPU, "memory": 262_144})
+                              for i in range(N_HOSTS)])
+            acked.place(c, [f"base-{i}" for i in range(10)])
+            paused_at = wait_for(lambda: (s := status(b.address)) and s.last_sequence == 14 and s.last_sequence,
+                                 what="b to follow")
+            b.proc.send_signal(signal.SIGSTOP)
+            churn(c, acked, 30, "r")
+            wait_for(lambda: (s := status(a.address)) and s.first_sequence > paused_at + 1, what="a compaction")
+            last = status(a.address).last_sequence
+            a.kill()
+            b.proc.send_signal(signal.SIGCONT)
+            wait_for(lambda: leader_of([b]), timeout_s=30, what="b to take over")
+            acked.place(c, ["after-failover"])
+            assert acked.live["after-failover"][1] == last + 1
+            seq_b, on_b, used_b = listed(b.address)
+            assert (seq_b, on_b) == (last + 1, acked.live)
+            assert all(cpu <= HOST_CPU for cpu in used_b.values())
+            assert "caught up from a snapshot" in b.log()
+    finally:
+        for r in (a, b):
+            if r.proc.poll() is None:
+                r.proc.send_signal(signal.SIGCONT)
+            r.kill()

@@ -19,6 +19,8 @@ distinct workload spec once with protobuf.
 from libc.stdint cimport int64_t, uint64_t, uint8_t
 from libc.string cimport memcmp
 
+from sched_core._varint cimport read_varint
+
 cpdef enum:
     # Columns of `out`, one row per event.
     SEQUENCE = 0
@@ -37,21 +39,6 @@ cpdef enum:
     FLAG_OTHER = 1       # a field other than those read, or one given twice
     FLAG_MALFORMED = 2   # the bytes do not scan: protobuf decides what they are
     FLAG_ID = 4          # a workload that does not open with its id, or whose id is not workload_id
-
-
-cdef inline bint _varint(const uint8_t* buf, int64_t end, int64_t* pos, uint64_t* out) noexcept nogil:
-    cdef uint64_t result = 0
-    cdef int shift = 0
-    cdef uint8_t b
-    while pos[0] < end and shift < 64:
-        b = buf[pos[0]]
-        pos[0] += 1
-        result |= (<uint64_t>(b & 0x7F)) << shift
-        if b < 0x80:
-            out[0] = result
-            return True
-        shift += 7
-    return False
 
 
 cdef inline int64_t _varint_size(uint64_t v) noexcept nogil:
@@ -97,7 +84,7 @@ cdef bint _timestamp(const uint8_t* buf, int64_t pos, int64_t end) noexcept nogi
     """Whether buf[pos:end] is a Timestamp as protobuf reads it: varint fields 1 and 2 only."""
     cdef uint64_t key, v
     while pos < end:
-        if not _varint(buf, end, &pos, &key) or (key != 0x08 and key != 0x10) or not _varint(buf, end, &pos, &v):
+        if not read_varint(buf, end, &pos, &key) or (key != 0x08 and key != 0x10) or not read_varint(buf, end, &pos, &v):
             return False
     return True
 
@@ -108,7 +95,7 @@ cdef int _scan_one(const uint8_t* buf, int64_t pos, int64_t end, int64_t* row) n
     cdef int flags = 0, seen = 0, bit
     cdef int64_t field, wtype, start, id_pos, id_len
     while pos < end:
-        if not _varint(buf, end, &pos, &key):
+        if not read_varint(buf, end, &pos, &key):
             return flags | FLAG_MALFORMED
         field = <int64_t>(key >> 3)
         wtype = <int64_t>(key & 7)
@@ -119,7 +106,7 @@ cdef int _scan_one(const uint8_t* buf, int64_t pos, int64_t end, int64_t* row) n
             flags |= FLAG_OTHER  # given twice: protobuf merges or keeps the last, it decides
         seen |= bit
         if wtype == 0:
-            if not _varint(buf, end, &pos, &v):
+            if not read_varint(buf, end, &pos, &v):
                 return flags | FLAG_MALFORMED
             if field == 1:
                 row[SEQUENCE] = <int64_t>v
@@ -128,7 +115,7 @@ cdef int _scan_one(const uint8_t* buf, int64_t pos, int64_t end, int64_t* row) n
             else:
                 flags |= FLAG_OTHER
         elif wtype == 2:
-            if not _varint(buf, end, &pos, &n) or n > <uint64_t>(end - pos):
+            if not read_varint(buf, end, &pos, &n) or n > <uint64_t>(end - pos):
                 return flags | FLAG_MALFORMED
             start = pos
             pos += <int64_t>n
@@ -167,7 +154,7 @@ cdef int _scan_one(const uint8_t* buf, int64_t pos, int64_t end, int64_t* row) n
         if buf[id_pos] != 0x0A:
             return flags | FLAG_ID
         id_pos += 1
-        if not _varint(buf, row[WORKLOAD_STOP], &id_pos, &n) or n > <uint64_t>(row[WORKLOAD_STOP] - id_pos):
+        if not read_varint(buf, row[WORKLOAD_STOP], &id_pos, &n) or n > <uint64_t>(row[WORKLOAD_STOP] - id_pos):
             return flags | FLAG_ID
         id_len = <int64_t>n
         if (id_pos - row[WORKLOAD_START] != 1 + _varint_size(n)

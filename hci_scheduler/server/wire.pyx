@@ -24,6 +24,8 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
+from sched_core._varint cimport read_varint
+
 from hci_scheduler.model import Workload
 from hci_scheduler.server.convert import _ISOLATION_NAMES, _KIND_NAMES, _PLAIN_TEMPLATE, PlaceItem
 
@@ -35,18 +37,7 @@ cdef dict _TEMPLATE = _PLAIN_TEMPLATE
 
 
 cdef inline bint _varint(const unsigned char* buf, Py_ssize_t end, Py_ssize_t* pos, uint64_t* out) noexcept nogil:
-    cdef uint64_t result = 0
-    cdef int shift = 0
-    cdef unsigned char b
-    while pos[0] < end and shift < 64:
-        b = buf[pos[0]]
-        pos[0] += 1
-        result |= (<uint64_t>(b & 0x7F)) << shift
-        if b < 0x80:
-            out[0] = result
-            return True
-        shift += 7
-    return False
+    return read_varint(buf, end, <int64_t*>pos, out)  # Py_ssize_t is int64_t on the 64-bit targets we build
 
 
 cdef inline bint _length(const unsigned char* buf, Py_ssize_t end, Py_ssize_t* pos, Py_ssize_t* start,

@@ -544,8 +544,9 @@ def run_client(args) -> int:
         allocations = _print_listing(args, pb.ListAllocationsResponse, "allocations",
                                      c.allocations(args.host, args.workloads, page_size=args.page_size))
         if not args.json:
-            _table("allocations", ("workload", "host", "seq", "status", "requests"),
-                   [(p.workload_id, _where(p), p.sequence, _status_text(p.status), _fmt_map(p.workload.requests))
+            _table("allocations", ("workload", "host", "numa", "seq", "status", "requests"),
+                   [(p.workload_id, _where(p), p.numa_node if p.HasField("numa_node") else "-", p.sequence,
+                     _status_text(p.status), _fmt_map(p.workload.requests))
                     for p in allocations])
     elif cmd == "explain":
         ws = _workloads_from_args(args)

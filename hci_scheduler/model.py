@@ -493,6 +493,7 @@ class Placement:
     explanation: object = None
     replicas: tuple[str, ...] = ()   # per-host services: every host that got a replica
     volumes: dict = field(default_factory=dict)  # inline volumes created with the workload: id -> host ids
+    numa_node: int = -1              # a NUMA-fit VM: the host's NUMA node it is charged to (-1: none)
 
 
 @dataclass

@@ -407,13 +407,24 @@ def _static_sub_index(HostState s, ConstraintState cs, Terms t):
     return sub
 
 
+cdef inline bint numa_room(ConstraintState cs, intp_t h, intp_t node, const int64_t* charge) noexcept nogil:
+    """Whether `node` is one of host h's NUMA nodes with room for the charge's cpu and memory."""
+    if node < 0 or node >= cs.numa_n[h]:
+        return False
+    if cs.cpu_dim >= 0 and cs.numa_free[h, node, 0] < charge[cs.cpu_dim]:
+        return False
+    return cs.mem_dim < 0 or cs.numa_free[h, node, 1] >= charge[cs.mem_dim]
+
+
 cdef int64_t commit_constrained(HostState s, ConstraintState cs, Terms t, intp_t h,
-                                const int64_t* charge, bint refile=True) noexcept nogil:
+                                const int64_t* charge, bint refile=True, intp_t node=-1) noexcept nogil:
     """Charge host h, count the workload in its group and tenant; return its NUMA node or -1.
 
+    node >= 0 is a NUMA node decided earlier (a replayed placement; the caller checked its
+    room with numa_room), else the tightest-fitting node is chosen here.
     refile=False leaves h filed in s.index under its old key (still a valid upper bound
     there); the caller must re-file it before anything else reads that index's order."""
-    cdef intp_t node = -1, d
+    cdef intp_t d
     if refile:
         s.commit(h, charge)
     else:
@@ -422,12 +433,14 @@ cdef int64_t commit_constrained(HostState s, ConstraintState cs, Terms t, intp_t
             s.free[h, d] -= charge[d]
         s.load[h] += 1
     count_in(cs, t, h, 1)
-    if t.numa:
+    if not t.numa:
+        return -1
+    if node < 0:
         node = numa_node(cs, h, charge)
-        if cs.cpu_dim >= 0:
-            cs.numa_free[h, node, 0] -= charge[cs.cpu_dim]
-        if cs.mem_dim >= 0:
-            cs.numa_free[h, node, 1] -= charge[cs.mem_dim]
+    if cs.cpu_dim >= 0:
+        cs.numa_free[h, node, 0] -= charge[cs.cpu_dim]
+    if cs.mem_dim >= 0:
+        cs.numa_free[h, node, 1] -= charge[cs.mem_dim]
     return node
 
 
@@ -526,12 +539,18 @@ def check_host(HostState s, ConstraintState cs, Terms t, const int64_t[::1] requ
     return code
 
 
-def commit_host(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t[::1] charge):
-    """Commit a checked placement (see check_host); returns the NUMA node or -1."""
-    cdef int64_t node
+def commit_host(HostState s, ConstraintState cs, Terms t, intp_t h, const int64_t[::1] charge,
+                int64_t numa=-1):
+    """Commit a checked placement (see check_host); returns the NUMA node or -1.
+
+    numa >= 0 commits a NUMA-fit workload on that node of host h (a decision replayed
+    from the log, so the node is the one recorded, not chosen again); when h has no such
+    node or it lacks room for the charge, returns -2 and commits nothing."""
+    cdef int64_t node = -2
     bind_counters(cs, t)
     with nogil:
-        node = commit_constrained(s, cs, t, h, &charge[0])
+        if numa < 0 or not t.numa or numa_room(cs, h, numa, &charge[0]):
+            node = commit_constrained(s, cs, t, h, &charge[0], True, numa if t.numa else -1)
     return node
 
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import Unschedulable
-from ..model import BatchResult, Workload
+from ..model import BatchResult, Placement, Workload
 from ..policy import largest_first
 from ._compile import Compiler
 from ._explanations import explain_request
@@ -52,7 +52,7 @@ class BatchPlacer:
             result.unplaced[workload.id] = exc.explanation
             return False
         result.placements[workload.id] = p.host_id
-        if p.evicted or p.replicas or p.volumes or workload.per_host:
+        if p.evicted or p.replicas or p.volumes or workload.per_host or p.numa_node >= 0:
             result.details[workload.id] = p
         return True
 
@@ -99,7 +99,18 @@ class BatchPlacer:
             for k in self._ledger.place_run(workloads, requests, t, run, code, result.placements, placed_ids):
                 w = workloads[k]
                 result.unplaced[w.id] = explain_request(self._hosts, w, requests[k], t)
+            if workloads[i].numa:
+                self._numa_details(workloads, run, result)
             start = end
+
+    def _numa_details(self, workloads, run, result: BatchResult) -> None:
+        """A NUMA-fit VM's Placement names the node the core charged: the caller records
+        that decision (the log, the agent that pins the VM to it)."""
+        records = self._ledger.records
+        for k in run:
+            wid = workloads[k].id
+            if wid in result.placements:
+                result.details[wid] = Placement(wid, result.placements[wid], numa_node=records[wid].numa)
 
     def _enforce_gangs(self, workloads, requests, result: BatchResult, placed_ids: list[str],
                        gang: bool) -> set[str]:
@@ -118,6 +129,7 @@ class BatchPlacer:
             if wid in doomed:
                 self._ledger.release(wid)
                 del result.placements[wid]
+                result.details.pop(wid, None)
         for name in broken:
             for i in members[name]:
                 w = workloads[i]

@@ -271,7 +271,8 @@ class Cluster:
         terms = self._compiler.terms(workload)
         row = self._ledger.place_best(workload, request, terms, code)
         if row >= 0:
-            return Placement(workload.id, self._hosts.row_hosts[row].id)
+            return Placement(workload.id, self._hosts.row_hosts[row].id,
+                             numa_node=self._ledger.records[workload.id].numa)
         if preempt:
             placement = _preempt(self._hosts, self._ledger, self._compiler, workload, request, terms)
             if placement is not None:
@@ -336,7 +337,7 @@ class Cluster:
             rows = batch_order(self._hosts, requests, order)
             return self._batch.place(workloads, requests, terms, rows, code, gang, preempt)
 
-    def bind(self, workload: Workload, host_id: str, *, restore: bool = False) -> Placement:
+    def bind(self, workload: Workload, host_id: str, *, restore: bool = False, numa_node: int = -1) -> Placement:
         """Place a workload on a named host, after checking every constraint there.
 
         For callers that decided the host themselves (a store rebuilding its
@@ -355,6 +356,10 @@ class Cluster:
         with a warning: it was acknowledged (logs written before tenant-less work
         counted against a dedicated tenant hold such pairs), and refusing it would
         stop the replay. Placements made after it follow the rule.
+
+        numa_node >= 0 (a NUMA-fit VM's node recorded when it was decided) charges that
+        node of the host instead of choosing one (with a warning, another node when it
+        lacks room: only a log that recorded no node for earlier VMs can cause that).
         """
         with self._lock:
             request = self._check_new_workload(workload)
@@ -363,16 +368,26 @@ class Cluster:
             row = self._hosts.row(host_id)
             terms = self._compiler.terms(workload)
             checked = self._compiler.replayed(workload, terms) if restore else terms
-            code = self._ledger.place_at(workload, request, terms, row, counters=not restore, check_terms=checked)
+            tenancy = True
+            code = self._ledger.place_at(workload, request, terms, row, counters=not restore, check_terms=checked,
+                                         numa=numa_node)
             if code == sched_core.REASON_TENANT and restore:
+                tenancy = False
                 code = self._ledger.place_at(workload, request, terms, row, counters=False, tenancy=False,
-                                             check_terms=checked)
+                                             check_terms=checked, numa=numa_node)
                 if code == 0:
                     log.warning("restored workload %s on host %s breaks tenant isolation (%s); kept, as it "
                                 "was acknowledged", workload.id, host_id, terms.labels[sched_core.REASON_TENANT])
+            if code == sched_core.REASON_NUMA and numa_node >= 0:
+                # Only a log that mixes nodes chosen again (written before they were recorded)
+                # can get here: the node is chosen again, as that log's placements were.
+                log.warning("restored workload %s: NUMA node %d of host %s lacks room; another node is "
+                            "chosen", workload.id, numa_node, host_id)
+                code = self._ledger.place_at(workload, request, terms, row, counters=not restore, tenancy=tenancy,
+                                             check_terms=checked)
             if code != 0:
                 raise Unschedulable(workload.id, explain_request(self._hosts, workload, request, terms, only_row=row))
-            return Placement(workload.id, host_id)
+            return Placement(workload.id, host_id, numa_node=self._ledger.records[workload.id].numa)
 
     def release(self, workload_id: str) -> Placement:
         """Remove a placed workload (or every replica of a per-host service) and give its
@@ -387,8 +402,8 @@ class Cluster:
 
     def restore(self, workload: Workload, placement: Placement) -> Placement:
         """Commit a placement decided earlier (a store replaying its log): the host, the
-        per-host replicas or the new volumes' replica hosts that `placement` records,
-        each checked as `bind(restore=True)` checks. All or nothing."""
+        per-host replicas, the new volumes' replica hosts or the NUMA node that
+        `placement` records, each checked as `bind(restore=True)` checks. All or nothing."""
         with self._lock:
             if workload.per_host:
                 return self.bind_replicas(workload, placement.replicas)
@@ -401,18 +416,20 @@ class Cluster:
                                                   f"new volume {v.id!r}")
                         self.add_volume(v, hosts=placement.volumes[v.id])
                         created.append(v.id)
-                p = self.bind(workload, placement.host_id, restore=True)
+                p = self.bind(workload, placement.host_id, restore=True, numa_node=placement.numa_node)
             except SchedulerError:
                 for vid in reversed(created):
                     self.remove_volume(vid)
                 raise
-            return Placement(p.workload_id, p.host_id, volumes={vid: placement.volumes[vid] for vid in created})
+            return Placement(p.workload_id, p.host_id, volumes={vid: placement.volumes[vid] for vid in created},
+                             numa_node=p.numa_node)
 
     def restore_many(self, templates: Sequence[Workload], ids: Sequence[str], spec_of: Sequence[int],
-                     host_ids: Sequence[str]) -> None:
+                     host_ids: Sequence[str], numa_nodes: Mapping[int, int] | None = None) -> None:
         """Commit many plain placements decided earlier, in order (a snapshot being loaded):
         workload i is templates[spec_of[i]] under the id ids[i], on host host_ids[i]. Plain:
-        no per-host service and no volume (`restore` takes those).
+        no per-host service and no volume (`restore` takes those). `numa_nodes` maps i to
+        the NUMA node recorded for a NUMA-fit VM: it is charged there, not chosen again.
 
         The state is the one `restore` called for each in turn gives, through the same
         ledger commit, but built in bulk: one compile per template, room checked for the
@@ -473,11 +490,13 @@ class Cluster:
             # Records whose workload and charge row are made on first use (RestoredRecord).
             records, new = ledger.records, object.__new__
             commit_host, host_state, cons = sched_core.commit_host, table.state, table.cons
+            numa_of = numa_nodes or {}
             for i, (wid, k, row) in enumerate(zip(ids, which.tolist(), rows.tolist())):
                 shape, terms, plain = per_spec[k]
                 rec = new(RestoredRecord)
                 rec.row, rec.terms, rec._lazy = row, terms, (shape, wid, charge, i)
-                rec.numa = -1 if plain else int(commit_host(host_state, cons.state, terms.core, row, charge[i]))
+                rec.numa = -1 if plain else _commit_restored(commit_host, host_state, cons.state, terms.core, row,
+                                                             charge[i], numa_of.get(i, -1), wid)
                 records[wid] = rec
             for k, (_, terms) in enumerate(compiled):
                 if not bulk_spec[k]:
@@ -530,11 +549,18 @@ class Cluster:
         if w.volumes and creates_volumes(w):
             records = self._volumes.records
             return Placement(w.id, host_id, volumes={v.id: self._volumes.host_ids(v.id) for v in w.volumes
-                                                     if isinstance(v, Volume) and v.id in records})
-        return Placement(w.id, host_id)
+                                                     if isinstance(v, Volume) and v.id in records},
+                             numa_node=rec.numa)
+        return Placement(w.id, host_id, numa_node=rec.numa)
 
     def _placement_of_service(self, service_id: str) -> Placement:
         return Placement(service_id, None, replicas=self._services.replica_hosts(service_id))
+
+    def numa_nodes(self) -> dict[str, int]:
+        """workload id -> the NUMA node its host is charged on, for every placed NUMA-fit VM
+        (what a snapshot records beside `assignments`)."""
+        with self._lock:
+            return {wid: rec.numa for wid, rec in self._ledger.records.items() if rec.numa >= 0}
 
     def workload_counts(self) -> dict[str, int]:
         """host id -> named workloads placed there (per-host replicas included), for hosts
@@ -888,3 +914,14 @@ class Cluster:
     def __repr__(self) -> str:
         return (f"Cluster({self.n_hosts} hosts, {len(self._ledger.records)} workloads, "
                 f"{self._arrays.n_placed()} array workloads)")
+
+
+def _commit_restored(commit_host, host_state, cons_state, core_terms, row: int, charge: np.ndarray, numa: int,
+                     workload_id: str) -> int:
+    """restore_many's commit of one workload with NUMA or counted terms: on its recorded
+    NUMA node when it has one (see `Cluster.bind`'s numa_node for the fallback)."""
+    node = int(commit_host(host_state, cons_state, core_terms, row, charge, numa))
+    if node == -2:
+        log.warning("restored workload %s: NUMA node %d lacks room; another node is chosen", workload_id, numa)
+        node = int(commit_host(host_state, cons_state, core_terms, row, charge))
+    return node

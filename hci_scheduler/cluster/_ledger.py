@@ -34,7 +34,7 @@ class Record:
     workload: Workload
     row: int
     charge: np.ndarray
-    numa: int
+    numa: int  # the NUMA node the core charged (a NUMA-fit VM), else -1
     terms: CompiledTerms
 
 
@@ -141,40 +141,58 @@ class Ledger:
 
     def place_at(self, workload: Workload, request: np.ndarray, terms: CompiledTerms, row: int, *,
                  counters: bool = True, tenancy: bool = True, service: str | None = None,
-                 check_terms: CompiledTerms | None = None) -> int:
+                 check_terms: CompiledTerms | None = None, numa: int = -1) -> int:
         """Check `row` for one workload (counters=False: skip affinity, anti-affinity and
         spread, for replayed decisions; with tenancy=False tenant isolation too) and commit
         it there if it passes. With `service`, the workload is that per-host service and
         the record is its replica on `row`. `check_terms` (default `terms`) are the terms
         checked, when they differ from those recorded (a replay checks no node selector).
-        Returns the core's reason code: 0 committed, else nothing changed."""
+        `numa` >= 0 is the NUMA node decided earlier for a NUMA-fit workload (a replay):
+        it is charged there, not chosen again. Returns the core's reason code: 0
+        committed, else nothing changed (REASON_NUMA when that node lacks room)."""
         hosts = self._hosts
         charge = np.zeros(self._n_dims, dtype=np.int64)
         code = sched_core.check_host(hosts.state, hosts.cons.state, (check_terms or terms).core, request, row,
                                      charge, counters, tenancy)
-        if code == 0:
-            self._commit_host(Record(workload, row, charge, -1, terms), service)
+        if code == 0 and not self._commit_host(Record(workload, row, charge, numa, terms), service):
+            code = sched_core.REASON_NUMA
         return code
 
     def recommit(self, rec: Record, terms: CompiledTerms) -> None:
         """Put a released record back as it was (its host was checked when it was placed),
         under `terms` compiled for the current host layout."""
-        self._commit_host(replace(rec, terms=terms), None)
+        self._put_back(replace(rec, terms=terms))
 
-    def _commit_host(self, rec: Record, service: str | None) -> None:
-        self._charge(rec)
+    def _put_back(self, rec: Record) -> None:
+        """Commit a record where it held before (its NUMA node included): it fits, since
+        what it made room for was released first."""
+        if not self._commit_host(rec, None):
+            raise RuntimeError(f"workload {rec.workload.id}: its NUMA node {rec.numa} lacks room to put it back")
+
+    def _commit_host(self, rec: Record, service: str | None) -> bool:
+        if not self._charge(rec):
+            return False
         if service is None:
             self.records[rec.workload.id] = rec
         else:
             self.replicas.setdefault(service, {})[rec.row] = rec
+        return True
 
-    def _charge(self, rec: Record) -> None:
-        """Charge a checked record to its host in the core, the counters and the counts."""
+    def _charge(self, rec: Record) -> bool:
+        """Charge a checked record to its host in the core, the counters and the counts.
+        A record that names its NUMA node (rec.numa >= 0: replayed, or put back as it was)
+        is charged on that node; else the core chooses one and the record keeps it. False,
+        with nothing changed, when the named node lacks room."""
         hosts = self._hosts
+        node = int(sched_core.commit_host(hosts.state, hosts.cons.state, rec.terms.core, rec.row, rec.charge,
+                                          rec.numa))
+        if node == -2:
+            return False
         hosts.version += 1
-        rec.numa = int(sched_core.commit_host(hosts.state, hosts.cons.state, rec.terms.core, rec.row, rec.charge))
+        rec.numa = node
         hosts.cons.record(rec.terms, (rec.row,), +1)
         self.counts[rec.row] += 1
+        return True
 
     # ------------------------------------------------------------------ moves
 
@@ -211,7 +229,7 @@ class Ledger:
         """Undo a finished move: release the workload where it went and put `old` back
         as it was (it held there before the move), under `terms` for the current layout."""
         self._uncommit(self.records[old.workload.id])
-        self._commit_host(replace(old, terms=terms), None)
+        self._put_back(replace(old, terms=terms))
 
     def give_to_volumes(self, workload_id: str, workload: Workload, extra: np.ndarray) -> Record:
         """A workload placed with room for replicas of the volumes it creates: hand `extra`

@@ -105,4 +105,5 @@ def preempt(hosts: HostTable, ledger: Ledger, compiler: Compiler, workload: Work
         for rec in saved:
             ledger.recommit(rec, compiler.current(rec.terms, rec.workload))
         return None
-    return Placement(workload.id, hosts.row_hosts[row].id, evicted=tuple(victims))
+    return Placement(workload.id, hosts.row_hosts[row].id, evicted=tuple(victims),
+                     numa_node=ledger.records[workload.id].numa)

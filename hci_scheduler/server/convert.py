@@ -401,6 +401,16 @@ def vm_to_proto(v: VmSpec) -> pb.VmSpec:
 # -- explanations -------------------------------------------------------------
 
 
+def numa_node_of(msg) -> int:
+    """The NUMA node a Placement or Event records (`numa_node`), -1 when it names none."""
+    return msg.numa_node if msg.HasField("numa_node") and msg.numa_node >= 0 else -1
+
+
+def numa_fields(node: int) -> dict:
+    """The `numa_node` field of a Placement or Event naming `node` (nothing for -1)."""
+    return {"numa_node": node} if node >= 0 else {}
+
+
 def explanation_to_proto(expl) -> pb.Explanation:
     """Map a core Explanation (str(), .filters, .nearest_miss) onto the wire."""
     if expl is None:

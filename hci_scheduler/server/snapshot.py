@@ -30,10 +30,12 @@ Why this shape:
   the previous one plus a longer tail; older snapshots are deleted. On disk: the live
   state twice plus at most tail + 2 x every events.
 
-Restoring is exact except for one thing the log never said: the NUMA node of a VM that
-asked for NUMA fit is chosen again, among the workloads alive at the snapshot. Per-host
-services and workloads with volumes go through `Cluster.restore`, which, like a replay,
-checks no node selector: a host relabelled since keeps what it runs.
+Restoring is exact, the NUMA node of each VM that asked for NUMA fit included (recorded
+in its own sections, `numa_at`/`numa_node`, so that snapshots without such VMs pay nothing
+and a snapshot written before they existed still loads: its nodes are chosen again, as
+they were then). Per-host services and workloads with volumes go through
+`Cluster.restore`, which, like a replay, checks no node selector: a host relabelled since
+keeps what it runs.
 """
 from __future__ import annotations
 
@@ -124,6 +126,7 @@ class Captured(NamedTuple):
     placed: dict             # workload id -> (sequence of its PLACED event, canonical spec bytes)
     where: dict              # workload id -> host id; "service@host" -> host for per-host replicas
     volumes: list            # (Volume, replica host ids), in creation order
+    numa: dict               # workload id -> its NUMA node, for NUMA-fit VMs
 
 
 def capture(state) -> Captured:
@@ -135,7 +138,7 @@ def capture(state) -> Captured:
     row_hosts = [None if hid is None else c.host(hid) for hid in c.host_ids()]
     volumes = [(c.volume(vid), list(hosts)) for vid, hosts in c.volumes().items()]
     return Captured(state.sequence, state.store.incarnation(), _event_digest(state.store, state.sequence),
-                    tuple(state.dimensions), row_hosts, placed, where, volumes)
+                    tuple(state.dimensions), row_hosts, placed, where, volumes, c.numa_nodes())
 
 
 def _event_digest(store, sequence: int) -> str | None:
@@ -185,7 +188,7 @@ def encode(cap: Captured) -> bytes:
                 spec_of.append(k)
                 continue
         ev = pb.Event(type=pb.EVENT_TYPE_PLACED, sequence=seq, workload_id=wid, host_id=host_id or "",
-                      replica_host_ids=services.get(wid, ()))
+                      replica_host_ids=services.get(wid, ()), **convert.numa_fields(cap.numa.get(wid, -1)))
         ev.workload.MergeFromString(spec)
         events.append(ev.SerializeToString())
     sections = {
@@ -198,6 +201,7 @@ def encode(cap: Captured) -> bytes:
         "rows": np.array(rows, dtype=np.int32).tobytes(),
         "seqs": np.array(seqs, dtype=np.uint64).tobytes(),
         "spec_of": np.array(spec_of, dtype=np.int32).tobytes(),
+        **_numa_sections(ids, cap.numa),
     }
     header = {
         "format": FORMAT, "sequence": cap.sequence, "incarnation": cap.incarnation, "last_event": cap.last_event,
@@ -307,6 +311,40 @@ class _Decoded(NamedTuple):
     rows: np.ndarray
     seqs: np.ndarray
     spec_of: np.ndarray
+    numa: np.ndarray     # int32 per plain placement: its NUMA node, -1 none
+
+
+def _numa_sections(id_bytes: list, numa: dict) -> dict:
+    """The NUMA nodes of the plain placements (ids in column order) as two sections: the
+    positions that have one and their nodes. None: no section, as before NUMA was kept."""
+    if not numa:
+        return {}
+    at, nodes = [], []
+    for i, idb in enumerate(id_bytes):
+        node = numa.get(idb.decode(), -1)
+        if node >= 0:
+            at.append(i)
+            nodes.append(node)
+    return {"numa_at": np.array(at, dtype=np.uint32).tobytes(), "numa_node": np.array(nodes, dtype=np.int32).tobytes()}
+
+
+def _numa_column(path: str, sections: dict, n: int) -> np.ndarray:
+    """int32 (n,): each plain placement's NUMA node, -1 for none (and for every one of a
+    snapshot written before nodes were recorded: they are chosen again on restore)."""
+    out = np.full(n, -1, dtype=np.int32)
+    if "numa_at" in sections:
+        at = np.frombuffer(sections["numa_at"], dtype=np.uint32)
+        nodes = np.frombuffer(sections["numa_node"], dtype=np.int32)
+        if len(at) != len(nodes) or (len(at) and (int(at.max()) >= n or int(nodes.min()) < 0)):
+            raise SnapshotError(f"snapshot {path}: NUMA nodes name placements that are not there")
+        out[at] = nodes
+    return out
+
+
+def _numa_slice(numa: np.ndarray) -> dict[int, int]:
+    """position -> NUMA node, for Cluster.restore_many, of a slice of the NUMA column."""
+    at = np.flatnonzero(numa >= 0)
+    return dict(zip(at.tolist(), numa[at].tolist())) if len(at) else {}
 
 
 def _decode(snap: Snapshot) -> _Decoded:
@@ -332,7 +370,7 @@ def _decode(snap: Snapshot) -> _Decoded:
         raise SnapshotError(f"snapshot {snap.path}: placement columns differ in length")
     if n and (spec_of.min() < 0 or spec_of.max() >= len(specs) or rows.min() < 0 or rows.max() >= len(hosts)):
         raise SnapshotError(f"snapshot {snap.path}: a placement names a spec or row that is not there")
-    return _Decoded(hosts, events, specs, ids, id_bytes, rows, seqs, spec_of)
+    return _Decoded(hosts, events, specs, ids, id_bytes, rows, seqs, spec_of, _numa_column(snap.path, s, n))
 
 
 def _gap_id(row: int, taken) -> str:
@@ -385,7 +423,7 @@ def _without(d: _Decoded, released, specials: list) -> tuple[_Decoded, set]:
     left_out = {wid for wid, k in zip(d.ids, keep.tolist()) if not k}
     idx = np.flatnonzero(keep).tolist()
     return d._replace(ids=[d.ids[i] for i in idx], id_bytes=[d.id_bytes[i] for i in idx], rows=d.rows[keep],
-                      seqs=d.seqs[keep], spec_of=d.spec_of[keep]), left_out
+                      seqs=d.seqs[keep], spec_of=d.spec_of[keep], numa=d.numa[keep]), left_out
 
 
 def _rebuild(state, snap: Snapshot, dropped: tuple[_Decoded, set], templates: list, models: list,
@@ -418,7 +456,8 @@ def _rebuild(state, snap: Snapshot, dropped: tuple[_Decoded, set], templates: li
         nonlocal at
         if upto > at:
             ids = d.ids[at:upto]
-            c.restore_many(templates, ids, spec_of[at:upto], [row_ids[r] for r in d.rows[at:upto].tolist()])
+            c.restore_many(templates, ids, spec_of[at:upto], [row_ids[r] for r in d.rows[at:upto].tolist()],
+                           _numa_slice(d.numa[at:upto]))
             tags = ID_TAGS
             placed.update(zip(ids, zip(seqs[at:upto], [tags[len(b)] + b + specs[k] if len(b) < 1024 else
                                                        id_prefix(b) + specs[k] for b, k in
@@ -431,7 +470,8 @@ def _rebuild(state, snap: Snapshot, dropped: tuple[_Decoded, set], templates: li
         if model.per_host:
             c.bind_replicas(model, list(ev.replica_host_ids))
         else:
-            c.bind(model, ev.host_id, restore=True)  # its new volumes were restored above
+            c.bind(model, ev.host_id, restore=True,  # its new volumes were restored above
+                   numa_node=convert.numa_node_of(ev))
         placed[ev.workload_id] = (ev.sequence, convert.spec_bytes(ev.workload))
     run(len(d.ids))
     for m in models:  # taints and states as they are now, over what the hosts run

@@ -96,7 +96,8 @@ class _PlainRun:
     rounds is then one bulk restore instead of one per round (each restore_many call
     compiles its templates and sums charges over every host)."""
 
-    __slots__ = ("models", "plain_specs", "rests", "templates", "ids", "spec_of", "hosts", "placed", "index")
+    __slots__ = ("models", "plain_specs", "rests", "templates", "ids", "spec_of", "hosts", "placed", "index",
+                 "numa")
 
     def __init__(self):
         self.models: dict[bytes, object] = {}  # spec without its id -> its model (id "t")
@@ -111,6 +112,7 @@ class _PlainRun:
         self.hosts: list[str] = []
         self.placed: list[tuple[int, bytes]] = []  # (sequence, canonical spec bytes)
         self.index: dict[str, int] = {}  # workload id -> its position in the run
+        self.numa: dict[int, int] = {}  # position -> the NUMA node its event records
 
     def key(self, ev: pb.Event) -> tuple[bytes, int] | None:
         """(canonical spec bytes, length of its id prefix) of a PLACED event `add` may take,
@@ -166,6 +168,10 @@ class _PlainRun:
         self.spec_of.append(k)
         self.hosts.append(ev.host_id)
         self.placed.append((ev.sequence, spec))
+        if type(ev) is not _Scanned:  # a scanned event holds no field beyond the ids and the workload
+            node = convert.numa_node_of(ev)
+            if node >= 0:
+                self.numa[len(self.ids) - 1] = node
         return True
 
     def release(self, workload_id: str) -> bool:
@@ -181,6 +187,7 @@ class _PlainRun:
             return
         models = self.models
         templates = [models.get(k) or models.setdefault(k, plain_template(k)) for k in self.templates]
+        numa = self.numa
         if len(self.index) == len(self.ids):
             ids, spec_of, hosts, done = self.ids, self.spec_of, self.hosts, self.placed
         else:
@@ -189,9 +196,17 @@ class _PlainRun:
             spec_of = [self.spec_of[i] for i in keep]
             hosts = [self.hosts[i] for i in keep]
             done = [self.placed[i] for i in keep]
-        cluster.restore_many(templates, ids, spec_of, hosts)
+            numa = _renumbered(numa, keep)
+        cluster.restore_many(templates, ids, spec_of, hosts, numa)
         placed.update(zip(ids, done))
         self._clear()
+
+
+def _renumbered(numa: dict[int, int], keep: list[int]) -> dict[int, int]:
+    """The NUMA nodes of a run's positions, renumbered to the positions `keep` leaves."""
+    if not numa:
+        return numa
+    return {j: numa[i] for j, i in enumerate(keep) if i in numa}
 
 
 class _Scanned(NamedTuple):
@@ -478,7 +493,8 @@ class SchedulerState:
         if t == _PLACED:
             w = ev.workload
             recorded = Placement(ev.workload_id, ev.host_id or None, replicas=tuple(ev.replica_host_ids),
-                                 volumes={v.volume_id: list(v.host_ids) for v in ev.volumes})
+                                 volumes={v.volume_id: list(v.host_ids) for v in ev.volumes},
+                                 numa_node=convert.numa_node_of(ev))
             # Hard affinity and spread held against the workloads present when it was decided.
             c.restore(convert.workload_to_model(w), recorded)
             self._placed[ev.workload_id] = (ev.sequence, convert.spec_bytes(w))
@@ -896,7 +912,7 @@ class SchedulerState:
             for victim in detail.evicted:
                 del placed[victim]
                 events.add(pb.EVENT_TYPE_EVICTED, detail.host_id, victim)
-            extra = {}
+            extra = convert.numa_fields(detail.numa_node)
             if detail.replicas:
                 extra["replica_host_ids"] = detail.replicas
             if detail.volumes:
@@ -913,7 +929,8 @@ class SchedulerState:
 
     def _answer(self, p: Placement, sequence: int) -> pb.Placement:
         out = pb.Placement(workload_id=p.workload_id, host_id=p.host_id or "", sequence=sequence,
-                           evicted_workload_ids=p.evicted, replica_host_ids=p.replicas)
+                           evicted_workload_ids=p.evicted, replica_host_ids=p.replicas,
+                           **convert.numa_fields(p.numa_node))
         for vid, hosts in p.volumes.items():
             out.volumes.add(volume_id=vid, host_ids=hosts, size_gib=self.cluster.volume(vid).size_gib)
         if p.explanation:  # a per-host service: the matching hosts without room

@@ -122,6 +122,21 @@ def stub_for(address: str, credentials=None, options=None):
     return channel, pb_grpc.SchedulerServiceStub(channel)
 
 
+@contextlib.contextmanager
+def in_process_server(data_dir, **options):
+    """A started server over `data_dir` in this process, on a free port: (server, channel, stub)."""
+    from hci_scheduler.server.app import create_server  # the service, not a subprocess
+
+    srv, port = create_server("127.0.0.1:0", data_dir=str(data_dir), **options)
+    srv.start()
+    channel, stub = stub_for(f"127.0.0.1:{port}")
+    try:
+        yield srv, channel, stub
+    finally:
+        channel.close()
+        srv.stop(0)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("srv")

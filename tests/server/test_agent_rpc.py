@@ -13,10 +13,9 @@ import time
 import grpc
 import pytest
 
-from hci_scheduler.server.app import create_server
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
-from .conftest import ServerProcess, make_host, make_workload, stub_for
+from .conftest import ServerProcess, in_process_server, make_host, make_workload, stub_for
 
 DOWN_AFTER_S = 0.5
 EVENTUALLY_S = 60.0
@@ -37,15 +36,9 @@ def eventually(check, timeout: float = EVENTUALLY_S, every: float = 0.05):
 @contextlib.contextmanager
 def running_server(tmp_path, down_after_s: float = DOWN_AFTER_S, reschedule_after_s: float = 0.0):
     """An in-process server on port 0 over a data dir, and a stub of it."""
-    srv, port = create_server("127.0.0.1:0", data_dir=str(tmp_path / "data"), host_down_after_s=down_after_s,
-                              down_reschedule_after_s=reschedule_after_s)
-    srv.start()
-    channel, stub = stub_for(f"127.0.0.1:{port}")
-    try:
+    with in_process_server(tmp_path / "data", host_down_after_s=down_after_s,
+                           down_reschedule_after_s=reschedule_after_s) as (srv, _, stub):
         yield srv, stub
-    finally:
-        channel.close()
-        srv.stop(0)
 
 
 def host_states(stub) -> dict[str, int]:

@@ -26,20 +26,14 @@ from hci_scheduler.store import MemoryStore, Record, SQLiteStore, StoreError, St
 from hci_scheduler.store.mark import mark_path, read_mark
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
-from .conftest import ROOT, ServerProcess, make_host, make_workload, stub_for
+from .conftest import ROOT, ServerProcess, in_process_server, make_host, make_workload, stub_for
 
 
 @contextlib.contextmanager
 def in_process(data_dir: Path, **options):
     """A started server over `data_dir` in this process: (server, stub, health stub)."""
-    srv, port = create_server("127.0.0.1:0", data_dir=str(data_dir), **options)
-    srv.start()
-    channel, stub = stub_for(f"127.0.0.1:{port}")
-    try:
+    with in_process_server(data_dir, **options) as (srv, channel, stub):
         yield srv, stub, health_pb2_grpc.HealthStub(channel)
-    finally:
-        channel.close()
-        srv.stop(0)
 
 
 def watch(stub, after: int, incarnation: str = "", until: int | None = None) -> list[pb.WatchEventsResponse]:

@@ -20,7 +20,7 @@ from hci_scheduler.server.check import check_store
 from hci_scheduler.store import StoreError, StoreUnwritable
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
-from .conftest import make_host, make_workload, stub_for
+from .conftest import in_process_server, make_host, make_workload, stub_for
 
 SEARCH_S = 1.0  # small instances: the search needs far less
 
@@ -28,14 +28,8 @@ SEARCH_S = 1.0  # small instances: the search needs far less
 @contextlib.contextmanager
 def in_process(data_dir):
     """A started server over `data_dir`: (server, stub)."""
-    srv, port = create_server("127.0.0.1:0", data_dir=str(data_dir))
-    srv.start()
-    channel, stub = stub_for(f"127.0.0.1:{port}")
-    try:
+    with in_process_server(data_dir) as (srv, _, stub):
         yield srv, stub
-    finally:
-        channel.close()
-        srv.stop(0)
 
 
 @pytest.fixture

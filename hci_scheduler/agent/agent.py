@@ -73,13 +73,19 @@ class Desired:
     spec: pb.Workload
     spec_bytes: bytes
     hash: str
+    numa_node: int = -1  # the NUMA node of record (Placement.numa_node), -1 none
     wait_for: str = ""  # a move's source host that must report the workload stopped first
     wait_until: float = 0.0  # monotonic: when to stop waiting for it
 
     @classmethod
-    def of(cls, spec_bytes: bytes) -> "Desired":
+    def of(cls, spec_bytes: bytes, numa_node: int = -1) -> "Desired":
         w = pb.Workload.FromString(spec_bytes)
-        return cls(w, spec_bytes, runtime.spec_hash(spec_bytes))
+        return cls(w, spec_bytes, runtime.spec_hash(spec_bytes), numa_node)
+
+
+def _numa_of(msg) -> int:
+    """The NUMA node a Placement or an Event records, -1 when none."""
+    return msg.numa_node if msg.HasField("numa_node") and msg.numa_node >= 0 else -1
 
 
 @dataclass
@@ -189,21 +195,31 @@ class Agent:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-            self.sched.update_host(self.cfg.host_id, labels=eh.labels)
+            registered = self.sched.update_host(self.cfg.host_id, labels=eh.labels).host
             log.info("host %s exists: labels updated", self.cfg.host_id)
+            if len(registered.numa_nodes) > len(eh.numa_cpus):
+                log.warning(
+                    "host %s is registered with %d NUMA nodes, this engine host has %d (%s): a VM "
+                    "charged to a node it lacks is pinned by runtime.numa_pin's rule",
+                    self.cfg.host_id,
+                    len(registered.numa_nodes),
+                    len(eh.numa_cpus),
+                    ",".join(map(str, sorted(eh.numa_cpus))) or "none reported",
+                )
 
     def _resync(self) -> None:
         """Desired state from scratch: a listing of this host's allocations, then the watch
         continues after the listing's sequence."""
         status = self.sched.status()
         listing = self.sched.allocations(self.cfg.host_id, include_workloads=True)
-        specs = {}
+        specs, numa = {}, {}
         for p in listing:
             if p.host_id == self.cfg.host_id or self.cfg.host_id in p.replica_host_ids:
                 specs[p.workload_id] = p.workload.SerializeToString(deterministic=True)
+                numa[p.workload_id] = _numa_of(p)
         with self.lock:
             old = set(self.desired)
-            self.desired = {wid: Desired.of(b) for wid, b in specs.items()}
+            self.desired = {wid: Desired.of(b, numa[wid]) for wid, b in specs.items()}
             self.sequence = listing.sequence or status.last_sequence
             self.incarnation = status.incarnation
             self._state_dirty = True
@@ -215,7 +231,7 @@ class Agent:
         if saved is None:
             return False
         with self.lock:
-            self.desired = {wid: Desired.of(b) for wid, b in saved.specs.items()}
+            self.desired = {wid: Desired.of(b, saved.numa.get(wid, -1)) for wid, b in saved.specs.items()}
             self.sequence, self.incarnation = saved.sequence, saved.incarnation
         self._mark(set(saved.specs))
         log.info("resuming at sequence %d with %d workloads", saved.sequence, len(saved.specs))
@@ -226,7 +242,10 @@ class Agent:
             if not self._state_dirty:
                 return
             state = statefile.AgentState(
-                self.sequence, self.incarnation, {w: d.spec_bytes for w, d in self.desired.items()}
+                self.sequence,
+                self.incarnation,
+                {w: d.spec_bytes for w, d in self.desired.items()},
+                {w: d.numa_node for w, d in self.desired.items() if d.numa_node >= 0},
             )
             self._state_dirty = False
         statefile.save(self.cfg.state_dir, state)
@@ -328,7 +347,7 @@ class Agent:
             t = ev.type
             if t == pb.EVENT_TYPE_PLACED and (ev.host_id == me or me in ev.replica_host_ids):
                 b = ev.workload.SerializeToString(deterministic=True)
-                self.desired[wid] = Desired.of(b)
+                self.desired[wid] = Desired.of(b, _numa_of(ev))
                 self._failed.pop(wid, None)
                 self._mark({wid})
             elif t in (pb.EVENT_TYPE_RELEASED, pb.EVENT_TYPE_EVICTED):
@@ -382,7 +401,7 @@ class Agent:
                     and p.workload_id not in self.desired
                     and self.cfg.host_id in p.replica_host_ids
                 ):
-                    d = Desired.of(p.workload.SerializeToString(deterministic=True))
+                    d = Desired.of(p.workload.SerializeToString(deterministic=True), _numa_of(p))
                     # A move off a DOWN host (no plan) has nobody to wait for.
                     if (
                         ev.type == pb.EVENT_TYPE_MOVED
@@ -488,7 +507,11 @@ class Agent:
         with self.lock:
             for wid, d in self.desired.items():
                 have = by_wid.get(wid, [])
-                if len(have) != 1 or not runtime.matches(have[0][1], d.hash, d.spec):
+                if (
+                    len(have) != 1
+                    or not runtime.matches(have[0][1], d.hash, d.spec)
+                    or not runtime.pin_matches(have[0][1], self._pin(d))
+                ):
                     if self._failed.get(wid) != d.hash:
                         dirty.add(wid)
                 elif have[0][0].attrs.get("State") != "running" and wid not in self._reported:
@@ -595,7 +618,12 @@ class Agent:
                 wid, pb.WORKLOAD_STATE_PENDING, message=f"waiting for {d.wait_for} to stop it"
             )
             return
-        keep = [c for c in containers if runtime.matches(c.labels, d.hash, d.spec)]
+        pin = self._pin(d)
+        keep = [
+            c
+            for c in containers
+            if runtime.matches(c.labels, d.hash, d.spec) and runtime.pin_matches(c.labels, pin)
+        ]
         for c in containers:
             if c not in keep:
                 self.runtime.remove(c)  # another spec: replaced
@@ -656,20 +684,9 @@ class Agent:
         self.counts["restarted"] += 1
         self._start(wid, d, restarts=restarts + 1)
 
-    def _numa_node(self, d: Desired) -> int | None:
-        """The NUMA node a pinned VM gets: the node with the fewest vCPUs pinned by the
-        other VMs here (the placement message does not name one)."""
-        if not (d.spec.numa and runtime.is_vm(d.spec) and self.facts.numa_cpus):
-            return None
-        load = {n: 0 for n in self.facts.numa_cpus}
-        for c in self.docker.containers.list(
-            filters={"label": [f"{runtime.LABEL_HOST}={self.cfg.host_id}", runtime.LABEL_NUMA_NODE]},
-            ignore_removed=True,  # one that stopped between the listing and its inspect
-        ):
-            n = int(c.labels[runtime.LABEL_NUMA_NODE])
-            if n in load and c.labels.get(runtime.LABEL_WORKLOAD) != d.spec.id:
-                load[n] += int(c.attrs.get("HostConfig", {}).get("NanoCpus", 0) or 0)
-        return min(load, key=lambda n: (load[n], n))
+    def _pin(self, d: Desired) -> runtime.NumaPin | None:
+        """Where a NUMA-fit VM is pinned: the node the scheduler charged (see runtime.numa_pin)."""
+        return runtime.numa_pin(d.spec, d.numa_node, self.facts.numa_cpus)
 
     def _start(self, wid: str, d: Desired, restarts: int) -> None:
         import docker.errors
@@ -677,7 +694,8 @@ class Agent:
         if self._failed.get(wid) == d.hash:
             return
         try:
-            spec = runtime.run_spec(d.spec, d.spec_bytes, self.facts, restarts, self._numa_node(d))
+            pin = self._pin(d)
+            spec = runtime.run_spec(d.spec, d.spec_bytes, self.facts, restarts, pin)
             c = self.runtime.start(spec)
         except (docker.errors.ImageNotFound, docker.errors.APIError, ValidationError) as exc:
             reason = getattr(exc, "explanation", None) or str(exc)
@@ -695,6 +713,8 @@ class Agent:
             log.warning("workload %s failed to start: %s", wid, reason)
             return
         self.counts["started"] += 1
+        if pin is not None and pin.note:
+            log.warning("workload %s: %s", wid, pin.note)
         if spec.qmp_dir:
             state = runtime.wait_running(spec.qmp_dir, timeout_s=10.0)
             log.info("VM %s: qemu %s", wid, state)
@@ -708,7 +728,10 @@ class Agent:
         )
 
     def _vm_message(self, d: Desired) -> str:
-        return runtime.vm.TCG_WARNING if runtime.is_vm(d.spec) and not self.facts.kvm else ""
+        """The status message of a running VM: TCG, and a NUMA pin that is not the record's."""
+        tcg = runtime.vm.TCG_WARNING if runtime.is_vm(d.spec) and not self.facts.kvm else ""
+        pin = self._pin(d)
+        return "; ".join(m for m in (tcg, pin.note if pin is not None else "") if m)
 
     # -- reports -------------------------------------------------------------------------
 

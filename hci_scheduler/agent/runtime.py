@@ -28,7 +28,8 @@ LABEL_HOST = "io.hci-scheduler.host-id"
 LABEL_RESTARTS = "io.hci-scheduler.restarts"
 LABEL_KIND = "io.hci-scheduler.kind"
 LABEL_QMP_DIR = "io.hci-scheduler.qmp-dir"
-LABEL_NUMA_NODE = "io.hci-scheduler.numa-node"
+LABEL_NUMA_NODE = "io.hci-scheduler.numa-node"  # the engine host's node a VM is pinned to
+LABEL_NUMA_RECORD = "io.hci-scheduler.numa-record"  # the node the scheduler charged (Placement.numa_node)
 LABEL_SPEC = "io.hci-scheduler.spec"  # base64 of the spec bytes, for comparing across hash versions
 MAX_SPEC_LABEL = 16384  # a larger spec is not kept in a label (its hash still is)
 # The hash's version is part of its value: a new hash function gets a new prefix, and a
@@ -84,6 +85,47 @@ class HostFacts:
     numa_cpus: dict[int, str] = field(default_factory=dict)  # NUMA node -> its cpulist ("0-15")
 
 
+@dataclass(frozen=True)
+class NumaPin:
+    """Where a NUMA-fit VM runs: the node the scheduler charged it to (of record) and the
+    engine host's node it is pinned to, the same one unless the host lacks it."""
+
+    record: int  # Placement.numa_node
+    node: int  # the engine host's NUMA node (cpuset_mems); -1: not pinned
+    cpus: str  # that node's cpulist (cpuset_cpus)
+    note: str = ""  # why node differs from record, for the log and the workload's status
+
+
+def numa_pin(workload, record: int, numa_cpus: dict[int, str]) -> NumaPin | None:
+    """The pin of a NUMA-fit VM whose node of record is `record` on an engine host whose
+    NUMA nodes are `numa_cpus` (node -> cpulist), or None when nothing is pinned (not a
+    NUMA-fit VM, or no node recorded).
+
+    The rule when the engine host has fewer real nodes than its registration (a host
+    registered by hand, or an engine that hides its topology): the node of record when it
+    exists; else real node number `record mod n_real` in ascending order, so VMs charged
+    to different nodes spread over what exists as they were spread over the record; with
+    no NUMA information at all, no pin. Either way the note says so."""
+    if record < 0 or not (is_vm(workload) and workload.numa):
+        return None
+    if record in numa_cpus:
+        return NumaPin(record, record, numa_cpus[record])
+    if not numa_cpus:
+        return NumaPin(record, -1, "", f"NUMA node {record} of record: this engine host reports no NUMA "
+                                       "nodes, not pinned")
+    real = sorted(numa_cpus)
+    node = real[record % len(real)]
+    return NumaPin(record, node, numa_cpus[node], f"NUMA node {record} of record is not on this engine host "
+                                                  f"(nodes {','.join(map(str, real))}): pinned to node {node}")
+
+
+def pin_matches(labels: dict, pin: NumaPin | None) -> bool:
+    """Whether a container made from `labels` is pinned where `pin` says (a VM pinned
+    elsewhere, by an agent that chose its own node, is replaced)."""
+    want = str(pin.node) if pin is not None and pin.node >= 0 else ""
+    return labels.get(LABEL_NUMA_NODE, "") == want
+
+
 @dataclass
 class RunSpec:
     """Everything the engine is asked for to run one workload."""
@@ -112,12 +154,12 @@ def is_vm(workload) -> bool:
 
 
 def run_spec(
-    workload, spec_bytes: bytes, facts: HostFacts, restarts: int = 0, numa_node: int | None = None
+    workload, spec_bytes: bytes, facts: HostFacts, restarts: int = 0, pin: NumaPin | None = None
 ) -> RunSpec:
     """The RunSpec of a workload on this host. Limits come from its requests: nano_cpus =
-    millicores * 1e6, a hard memory limit in MiB (a VM's adds qemu's overhead), cpuset for a
-    NUMA-pinned VM when the host has that node. Raises ValidationError when nothing says
-    what to run (no image)."""
+    millicores * 1e6, a hard memory limit in MiB (a VM's adds qemu's overhead), cpuset and
+    memory node of a NUMA-fit VM from its `pin` (see numa_pin). Raises ValidationError when
+    nothing says what to run (no image)."""
     import os
 
     req = workload.requests
@@ -165,9 +207,12 @@ def run_spec(
         spec.binds[spec.qmp_dir] = {"bind": vm.QMP_DIR_INSIDE, "mode": "rw"}
         if disk:
             spec.binds[disk] = {"bind": vm.DISK_INSIDE, "mode": "rw"}
-        if workload.numa and numa_node is not None and numa_node in facts.numa_cpus:
-            spec.cpuset_cpus, spec.cpuset_mems = facts.numa_cpus[numa_node], str(numa_node)
-            labels[LABEL_NUMA_NODE] = str(numa_node)
+        if pin is not None:
+            labels[LABEL_NUMA_RECORD] = str(pin.record)
+            if pin.node >= 0:
+                spec.cpuset_cpus, spec.cpuset_mems = pin.cpus, str(pin.node)
+                labels[LABEL_NUMA_NODE] = str(pin.node)
+            spec.warning = "; ".join(m for m in (spec.warning, pin.note) if m)
         return spec
     labels[LABEL_KIND] = "container"
     c = workload.container

@@ -1,5 +1,6 @@
 """The agent's durable memory: the last event sequence it applied, the log incarnation it
-belongs to, and the specs of the workloads that sequence puts on its host, written together
+belongs to, and the specs of the workloads that sequence puts on its host (with the NUMA node
+of record of each NUMA-fit VM), written together
 and atomically (temp file, fsync, rename, fsync of the directory), so a restarted agent resumes
 the watch without a gap and without a listing."""
 
@@ -19,6 +20,7 @@ class AgentState:
     sequence: int = 0
     incarnation: str = ""
     specs: dict[str, bytes] = field(default_factory=dict)  # workload id -> Workload bytes
+    numa: dict[str, int] = field(default_factory=dict)  # workload id -> its NUMA node of record
 
 
 def load(state_dir: str) -> AgentState | None:
@@ -35,6 +37,7 @@ def load(state_dir: str) -> AgentState | None:
         int(raw["sequence"]),
         raw.get("incarnation", ""),
         {k: base64.b64decode(v) for k, v in raw.get("specs", {}).items()},
+        {k: int(v) for k, v in raw.get("numa", {}).items()},  # absent in a file of an older agent
     )
 
 
@@ -47,6 +50,7 @@ def save(state_dir: str, state: AgentState) -> None:
         "sequence": state.sequence,
         "incarnation": state.incarnation,
         "specs": {k: base64.b64encode(v).decode() for k, v in sorted(state.specs.items())},
+        "numa": dict(sorted(state.numa.items())),
     }
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(body, f)

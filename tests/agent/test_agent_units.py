@@ -15,7 +15,7 @@ from hci_scheduler.v1 import scheduler_pb2 as pb
 
 def test_state_file_round_trip_and_atomic(tmp_path):
     assert statefile.load(str(tmp_path)) is None  # first start: list, then watch
-    st = statefile.AgentState(42, "inc-1", {"w1": b"\x0a\x02w1", "w2": b""})
+    st = statefile.AgentState(42, "inc-1", {"w1": b"\x0a\x02w1", "w2": b""}, {"w1": 1})
     statefile.save(str(tmp_path), st)
     assert statefile.load(str(tmp_path)) == st
     assert os.listdir(tmp_path) == [statefile.STATE_FILE]  # no temp file left behind
@@ -127,3 +127,62 @@ def test_spec_match_across_hash_versions():
     assert not runtime.matches(old, runtime.spec_hash(ob), other)
     assert not runtime.matches({runtime.LABEL_SPEC_HASH: "v0-abc"}, runtime.spec_hash(b), w)
     assert base64.b64decode(labels[runtime.LABEL_SPEC]) == b
+
+
+def test_state_file_of_an_older_agent_has_no_numa_nodes(tmp_path):
+    """A state file written before NUMA nodes were kept loads with none (the agent then
+    pins nothing until a listing or an event names them)."""
+    statefile.save(str(tmp_path), statefile.AgentState(7, "i", {"w": b""}))
+    path = tmp_path / statefile.STATE_FILE
+    raw = json.loads(path.read_text())
+    del raw["numa"]
+    path.write_text(json.dumps(raw))
+    assert statefile.load(str(tmp_path)) == statefile.AgentState(7, "i", {"w": b""}, {})
+
+
+def _numa_vm(**kw) -> pb.Workload:
+    return pb.Workload(id="v", kind=pb.WORKLOAD_KIND_VM, numa=True, requests={"cpu": 1000, "memory": 64}, **kw)
+
+
+@pytest.mark.parametrize(
+    "record,real,node,cpus,noted",
+    [
+        (1, {0: "0-3", 1: "4-7"}, 1, "4-7", False),  # the node of record exists: pinned there
+        (0, {0: "0-3", 1: "4-7"}, 0, "0-3", False),
+        (1, {0: "0-1"}, 0, "0-1", True),  # fewer real nodes: 1 mod 1 = 0
+        (3, {0: "0", 2: "1"}, 2, "1", True),  # real nodes 0 and 2: 3 mod 2 = 1 -> the second, node 2
+        (2, {0: "0", 2: "1"}, 2, "1", False),
+        (1, {}, -1, "", True),  # no NUMA information: not pinned
+    ],
+)
+def test_numa_pin_is_the_node_of_record_or_the_documented_rule(record, real, node, cpus, noted):
+    pin = runtime.numa_pin(_numa_vm(), record, real)
+    assert (pin.record, pin.node, pin.cpus, bool(pin.note)) == (record, node, cpus, noted)
+    if noted:
+        assert f"NUMA node {record} of record" in pin.note
+
+
+def test_numa_pin_only_for_a_numa_fit_vm_with_a_recorded_node():
+    real = {0: "0", 1: "1"}
+    assert runtime.numa_pin(_numa_vm(), -1, real) is None
+    assert runtime.numa_pin(pb.Workload(id="v", kind=pb.WORKLOAD_KIND_VM), 1, real) is None
+    assert runtime.numa_pin(pb.Workload(id="c", container=pb.ContainerSpec(image="x")), 1, real) is None
+
+
+def test_run_spec_pins_the_record_and_a_container_pinned_elsewhere_is_replaced(tmp_path):
+    facts = runtime.HostFacts("h", True, "img", str(tmp_path / "v"), str(tmp_path / "q"), False,
+                              {0: "0-3", 1: "4-7"})
+    w = _numa_vm()
+    pin = runtime.numa_pin(w, 1, facts.numa_cpus)
+    spec = runtime.run_spec(w, w.SerializeToString(), facts, pin=pin)
+    assert (spec.cpuset_cpus, spec.cpuset_mems) == ("4-7", "1")
+    assert spec.labels[runtime.LABEL_NUMA_RECORD] == "1" and spec.labels[runtime.LABEL_NUMA_NODE] == "1"
+    assert runtime.pin_matches(spec.labels, pin)
+    # A container an older agent pinned to its own choice (node 0) is not the record's.
+    assert not runtime.pin_matches({**spec.labels, runtime.LABEL_NUMA_NODE: "0"}, pin)
+    # A container without a pin matches a workload without one.
+    assert runtime.pin_matches({}, None) and not runtime.pin_matches({}, pin)
+    # Fewer real nodes: pinned by the rule, and the status says so.
+    few = runtime.numa_pin(w, 1, {0: "0-1"})
+    spec = runtime.run_spec(w, w.SerializeToString(), facts, pin=few)
+    assert (spec.cpuset_cpus, spec.cpuset_mems) == ("0-1", "0") and "not on this engine host" in spec.warning

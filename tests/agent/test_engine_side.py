@@ -184,7 +184,8 @@ def test_vm_boots_and_answers_qmp(engines, images, docker_client, short_tmp, kvm
     w = pb.Workload(
         id="vm-1", kind=pb.WORKLOAD_KIND_VM, numa=True, requests={"cpu": 2000, "memory": 64}
     )
-    spec = runtime.run_spec(w, w.SerializeToString(), facts, numa_node=0)
+    pin = runtime.numa_pin(w, 0, facts.numa_cpus)
+    spec = runtime.run_spec(w, w.SerializeToString(), facts, pin=pin)
     assert spec.warning == ("" if kvm else vm.TCG_WARNING)
     rt = runtime.Runtime(docker_client, "h-test")
     c = rt.start(spec)

@@ -97,6 +97,12 @@ class Leaving:
     stop_now: bool
 
 
+def _names_first_sequence(exc: grpc.RpcError) -> bool:
+    """Whether an OUT_OF_RANGE says the log was compacted past the watch (its trailers name
+    the oldest sequence), rather than that the replica has not reached it yet."""
+    return any(k == "first-sequence" for k, _ in exc.trailing_metadata() or ())
+
+
 def _must_not_run_twice(w: pb.Workload) -> bool:
     return runtime.is_vm(w) or w.container.single_instance
 
@@ -119,15 +125,12 @@ class Agent:
         from ..client import SchedulerClient
 
         self.cfg = config
-        self.sched = SchedulerClient(
-            config.scheduler,
-            token=config.token,
-            tls_ca=config.tls_ca,
-            tls_cert=config.tls_cert,
-            tls_key=config.tls_key,
-            tls_server_name=config.tls_server_name,
-            timeout=config.rpc_timeout_s,
-        )
+        self.sched = self._client(config.scheduler)
+        # Unary calls follow the leader (SchedulerClient, on UNAVAILABLE and its hci-leader
+        # trailer); the watch has a client per replica, since any replica serves WatchEvents
+        # from the log: it moves on when its replica fails (see _watch_loop).
+        self._watch_clients: dict[str, SchedulerClient] = {}
+        self.watch_address = self.sched.addresses[0]
         # Every engine call has a timeout (kubernetes #94829); the event stream has its own client
         # without one, and the pool is sized to the workers (docker-py's 10 starves: #1636).
         self.docker = docker.DockerClient(
@@ -165,6 +168,20 @@ class Agent:
         self._watch_call = None
         self._engine_stream = None
         self._threads: list[threading.Thread] = []
+
+    def _client(self, address: str):
+        from ..client import SchedulerClient
+
+        c = self.cfg
+        return SchedulerClient(
+            address,
+            token=c.token,
+            tls_ca=c.tls_ca,
+            tls_cert=c.tls_cert,
+            tls_key=c.tls_key,
+            tls_server_name=c.tls_server_name,
+            timeout=c.rpc_timeout_s,
+        )
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -292,6 +309,8 @@ class Agent:
             t.join(timeout=self.cfg.engine_timeout_s)
         self._save_state()
         self.sched.close()
+        for c in self._watch_clients.values():
+            c.close()
         self.docker.close()
         self.docker_events.close()
 
@@ -313,28 +332,72 @@ class Agent:
             delay = min(delay * 2, 5.0)
 
     def _watch_loop(self) -> None:
+        """WatchEvents from the sequence applied, on one replica at a time. With several
+        replicas (--scheduler a,b,c) a watch that fails or ends moves to the replica the
+        unary calls last reached (the leader, once they followed it), else to the next one,
+        and resumes from the stored sequence; a replica that has not yet seen that sequence
+        (OUT_OF_RANGE without first-sequence: a follower behind) sends the watch on to the
+        next, and only when every replica says so does the agent relist."""
         delay = 0.2
+        behind = 0  # replicas in a row that had not reached the agent's sequence
+        several = len(self.sched.addresses) > 1
         while not self._stop.is_set():
             with self.lock:
                 req = pb.WatchEventsRequest(
                     after_sequence=self.sequence, incarnation=self.incarnation
                 )
-            call = self.sched.stub.WatchEvents(req, metadata=self.sched.metadata)
+            client = self._watch_client()
+            call = client.stub.WatchEvents(req, metadata=client.metadata)
             self._watch_call = call
             try:
                 for resp in call:
-                    delay = 0.2
+                    delay, behind = 0.2, 0
                     self._apply_event(resp.event, resp.incarnation)
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     return
-                if exc.code() in RESYNC_CODES:
-                    log.warning("watch: %s %s: relisting", exc.code().name, exc.details())
+                code = exc.code()
+                if (
+                    several
+                    and code == grpc.StatusCode.OUT_OF_RANGE
+                    and not _names_first_sequence(exc)
+                    and behind < len(self.sched.addresses) - 1
+                ):
+                    behind += 1
+                    self._next_watch_address()
+                    log.warning(
+                        "watch: %s (a replica behind this agent): watching %s",
+                        exc.details(),
+                        self.watch_address,
+                    )
+                    continue
+                if code in RESYNC_CODES:
+                    log.warning("watch: %s %s: relisting", code.name, exc.details())
+                    behind = 0
                     self._retry(self._resync)
                     continue
-                log.warning("watch: %s %s (again in %.1f s)", exc.code().name, exc.details(), delay)
+                log.warning("watch: %s %s (again in %.1f s)", code.name, exc.details(), delay)
+            if several:
+                self._next_watch_address()
             self._stop.wait(delay)
             delay = min(delay * 2, 5.0)
+
+    def _watch_client(self):
+        c = self._watch_clients.get(self.watch_address)
+        if c is None:
+            c = self._watch_clients[self.watch_address] = self._client(self.watch_address)
+        return c
+
+    def _next_watch_address(self) -> None:
+        """The replica the next watch goes to: the one unary calls last reached, unless the
+        watch just failed there; else the next in the list."""
+        addrs, failed = self.sched.addresses, self.watch_address
+        if self.sched.address != failed:
+            self.watch_address = self.sched.address
+        else:
+            i = addrs.index(failed) if failed in addrs else -1
+            self.watch_address = addrs[(i + 1) % len(addrs)]
+        log.info("watch moves from %s to %s", failed, self.watch_address)
 
     def _apply_event(self, ev: pb.Event, incarnation: str) -> None:
         """Fold one event into the desired state (under the lock, with its sequence)."""
@@ -835,7 +898,12 @@ class Agent:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--scheduler", required=True, help="HOST:PORT of the scheduler service")
+    p.add_argument(
+        "--scheduler",
+        required=True,
+        help="HOST:PORT of the scheduler service; replicas comma-separated (the agent follows "
+        "the leader across a failover)",
+    )
     p.add_argument(
         "--docker-host",
         default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),

@@ -36,6 +36,8 @@ from pathlib import Path
 import grpc
 
 from hci_scheduler.client import SchedulerClient
+from hci_scheduler.ha.election import leader_key
+from hci_scheduler.ha.etcd_client import EtcdClient
 from hci_scheduler.ha.local_etcd import LocalEtcd, free_port
 from hci_scheduler.v1 import scheduler_pb2 as pb
 
@@ -152,14 +154,55 @@ def wait_for(fn, timeout_s: float = 30.0):
     raise RuntimeError("timed out")
 
 
-def failover(work: Path, etcd: LocalEtcd, kills: int) -> list[float]:
-    """Seconds from SIGKILL of the leader to the first Place the new leader acknowledges."""
-    args = ["--store", etcd.url, "--etcd-prefix", "/bench-failover", "--lease-ttl-s", "1", "--snapshot-every", "0"]
+class LeaderKeyWatch:
+    """The leader key's changes as etcd reports them, timed in this process: where a
+    failover's time goes (the old key deleted when its lease expired, the new one created
+    by the winner), without asking the servers."""
+
+    def __init__(self, etcd: LocalEtcd, prefix: str):
+        self.client = EtcdClient(etcd.endpoints)
+        self.key = leader_key(prefix)
+        self.changes: list[tuple[float, str]] = []  # (perf_counter, "delete" | "put")
+        self._stop = threading.Event()
+        self._stream = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        revision = self.client.range(self.key).header.revision + 1
+        while not self._stop.is_set():
+            self._stream = self.client.watch(self.key, start_revision=revision)
+            try:
+                for resp in self._stream:
+                    now = time.perf_counter()
+                    for ev in resp.events:
+                        self.changes.append((now, "delete" if ev.type == ev.DELETE else "put"))
+                        revision = ev.kv.mod_revision + 1
+            except grpc.RpcError:
+                pass
+
+    def first(self, kind: str, after: float) -> float | None:
+        return next((t for t, k in list(self.changes) if k == kind and t >= after), None)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._stream is not None:
+            self._stream.cancel()
+        self._thread.join(5)
+        self.client.close()
+
+
+def failover(work: Path, etcd: LocalEtcd, kills: int) -> tuple[list[float], list[dict]]:
+    """Seconds from SIGKILL of the leader to the first Place the new leader acknowledges,
+    and per kill where they went (`phases`)."""
+    prefix = "/bench-failover"
+    args = ["--store", etcd.url, "--etcd-prefix", prefix, "--lease-ttl-s", "1", "--snapshot-every", "0"]
     replicas = [Serve(work, args).start()]
     wait_for(lambda: leader_of(replicas))
     replicas += [Serve(work, args).start() for _ in range(2)]
     register(replicas[0].address, 100)
-    times = []
+    watch = LeaderKeyWatch(etcd, prefix)
+    times, phases = [], []
     with SchedulerClient(addresses=[r.address for r in replicas], timeout=5, failover_s=30) as c:
         c.place([pb.Workload(id="warm", requests={"cpu": 1, "memory": 1})])
         for k in range(kills):
@@ -168,12 +211,31 @@ def failover(work: Path, etcd: LocalEtcd, kills: int) -> list[float]:
             t0 = time.perf_counter()
             leader.kill()
             c.place([pb.Workload(id=f"f{k}", requests={"cpu": 1, "memory": 1})])
-            times.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            phases.append(_phases(watch, t0, t1))
             leader.start()  # the same address, as a follower now
-            print(f"  kill {k + 1}: {times[-1]:.3f} s", flush=True)
+            print(f"  kill {k + 1}: {times[-1]:.3f} s  ({_describe(phases[-1])})", flush=True)
+    watch.close()
     for r in replicas:
         r.stop()
-    return times
+    return times, phases
+
+
+def _phases(watch: LeaderKeyWatch, killed: float, acked: float) -> dict:
+    """A failover's time split at the leader key's changes: `expiry` from the kill to the old
+    key's deletion (the lease running out: at most the TTL after the last renewal, then
+    etcd's 500 ms revoke tick), `election` from there to the winner's key, `serve` from
+    there to the acknowledged Place (take-over, the client's retry, the commit)."""
+    deleted = watch.first("delete", killed)
+    put = watch.first("put", deleted) if deleted is not None else None
+    if deleted is None or put is None or put > acked:
+        return {}
+    return {"expiry": round(deleted - killed, 3), "election": round(put - deleted, 3), "serve": round(acked - put, 3)}
+
+
+def _describe(phases: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in phases.items()) or "leader key changes not seen"
 
 
 def main(argv=None) -> None:
@@ -208,11 +270,16 @@ def main(argv=None) -> None:
                 print(f"{name}: batched Place {rate:,.0f} placements/s ({args.hosts} hosts, calls of {args.batch}); "
                       f"unary Place p50 {p50:.2f} ms, p99 {p99:.2f} ms")
             if args.kills:
-                times = failover(work, etcd, args.kills)
+                times, phases = failover(work, etcd, args.kills)
                 out["failover_s"] = {"kills": len(times), "p50": round(statistics.median(times), 3),
-                                     "max": round(max(times), 3), "all": [round(t, 3) for t in times]}
+                                     "max": round(max(times), 3), "all": [round(t, 3) for t in times],
+                                     "phases": phases}
                 print(f"failover (lease TTL 1 s, {len(times)} kills): p50 {statistics.median(times):.3f} s, "
                       f"max {max(times):.3f} s")
+                for name in ("expiry", "election", "serve"):
+                    got = [p[name] for p in phases if p]
+                    if got:
+                        print(f"  {name}: p50 {statistics.median(got):.3f} s, max {max(got):.3f} s")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ha.json"), "w") as f:
         json.dump(out, f, indent=1)

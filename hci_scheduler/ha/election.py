@@ -57,6 +57,7 @@ class Election:
         self.granted_ttl_s = ttl_s
         self.lease = 0
         self.revision: int | None = None  # the fencing token while leading, else None
+        self.holder: tuple[str, int] | None = None  # (address, revision) of the winner of a lost attempt
         self.on_lost: Callable[[str], None] | None = None
         self.changes = 0  # times this replica won
         self._valid_until = 0.0  # monotonic time after which the lease may have run out at etcd
@@ -80,18 +81,23 @@ class Election:
     # -- winning -------------------------------------------------------------
 
     def try_acquire(self) -> bool:
-        """One attempt: grant a lease and create the leader key with it; True when won."""
+        """One attempt: grant a lease and create the leader key with it; True when won. When
+        lost, `holder` names the replica that holds the key (None: it went away meanwhile)."""
         sent = time.monotonic()
         grant = self.client.grant(self.ttl_s)
         lease, ttl = grant.ID, max(int(grant.TTL), 1)
         put = rpc.RequestOp(request_put=rpc.PutRequest(key=self.key, value=self.address.encode(), lease=lease))
         cmp = rpc.Compare(key=self.key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0)
+        holder = rpc.RequestOp(request_range=rpc.RangeRequest(key=self.key))
         try:
-            resp = self.client.txn([cmp], [put])
+            resp = self.client.txn([cmp], [put], [holder])
         except StoreError:
             self._revoke(lease)
             raise
         if not resp.succeeded:
+            kvs = resp.responses[0].response_range.kvs
+            # Who won instead, from the same Txn: a follower names the new leader at once.
+            self.holder = (kvs[0].value.decode(), kvs[0].create_revision) if kvs else None
             self._revoke(lease)
             return False
         with self._lock:

@@ -163,12 +163,16 @@ class Replica:
 
     def _follow_round(self) -> None:
         resp = self.store.client.range(self.election.key)
+        if not resp.kvs and self.election.try_acquire():
+            # Campaign first, catch up after: the key is free once, and _take_over applies the
+            # tail before any write (the writes are fenced until accept_writes).
+            self._take_over()
+            return
         self.store.refresh()
         self.state.follow()
         if not resp.kvs:
-            if self.election.try_acquire():
-                self._take_over()
-                return
+            holder = self.election.holder
+            self.leader_address = holder[0] if holder else None  # who won: clients are sent there
         elif resp.kvs[0].create_revision == self.election.revision and self.election.is_leader:
             self._take_over()  # it leads but must apply the log first (a late commit: store/etcd.py)
             return

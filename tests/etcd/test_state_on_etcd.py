@@ -68,6 +68,8 @@ def test_follower_applies_the_leaders_log_and_cannot_write(etcd_server, etcd_pre
     client = EtcdClient(etcd_server.endpoints)
     follower_election = Election(client, etcd_prefix, "replica-b:1")
     assert not follower_election.try_acquire()
+    # The lost attempt names the winner (a follower sends clients there before any other read).
+    assert follower_election.holder == ("replica-a:1", leader.election.revision)
     follower = EtcdStore(client, etcd_prefix, follower_election, own_client=True)
     fstate = SchedulerState(follower)  # replays what the leader wrote so far; refuses writes
     assert view(fstate) == view(lstate) and fstate.unwritable_reason is not None

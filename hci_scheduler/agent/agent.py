@@ -14,7 +14,10 @@ Moves (ApplyPlan's MOVED events): the target starts the workload and the source 
 the target reports it RUNNING (a STATUS event); a workload that must not run twice
 (single_instance) and every VM (a cold migration from the same disk) stops on the source first
 and starts on the target once the source reports it STOPPED. Either side gives up waiting
-after --move-timeout-s (the other agent may be dead).
+after --move-timeout-s (the other agent may be dead). Between two agents that both run with
+--migration-listen, a VM moves live instead (migration.py): the target starts qemu with
+-incoming, the source migrates the running guest to it and then reports it STOPPED; if that
+fails, the source stops it and the target starts it cold from its disk.
 """
 
 from __future__ import annotations
@@ -32,12 +35,16 @@ import grpc
 
 from ..errors import ValidationError
 from ..v1 import scheduler_pb2 as pb
-from . import hostinfo, runtime, statefile
+from . import hostinfo, migration, runtime, statefile
 from .runtime import LABEL_RESTARTS, ContainerState, HostFacts, Runtime
 
 log = logging.getLogger("hci_scheduler.agent")
 
 RESYNC_CODES = (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS)
+#: Seconds a live migration's target waits, after the source reported it migrated, for its
+#: qemu to leave "inmigrate" (the last state may still be loading) before starting cold.
+INCOMING_GRACE_S = 10.0
+MIGRATED_LIVE = "migrated live to "  # the source's STOPPED message after a live migration
 MAX_BACKOFF_S = 300.0  # restart backoff: base doubling to this, with jitter (kubelet)
 REPORT_BATCH = 500  # statuses per ReportStatus call
 
@@ -64,6 +71,7 @@ class AgentConfig:
     tls_key: str | None = None
     tls_server_name: str | None = None
     rpc_timeout_s: float = 30.0
+    migration_listen: str = ""  # HOST:PORT: VMs move live between agents that both listen
 
 
 @dataclass
@@ -76,6 +84,9 @@ class Desired:
     numa_node: int = -1  # the NUMA node of record (Placement.numa_node), -1 none
     wait_for: str = ""  # a move's source host that must report the workload stopped first
     wait_until: float = 0.0  # monotonic: when to stop waiting for it
+    live_from: str = ""  # a VM moving here live: its source host (see _sync_incoming)
+    source_stopped: str | None = None  # the source's STOPPED message, once it came
+    source_stopped_at: float = 0.0  # monotonic: when it came
 
     @classmethod
     def of(cls, spec_bytes: bytes, numa_node: int = -1) -> "Desired":
@@ -95,6 +106,8 @@ class Leaving:
     target: str
     until: float  # monotonic deadline
     stop_now: bool
+    live: bool = False  # a VM to migrate live first, if the target listens (see _migrate_out)
+    migrated: bool = False  # the live migration completed
 
 
 def _names_first_sequence(exc: grpc.RpcError) -> bool:
@@ -167,6 +180,7 @@ class Agent:
         self.facts: HostFacts | None = None
         self._watch_call = None
         self._engine_stream = None
+        self.migration = None  # a migration.MigrationListener with --migration-listen
         self._threads: list[threading.Thread] = []
 
     def _client(self, address: str):
@@ -187,7 +201,10 @@ class Agent:
 
     def register(self) -> None:
         """Register the host from `docker info` (labels updated when it exists)."""
-        eh = hostinfo.engine_host(self.docker, self.cfg.docker_host, self.cfg.labels)
+        labels = dict(self.cfg.labels)
+        if self.migration is not None:  # peers find the listener here (live migration)
+            labels[migration.ADDRESS_LABEL] = self.migration.address
+        eh = hostinfo.engine_host(self.docker, self.cfg.docker_host, labels)
         if not eh.kvm:
             log.warning("kvm=false: %s", eh.kvm_reason)
         volumes = self.cfg.volumes_dir or os.path.join(self.cfg.state_dir, "volumes")
@@ -270,6 +287,11 @@ class Agent:
     # -- the loops -----------------------------------------------------------------------
 
     def run(self) -> None:
+        if self.cfg.migration_listen and self.migration is None:
+            self.migration = migration.MigrationListener(
+                self.cfg.migration_listen, self._incoming_dir
+            )
+            log.info("live migration: listening on %s", self.migration.address)
         self._retry(self.register)
         if not self._load_state():
             self._retry(self._resync)
@@ -308,6 +330,8 @@ class Agent:
         for t in self._threads:
             t.join(timeout=self.cfg.engine_timeout_s)
         self._save_state()
+        if self.migration is not None:
+            self.migration.close()
         self.sched.close()
         for c in self._watch_clients.values():
             c.close()
@@ -427,6 +451,7 @@ class Agent:
                         ev.host_id,
                         time.monotonic() + self.cfg.move_timeout_s,
                         _must_not_run_twice(d.spec),
+                        live=bool(ev.plan_id) and self.migration is not None and runtime.is_vm(d.spec),
                     )
                     self._mark({wid})
                 if ev.host_id == me:
@@ -457,6 +482,12 @@ class Agent:
         if listing is None:
             self._retry(self._resync)
             return
+        live = (
+            ev.type == pb.EVENT_TYPE_MOVED
+            and ev.plan_id
+            and self.migration is not None
+            and bool(self._peer_address(ev.source_host_id))
+        )
         with self.lock:
             for p in listing:
                 if p.workload_id == wid or (
@@ -471,7 +502,10 @@ class Agent:
                         and _must_not_run_twice(d.spec)
                         and ev.plan_id
                     ):
-                        d.wait_for = ev.source_host_id
+                        if live and runtime.is_vm(d.spec):
+                            d.live_from = ev.source_host_id  # both listen: it moves live
+                        else:
+                            d.wait_for = ev.source_host_id
                         d.wait_until = time.monotonic() + self.cfg.move_timeout_s
                     self.desired[p.workload_id] = d
                     self.leaving.pop(p.workload_id, None)  # moved away and back: it stays
@@ -490,14 +524,12 @@ class Agent:
             leaving.until = 0.0  # the target runs it: stop here now
             self._mark({wid})
         d = self.desired.get(wid)
-        if (
-            d is not None
-            and d.wait_for
-            and s.host_id == d.wait_for
-            and s.state
-            in (pb.WORKLOAD_STATE_STOPPED, pb.WORKLOAD_STATE_EXITED, pb.WORKLOAD_STATE_FAILED)
-        ):
+        stopped = (pb.WORKLOAD_STATE_STOPPED, pb.WORKLOAD_STATE_EXITED, pb.WORKLOAD_STATE_FAILED)
+        if d is not None and d.wait_for and s.host_id == d.wait_for and s.state in stopped:
             d.wait_for = ""
+            self._mark({wid})
+        if d is not None and d.live_from and s.host_id == d.live_from and s.state in stopped:
+            d.source_stopped, d.source_stopped_at = s.message, time.monotonic()
             self._mark({wid})
 
     def _engine_events_loop(self) -> None:
@@ -657,6 +689,12 @@ class Agent:
             leaving = self.leaving.get(wid)
         containers = self.runtime.find(wid)
         if d is None:
+            if leaving is not None and leaving.live:
+                running = [c for c in containers if c.status == "running"]
+                if running and leaving.until > now:
+                    self._migrate_out(wid, leaving, running[0])
+                with self.lock:
+                    leaving.live = False  # done, or given up: stopped below either way
             if (
                 leaving is not None
                 and not leaving.stop_now
@@ -674,7 +712,10 @@ class Agent:
                 self._failed.pop(wid, None)
                 self._reported.pop(wid, None)
             if leaving is not None:
-                self._report(wid, pb.WORKLOAD_STATE_STOPPED, message=f"moved to {leaving.target}")
+                done = MIGRATED_LIVE if leaving.migrated else "moved to "
+                self._report(wid, pb.WORKLOAD_STATE_STOPPED, message=done + leaving.target)
+            return
+        if d.live_from and self._sync_incoming(wid, d, containers, now):
             return
         if d.wait_for and d.wait_until > now:
             self._report(
@@ -751,14 +792,21 @@ class Agent:
         """Where a NUMA-fit VM is pinned: the node the scheduler charged (see runtime.numa_pin)."""
         return runtime.numa_pin(d.spec, d.numa_node, self.facts.numa_cpus)
 
-    def _start(self, wid: str, d: Desired, restarts: int) -> None:
+    def _start(self, wid: str, d: Desired, restarts: int, incoming: bool = False) -> None:
         import docker.errors
 
         if self._failed.get(wid) == d.hash:
             return
         try:
             pin = self._pin(d)
-            spec = runtime.run_spec(d.spec, d.spec_bytes, self.facts, restarts, pin)
+            spec = runtime.run_spec(
+                d.spec,
+                d.spec_bytes,
+                self.facts,
+                restarts,
+                pin,
+                migration.incoming_uri() if incoming else "",
+            )
             c = self.runtime.start(spec)
         except (docker.errors.ImageNotFound, docker.errors.APIError, ValidationError) as exc:
             reason = getattr(exc, "explanation", None) or str(exc)
@@ -781,6 +829,12 @@ class Agent:
         if spec.qmp_dir:
             state = runtime.wait_running(spec.qmp_dir, timeout_s=10.0)
             log.info("VM %s: qemu %s", wid, state)
+        if incoming:
+            self._report(
+                wid, pb.WORKLOAD_STATE_PENDING, message=f"waiting for the live migration from {d.live_from}"
+            )
+            self._schedule(wid, time.monotonic() + 0.5)
+            return
         self._report(
             wid,
             pb.WORKLOAD_STATE_RUNNING,
@@ -789,6 +843,82 @@ class Agent:
             message=spec.warning,
             since=ContainerState.of(c).started_at,
         )
+
+    # -- live migration ----------------------------------------------------------------
+
+    def _peer_address(self, host_id: str) -> str:
+        """The migration listener of another agent's host (its label), "" when this agent
+        or that one does not migrate live, or the listing fails (the move is then cold)."""
+        if self.migration is None:
+            return ""
+        try:
+            for h in self.sched.hosts():
+                if h.id == host_id:
+                    return h.labels.get(migration.ADDRESS_LABEL, "")
+        except grpc.RpcError as exc:
+            log.warning("live migration: hosts not listed (%s): the move is cold", exc.code().name)
+        return ""
+
+    def _incoming_dir(self, wid: str) -> str | None:
+        """The QMP directory of wid's incoming qemu, while wid moves here live (the
+        migration listener asks)."""
+        with self.lock:
+            d = self.desired.get(wid)
+            if d is None or not d.live_from:
+                return None
+        return runtime.qmp_dir_of(self.facts, wid)
+
+    def _migrate_out(self, wid: str, leaving: Leaving, container) -> None:
+        """Source side of a live move: send the running VM to the target's agent; on success
+        the guest runs there and this container is removed like any other that left."""
+        address = self._peer_address(leaving.target)
+        if not address:
+            return
+        qmp_dir = container.labels.get(runtime.LABEL_QMP_DIR, "")
+        log.info("live migration of %s to %s (%s)", wid, leaving.target, address)
+        ok, why = migration.migrate(qmp_dir, address, wid, leaving.until)
+        if ok:
+            leaving.migrated = True
+            log.info("live migration of %s to %s completed", wid, leaving.target)
+        else:
+            log.warning("live migration of %s failed (%s): stopped here, started cold there", wid, why)
+
+    def _sync_incoming(self, wid: str, d: Desired, containers: list, now: float) -> bool:
+        """Target side of a live move: an incoming qemu waits for the guest's state; once it
+        runs, the move is over (False: the normal sync adopts the container and reports it
+        RUNNING). When the source stopped the VM without migrating it, or the migration did
+        not finish in time, the VM starts here cold from its disk. True while it waits."""
+        incoming = [c for c in containers if c.labels.get(runtime.LABEL_INCOMING) == "1"]
+        live = [c for c in incoming if c.status == "running"]
+        state = migration.qemu_state(live[0].labels[runtime.LABEL_QMP_DIR]) if live else ""
+        if state == "running":
+            with self.lock:
+                d.live_from = ""
+            log.info("live migration of %s: running here", wid)
+            return False
+        migrated = d.source_stopped is not None and d.source_stopped.startswith(MIGRATED_LIVE)
+        give_up = d.wait_until <= now or (
+            d.source_stopped is not None
+            and (not migrated or now > d.source_stopped_at + INCOMING_GRACE_S)
+        )
+        if give_up:
+            for c in containers:
+                self.runtime.remove(c)
+            with self.lock:
+                d.live_from = ""
+            log.warning("workload %s: no live migration from its source: started cold", wid)
+            self._start(wid, d, restarts=0)
+            return True
+        if not live:
+            for c in containers:
+                self.runtime.remove(c)  # an incoming qemu that died, or a stale container
+            self._start(wid, d, restarts=0, incoming=True)
+            return True
+        self._report(
+            wid, pb.WORKLOAD_STATE_PENDING, message=f"waiting for the live migration from {d.live_from}"
+        )
+        self._schedule(wid, now + 0.5)
+        return True
 
     def _vm_message(self, d: Desired) -> str:
         """The status message of a running VM: TCG, and a NUMA pin that is not the record's."""
@@ -951,6 +1081,13 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--workers", type=int, default=8, help="workloads synced in parallel (default 8)"
     )
+    p.add_argument(
+        "--migration-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="move VMs live (QMP migrate) between agents that both listen; this agent's "
+        "listener, published as its host label migration-address (port 0: any free port)",
+    )
     p.add_argument("--tls-ca", help="CA certificate to verify the server (turns on TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
     p.add_argument("--tls-key", help="client key for mutual TLS")
@@ -1009,6 +1146,7 @@ def config_from_args(args) -> AgentConfig:
         tls_key=args.tls_key,
         tls_server_name=args.tls_server_name,
         rpc_timeout_s=args.timeout,
+        migration_listen=args.migration_listen,
     )
 
 

@@ -30,6 +30,7 @@ LABEL_KIND = "io.hci-scheduler.kind"
 LABEL_QMP_DIR = "io.hci-scheduler.qmp-dir"
 LABEL_NUMA_NODE = "io.hci-scheduler.numa-node"  # the engine host's node a VM is pinned to
 LABEL_NUMA_RECORD = "io.hci-scheduler.numa-record"  # the node the scheduler charged (Placement.numa_node)
+LABEL_INCOMING = "io.hci-scheduler.incoming"  # a VM started to receive a live migration
 LABEL_SPEC = "io.hci-scheduler.spec"  # base64 of the spec bytes, for comparing across hash versions
 MAX_SPEC_LABEL = 16384  # a larger spec is not kept in a label (its hash still is)
 # The hash's version is part of its value: a new hash function gets a new prefix, and a
@@ -147,6 +148,14 @@ class RunSpec:
     qmp_dir: str = ""
 
 
+def qmp_dir_of(facts: HostFacts, workload_id: str) -> str:
+    """The host directory holding a VM's QMP socket (and its migration sockets): short,
+    since a unix socket path is at most 107 bytes."""
+    import os
+
+    return os.path.join(facts.qmp_root, hashlib.sha256(workload_id.encode()).hexdigest()[:12])
+
+
 def is_vm(workload) -> bool:
     from ..v1 import scheduler_pb2 as pb
 
@@ -154,12 +163,18 @@ def is_vm(workload) -> bool:
 
 
 def run_spec(
-    workload, spec_bytes: bytes, facts: HostFacts, restarts: int = 0, pin: NumaPin | None = None
+    workload,
+    spec_bytes: bytes,
+    facts: HostFacts,
+    restarts: int = 0,
+    pin: NumaPin | None = None,
+    incoming: str = "",
 ) -> RunSpec:
     """The RunSpec of a workload on this host. Limits come from its requests: nano_cpus =
     millicores * 1e6, a hard memory limit in MiB (a VM's adds qemu's overhead), cpuset and
-    memory node of a NUMA-fit VM from its `pin` (see numa_pin). Raises ValidationError when
-    nothing says what to run (no image)."""
+    memory node of a NUMA-fit VM from its `pin` (see numa_pin); `incoming` starts a VM as a
+    live migration's target (migration.incoming_uri). Raises ValidationError when nothing
+    says what to run (no image)."""
     import os
 
     req = workload.requests
@@ -193,16 +208,16 @@ def run_spec(
                 f"workload {workload.id!r}: a VM needs a memory request, got {memory}"
             )
         disk = vm.disk_path(workload.vm.disk_image, facts.volumes_dir)
-        cmd = vm.qemu_command(vcpus, memory, facts.kvm, disk)
+        cmd = vm.qemu_command(vcpus, memory, facts.kvm, disk, incoming)
+        if incoming:
+            labels[LABEL_INCOMING] = "1"
         spec.image = workload.vm.launcher_image or facts.vm_image
         spec.entrypoint = [f"/usr/bin/{'qemu-system-x86_64'}"]
         spec.command = cmd.argv
         spec.devices = cmd.devices
         spec.warning = cmd.warning
         spec.mem_limit_mib = vm.memory_limit_mib(memory, vcpus)
-        spec.qmp_dir = os.path.join(
-            facts.qmp_root, hashlib.sha256(workload.id.encode()).hexdigest()[:12]
-        )
+        spec.qmp_dir = qmp_dir_of(facts, workload.id)
         labels[LABEL_QMP_DIR] = spec.qmp_dir
         spec.binds[spec.qmp_dir] = {"bind": vm.QMP_DIR_INSIDE, "mode": "rw"}
         if disk:

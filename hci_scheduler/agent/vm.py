@@ -72,10 +72,14 @@ class VmCommand:
     warning: str  # empty with KVM; TCG_WARNING without
 
 
-def qemu_command(vcpus: int, memory_mib: int, kvm: bool, disk: str | None) -> VmCommand:
+def qemu_command(
+    vcpus: int, memory_mib: int, kvm: bool, disk: str | None, incoming: str = ""
+) -> VmCommand:
     """qemu's arguments: headless, no default devices or network (containers run without a
     bridge), QMP on the mounted socket, and the disk (mounted at DISK_INSIDE) when there is
-    one; a diskless guest boots the firmware and waits, which is a running VM to QMP."""
+    one; a diskless guest boots the firmware and waits, which is a running VM to QMP. With
+    `incoming` (a live migration's target) qemu waits for the guest's state there instead of
+    booting it; the rest of the command must be the source's."""
     argv = [
         "-machine",
         f"q35,accel={'kvm' if kvm else 'tcg'}",
@@ -95,6 +99,8 @@ def qemu_command(vcpus: int, memory_mib: int, kvm: bool, disk: str | None) -> Vm
     if disk:
         fmt = "qcow2" if disk.endswith(".qcow2") else "raw"
         argv += ["-drive", f"file={DISK_INSIDE},if=virtio,format={fmt}"]
+    if incoming:
+        argv += ["-incoming", incoming]
     return VmCommand(
         argv, [f"{KVM_DEVICE}:{KVM_DEVICE}:rwm"] if kvm else [], kvm, "" if kvm else TCG_WARNING
     )

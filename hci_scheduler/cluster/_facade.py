@@ -47,6 +47,7 @@ from ._hosts import HostTable
 from ._ledger import Ledger
 from ._preempt import preempt as _preempt
 from ._services import Services, check_service
+from ._view import PlacementView
 from ._volumes import Volumes, creates_volumes, mounted_only
 
 __all__ = ["Cluster", "MAX_QUANTITY"]
@@ -559,8 +560,13 @@ class Cluster:
     def numa_nodes(self) -> dict[str, int]:
         """workload id -> the NUMA node its host is charged on, for every placed NUMA-fit VM
         (what a snapshot records beside `assignments`)."""
+        return self.placement_view().numa_nodes()
+
+    def placement_view(self) -> PlacementView:
+        """A consistent copy of where every named workload runs, cheap to take under a
+        caller's lock (a snapshot's); its maps are built later, outside it."""
         with self._lock:
-            return {wid: rec.numa for wid, rec in self._ledger.records.items() if rec.numa >= 0}
+            return PlacementView(self._ledger.records, self._hosts.row_hosts, self._services.assignments())
 
     def workload_counts(self) -> dict[str, int]:
         """host id -> named workloads placed there (per-host replicas included), for hosts
@@ -579,11 +585,7 @@ class Cluster:
 
     def assignments(self) -> dict[str, str]:
         """workload id -> host id for every named workload (per-host service replicas as "id@host")."""
-        with self._lock:
-            hosts = self._hosts.row_hosts
-            out = {wid: hosts[rec.row].id for wid, rec in self._ledger.records.items()}
-            out.update(self._services.assignments())
-            return out
+        return self.placement_view().assignments()
 
     def workloads_on(self, host_id: str) -> list[str]:
         """Named workloads on a host (per-host service replicas as "id@host")."""

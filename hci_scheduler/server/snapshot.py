@@ -53,6 +53,7 @@ import numpy as np
 
 from ..errors import SchedulerError
 from ..model import Host, Volume, Workload
+from ..cluster import PlacementView
 from ..store import StoreError
 from ..store.base import SnapshotStorage, StoreUnwritable
 from ..store.snapfiles import DirectorySnapshots, snapshot_files, write_file
@@ -124,9 +125,9 @@ class Captured(NamedTuple):
     dimensions: tuple
     row_hosts: list          # Host or None per row
     placed: dict             # workload id -> (sequence of its PLACED event, canonical spec bytes)
-    where: dict              # workload id -> host id; "service@host" -> host for per-host replicas
+    view: PlacementView      # where every workload runs and its NUMA node, mapped by `encode`
     volumes: list            # (Volume, replica host ids), in creation order
-    numa: dict               # workload id -> its NUMA node, for NUMA-fit VMs
+    numa: dict | None = None  # workload id -> NUMA node when given (tests); None: from `view`
 
 
 def capture(state) -> Captured:
@@ -134,11 +135,11 @@ def capture(state) -> Captured:
     are shallow: hosts, volumes and specs are immutable)."""
     c = state.cluster
     placed = dict(state._placed)
-    where = c.assignments()
+    view = c.placement_view()  # container copies: the maps are built by `encode`, outside the lock
     row_hosts = [None if hid is None else c.host(hid) for hid in c.host_ids()]
     volumes = [(c.volume(vid), list(hosts)) for vid, hosts in c.volumes().items()]
     return Captured(state.sequence, state.store.incarnation(), _event_digest(state.store, state.sequence),
-                    tuple(state.dimensions), row_hosts, placed, where, volumes, c.numa_nodes())
+                    tuple(state.dimensions), row_hosts, placed, view, volumes)
 
 
 def _event_digest(store, sequence: int) -> str | None:
@@ -147,12 +148,12 @@ def _event_digest(store, sequence: int) -> str | None:
     return hashlib.sha256(rec[0].body).hexdigest() if rec and rec[0].sequence == sequence else None
 
 
-def _replicas(cap: Captured) -> dict:
+def _replicas(placed: dict, where: dict) -> dict:
     """Per-host service id -> its replica hosts, in the order they were bound (the order
     `assignments` lists them in), from the captured copies (outside the lock)."""
-    services = {wid: [] for wid in cap.placed.keys() - cap.where.keys()}
+    services = {wid: [] for wid in placed.keys() - where.keys()}
     if services:
-        for key, host in cap.where.items():
+        for key, host in where.items():
             sid = key[: -len(host) - 1]
             if key.endswith("@" + host) and sid in services:
                 services[sid].append(host)
@@ -161,14 +162,16 @@ def _replicas(cap: Captured) -> dict:
 
 def encode(cap: Captured) -> bytes:
     """The snapshot file's bytes (see the module docstring)."""
-    services = _replicas(cap)
+    where = cap.view.assignments()
+    numa = cap.view.numa_nodes() if cap.numa is None else cap.numa
+    services = _replicas(cap.placed, where)
     row_of = {h.id: r for r, h in enumerate(cap.row_hosts) if h is not None}
     spec_index: dict[bytes, int] = {}  # spec without its id -> its index in specs, -1: not plain
     specs: list[bytes] = []
     ids, rows, seqs, spec_of, events = [], [], [], [], []
     # One pass of a few dict operations per placement: at the default cadence a snapshot is
     # written every 50,000 events, and this loop was most of its CPU (id_prefix inlined).
-    where, tags = cap.where, ID_TAGS
+    tags = ID_TAGS
     for wid, (seq, spec) in cap.placed.items():
         host_id = where.get(wid)
         idb = wid.encode()
@@ -188,7 +191,7 @@ def encode(cap: Captured) -> bytes:
                 spec_of.append(k)
                 continue
         ev = pb.Event(type=pb.EVENT_TYPE_PLACED, sequence=seq, workload_id=wid, host_id=host_id or "",
-                      replica_host_ids=services.get(wid, ()), **convert.numa_fields(cap.numa.get(wid, -1)))
+                      replica_host_ids=services.get(wid, ()), **convert.numa_fields(numa.get(wid, -1)))
         ev.workload.MergeFromString(spec)
         events.append(ev.SerializeToString())
     sections = {
@@ -201,7 +204,7 @@ def encode(cap: Captured) -> bytes:
         "rows": np.array(rows, dtype=np.int32).tobytes(),
         "seqs": np.array(seqs, dtype=np.uint64).tobytes(),
         "spec_of": np.array(spec_of, dtype=np.int32).tobytes(),
-        **_numa_sections(ids, cap.numa),
+        **_numa_sections(ids, numa),
     }
     header = {
         "format": FORMAT, "sequence": cap.sequence, "incarnation": cap.incarnation, "last_event": cap.last_event,

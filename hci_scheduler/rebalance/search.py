@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sched_core._moves import MoveState
+from sched_core._priced import home_sweep, priced_search
 
 from ..errors import ValidationError
 from . import model, objective, solve
@@ -49,8 +50,19 @@ SCAN_LIMIT = 512
 EMPTY_TRIES = 16
 # Record-to-record tolerance of the climbing rounds, as a share of the objective.
 TOLERANCE = 1e-4
-# Share of the work given to LNS sub-models.
+# Transient room (ROADEF): the price of a unit of transient load held on an initial host
+# starts at PRICE_START x the dimension's load weight and falls linearly to zero when
+# PRICE_SHARE of the work is spent (see sched_core/_priced.pyx).
+PRICE_START = 1.0
+PRICE_SHARE = 0.5
+# Shares of swap and return-home draws in the priced search.
+PRICED_SWAPS = 40
+PRICED_HOMES = 10
+# Share of the work given to LNS sub-models at first; then it follows LNS's gain per unit
+# of work against the local search's, within these bounds.
 LNS_SHARE = 0.3
+LNS_SHARE_MIN = 0.05
+LNS_SHARE_MAX = 0.5
 # Size of an LNS neighbourhood: at most this many hosts, and this many of their
 # workloads move (a random part when the hosts hold more; the rest stay fixed).
 LNS_HOSTS = 6
@@ -154,6 +166,19 @@ def search(problem: Problem, *, time_limit_s: float = 30.0, work_budget: int | N
     return SearchResult(assignment=out, status=status, stats=engine.stats)
 
 
+def _smooth(old: float | None, new: float) -> float:
+    """Running mean of a rate over the last few rounds."""
+    return new if old is None else 0.7 * old + 0.3 * new
+
+
+def _lns_share(rate_ls: float, rate_lns: float) -> float:
+    """LNS's share of a round: its part of the gain per unit of both, within
+    LNS_SHARE_MIN..LNS_SHARE_MAX (each keeps a turn: the better one now may stall later)."""
+    a, b = max(rate_ls, 0.0), max(rate_lns, 0.0)
+    share = b / (a + b) if a + b > 0 else LNS_SHARE
+    return min(LNS_SHARE_MAX, max(LNS_SHARE_MIN, share))
+
+
 class _Engine:
     """One search: the move state, the budget, and the neighbourhoods."""
 
@@ -166,10 +191,18 @@ class _Engine:
         self.budget = budget
         self.work_left = budget
         self.deadline = deadline
+        self.t_start = time.perf_counter()
         self.progress = progress
         self.proved = False
         self.stats = {"ls_accepted": 0, "hosts_emptied": 0, "repaired": 0, "lns_solved": 0,
                       "lns_improved": 0, "rounds": 0}
+
+    def _progress(self) -> float:
+        """Share of the search done: of the work budget, or of the time when the wall
+        clock runs out first (a loaded machine), so schedules still reach their end."""
+        work = 1 - self.work_left / max(self.budget, 1)
+        span = self.deadline - self.t_start
+        return max(work, (time.perf_counter() - self.t_start) / span if span > 0 else 1.0)
 
     def _spend(self, units: int) -> bool:
         self.work_left -= int(units)
@@ -275,21 +308,43 @@ class _Engine:
             return  # nothing can move: the start is the answer
         empty_hosts = bool((p.host_cost > 0).any())
         lns = self.p.n_workloads > 0 and self.p.movable.any()
+        priced = bool(p.transient.any())
+        unit = np.where(p.load_weight > 0, p.load_weight, max(int(p.load_weight.max()), 1)).astype(np.float64)
+        rate_ls = rate_lns = None      # objective gained per work unit, smoothed
         while self.work_left > 0 and time.perf_counter() < self.deadline:
             self.stats["rounds"] += 1
             chunk = min(LS_ROUND, self.work_left)
-            # Every other round may climb (record-to-record travel): out of the local optima
-            # of pure descent (a1_2: 803.6M by descent alone, 782.5M with it, same work).
-            tolerance = int(st.value * TOLERANCE) if self.stats["rounds"] % 2 == 0 else 0
-            evaluated, accepted, _ = st.local_search(chunk, max(0.0, self.deadline - time.perf_counter()),
-                                                     50, True, tolerance)
+            wall = max(0.0, self.deadline - time.perf_counter())
+            level = PRICE_START * max(0.0, 1 - self._progress() / PRICE_SHARE) if PRICE_SHARE > 0 else 0.0
+            before = st.value
+            if priced and (level > 0 or self.stats["rounds"] % 2 == 1):
+                # Transient room is priced while it is scarce (early); then plain descent
+                # with returns home, alternating with record-to-record travel as below.
+                evaluated, accepted, _ = priced_search(st, chunk, wall, level * unit, PRICED_SWAPS, PRICED_HOMES, True)
+            else:
+                # Every other round may climb (record-to-record travel): out of the local optima
+                # of pure descent (a1_2: 803.6M by descent alone, 782.5M with it, same work).
+                tolerance = int(st.value * TOLERANCE) if self.stats["rounds"] % 2 == 0 else 0
+                evaluated, accepted, _ = st.local_search(chunk, wall, 50, True, tolerance)
             self.stats["ls_accepted"] += accepted
+            evaluated_home, accepted_home = home_sweep(st, True)
+            evaluated += evaluated_home
+            self.stats["homes"] = self.stats.get("homes", 0) + accepted_home
+            rate_ls = _smooth(rate_ls, (before - st.value) / max(evaluated, 1))
             if not self._spend(max(evaluated, 1)):
                 break
             if empty_hosts:
                 self._empty_hosts()
-            if lns and not self._lns(int(LS_ROUND * LNS_SHARE / (1 - LNS_SHARE))):
-                break
+            if lns:
+                # LNS gets a share of the work by what it gains per unit against the local
+                # search (deterministic: both are counted in work units).
+                share = LNS_SHARE if rate_lns is None else _lns_share(rate_ls, rate_lns)
+                before, t_lns, left = st.value, time.perf_counter(), self.work_left
+                go_on = self._lns(int(LS_ROUND * share / (1 - share)))
+                rate_lns = _smooth(rate_lns, (before - st.value) / max(left - self.work_left, 1))
+                self.stats["lns_seconds"] = round(self.stats.get("lns_seconds", 0.0) + time.perf_counter() - t_lns, 3)
+                if not go_on:
+                    break
             if self.progress is not None:
                 self.progress(min(1.0, 1 - self.work_left / max(self.budget, 1)), int(st.value))
         if self.progress is not None:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from typing import NamedTuple
 
 from ..errors import SchedulerError
 
@@ -32,14 +33,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class EtcdTLS(NamedTuple):
+    """PEM files for members that serve clients over TLS: the members' certificate and key
+    (valid for 127.0.0.1), and the CA that signs client certificates; with `client_auth`,
+    a client must present one (etcd's --client-cert-auth)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+    client_auth: bool = True
+
+
 class EtcdMember:
     """One etcd process with its data directory and ports."""
 
-    def __init__(self, name: str, data_dir: str, client_port: int, peer_port: int):
+    def __init__(self, name: str, data_dir: str, client_port: int, peer_port: int, tls: EtcdTLS | None = None):
         self.name = name
         self.data_dir = data_dir
         self.client_port = client_port
         self.peer_port = peer_port
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -52,7 +65,7 @@ class EtcdMember:
 
     def start(self, initial_cluster: str, state: str = "new") -> None:
         os.makedirs(self.data_dir, exist_ok=True)
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         args = [etcd_binary() or "etcd", "--name", self.name, "--data-dir", os.path.join(self.data_dir, "data"),
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
@@ -60,6 +73,11 @@ class EtcdMember:
                 "--initial-cluster-token", "hci-local",
                 "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
                 "--log-level", "warn"]
+        if self.tls:
+            args += ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file,
+                     "--trusted-ca-file", self.tls.ca_file]
+            if self.tls.client_auth:
+                args.append("--client-cert-auth")
         with open(os.path.join(self.data_dir, "etcd.log"), "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -87,14 +105,19 @@ class LocalEtcd:
     """An etcd cluster of `members` processes on loopback, data under `root`.
 
     Use as a context manager, or call start() and stop(). `endpoints` lists HOST:PORT of
-    every member; `url` is the `etcd://...` form `hci-scheduler serve --store` takes.
+    every member; `url` is the `etcd://...` form `hci-scheduler serve --store` takes. With
+    `tls`, clients talk to the members over TLS (peers stay on plain loopback), and
+    `client_files` (ca, cert, key) are what readiness checks connect with.
     """
 
-    def __init__(self, root: str, members: int = 1):
+    def __init__(self, root: str, members: int = 1, tls: EtcdTLS | None = None,
+                 client_files: tuple[str, str | None, str | None] | None = None):
         if etcd_binary() is None:
             raise SchedulerError("etcd is not installed (Debian: apt-get install etcd-server)")
         self.root = root
-        self.members = [EtcdMember(f"m{i}", os.path.join(root, f"m{i}"), free_port(), free_port())
+        self.tls = tls
+        self.client_files = client_files
+        self.members = [EtcdMember(f"m{i}", os.path.join(root, f"m{i}"), free_port(), free_port(), tls)
                         for i in range(members)]
 
     @property
@@ -126,7 +149,7 @@ class LocalEtcd:
         members = members or self.members
         end = time.monotonic() + timeout_s
         for m in members:
-            client = EtcdClient([m.endpoint], timeout_s=1.0)
+            client = EtcdClient([m.endpoint], 1.0, *(self.client_files or ()))
             try:
                 while True:
                     if m.proc is not None and m.proc.poll() is not None:

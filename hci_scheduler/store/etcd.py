@@ -46,7 +46,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..etcd.etcdserverpb import rpc_pb2 as rpc
 from ..ha.election import Election, leader_key
@@ -139,6 +139,7 @@ class EtcdStore(Store):
         self._closed = False
         self.commits = 0  # Txns committed by append
         self.commit_seconds = 0.0  # their total time (etcd commit latency, for metrics)
+        self.on_commit: Callable[[float], None] | None = None  # gets each Txn's seconds (a latency histogram)
         self._uncertain: int | None = None  # first sequence of an append whose outcome is unknown
         self._meta: dict[str, str] = {}
         # The token writes are accepted under: the election's, once this store holds the whole
@@ -313,8 +314,11 @@ class EtcdStore(Store):
                 except EtcdUnavailable:
                     self._uncertain = batch[0].sequence
                     raise
-                self.commit_seconds += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                self.commit_seconds += seconds
                 self.commits += 1
+                if self.on_commit is not None:
+                    self.on_commit(seconds)
                 self._records.extend(batch)
                 self._groups.append(batch[0].sequence)
                 self._last = batch[-1].sequence
@@ -539,8 +543,8 @@ class EtcdSnapshots(SnapshotStorage):
 
     def clean(self) -> None:
         """Remove snapshots that have chunks and no manifest (a leader that died writing one)."""
-        if self.store.election is None or self.store.election.revision is None:
-            return  # only the leader writes
+        if not self.store.leading:
+            return  # only the leader writes (not even one that has not applied the log yet)
         for seq in self._sequences(manifest=False) - self._sequences(manifest=True):
             if not self.client.range(self._key(seq, "manifest.beyond-log"), keys_only=True).kvs:
                 start = self._key(seq, "")
@@ -556,28 +560,54 @@ def open_etcd_store(spec: str, prefix: str = "/hci", advertise: str = "", ttl_s:
     leader key, and open the log: as leader, or as follower (ha/replica.py follows the
     leader's log and takes over when the key is free). A follower of a log that has no
     incarnation yet waits for the leader to create it. With `campaign`, block until this
-    replica leads instead. StoreError when `stop` is set first."""
+    replica leads instead. While no etcd member answers (EtcdUnavailable: down, no quorum,
+    a TLS handshake refused) it waits and tries again, as a replica that lost etcd after
+    opening does: a replica started during a brief etcd outage comes up when etcd does.
+    StoreError when `stop` is set first."""
     from ..ha.etcd_client import parse_endpoints
 
     client = EtcdClient(parse_endpoints(spec), timeout_s, ca_file, cert_file, key_file)
+    t0, delay = time.monotonic(), 0.1
     try:
-        election = Election(client, prefix, advertise, ttl_s)
-        if not campaign:
-            _lead_or_follow(election, prefix, stop)
-        elif not election.campaign(stop=stop):
-            raise StoreError("stopped before this replica became leader")
-        try:
-            store = EtcdStore(client, prefix, election, own_client=True)
-        except BaseException:
-            election.resign()
-            raise
-        leader = election.leader()
-        log.info("etcd store open", extra={"fields": {
-            "prefix": prefix, "role": "leader" if election.revision is not None else "follower",
-            "leader": leader[0] if leader else None, "last_sequence": store.last_sequence()}})
-        return store
+        while True:
+            try:
+                store = _open(client, prefix, advertise, ttl_s, stop, campaign)
+            except EtcdUnavailable as exc:
+                if delay == 0.1:
+                    log.warning("etcd unavailable: waiting for it to open the store", extra={"fields": {
+                        "prefix": prefix, "reason": str(exc)}})
+                if stop is not None and stop.wait(delay):
+                    raise StoreError("stopped before etcd answered") from exc
+                if stop is None:
+                    time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            try:
+                leader = store.election.leader()
+            except StoreError:  # gone again: the replica's loop deals with it from here
+                leader = None
+            log.info("etcd store open", extra={"fields": {
+                "prefix": prefix, "role": "leader" if store.election.revision is not None else "follower",
+                "leader": leader[0] if leader else None, "last_sequence": store.last_sequence(),
+                "waited_s": round(time.monotonic() - t0, 3)}})
+            return store
     except BaseException:
         client.close()
+        raise
+
+
+def _open(client: EtcdClient, prefix: str, advertise: str, ttl_s: int, stop: threading.Event | None,
+          campaign: bool) -> EtcdStore:
+    """One attempt of open_etcd_store."""
+    election = Election(client, prefix, advertise, ttl_s)
+    if not campaign:
+        _lead_or_follow(election, prefix, stop)
+    elif not election.campaign(stop=stop):
+        raise StoreError("stopped before this replica became leader")
+    try:
+        return EtcdStore(client, prefix, election, own_client=True)
+    except BaseException:
+        election.resign()
         raise
 
 

@@ -6,6 +6,7 @@ what the clients were answered, not against the servers' own view of themselves.
 from __future__ import annotations
 
 import signal
+import threading
 
 import pytest
 
@@ -146,3 +147,32 @@ def test_follower_paused_past_compaction_and_the_leaders_death_takes_over(tmp_pa
             if r.proc.poll() is None:
                 r.proc.send_signal(signal.SIGCONT)
             r.kill()
+
+
+def test_replica_started_while_etcd_is_down_after_a_compaction_comes_up_with_it(tmp_path, etcd_server, etcd_prefix):
+    a = replica(tmp_path, etcd_server, etcd_prefix).start()
+    wait_for(lambda: leader_of([a]), what="the first replica to lead")
+    acked = Acked()
+    with SchedulerClient(a.address, timeout=10) as c:
+        c.register_hosts([pb.Host(id=f"h{i}", capacity={"cpu": HOST_CPU, "memory": 262_144}) for i in range(N_HOSTS)])
+        churn(c, acked, 20, "r")
+    wait_for(lambda: (s := status(a.address)) and s.first_sequence > 1, what="a compaction")
+    sequence = status(a.address).last_sequence
+    assert a.terminate() == 0  # a clean stop: resigns, so the next replica leads at once
+
+    member = etcd_server.members[0]
+    member.stop()
+    b = replica(tmp_path, etcd_server, etcd_prefix)
+    starting = threading.Thread(target=b.start, kwargs={"timeout": 120})
+    try:
+        starting.start()
+        wait_for(lambda: "etcd unavailable: waiting for it to open the store" in b.log(), what="b to wait for etcd")
+    finally:
+        etcd_server.restart(member)
+    starting.join(130)
+    try:
+        assert b.proc.poll() is None and b.port
+        wait_for(lambda: leader_of([b]), timeout_s=30, what="b to lead")
+        assert listed(b.address)[:2] == (sequence, acked.live)
+    finally:
+        b.kill()

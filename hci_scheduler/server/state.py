@@ -594,9 +594,11 @@ class SchedulerState:
         self._notify_watchers()
         return self.sequence - before
 
-    def _rebuilt(self) -> "SchedulerState":
+    def _rebuilt(self) -> SchedulerState:
         """A state rebuilt from the store as a restart rebuilds one (`_replay`), beside this
-        one: same store, snapshots and cluster factory, a cluster of its own, no writer."""
+        one: same store, snapshots and cluster factory, a cluster of its own. Made without
+        __init__ (which would start a writer and write to the store): the attributes
+        `_replay` reads are set here, so one it comes to read must be set here too."""
         if self.snapshots is None:
             raise StoreError(f"the log is compacted up to sequence {self.store.compacted_sequence()}, past this "
                              f"state's {self.sequence}, and there are no snapshots to catch up from")

@@ -876,12 +876,20 @@ class Agent:
             return
         qmp_dir = container.labels.get(runtime.LABEL_QMP_DIR, "")
         log.info("live migration of %s to %s (%s)", wid, leaving.target, address)
-        ok, why = migration.migrate(qmp_dir, address, wid, leaving.until)
-        if ok:
+        out = migration.migrate(qmp_dir, address, wid, leaving.until)
+        if out.done:
             leaving.migrated = True
-            log.info("live migration of %s to %s completed", wid, leaving.target)
+            log.info(
+                "live migration of %s to %s completed: total %d ms, downtime %d ms",
+                wid,
+                leaving.target,
+                out.total_ms,
+                out.downtime_ms,
+            )
         else:
-            log.warning("live migration of %s failed (%s): stopped here, started cold there", wid, why)
+            log.warning(
+                "live migration of %s failed (%s): stopped here, started cold there", wid, out.reason
+            )
 
     def _sync_incoming(self, wid: str, d: Desired, containers: list, now: float) -> bool:
         """Target side of a live move: an incoming qemu waits for the guest's state; once it

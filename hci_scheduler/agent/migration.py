@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import vm
 from .qmp import QmpClient, QmpError
@@ -120,6 +121,16 @@ class MigrationListener:
         self._sock.close()
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a live migration ended: done, or why not; qemu's own figures when done."""
+
+    done: bool
+    reason: str = ""
+    total_ms: int = 0  # qemu's total-time: migrate to completed
+    downtime_ms: int = 0  # qemu's downtime: the guest paused for the last pass and the switch
+
+
 def _connect_ready(address: str, workload_id: str, deadline: float) -> socket.socket | None:
     """A TCP connection to the target agent once it says `ready` for the workload, or None
     at the deadline."""
@@ -144,14 +155,14 @@ def _connect_ready(address: str, workload_id: str, deadline: float) -> socket.so
     return None
 
 
-def migrate(qmp_dir: str, address: str, workload_id: str, deadline: float) -> tuple[bool, str]:
+def migrate(qmp_dir: str, address: str, workload_id: str, deadline: float) -> Outcome:
     """Migrate the VM whose QMP directory is `qmp_dir` to the target agent at `address`,
-    giving up at `deadline` (monotonic). Returns (done, why): done=True once qemu reports
-    the migration completed (the source guest is then stopped, the target's runs); False
-    with the reason otherwise (the source guest keeps running: qemu resumes it)."""
+    giving up at `deadline` (monotonic). Done once qemu reports the migration completed (the
+    source guest is then stopped, the target's runs); otherwise the reason, and the source
+    guest keeps running (qemu resumes it)."""
     conn = _connect_ready(address, workload_id, deadline)
     if conn is None:
-        return False, f"the target at {address} had no incoming qemu ready in time"
+        return Outcome(False, f"the target at {address} had no incoming qemu ready in time")
     path = os.path.join(qmp_dir, OUTGOING_SOCKET)
     if os.path.exists(path):
         os.unlink(path)
@@ -174,17 +185,18 @@ def migrate(qmp_dir: str, address: str, workload_id: str, deadline: float) -> tu
         with QmpClient(os.path.join(qmp_dir, vm.QMP_SOCKET), timeout=10.0) as q:
             q.execute("migrate", uri=f"unix:{vm.QMP_DIR_INSIDE}/{OUTGOING_SOCKET}")
             while True:
-                status = q.execute("query-migrate").get("status", "")
+                info = q.execute("query-migrate")
+                status = info.get("status", "")
                 if status == "completed":
-                    return True, ""
+                    return Outcome(True, "", int(info.get("total-time", 0)), int(info.get("downtime", 0)))
                 if status in ("failed", "cancelled"):
-                    return False, f"qemu's migration {status}"
+                    return Outcome(False, f"qemu's migration {status}: {info.get('error-desc', '')}")
                 if time.monotonic() > deadline:
                     q.execute("migrate_cancel")
-                    return False, "the migration did not finish before the move timeout"
-                time.sleep(0.1)
+                    return Outcome(False, "the migration did not finish before the move timeout")
+                time.sleep(0.05)
     except (OSError, QmpError) as exc:
-        return False, str(exc)
+        return Outcome(False, str(exc))
     finally:
         server.close()
         try:

@@ -407,6 +407,8 @@ class Agent:
             delay = min(delay * 2, 5.0)
 
     def _watch_client(self):
+        if len(self.sched.addresses) == 1:
+            return self.sched  # one server: one channel
         c = self._watch_clients.get(self.watch_address)
         if c is None:
             c = self._watch_clients[self.watch_address] = self._client(self.watch_address)

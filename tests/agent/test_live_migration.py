@@ -11,10 +11,9 @@ import os
 
 import pytest
 
-from hci_scheduler.agent import migration, runtime
+from hci_scheduler.agent import migration, runtime, vm
 from hci_scheduler.agent.processes import AgentProcess
 from hci_scheduler.agent.qmp import QmpClient
-from hci_scheduler.agent import vm
 from hci_scheduler.client import SchedulerClient
 from hci_scheduler.v1 import scheduler_pb2 as pb
 from tests.agent.test_agent_e2e import AGENT_FLAGS, wait_for
@@ -44,8 +43,8 @@ def two_hosts(engines, images, tmp_path):
             if left:
                 client.release(left)
             for i, d in enumerate(dockers):
-                wait_for(lambda: not d.containers.list(all=True, filters={"label": f"{runtime.LABEL_HOST}=lm{i}"}),
-                         f"lm{i}'s containers removed")
+                wait_for(lambda d=d, i=i: not d.containers.list(
+                    all=True, filters={"label": f"{runtime.LABEL_HOST}=lm{i}"}), f"lm{i}'s containers removed")
         finally:
             for a in agents:
                 a.terminate()

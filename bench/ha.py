@@ -197,28 +197,35 @@ def failover(work: Path, etcd: LocalEtcd, kills: int) -> tuple[list[float], list
     and per kill where they went (`phases`)."""
     prefix = "/bench-failover"
     args = ["--store", etcd.url, "--etcd-prefix", prefix, "--lease-ttl-s", "1", "--snapshot-every", "0"]
-    replicas = [Serve(work, args).start()]
-    wait_for(lambda: leader_of(replicas))
-    replicas += [Serve(work, args).start() for _ in range(2)]
-    register(replicas[0].address, 100)
-    watch = LeaderKeyWatch(etcd, prefix)
+    replicas = [Serve(work, args)]
+    watch = None
     times, phases = [], []
-    with SchedulerClient(addresses=[r.address for r in replicas], timeout=5, failover_s=30) as c:
-        c.place([pb.Workload(id="warm", requests={"cpu": 1, "memory": 1})])
-        for k in range(kills):
-            leader = wait_for(lambda: leader_of(replicas))
-            time.sleep(0.5)  # followers caught up and watching
-            t0 = time.perf_counter()
-            leader.kill()
-            c.place([pb.Workload(id=f"f{k}", requests={"cpu": 1, "memory": 1})])
-            t1 = time.perf_counter()
-            times.append(t1 - t0)
-            phases.append(_phases(watch, t0, t1))
-            leader.start()  # the same address, as a follower now
-            print(f"  kill {k + 1}: {times[-1]:.3f} s  ({_describe(phases[-1])})", flush=True)
-    watch.close()
-    for r in replicas:
-        r.stop()
+    try:  # the servers are stopped whatever happens: they would outlive the run otherwise
+        replicas[0].start()
+        wait_for(lambda: leader_of(replicas))
+        for _ in range(2):
+            replicas.append(Serve(work, args))
+            replicas[-1].start()
+        register(replicas[0].address, 100)
+        watch = LeaderKeyWatch(etcd, prefix)
+        with SchedulerClient(addresses=[r.address for r in replicas], timeout=5, failover_s=30) as c:
+            c.place([pb.Workload(id="warm", requests={"cpu": 1, "memory": 1})])
+            for k in range(kills):
+                leader = wait_for(lambda: leader_of(replicas))
+                time.sleep(0.5)  # followers caught up and watching
+                t0 = time.perf_counter()
+                leader.kill()
+                c.place([pb.Workload(id=f"f{k}", requests={"cpu": 1, "memory": 1})])
+                t1 = time.perf_counter()
+                times.append(t1 - t0)
+                phases.append(_phases(watch, t0, t1))
+                leader.start()  # the same address, as a follower now
+                print(f"  kill {k + 1}: {times[-1]:.3f} s  ({_describe(phases[-1])})", flush=True)
+    finally:
+        if watch is not None:
+            watch.close()
+        for r in replicas:
+            r.stop()
     return times, phases
 
 
@@ -258,8 +265,9 @@ def main(argv=None) -> None:
             if not args.skip_sqlite:
                 stores.append(("sqlite", ["--data-dir", str(work / "sqlite"), "--snapshot-every", "0"]))
             for name, serve_args in stores:
-                srv = Serve(work, serve_args).start()
+                srv = Serve(work, serve_args)
                 try:
+                    srv.start()
                     register(srv.address, args.hosts)
                     rate = batched(srv.address, args.placements, args.batch)
                     p50, p99 = unary(srv.address, args.unary)

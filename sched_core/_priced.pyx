@@ -67,8 +67,23 @@ def held_load(MoveState st):
     return np.asarray(st.hold).sum(axis=0)
 
 
+cdef inline void _track(intp_t w, bint away, int32_t* lst, int32_t* pos, intp_t* n) noexcept nogil:
+    """Keep w in (away) or out of the list of moved workloads, in O(1)."""
+    cdef int32_t last
+    if away and pos[w] < 0:
+        pos[w] = <int32_t>n[0]
+        lst[n[0]] = <int32_t>w
+        n[0] += 1
+    elif not away and pos[w] >= 0:
+        n[0] -= 1
+        last = lst[n[0]]
+        lst[pos[w]] = last
+        pos[last] = pos[w]
+        pos[w] = -1
+
+
 def priced_search(MoveState st, int64_t budget, double wall_s, price, int swap_percent=40,
-                  int home_percent=10, bint plateau=True):
+                  int home_percent=10, bint plateau=True, int away_percent=0):
     """Random shifts, swaps and returns home, each kept when it lowers the potential
     (objective + price . held transient load); with `plateau`, also moves that change
     neither the objective nor the held load.
@@ -85,6 +100,10 @@ def priced_search(MoveState st, int64_t budget, double wall_s, price, int swap_p
         dimension is not transient).
     swap_percent, home_percent : int
         shares of swap draws and return-home draws (the rest are shifts to a random host).
+    away_percent : int
+        share of draws whose workloads (both, for a swap) come from the moved ones: once
+        transient room is spent, those are nearly the only ones that can still move (a
+        workload at home that leaves holds its room there, so it fits almost nowhere).
 
     Returns
     -------
@@ -96,17 +115,24 @@ def priced_search(MoveState st, int64_t budget, double wall_s, price, int swap_p
     if pr.shape[0] != st.n_dims:
         raise ValueError(f"price: expected {st.n_dims} values, got {pr.shape[0]}")
     cdef int64_t it = 0, accepted = 0, dl = 0, before = st.objective()
-    cdef intp_t n_mov = st.movable_idx.shape[0], w, w2, a, b, k, span, draw
+    cdef intp_t n_mov = st.movable_idx.shape[0], w, w2, a, b, k, span, draw, n_away = 0, j
     cdef double deadline = _now() + wall_s, pen
     cdef const double* p = &pr[0] if st.n_dims > 0 else NULL
+    cdef int32_t[::1] away = np.zeros(max(st.n_workloads, 1), np.int32)
+    cdef int32_t[::1] pos = np.full(max(st.n_workloads, 1), -1, np.int32)
+    cdef bint focus
     if n_mov == 0:
         return 0, 0, 0
     with nogil:
+        for j in range(n_mov):
+            w = st.movable_idx[j]
+            _track(w, st.cur[w] != st.initial[w], &away[0], &pos[0], &n_away)
         while it < budget:
             it += 1
             if (it & 4095) == 0 and _now() > deadline:
                 break
-            w = st.movable_idx[_below(&st.rng, n_mov)]
+            focus = n_away > 1 and <int>_below(&st.rng, 100) < away_percent
+            w = away[_below(&st.rng, n_away)] if focus else st.movable_idx[_below(&st.rng, n_mov)]
             a = st.cur[w]
             draw = _below(&st.rng, 100)
             w2 = -1
@@ -116,7 +142,7 @@ def priced_search(MoveState st, int64_t budget, double wall_s, price, int swap_p
                     continue
                 pen = _held_price(st, w, a, b, p)
             elif draw < home_percent + swap_percent:
-                w2 = st.movable_idx[_below(&st.rng, n_mov)]
+                w2 = away[_below(&st.rng, n_away)] if focus else st.movable_idx[_below(&st.rng, n_mov)]
                 b = st.cur[w2]
                 if not st.swap_eval(w, w2, &dl):
                     continue
@@ -134,7 +160,9 @@ def priced_search(MoveState st, int64_t budget, double wall_s, price, int swap_p
                 continue
             if w2 >= 0:
                 st.apply_shift(w2, a)
+                _track(w2, a != st.initial[w2], &away[0], &pos[0], &n_away)
             st.apply_shift(w, b)
+            _track(w, b != st.initial[w], &away[0], &pos[0], &n_away)
             accepted += 1
     return it, accepted, before - st.objective()
 

@@ -54,10 +54,12 @@ TOLERANCE = 1e-4
 # starts at PRICE_START x the dimension's load weight and falls linearly to zero when
 # PRICE_SHARE of the work is spent (see sched_core/_priced.pyx).
 PRICE_START = 1.0
-PRICE_SHARE = 0.5
+PRICE_SHARE = 0.8
 # Shares of swap and return-home draws in the priced search.
 PRICED_SWAPS = 40
 PRICED_HOMES = 10
+# Share of the priced search's draws among moved workloads (see sched_core/_priced.pyx).
+PRICED_AWAY = 50
 # Share of the work given to LNS sub-models at first; then it follows LNS's gain per unit
 # of work against the local search's, within these bounds.
 LNS_SHARE = 0.3
@@ -194,6 +196,9 @@ class _Engine:
         self.t_start = time.perf_counter()
         self.progress = progress
         self.proved = False
+        # Dimensions whose demand exceeds the summed targets: load cost is due on them
+        # anyway, and a host left below its target there wastes room (ROADEF's load bound).
+        self._short = (problem.request.sum(axis=0) + problem.fixed.sum(axis=0) > problem.target.sum(axis=0)) & (problem.load_weight > 0)
         self.stats = {"ls_accepted": 0, "hosts_emptied": 0, "repaired": 0, "lns_solved": 0,
                       "lns_improved": 0, "rounds": 0}
 
@@ -320,7 +325,7 @@ class _Engine:
             if priced and (level > 0 or self.stats["rounds"] % 2 == 1):
                 # Transient room is priced while it is scarce (early); then plain descent
                 # with returns home, alternating with record-to-record travel as below.
-                evaluated, accepted, _ = priced_search(st, chunk, wall, level * unit, PRICED_SWAPS, PRICED_HOMES, True)
+                evaluated, accepted, _ = priced_search(st, chunk, wall, level * unit, PRICED_SWAPS, PRICED_HOMES, True, PRICED_AWAY)
             else:
                 # Every other round may climb (record-to-record travel): out of the local optima
                 # of pure descent (a1_2: 803.6M by descent alone, 782.5M with it, same work).
@@ -425,7 +430,8 @@ class _Engine:
         hosts_open = np.flatnonzero(p.open)
         if hosts_open.size <= LNS_HOSTS and counts.sum() <= LNS_WORKLOADS:
             return hosts_open, "whole"
-        kinds = ["random", "cost", "service"] + (["consolidate"] if (p.host_cost > 0).any() else [])
+        kinds = (["random", "cost", "service"] + (["consolidate"] if (p.host_cost > 0).any() else [])
+                 + (["slack"] if self._short.any() else []))
         kind = kinds[self.stats["lns_solved"] % len(kinds)]
         n_hosts = int(rng.integers(2, LNS_HOSTS + 1))
         used = np.flatnonzero(counts > 0)
@@ -440,6 +446,14 @@ class _Engine:
                 rng.shuffle(first)
             else:
                 first = []
+        elif kind == "slack":
+            # Load above the target costs, yet a host is below it on a dimension short
+            # overall: the room it wastes is what the dearest hosts need.
+            use = self.state.usage()[0]
+            room = (np.maximum(0, p.target - use)[:, self._short] * p.load_weight[self._short]).sum(axis=1)
+            host_obj = self._host_objective()
+            first = [int(np.argmax(room)), int(np.argmax(host_obj))]
+            rng.shuffle(first)
         elif kind == "consolidate":
             ref = np.maximum(p.capacity.max(axis=0), 1)
             load = (self.state.usage()[0][used] / ref).sum(axis=1)

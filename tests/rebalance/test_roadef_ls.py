@@ -79,9 +79,10 @@ def test_priced_search_keeps_the_state_exact_and_feasible():
         if objective.violations(p, p.initial):
             continue
         state = MoveState(p, p.initial, -1, seed)
-        for level in (4.0, 1.0, 0.0):
+        for level, away in ((4.0, 0), (1.0, 100), (0.0, 50)):
             start = state.value
-            evaluated, accepted, gain = priced_search(state, 20_000, 10.0, level * p.load_weight, 40, 10, True)
+            evaluated, accepted, gain = priced_search(state, 20_000, 10.0, level * p.load_weight, 40, 10,
+                                                      True, away)
             assert evaluated == 20_000
             assert gain == start - state.value
             assert state.value == objective.total(p, state.assignment)

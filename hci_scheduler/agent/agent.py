@@ -264,6 +264,11 @@ class Agent:
         saved = statefile.load(self.cfg.state_dir)
         if saved is None:
             return False
+        if saved.numa is None and saved.specs:
+            # Written by an agent that kept no NUMA nodes: a listing names them, where
+            # resuming would take every pinned VM for one pinned elsewhere and replace it.
+            log.info("state file without NUMA nodes of record: relisting")
+            return False
         with self.lock:
             self.desired = {wid: Desired.of(b, saved.numa.get(wid, -1)) for wid, b in saved.specs.items()}
             self.sequence, self.incarnation = saved.sequence, saved.incarnation

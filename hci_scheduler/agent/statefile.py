@@ -20,7 +20,9 @@ class AgentState:
     sequence: int = 0
     incarnation: str = ""
     specs: dict[str, bytes] = field(default_factory=dict)  # workload id -> Workload bytes
-    numa: dict[str, int] = field(default_factory=dict)  # workload id -> its NUMA node of record
+    # workload id -> its NUMA node of record; None: a file of an agent that kept none (the
+    # agent then lists its allocations rather than re-pin its VMs to no node)
+    numa: dict[str, int] | None = field(default_factory=dict)
 
 
 def load(state_dir: str) -> AgentState | None:
@@ -37,7 +39,7 @@ def load(state_dir: str) -> AgentState | None:
         int(raw["sequence"]),
         raw.get("incarnation", ""),
         {k: base64.b64decode(v) for k, v in raw.get("specs", {}).items()},
-        {k: int(v) for k, v in raw.get("numa", {}).items()},  # absent in a file of an older agent
+        {k: int(v) for k, v in raw["numa"].items()} if "numa" in raw else None,
     )
 
 
@@ -50,7 +52,7 @@ def save(state_dir: str, state: AgentState) -> None:
         "sequence": state.sequence,
         "incarnation": state.incarnation,
         "specs": {k: base64.b64encode(v).decode() for k, v in sorted(state.specs.items())},
-        "numa": dict(sorted(state.numa.items())),
+        "numa": dict(sorted((state.numa or {}).items())),
     }
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(body, f)

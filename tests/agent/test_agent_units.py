@@ -130,14 +130,17 @@ def test_spec_match_across_hash_versions():
 
 
 def test_state_file_of_an_older_agent_has_no_numa_nodes(tmp_path):
-    """A state file written before NUMA nodes were kept loads with none (the agent then
-    pins nothing until a listing or an event names them)."""
+    """A state file written before NUMA nodes were kept says so (numa None), and the agent
+    then relists instead of resuming (its VMs would look pinned elsewhere); an empty one
+    of this version is an empty dict."""
     statefile.save(str(tmp_path), statefile.AgentState(7, "i", {"w": b""}))
     path = tmp_path / statefile.STATE_FILE
     raw = json.loads(path.read_text())
     del raw["numa"]
     path.write_text(json.dumps(raw))
-    assert statefile.load(str(tmp_path)) == statefile.AgentState(7, "i", {"w": b""}, {})
+    assert statefile.load(str(tmp_path)) == statefile.AgentState(7, "i", {"w": b""}, None)
+    statefile.save(str(tmp_path), statefile.AgentState(7, "i", {"w": b""}))
+    assert statefile.load(str(tmp_path)).numa == {}
 
 
 def _numa_vm(**kw) -> pb.Workload:

@@ -8,11 +8,12 @@ SIGKILLed and restarted (the same containers, adopted)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from hci_scheduler.agent import runtime
+from hci_scheduler.agent import runtime, statefile
 from hci_scheduler.agent.hostinfo import numa_nodes
 from hci_scheduler.agent.processes import AgentProcess
 from hci_scheduler.client import SchedulerClient
@@ -120,3 +121,17 @@ def test_vms_are_pinned_to_the_node_of_record_also_after_an_agent_restart(numa_h
     for wid, record in records.items():
         assert after[wid].id == ids[wid], f"{wid} was replaced"
         assert after[wid].attrs["HostConfig"]["CpusetMems"] == str(_expected_node(record, real))
+    # A state file of an agent that kept no NUMA nodes: the agent relists (the listing names
+    # the nodes) instead of taking its VMs for pinned elsewhere; nothing is replaced.
+    agent.kill()
+    path = os.path.join(agent.state_dir, statefile.STATE_FILE)
+    with open(path) as f:
+        raw = json.load(f)
+    del raw["numa"]
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    agent.start()
+    wait_for(lambda: agent.log().count("reconciled") >= 3, "the agent reconciled after the old state file")
+    assert "state file without NUMA nodes of record: relisting" in agent.log()
+    again = wait_for(lambda: _running(client, docker, records), "the VMs running after the relist")
+    assert {w: c.id for w, c in again.items()} == ids

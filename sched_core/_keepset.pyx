@@ -4,11 +4,16 @@ room (hci_scheduler.rebalance.keepset).
 
 One pass over the leaving workloads in the caller's order (largest first, identical ones
 together). Each goes to the kept, open host it may use whose remaining room has the
-largest dot product with what it asks, both scaled by the host's capacity (the
-item-centric DotProduct rule of Panigrahy et al., "Heuristics for Vector Bin Packing",
-2011): a memory-heavy workload goes where memory is left, so no dimension of a host is
-stranded while another fills (Google 1k cell repacked into the covering keep-set: 614
-hosts by best fit, 594 by this rule). Capacity (a VM pays its request times the host's
+largest dot product with what it asks (the item-centric DotProduct rule of Panigrahy et
+al., "Heuristics for Vector Bin Packing", 2011): a memory-heavy workload goes where memory
+is left, so no dimension of a host is stranded while another fills (Google 1k cell
+repacked into the covering keep-set: 614 hosts by best fit, 594 by this rule). Both
+vectors are scaled by the host's capacity, or with `over_scale` by one unit for every
+host (the largest host's room): over its own capacity a host of half the size scores a
+request twice as high, so on mixed sizes the small hosts take the large requests first
+and the large hosts' room is left to the small ones (Google 2011 cell: 584 hosts over
+each capacity, 575 over one scale; keep-set of the Google 1k consolidation cell: 594,
+588). Capacity (a VM pays its request times the host's
 allocation ratio), host conflicts of its service and dedicated tenants hold. One that
 fits no kept host opens the allowed empty host with the most room (empty: nothing on it,
 none of its own still to place); failing that its own host is kept, with every leaving
@@ -100,10 +105,12 @@ cdef double _score(intp_t w, intp_t h, const int64_t[:, ::1] capacity, const int
                    const uint8_t[::1] kept, const int32_t[::1] on, const int32_t[::1] service,
                    const int32_t[::1] conflict_row, const int32_t[:, ::1] conflict_count,
                    const int32_t[::1] tenant, const uint8_t[::1] dedicated, const int64_t[::1] owner,
-                   const int64_t[::1] owned, const float64_t[::1] scale, bint best_fit) noexcept nogil:
-    """Dot product of w's charge and h's room, each over h's capacity (with `best_fit`:
-    minus the room left after w, each dimension over `scale`); NO_HOST when w may not land
-    on h (not kept, closed, not allowed, no room, conflict, dedicated tenant)."""
+                   const int64_t[::1] owned, const float64_t[::1] scale, bint best_fit,
+                   bint over_scale) noexcept nogil:
+    """Dot product of w's charge and h's room, each over h's capacity (with `over_scale`:
+    each over `scale`; with `best_fit`: minus the room left after w, each dimension over
+    `scale`); NO_HOST when w may not land on h (not kept, closed, not allowed, no room,
+    conflict, dedicated tenant)."""
     cdef intp_t r, c
     cdef int64_t ch
     cdef double score = 0.0
@@ -123,6 +130,8 @@ cdef double _score(intp_t w, intp_t h, const int64_t[:, ::1] capacity, const int
             return NO_HOST
         if best_fit:
             score = score - <double>(capacity[h, r] - usage[h, r] - ch) / scale[r]
+        elif over_scale:
+            score = score + (<double>ch / scale[r]) * (<double>(capacity[h, r] - usage[h, r]) / scale[r])
         elif capacity[h, r] > 0:
             score = score + (<double>ch / capacity[h, r]) * (<double>(capacity[h, r] - usage[h, r]) / capacity[h, r])
     return score
@@ -135,7 +144,7 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
               uint8_t[::1] kept, int32_t[::1] on, const int32_t[::1] service, const int32_t[::1] conflict_row,
               int32_t[:, ::1] conflict_count, const int32_t[::1] tenant, const uint8_t[::1] dedicated,
               int64_t[::1] owner, int64_t[::1] owned, const float64_t[::1] scale, int32_t[::1] assignment,
-              int64_t max_moves=-1, bint leave_unfit=False, bint best_fit=False):
+              int64_t max_moves=-1, bint leave_unfit=False, bint best_fit=False, bint over_scale=False):
     """Place the leaving workloads `order` into the kept hosts; the state arrays are updated.
 
     Parameters
@@ -168,6 +177,8 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
         set to the target of every placed leaving workload.
     max_moves : int
         most workloads sent away from their host (-1: no cap).
+    over_scale : bool
+        scale charge and room by `scale` in the dot product, not by each host's capacity.
     best_fit : bool
         score hosts by the room left after the workload lands (least first: best fit),
         not by the dot product: the keep-set within a move budget, which fills the gaps of
@@ -212,7 +223,7 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
                 for h in range(m):
                     tree_val[size + h] = _score(w, h, capacity, usage, ratio_milli, request, vm, allowed,
                                                 allowed_class, is_open, kept, on, service, conflict_row,
-                                                conflict_count, tenant, dedicated, owner, owned, scale, best_fit)
+                                                conflict_count, tenant, dedicated, owner, owned, scale, best_fit, over_scale)
                 for i in range(size - 1, 0, -1):
                     if tree_val[2 * i + 1] > tree_val[2 * i] or (
                             tree_val[2 * i + 1] == tree_val[2 * i] and tree_idx[2 * i + 1] < tree_idx[2 * i]):
@@ -253,7 +264,7 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
                     _tree_set(tree_val, tree_idx, size, target,
                               _score(w, target, capacity, usage, ratio_milli, request, vm, allowed, allowed_class,
                                      is_open, kept, on, service, conflict_row, conflict_count, tenant,
-                                     dedicated, owner, owned, scale, best_fit))
+                                     dedicated, owner, owned, scale, best_fit, over_scale))
             elif leave_unfit:
                 continue          # fits nowhere at all: it stays unplaced
             elif kept[home]:

@@ -150,11 +150,13 @@ def open_by_cover(table: HostTable, req: np.ndarray, order: np.ndarray, code: in
        are the covering mix of its demand (`bounds.cover_by_shape`: fewest hosts, or
        least cost with `host_cost`, then the most room), lowest rows first within a shape;
     2. the rows go, largest first (`_largest_first`), to the open host whose room
-       has the largest dot product with the row, both over the host's capacity
+       has the largest dot product with the row, both over the largest host's room
        (`sched_core._keepset.keep_fill`, the DotProduct rule of Panigrahy et al.,
        "Heuristics for Vector Bin Packing"): a memory-heavy row goes where memory is left,
-       so no host strands its scarce dimension (Google 2011 cell: 598 hosts by best fit
-       into the same cover, 584 by this rule; bench/README.md);
+       so no host strands its scarce dimension, and one scale for all hosts sends a large
+       row to a host with room for it rather than to the smallest (Google 2011 cell: 598
+       hosts by best fit into the same cover, 584 by the rule over each host's capacity,
+       575 over one scale; bench/README.md);
     3. what did not fit opens the cover of its own demand among the hosts left empty,
        and so on until every row is placed or no empty host is left.
 
@@ -233,7 +235,8 @@ def _fill(capacity, usage, rows, at, pending, kept, is_open, scale) -> None:
               np.ones((1, m), dtype=np.uint8), np.zeros(n_rows, dtype=np.int32), is_open, kept,
               np.zeros(m, dtype=np.int32), np.full(n_rows, -1, dtype=np.int32), np.zeros(0, dtype=np.int32),
               np.zeros((1, m), dtype=np.int32), np.full(n_rows, -1, dtype=np.int32), np.zeros(n_rows, dtype=np.uint8),
-              np.full(m, -1, dtype=np.int64), np.zeros(m, dtype=np.int64), scale, at, -1, True)
+              np.full(m, -1, dtype=np.int64), np.zeros(m, dtype=np.int64), scale, at, -1, True,
+              over_scale=True)
 
 
 def _cover_rows(free: np.ndarray, candidates: np.ndarray, need: np.ndarray,

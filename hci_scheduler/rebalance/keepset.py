@@ -16,7 +16,9 @@ hosts to keep are chosen first, by the capacity they offer for the demand at han
    room (or keeps its own). With no move budget every movable workload leaves (a
    repack: the load already on a kept host was placed online and may strand its scarce
    dimension), each to the host of largest dot product between what it asks and the
-   room left (Google 1k cell: 606 hosts by best fit into the loaded hosts, 594 so).
+   room left, both over the largest host's room (Google 1k cell: 606 hosts by best fit
+   into the loaded hosts, 594 by the dot product over each host's capacity, which sends
+   large workloads to the small hosts first, 588 over one scale).
    Within a budget, or when a repacked workload fits nowhere, only those of the hosts
    not kept leave, by best fit into the gaps of the loaded hosts;
 4. identical workloads trade destinations so that as many as possible stay where they
@@ -144,7 +146,7 @@ def fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None,
                       problem.allowed.view(np.uint8), problem.allowed_class, problem.open.view(np.uint8),
                       kept_u8, on, problem.service, conflict_row, conflict_count, problem.tenant,
                       dedicated.view(np.uint8), owner, owned, scale.astype(np.float64), assignment,
-                      -1 if max_moves is None else int(max_moves), False, not repack)
+                      -1 if max_moves is None else int(max_moves), False, not repack, over_scale=True)
     if moves < 0:
         return None
     return assignment

@@ -16,7 +16,7 @@ from hci_scheduler.rebalance.problem import Problem
 def reference_fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None,
                    repack: bool = False) -> np.ndarray | None:
     """The numpy loop: leaving workloads largest first, each to the kept host of largest dot
-    product between its charge and the host's room (both over the host's capacity) in a
+    product between its charge and the host's room (both over the largest host's room) in a
     repack, else of least room left after it (best fit); ties: the lower host; else open the allowed empty host (nothing on it, none of its own to place)
     with most room; else keep the home host with its own."""
     p = problem
@@ -67,8 +67,7 @@ def reference_fill(problem: Problem, kept: np.ndarray, max_moves: int | None = N
         ok &= ((on == 0) | ((owner == p.tenant[w]) & (owned == on))) if dedicated[w] else owner < 0
         target = -1
         if ok.any() and repack:
-            cap = np.maximum(p.capacity, 1)
-            dot = ((charge / cap) * ((p.capacity - usage) / cap)).sum(axis=1)
+            dot = ((charge / scale) * ((p.capacity - usage) / scale)).sum(axis=1)
             target = int(np.flatnonzero(ok)[np.argmax(dot[ok])])
         elif ok.any():
             slack = ((p.capacity - usage - charge) / scale).sum(axis=1)

@@ -106,3 +106,18 @@ def test_google_cell_packs_near_the_covering_bound(shared_data):
     # 14) used 130 on this cell.
     assert bound == 84
     assert used == 89
+
+
+def test_packer_scores_every_host_on_one_scale():
+    # Three (4, 4) hosts (rows 0-2) and one (8, 8) (row 3); demand (14, 10) needs the big
+    # host and two small ones (the covering bound, 3). Over each host's own capacity a
+    # (4, 1) row scores a small host twice as high as the big one, so both (4, 1) rows
+    # take a small host's whole cpu and a fourth host opens; over one scale the big host,
+    # with the room, takes one of them with the small rows: 3 hosts, the bound.
+    capacity = np.array([[4, 4]] * 3 + [[8, 8]], dtype=np.int64)
+    items = np.array([[3, 3], [4, 1], [4, 1], [2, 1], [1, 4]], dtype=np.int64)
+    cluster = Cluster.from_arrays(capacity, dimensions=("cpu", "memory"))
+    hosts = cluster.place_array(items, order="largest_first")
+    _check_feasible(capacity, items, hosts)
+    assert covering_bound(capacity, items.sum(axis=0)) == 3
+    assert len(set(hosts.tolist())) == 3

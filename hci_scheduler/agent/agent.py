@@ -72,6 +72,7 @@ class AgentConfig:
     tls_server_name: str | None = None
     rpc_timeout_s: float = 30.0
     migration_listen: str = ""  # HOST:PORT: VMs move live between agents that both listen
+    accel: str = "auto"  # "tcg": qemu emulates even where /dev/kvm works (the kvm label stays true)
 
 
 @dataclass
@@ -207,10 +208,12 @@ class Agent:
         eh = hostinfo.engine_host(self.docker, self.cfg.docker_host, labels)
         if not eh.kvm:
             log.warning("kvm=false: %s", eh.kvm_reason)
+        elif self.cfg.accel == "tcg":
+            log.warning("--accel tcg: VMs run under TCG although /dev/kvm works here")
         volumes = self.cfg.volumes_dir or os.path.join(self.cfg.state_dir, "volumes")
         self.facts = HostFacts(
             self.cfg.host_id,
-            eh.kvm,
+            eh.kvm and self.cfg.accel != "tcg",
             self.cfg.vm_image,
             volumes,
             os.path.join(self.cfg.state_dir, "q"),
@@ -1103,6 +1106,13 @@ def add_arguments(p) -> None:
         help="move VMs live (QMP migrate) between agents that both listen; this agent's "
         "listener, published as its host label migration-address (port 0: any free port)",
     )
+    p.add_argument(
+        "--accel",
+        choices=("auto", "tcg"),
+        default="auto",
+        help="qemu's accelerator: auto (KVM where /dev/kvm works, else TCG) or tcg (always "
+        "emulate; the host still counts as kvm=true when it has KVM)",
+    )
     p.add_argument("--tls-ca", help="CA certificate to verify the server (turns on TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
     p.add_argument("--tls-key", help="client key for mutual TLS")
@@ -1162,6 +1172,7 @@ def config_from_args(args) -> AgentConfig:
         tls_server_name=args.tls_server_name,
         rpc_timeout_s=args.timeout,
         migration_listen=args.migration_listen,
+        accel=args.accel,
     )
 
 

@@ -1,5 +1,6 @@
 """Live migration between two agents' qemu processes (`agent --migration-listen`), on two
-real Docker Engines: a VM on one host is drained to the other; the target's agent starts
+real Docker Engines, under TCG (`--accel tcg`: it needs no /dev/kvm, and the target's qemu
+must use the source's accelerator): a VM on one host is drained to the other; the target's agent starts
 qemu with `-incoming`, the source's agent migrates the running guest over QMP through the
 agents' stream, and the guest runs on the target without booting again. qemu started with
 `-incoming` runs only after a completed incoming migration, which is what the test checks,
@@ -29,7 +30,8 @@ def two_hosts(engines, images, tmp_path):
     client = SchedulerClient(server.address, timeout=30)
     agents = [AgentProcess(server.address, engines[i].url, f"lm{i}", os.path.join(engines.base, f"lm-agent{i}"),
                            labels={"lm": "yes"},
-                           extra=AGENT_FLAGS + ["--vm-image", images[1], "--migration-listen", "127.0.0.1:0"])
+                           extra=AGENT_FLAGS + ["--vm-image", images[1], "--migration-listen", "127.0.0.1:0",
+                                                "--accel", "tcg"])
               for i in range(2)]
     dockers = [engines[i].client() for i in range(2)]
     try:
@@ -89,6 +91,8 @@ def test_drained_vm_moves_live_to_the_other_agent(two_hosts):
     with QmpClient(os.path.join(c.labels[runtime.LABEL_QMP_DIR], vm.QMP_SOCKET)) as q:
         assert q.status() == "running"
         assert q.execute("query-migrate").get("status") == "completed"
+        assert q.execute("query-kvm")["enabled"] is False  # TCG on both sides
+    assert vm.TCG_WARNING in _status(client, "lv").status.message
     wait_for(lambda: _vm_container(dockers[s], "lv") is None, "lv removed from the source")
     # The source said it migrated it, in a STATUS event.
     stopped = []

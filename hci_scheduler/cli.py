@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a failover waits for it")
     s.add_argument("--fsync", choices=["full", "normal"], help="SQLite synchronous mode: full (default, "
                    "a reply survives power loss) or normal (survives a crash, not a power loss)")
-    s.add_argument("--snapshot-every", type=int, help="with --data-dir: write a snapshot of the state at most every "
+    s.add_argument("--snapshot-every", type=int, help="write a snapshot of the state (in --data-dir or under --store's prefix) at most every "
                    "N events in the background (default 50000; sooner for a small state: after half as many "
                    "events as it has placements and hosts, at least 10000; 0: only at a clean stop); restart "
                    "reads the newest snapshot plus the events after it, so N bounds what a crash restart "

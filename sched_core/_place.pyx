@@ -437,6 +437,8 @@ cdef int64_t commit_constrained(HostState s, ConstraintState cs, Terms t, intp_t
         return -1
     if node < 0:
         node = numa_node(cs, h, charge)
+        if node < 0:
+            return -1  # no node has room (only a restore that skipped the check): none is charged
     if cs.cpu_dim >= 0:
         cs.numa_free[h, node, 0] -= charge[cs.cpu_dim]
     if cs.mem_dim >= 0:

@@ -926,4 +926,6 @@ def _commit_restored(commit_host, host_state, cons_state, core_terms, row: int, 
     if node == -2:
         log.warning("restored workload %s: NUMA node %d lacks room; another node is chosen", workload_id, numa)
         node = int(commit_host(host_state, cons_state, core_terms, row, charge))
+        if node < 0:
+            log.warning("restored workload %s: no NUMA node of its host has room; charged to none", workload_id)
     return node

@@ -142,11 +142,13 @@ def compile_cluster(cluster, cost: CostModel) -> Compiled:
             pinned.setdefault(ids[j], why)
 
     conflict = np.zeros(len(groups), dtype=bool)
+    # The charge rule must reproduce what the host was charged, else the row is pinned at
+    # exactly that charge (a workload that created volumes gave part to them).
+    scaled = (request * ratio[initial] + 999) // 1000 if n else request
+    differs = (np.where(vm[:, None], scaled, request) != charge).any(axis=1).tolist()
     for i, rec in enumerate(records):
         w = rec.workload
-        # The charge rule must reproduce what the host was charged, else the row is pinned
-        # at exactly that charge (a workload that created volumes gave part to them).
-        if not np.array_equal(_charge(request[i], ratio[initial[i]], vm[i]), charge[i]):
+        if differs[i]:
             pinned.setdefault(w.id, "charged differently from its request (volumes it created)")
         if w.numa:
             pinned.setdefault(w.id, "NUMA-pinned VM")
@@ -230,10 +232,6 @@ def compile_cluster(cluster, cost: CostModel) -> Compiled:
         host_ids=[h.id for h in hosts], workload_ids=ids,
     )
     return Compiled(problem, rows, [h.id for h in hosts], ids, pinned, fixed_use, zone_key)
-
-
-def _charge(request: np.ndarray, ratio: np.ndarray, vm: bool) -> np.ndarray:
-    return (request * ratio + 999) // 1000 if vm else request
 
 
 def _freeze(selector) -> tuple:

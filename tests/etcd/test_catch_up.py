@@ -5,6 +5,7 @@ sequence, and takes over with nothing lost when the leader is then killed. Check
 what the clients were answered, not against the servers' own view of themselves."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -77,79 +78,72 @@ def churn_until(c: SchedulerClient, acked: Acked, leader: str, past: int, tag: s
     raise AssertionError(f"the leader's log was not compacted past {past} after 400 rounds")
 
 
-def test_paused_follower_catches_up_past_compaction_then_takes_over(tmp_path, etcd_server, etcd_prefix):
-    a = replica(tmp_path, etcd_server, etcd_prefix).start()
+@contextlib.contextmanager
+def paused_follower(tmp_path, etcd, prefix: str, base: int):
+    """A leader a and a follower b on `N_HOSTS` hosts with `base` placements, b paused
+    (SIGSTOP) once it follows them: (a, b, client of both, Acked, b's sequence). Both
+    resumed and killed at the end."""
+    a = replica(tmp_path, etcd, prefix).start()
     wait_for(lambda: leader_of([a]), what="the first replica to lead")
-    b = replica(tmp_path, etcd_server, etcd_prefix).start()
+    b = replica(tmp_path, etcd, prefix).start()
     acked = Acked()
     try:
         with SchedulerClient(addresses=[a.address, b.address], timeout=10, failover_s=30) as c:
             c.register_hosts([pb.Host(id=f"h{i}", capacity={"cpu": HOST_CPU, "memory": 262_144})
                               for i in range(N_HOSTS)])
-            acked.place(c, [f"base-{i}" for i in range(20)])
-            paused_at = wait_for(lambda: (s := status(b.address)) and s.last_sequence == 24 and s.last_sequence,
+            acked.place(c, [f"base-{i}" for i in range(base)])
+            paused_at = wait_for(lambda: (s := status(b.address)) and s.last_sequence == N_HOSTS + base and s.last_sequence,
                                  what="b to follow")
             b.proc.send_signal(signal.SIGSTOP)
-            rounds = churn_until(c, acked, a.address, paused_at)  # snapshots every 100 events
-            st = status(a.address)
-            assert st.snapshot_sequence > st.first_sequence  # a newer snapshot than the one compacted to
-            b.proc.send_signal(signal.SIGCONT)
-
-            # b catches up by itself: the leader's sequence and allocations, the ones answered.
-            leader_seq = status(a.address).last_sequence
-            wait_for(lambda: (s := status(b.address)) and s.last_sequence == leader_seq, timeout_s=30,
-                     what="b to catch up")
-            seq_b, on_b, used_b = listed(b.address)
-            seq_a, on_a, _ = listed(a.address)
-            assert (seq_b, on_b) == (seq_a, on_a) == (leader_seq, acked.live)
-            assert b.proc.poll() is None and "caught up from a snapshot" in b.log()
-
-            # The caught-up follower takes over from a killed leader with nothing lost.
-            a.kill()
-            wait_for(lambda: leader_of([b]), timeout_s=30, what="b to take over")
-            acked.place(c, ["after-failover"])
-            assert acked.live["after-failover"][1] == leader_seq + 1  # the log goes on, gap-free
-            seq_b, on_b, used_b = listed(b.address)
-            assert seq_b == leader_seq + 1 and on_b == acked.live
-            assert all(cpu <= HOST_CPU for cpu in used_b.values())  # recomputed from the placements
-            assert acked.released == (rounds - 1) * 8
+            yield a, b, c, acked, paused_at
     finally:
         for r in (a, b):
             if r.proc.poll() is None:
                 r.proc.send_signal(signal.SIGCONT)
             r.kill()
+
+
+def test_paused_follower_catches_up_past_compaction_then_takes_over(tmp_path, etcd_server, etcd_prefix):
+    with paused_follower(tmp_path, etcd_server, etcd_prefix, base=20) as (a, b, c, acked, paused_at):
+        rounds = churn_until(c, acked, a.address, paused_at)  # snapshots every 100 events
+        st = status(a.address)
+        assert st.snapshot_sequence > st.first_sequence  # a newer snapshot than the one compacted to
+        b.proc.send_signal(signal.SIGCONT)
+
+        # b catches up by itself: the leader's sequence and allocations, the ones answered.
+        leader_seq = status(a.address).last_sequence
+        wait_for(lambda: (s := status(b.address)) and s.last_sequence == leader_seq, timeout_s=30,
+                 what="b to catch up")
+        seq_b, on_b, used_b = listed(b.address)
+        seq_a, on_a, _ = listed(a.address)
+        assert (seq_b, on_b) == (seq_a, on_a) == (leader_seq, acked.live)
+        assert b.proc.poll() is None and "caught up from a snapshot" in b.log()
+
+        # The caught-up follower takes over from a killed leader with nothing lost.
+        a.kill()
+        wait_for(lambda: leader_of([b]), timeout_s=30, what="b to take over")
+        acked.place(c, ["after-failover"])
+        assert acked.live["after-failover"][1] == leader_seq + 1  # the log goes on, gap-free
+        seq_b, on_b, used_b = listed(b.address)
+        assert seq_b == leader_seq + 1 and on_b == acked.live
+        assert all(cpu <= HOST_CPU for cpu in used_b.values())  # recomputed from the placements
+        assert acked.released == (rounds - 1) * 8
 
 
 def test_follower_paused_past_compaction_and_the_leaders_death_takes_over(tmp_path, etcd_server, etcd_prefix):
     # b wakes to a log compacted past it and no leader: it catches up and leads at once.
-    a = replica(tmp_path, etcd_server, etcd_prefix).start()
-    wait_for(lambda: leader_of([a]), what="the first replica to lead")
-    b = replica(tmp_path, etcd_server, etcd_prefix).start()
-    acked = Acked()
-    try:
-        with SchedulerClient(addresses=[a.address, b.address], timeout=10, failover_s=30) as c:
-            c.register_hosts([pb.Host(id=f"h{i}", capacity={"cpu": HOST_CPU, "memory": 262_144})
-                              for i in range(N_HOSTS)])
-            acked.place(c, [f"base-{i}" for i in range(10)])
-            paused_at = wait_for(lambda: (s := status(b.address)) and s.last_sequence == 14 and s.last_sequence,
-                                 what="b to follow")
-            b.proc.send_signal(signal.SIGSTOP)
-            churn_until(c, acked, a.address, paused_at)
-            last = status(a.address).last_sequence
-            a.kill()
-            b.proc.send_signal(signal.SIGCONT)
-            wait_for(lambda: leader_of([b]), timeout_s=30, what="b to take over")
-            acked.place(c, ["after-failover"])
-            assert acked.live["after-failover"][1] == last + 1
-            seq_b, on_b, used_b = listed(b.address)
-            assert (seq_b, on_b) == (last + 1, acked.live)
-            assert all(cpu <= HOST_CPU for cpu in used_b.values())
-            assert "caught up from a snapshot" in b.log()
-    finally:
-        for r in (a, b):
-            if r.proc.poll() is None:
-                r.proc.send_signal(signal.SIGCONT)
-            r.kill()
+    with paused_follower(tmp_path, etcd_server, etcd_prefix, base=10) as (a, b, c, acked, paused_at):
+        churn_until(c, acked, a.address, paused_at)
+        last = status(a.address).last_sequence
+        a.kill()
+        b.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: leader_of([b]), timeout_s=30, what="b to take over")
+        acked.place(c, ["after-failover"])
+        assert acked.live["after-failover"][1] == last + 1
+        seq_b, on_b, used_b = listed(b.address)
+        assert (seq_b, on_b) == (last + 1, acked.live)
+        assert all(cpu <= HOST_CPU for cpu in used_b.values())
+        assert "caught up from a snapshot" in b.log()
 
 
 def test_replica_started_while_etcd_is_down_after_a_compaction_comes_up_with_it(tmp_path, etcd_server, etcd_prefix):

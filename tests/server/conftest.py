@@ -137,6 +137,26 @@ def in_process_server(data_dir, **options):
         srv.stop(0)
 
 
+class SnapshotServer:
+    """An in-process server over a data dir, with a stub, whose snapshots are taken only
+    when a test asks (every=0), and which can stop as a crash would leave it."""
+
+    def __init__(self, data, every: int = 0, tail: int = 0):
+        from hci_scheduler.server.app import create_server
+
+        self.srv, port = create_server("127.0.0.1:0", data_dir=str(data), snapshot_every=every, snapshot_tail=tail)
+        self.srv.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.SchedulerServiceStub(self.channel)
+        self.state = self.srv.state
+
+    def stop(self, final_snapshot: bool = True):
+        if not final_snapshot:  # as after a crash: the log holds a tail after the last snapshot
+            self.state.snapshots = None
+        self.channel.close()
+        self.srv.stop(grace=1)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("srv")

@@ -4,32 +4,14 @@ snapshot, snapshot + tail) charges exactly that node again, where choosing again
 pick another (issue 15)."""
 from __future__ import annotations
 
-import grpc
 import numpy as np
 
 from hci_scheduler.server import snapshot as snap_mod
-from hci_scheduler.server.app import create_server
 from hci_scheduler.v1 import scheduler_pb2 as pb
-from hci_scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+from .conftest import SnapshotServer
 
 NODE = {"cpu": 8000, "memory": 32768}
-
-
-class _Server:
-    """create_server over a data dir; snapshots only when asked."""
-
-    def __init__(self, data):
-        self.srv, port = create_server("127.0.0.1:0", data_dir=str(data), snapshot_every=0, snapshot_tail=0)
-        self.srv.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = pb_grpc.SchedulerServiceStub(self.channel)
-        self.state = self.srv.state
-
-    def stop(self, final_snapshot: bool = True):
-        if not final_snapshot:  # as after a crash: the log holds a tail after the last snapshot
-            self.state.snapshots = None
-        self.channel.close()
-        self.srv.stop(grace=1)
 
 
 def _host(hid: str) -> pb.Host:
@@ -95,7 +77,7 @@ def _history(stub) -> dict:
 
 
 def test_numa_node_is_answered_logged_and_listed(tmp_path):
-    s = _Server(tmp_path / "data")
+    s = SnapshotServer(tmp_path / "data")
     try:
         answers = _history(s.stub)
         allocs = _allocations(s.stub)
@@ -128,7 +110,7 @@ def _placed_events(stub) -> dict:
 def _restart_kinds(tmp_path, kind: str):
     """A server with the history, restarted as `kind` says; returns (before, restarted server)."""
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     _history(a.stub)
     if kind == "snapshot+tail":
         a.state.snapshots.take(a.state)
@@ -136,7 +118,7 @@ def _restart_kinds(tmp_path, kind: str):
         _place(a.stub, _vm("h0-d", 3000))
     before = (_allocations(a.stub), _core_free(a))
     a.stop(final_snapshot=(kind == "snapshot"))
-    return before, _Server(data)
+    return before, SnapshotServer(data)
 
 
 def test_restart_charges_the_recorded_nodes_again(tmp_path):
@@ -163,7 +145,7 @@ def test_a_snapshot_without_numa_sections_still_loads(tmp_path, monkeypatch):
     events) loads; its VMs get a node chosen again, and the core agrees with the
     listing."""
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     _history(a.stub)
     real_capture = snap_mod.capture
     monkeypatch.setattr(snap_mod, "capture", lambda state: real_capture(state)._replace(numa={}))
@@ -171,7 +153,7 @@ def test_a_snapshot_without_numa_sections_still_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(snap_mod, "capture", real_capture)
     allocs = _allocations(a.stub)
     a.stop(final_snapshot=False)
-    b = _Server(data)
+    b = SnapshotServer(data)
     try:
         assert b.state.snapshots.sequence > 0
         again = _allocations(b.stub)

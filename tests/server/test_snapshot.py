@@ -24,9 +24,8 @@ from hci_scheduler.server.app import create_server
 from hci_scheduler.server.snapshot import SnapshotError
 from hci_scheduler.store import MemoryStore, Record, SQLiteStore, StoreError
 from hci_scheduler.v1 import scheduler_pb2 as pb
-from hci_scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
-from .conftest import ServerProcess, stub_for
+from .conftest import ServerProcess, SnapshotServer, stub_for
 
 # -- the bulk restore ---------------------------------------------------------
 
@@ -123,23 +122,6 @@ def test_restore_many_refuses_what_would_overcommit_and_changes_nothing():
 # -- in-process servers ------------------------------------------------------
 
 
-class _Server:
-    """create_server over a data dir, with a stub; snapshots only when asked (every=0)."""
-
-    def __init__(self, data, every: int = 0, tail: int = 0):
-        self.srv, port = create_server("127.0.0.1:0", data_dir=str(data), snapshot_every=every, snapshot_tail=tail)
-        self.srv.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = pb_grpc.SchedulerServiceStub(self.channel)
-        self.state = self.srv.state
-
-    def stop(self, final_snapshot: bool = True):
-        if not final_snapshot:  # as after a crash: the log holds a tail after the last snapshot
-            self.state.snapshots = None
-        self.channel.close()
-        self.srv.stop(grace=1)
-
-
 def _host(i: int, **kw) -> pb.Host:
     return pb.Host(id=f"h{i}", capacity={"cpu": 8000, "memory": 16384, "ssd": 100},
                    labels={"zone": "ab"[i % 2], "kvm": "true"}, **kw)
@@ -196,7 +178,7 @@ def test_restart_from_snapshot_and_tail_is_exactly_the_full_replay(tmp_path):
     in the same rows, allocations with their specs and sequences, per-host services,
     volumes, status; a retried Place is still recognised, a changed spec refused."""
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     _setup(a.stub)
     _mutate(a.stub, 0)
     a.stub.UpdateHost(pb.UpdateHostRequest(host_id="h1", labels={"zone": "c"}))  # its VMs' kvm label goes
@@ -213,7 +195,7 @@ def test_restart_from_snapshot_and_tail_is_exactly_the_full_replay(tmp_path):
     shutil.rmtree(full / "snapshots")
 
     for d, replayed in ((data, taken), (full, 0)):
-        b = _Server(d)
+        b = SnapshotServer(d)
         try:
             assert b.state.snapshots.sequence == replayed
             assert _view(b.stub) == want
@@ -237,7 +219,7 @@ def test_a_tail_of_placements_and_releases_replays_exactly(tmp_path, monkeypatch
     restore (one of a workload placed in the tail, an id placed again with another spec);
     the state is the live one, exactly, and so is a full replay of the same log."""
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     _setup(a.stub)
     _mutate(a.stub, 0)
     a.stub.Place(pb.PlaceRequest(workloads=[pb.Workload(id=f"late{i}", requests={"cpu": 200 + i, "memory": 64})
@@ -263,7 +245,7 @@ def test_a_tail_of_placements_and_releases_replays_exactly(tmp_path, monkeypatch
     monkeypatch.setattr(snap_mod, "restore", lambda *args: (r := restore(*args), left_out.append(set(r)))[0])
 
     for d, replayed in ((data, taken), (full, 0)):
-        b = _Server(d)
+        b = SnapshotServer(d)
         try:
             assert b.state.snapshots.sequence == replayed
             assert _view(b.stub) == want
@@ -275,12 +257,12 @@ def test_a_tail_of_placements_and_releases_replays_exactly(tmp_path, monkeypatch
 
 def test_clean_stop_writes_a_snapshot_and_restart_reads_no_tail(tmp_path):
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     _setup(a.stub)
     _mutate(a.stub, 0)
     want, last = _view(a.stub), a.state.sequence
     a.stop()
-    b = _Server(data)
+    b = SnapshotServer(data)
     try:
         status = b.stub.GetStatus(pb.GetStatusRequest())
         assert status.snapshot_sequence == last == status.last_sequence
@@ -295,7 +277,7 @@ def test_clean_stop_writes_a_snapshot_and_restart_reads_no_tail(tmp_path):
 def _two_snapshots(tmp_path):
     """A store with two snapshots and the log compacted up to the older one."""
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     _setup(a.stub)
     _mutate(a.stub, 0)
     older = a.state.snapshots.take(a.state)
@@ -321,7 +303,7 @@ def test_a_damaged_newest_snapshot_falls_back_to_the_older_one(tmp_path, caplog)
     _flip_byte(files[newer], os.path.getsize(files[newer]) // 2)
     with pytest.raises(SnapshotError, match="checksum"):
         snap_mod.verify(files[newer])
-    b = _Server(data)
+    b = SnapshotServer(data)
     try:
         assert b.state.snapshots.sequence == older
         assert _view(b.stub) == want
@@ -354,7 +336,7 @@ def test_a_snapshot_is_loaded_only_by_the_log_whose_history_it_holds(tmp_path):
     to the loss: its snapshots there are loaded. A log whose event at the snapshot's
     sequence is another one (another history, same numbers) never loads it."""
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     _setup(a.stub)
     _mutate(a.stub, 0)
     seq = a.state.snapshots.take(a.state)
@@ -363,7 +345,7 @@ def test_a_snapshot_is_loaded_only_by_the_log_whose_history_it_holds(tmp_path):
     store = SQLiteStore(str(data / "scheduler.db"))
     store.set_meta("incarnation", "0123456789abcdef")  # as after a loss (see SQLiteStore)
     store.close()
-    b = _Server(data)
+    b = SnapshotServer(data)
     try:
         assert b.state.snapshots.sequence == seq
         assert _view(b.stub)[:3] == want[:3]
@@ -376,7 +358,7 @@ def test_a_snapshot_is_loaded_only_by_the_log_whose_history_it_holds(tmp_path):
     db.execute("UPDATE events SET body = ? WHERE seq = ?", (other.SerializeToString(), seq))
     db.commit()
     db.close()
-    c = _Server(data)
+    c = SnapshotServer(data)
     try:
         assert c.state.snapshots.sequence == 0  # the whole log replayed instead
         assert _view(c.stub)[:3] == want[:3]
@@ -388,7 +370,7 @@ def test_a_snapshot_beyond_the_log_is_moved_aside(tmp_path):
     """The log lost its last events (a damaged WAL): the snapshot that holds them is moved
     aside, not loaded, and not left where later events reusing its numbers would meet it."""
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     _setup(a.stub)
     _mutate(a.stub, 0)
     kept = a.state.sequence
@@ -400,7 +382,7 @@ def test_a_snapshot_beyond_the_log_is_moved_aside(tmp_path):
     db.execute("DELETE FROM events WHERE seq > ?", (kept,))  # what the lost WAL frames held
     db.commit()
     db.close()
-    b = _Server(data)
+    b = SnapshotServer(data)
     try:
         assert b.state.snapshots.sequence == 0 and b.state.sequence == kept
         assert _view(b.stub)[:3] == want[:3]
@@ -417,7 +399,7 @@ def test_leftovers_of_a_crash_mid_snapshot_or_mid_compaction_are_cleaned_up(tmp_
     """A half-written snapshot (a .tmp file) is removed and ignored; a compaction that
     recorded compacted_seq but deleted nothing yet is finished at open."""
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     _setup(a.stub)
     _mutate(a.stub, 0)
     seq = a.state.snapshots.take(a.state)
@@ -429,7 +411,7 @@ def test_leftovers_of_a_crash_mid_snapshot_or_mid_compaction_are_cleaned_up(tmp_
     store = SQLiteStore(str(data / "scheduler.db"))
     store.set_meta("compacted_seq", str(seq - 3))  # recorded, then the crash
     store.close()
-    b = _Server(data)
+    b = SnapshotServer(data)
     try:
         assert not tmp_file.exists()
         assert b.state.store.read(0, 1)[0].sequence == seq - 2
@@ -530,7 +512,7 @@ def test_sigkill_during_snapshots_and_compactions_loses_nothing_acknowledged(tmp
 
 def test_watch_from_a_compacted_sequence_is_out_of_range_naming_the_oldest(tmp_path):
     data, _, older, newer, _ = _two_snapshots(tmp_path)
-    b = _Server(data)
+    b = SnapshotServer(data)
     try:
         status = b.stub.GetStatus(pb.GetStatusRequest())
         assert (status.first_sequence, status.snapshot_sequence) == (older + 1, newer)
@@ -554,7 +536,7 @@ def test_the_log_stays_bounded_by_the_tail_and_the_snapshot_interval(tmp_path):
     database file is bounded by them (not by the history), and two snapshots remain."""
     every, tail = 300, 100
     data = tmp_path / "data"
-    a = _Server(data, every=every, tail=tail)
+    a = SnapshotServer(data, every=every, tail=tail)
     a.state.snapshots.poll_s = 0.05
     try:
         a.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[_host(i) for i in range(4)]))
@@ -602,7 +584,7 @@ def test_workloads_whose_host_was_relabelled_since_restore_from_a_snapshot(tmp_p
     host whose labels changed after they were placed: they keep running there (UpdateHost
     moves nothing), so the snapshot restores them there, as a full replay does."""
     data = tmp_path / "data"
-    a = _Server(data)
+    a = SnapshotServer(data)
     a.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[_host(i) for i in range(4)]))
     a.stub.Place(pb.PlaceRequest(workloads=[pb.Workload(id="kvm-agent", requests={"cpu": 10}, per_host=True,
                                                         node_selector={"kvm": "true"})]))
@@ -614,7 +596,7 @@ def test_workloads_whose_host_was_relabelled_since_restore_from_a_snapshot(tmp_p
     want = _view(a.stub)
     assert {p.workload_id for p in want[1]} == {"kvm-agent", "db"} and made.host_id
     a.stop()  # a clean stop: the snapshot holds everything, the log no tail
-    b = _Server(data)
+    b = SnapshotServer(data)
     try:
         assert b.state.snapshots.sequence == want[3].last_sequence
         assert _view(b.stub) == want
@@ -651,7 +633,7 @@ def test_a_small_state_is_snapshotted_sooner_than_every(tmp_path):
 def test_a_snapshot_records_the_events_written_while_it_was_made(tmp_path):
     """take() measures the lag `due` uses: events committed between the capture and the
     end of the write (here Place calls made while the file is written)."""
-    srv = _Server(tmp_path / "data")
+    srv = SnapshotServer(tmp_path / "data")
     try:
         srv.stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[_host(0)]))
         shots = srv.state.snapshots

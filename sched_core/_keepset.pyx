@@ -34,6 +34,9 @@ cnp.import_array()
 
 # Score of a host the workload may not use (below every real score).
 cdef double NO_HOST = -1e300
+# With `least_stranding`, the dot product only breaks ties between hosts whose stranded
+# room grows alike: its weight keeps it below any real difference in stranding.
+cdef double TIE_WEIGHT = 1e-3
 
 
 cdef inline int64_t _charge(const int64_t[:, ::1] request, const uint8_t[::1] vm,
@@ -106,14 +109,16 @@ cdef double _score(intp_t w, intp_t h, const int64_t[:, ::1] capacity, const int
                    const int32_t[::1] conflict_row, const int32_t[:, ::1] conflict_count,
                    const int32_t[::1] tenant, const uint8_t[::1] dedicated, const int64_t[::1] owner,
                    const int64_t[::1] owned, const float64_t[::1] scale, bint best_fit,
-                   bint over_scale) noexcept nogil:
+                   bint over_scale, bint least_stranding, const double[::1] share) noexcept nogil:
     """Dot product of w's charge and h's room, each over h's capacity (with `over_scale`:
     each over `scale`; with `best_fit`: minus the room left after w, each dimension over
-    `scale`); NO_HOST when w may not land on h (not kept, closed, not allowed, no room,
-    conflict, dedicated tenant)."""
+    `scale`; with `least_stranding`: minus the growth of h's stranded room, see
+    `keep_fill`, the dot product over `scale` breaking ties); NO_HOST when w may not land
+    on h (not kept, closed, not allowed, no room, conflict, dedicated tenant)."""
     cdef intp_t r, c
     cdef int64_t ch
-    cdef double score = 0.0
+    cdef double score = 0.0, before = 0.0, after = 0.0, least_before = 1e300, least_after = 1e300
+    cdef double room_before, room_after
     if not (kept[h] and is_open[h] and allowed[allowed_class[w], h]):
         return NO_HOST
     c = conflict_row[service[w]] if service[w] >= 0 else -1
@@ -130,10 +135,22 @@ cdef double _score(intp_t w, intp_t h, const int64_t[:, ::1] capacity, const int
             return NO_HOST
         if best_fit:
             score = score - <double>(capacity[h, r] - usage[h, r] - ch) / scale[r]
+        elif least_stranding:
+            room_before = <double>(capacity[h, r] - usage[h, r]) / scale[r]
+            room_after = <double>(capacity[h, r] - usage[h, r] - ch) / scale[r]
+            score = score + (<double>ch / scale[r]) * room_before
+            if share[r] > 0:
+                before = before + room_before
+                after = after + room_after
+                least_before = min(least_before, room_before / share[r])
+                least_after = min(least_after, room_after / share[r])
         elif over_scale:
             score = score + (<double>ch / scale[r]) * (<double>(capacity[h, r] - usage[h, r]) / scale[r])
         elif capacity[h, r] > 0:
             score = score + (<double>ch / capacity[h, r]) * (<double>(capacity[h, r] - usage[h, r]) / capacity[h, r])
+    if least_stranding and least_before < 1e300:
+        # Stranded room: what load shaped like the demand still to place cannot use.
+        score = TIE_WEIGHT * score - ((after - least_after) - (before - least_before))
     return score
 
 
@@ -144,7 +161,8 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
               uint8_t[::1] kept, int32_t[::1] on, const int32_t[::1] service, const int32_t[::1] conflict_row,
               int32_t[:, ::1] conflict_count, const int32_t[::1] tenant, const uint8_t[::1] dedicated,
               int64_t[::1] owner, int64_t[::1] owned, const float64_t[::1] scale, int32_t[::1] assignment,
-              int64_t max_moves=-1, bint leave_unfit=False, bint best_fit=False, bint over_scale=False):
+              int64_t max_moves=-1, bint leave_unfit=False, bint best_fit=False, bint over_scale=False,
+              bint least_stranding=False):
     """Place the leaving workloads `order` into the kept hosts; the state arrays are updated.
 
     Parameters
@@ -179,6 +197,12 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
         most workloads sent away from their host (-1: no cap).
     over_scale : bool
         scale charge and room by `scale` in the dot product, not by each host's capacity.
+    least_stranding : bool
+        score hosts by how little the workload grows their stranded room (room, each
+        dimension over `scale`, that load shaped like the leaving workloads still to place
+        cannot use: the room summed over dimensions minus the most of that shape it takes),
+        ties by the dot product over `scale`. The shape is that of the workloads still to
+        place, taken at the start of each run of identical ones.
     best_fit : bool
         score hosts by the room left after the workload lands (least first: best fit),
         not by the dot product: the keep-set within a move budget, which fills the gaps of
@@ -198,8 +222,15 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
     cdef intp_t m = capacity.shape[0], d = capacity.shape[1], k = order.shape[0]
     cdef intp_t j, i, w, h, r, target, home, u, prev = -1
     cdef int64_t moves = 0
-    cdef double slack, best
+    cdef double slack, best, total
     cdef bint stale = True, failed = False
+    # Demand still to place per dimension (requests of the leaving workloads not yet placed),
+    # and its shape over `scale`, summing to 1 (the stranding rule's reference).
+    remaining_np = np.zeros(d, dtype=np.float64)
+    if least_stranding and k:
+        remaining_np = np.asarray(request, dtype=np.float64)[np.asarray(order)].sum(axis=0)
+    cdef double[::1] remaining = remaining_np
+    cdef double[::1] share = np.zeros(d, dtype=np.float64)
     cdef uint8_t[::1] done = np.zeros(request.shape[0], dtype=np.uint8)
     # Leaving workloads not yet placed, per home host: a host is opened only when truly
     # empty, since its own may still come back to it (kept after all).
@@ -220,10 +251,17 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
             home = initial[w]
             if stale or prev < 0 or not _same(request, vm, allowed_class, service, tenant, w, prev):
                 # A new run: score every host for it.
+                if least_stranding:
+                    total = 0.0
+                    for r in range(d):
+                        total = total + max(remaining[r], 0.0) / scale[r]
+                    for r in range(d):
+                        share[r] = max(remaining[r], 0.0) / scale[r] / total if total > 0 else 0.0
                 for h in range(m):
                     tree_val[size + h] = _score(w, h, capacity, usage, ratio_milli, request, vm, allowed,
                                                 allowed_class, is_open, kept, on, service, conflict_row,
-                                                conflict_count, tenant, dedicated, owner, owned, scale, best_fit, over_scale)
+                                                conflict_count, tenant, dedicated, owner, owned, scale, best_fit, over_scale,
+                                                least_stranding, share)
                 for i in range(size - 1, 0, -1):
                     if tree_val[2 * i + 1] > tree_val[2 * i] or (
                             tree_val[2 * i + 1] == tree_val[2 * i] and tree_idx[2 * i + 1] < tree_idx[2 * i]):
@@ -259,12 +297,15 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
                 _add(w, target, request, vm, ratio_milli, usage, on, service, conflict_row, conflict_count,
                      tenant, dedicated, owner, owned)
                 done[w] = 1
+                for r in range(d):
+                    remaining[r] -= request[w, r]
                 pending[home] -= 1
                 if not stale:
                     _tree_set(tree_val, tree_idx, size, target,
                               _score(w, target, capacity, usage, ratio_milli, request, vm, allowed, allowed_class,
                                      is_open, kept, on, service, conflict_row, conflict_count, tenant,
-                                     dedicated, owner, owned, scale, best_fit, over_scale))
+                                     dedicated, owner, owned, scale, best_fit, over_scale,
+                                                least_stranding, share))
             elif leave_unfit:
                 continue          # fits nowhere at all: it stays unplaced
             elif kept[home]:
@@ -280,6 +321,8 @@ def keep_fill(const int64_t[:, ::1] capacity, int64_t[:, ::1] usage, const int64
                         _add(u, home, request, vm, ratio_milli, usage, on, service, conflict_row,
                              conflict_count, tenant, dedicated, owner, owned)
                         done[u] = 1
+                        for r in range(d):
+                            remaining[r] -= request[u, r]
                 pending[home] = 0
     if failed:
         return -2

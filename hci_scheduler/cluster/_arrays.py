@@ -236,7 +236,7 @@ def _fill(capacity, usage, rows, at, pending, kept, is_open, scale) -> None:
               np.zeros(m, dtype=np.int32), np.full(n_rows, -1, dtype=np.int32), np.zeros(0, dtype=np.int32),
               np.zeros((1, m), dtype=np.int32), np.full(n_rows, -1, dtype=np.int32), np.zeros(n_rows, dtype=np.uint8),
               np.full(m, -1, dtype=np.int64), np.zeros(m, dtype=np.int64), scale, at, -1, True,
-              over_scale=True)
+              over_scale=True, least_stranding=True)
 
 
 def _cover_rows(free: np.ndarray, candidates: np.ndarray, need: np.ndarray,

@@ -15,10 +15,12 @@ hosts to keep are chosen first, by the capacity they offer for the demand at han
    dedicated tenants; one that fits nowhere opens the allowed unkept host with the most
    room (or keeps its own). With no move budget every movable workload leaves (a
    repack: the load already on a kept host was placed online and may strand its scarce
-   dimension), each to the host of largest dot product between what it asks and the
-   room left, both over the largest host's room (Google 1k cell: 606 hosts by best fit
-   into the loaded hosts, 594 by the dot product over each host's capacity, which sends
-   large workloads to the small hosts first, 588 over one scale).
+   dimension), each to the host whose stranded room it grows least: room that load
+   shaped like the workloads still to place could not use, so a memory-heavy workload
+   goes to a host whose cpu runs out first and the reverse (`keep_fill`'s
+   least_stranding; Google 1k cell: 606 hosts by best fit into the loaded hosts, 594 by
+   the dot product over each host's capacity, 588 by the dot product over one scale,
+   579 so).
    Within a budget, or when a repacked workload fits nowhere, only those of the hosts
    not kept leave, by best fit into the gaps of the loaded hosts;
 4. identical workloads trade destinations so that as many as possible stay where they
@@ -146,7 +148,8 @@ def fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None,
                       problem.allowed.view(np.uint8), problem.allowed_class, problem.open.view(np.uint8),
                       kept_u8, on, problem.service, conflict_row, conflict_count, problem.tenant,
                       dedicated.view(np.uint8), owner, owned, scale.astype(np.float64), assignment,
-                      -1 if max_moves is None else int(max_moves), False, not repack, over_scale=True)
+                      -1 if max_moves is None else int(max_moves), False, not repack, over_scale=True,
+                      least_stranding=True)
     if moves < 0:
         return None
     return assignment

@@ -15,9 +15,11 @@ from hci_scheduler.rebalance.problem import Problem
 
 def reference_fill(problem: Problem, kept: np.ndarray, max_moves: int | None = None,
                    repack: bool = False) -> np.ndarray | None:
-    """The numpy loop: leaving workloads largest first, each to the kept host of largest dot
-    product between its charge and the host's room (both over the largest host's room) in a
-    repack, else of least room left after it (best fit); ties: the lower host; else open the allowed empty host (nothing on it, none of its own to place)
+    """The numpy loop: leaving workloads largest first, each to the kept host, in a repack, of
+    least growth of its stranded room (room over the largest host's room, summed, minus the
+    most of the shape of what is still to place that it takes; that shape taken when a run of
+    identical workloads starts or a host opened), ties by the dot product of charge and room
+    over the largest host's room; else of least room left after it (best fit); ties: the lower host; else open the allowed empty host (nothing on it, none of its own to place)
     with most room; else keep the home host with its own."""
     p = problem
     n, m = p.n_workloads, p.n_hosts
@@ -55,6 +57,12 @@ def reference_fill(problem: Problem, kept: np.ndarray, max_moves: int | None = N
     pending = np.bincount(initial[leaving], minlength=m)     # leaving, not yet placed, per home
     moves = 0
     hosts = np.arange(m)
+    def same_run(a, b):
+        return (a is not None and (p.request[a] == p.request[b]).all() and p.vm[a] == p.vm[b]
+                and p.allowed_class[a] == p.allowed_class[b] and p.service[a] == p.service[b]
+                and p.tenant[a] == p.tenant[b])
+
+    prev, share, stale = None, None, True
     for w in order.tolist():
         if done[w]:
             continue
@@ -66,13 +74,27 @@ def reference_fill(problem: Problem, kept: np.ndarray, max_moves: int | None = N
             ok &= conflict_count[p.service[w]] == 0
         ok &= ((on == 0) | ((owner == p.tenant[w]) & (owned == on))) if dedicated[w] else owner < 0
         target = -1
+        new_run = not same_run(prev, w)
+        prev = w
         if ok.any() and repack:
-            dot = ((charge / scale) * ((p.capacity - usage) / scale)).sum(axis=1)
-            target = int(np.flatnonzero(ok)[np.argmax(dot[ok])])
+            if stale or new_run:
+                # The shape of what is still to place, taken at the start of each run.
+                left = p.request[order[~done[order]]].sum(axis=0) / scale
+                share = left / left.sum() if left.sum() > 0 else np.zeros_like(left)
+            room_before = (p.capacity - usage) / scale
+            room_after = (p.capacity - usage - charge) / scale
+            dot = ((charge / scale) * room_before).sum(axis=1)
+            asked = share > 0
+            stranded_before = room_before[:, asked].sum(axis=1) - (room_before[:, asked] / share[asked]).min(axis=1)
+            stranded_after = room_after[:, asked].sum(axis=1) - (room_after[:, asked] / share[asked]).min(axis=1)
+            score = 1e-3 * dot - (stranded_after - stranded_before) if asked.any() else dot
+            target = int(np.flatnonzero(ok)[np.argmax(score[ok])])
+            stale = False
         elif ok.any():
             slack = ((p.capacity - usage - charge) / scale).sum(axis=1)
             target = int(np.flatnonzero(ok)[np.argmin(slack[ok])])
         else:
+            stale = True
             spare = base & ~kept & (on == 0) & (pending == 0)
             if spare.any():
                 free_room = ((p.capacity - usage) / scale).sum(axis=1)

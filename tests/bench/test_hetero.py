@@ -138,3 +138,19 @@ def test_packer_sends_memory_heavy_rows_to_memory_rich_hosts():
     assert covering_bound(capacity, items.sum(axis=0)) == 2
     assert len(set(hosts.tolist())) == 2
     assert hosts[1] == hosts[3] != hosts[0]
+
+
+def test_hetero_row_reports_the_rebalancer_beside_the_packer():
+    # The bench's cell row with the rebalancer: the rows placed online as named workloads,
+    # consolidated with no move limit, the plan replayed (0 violations) and applied. Ten
+    # (4, 8) hosts and two (8, 8); 8 rows (2, 4) and 4 rows (3, 3): demand (28, 44). The
+    # covering bound is 6 (2 x (8, 8) + 4 x (4, 8) = (32, 48); five hosts give at most
+    # (28, 40)), and 6 hosts do it: two (3, 3) per (8, 8) host, two (2, 4) per (4, 8) host.
+    from hci_scheduler.bench.hetero import Cell, run_cell
+
+    capacity = np.array([[4, 8]] * 10 + [[8, 8]] * 2, dtype=np.int64)
+    live = np.array([[2, 4]] * 8 + [[3, 3]] * 4, dtype=np.int64)
+    row = run_cell(Cell("tiny", capacity, live, ("cpu", "memory")), 0.0, rebalance_s=2.0)
+    assert row["rebalance_violations"] == 0
+    assert row["covering_bound"] <= row["rebalanced"] <= row["rebalance_before"]
+    assert row["rebalanced"] == row["covering_bound"]

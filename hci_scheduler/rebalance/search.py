@@ -10,15 +10,24 @@ Phases
    naming the workloads.
 2. Improvement, in rounds until the work budget is spent:
    - local search: random shifts and swaps (sched_core._moves, nogil), each kept when it
-     does not raise the objective;
+     does not raise the objective (every other round: record-to-record travel);
+   - with transient dimensions (ROADEF), the priced local search instead
+     (sched_core._priced): a descent on objective + price x transient load held on
+     initial hosts, the price falling from the load weight to zero by PRICE_SHARE of the
+     search, so the room a first move off a host spends goes to the moves that gain most
+     for it; it also sends moved workloads home (no transient charge there);
+   - a return-home sweep: every moved workload whose move no longer gains goes back;
    - host emptying (when hosts have a cost): move every workload off one used host onto
      the other used hosts, kept when the objective goes down (consolidation frees hosts
      this way; single shifts never pay before the last one);
    - LNS: a few hosts and their workloads re-solved exactly by CP-SAT (model.py, solve.py)
-     with the rest fixed, kept when better.
+     with the rest fixed, kept when better; its share of the work follows its gain per
+     unit against the local search's.
 
 Effort is counted in work units (moves evaluated, and CP-SAT's deterministic time), so a
 given seed and work_budget give the same result on any machine; the wall clock only caps.
+Schedules (the price) follow the larger of the work and the time spent, so they still
+run their course when a loaded machine hits the wall clock first.
 """
 from __future__ import annotations
 

@@ -159,3 +159,13 @@ def test_search_on_a_transient_problem_returns_moves_whose_gain_is_gone(tiny):
     for w in np.flatnonzero(result.assignment != init):
         ok, delta, _ = priced_shift(state, int(w), int(init[w]), [0.0, 0.0])
         assert not ok or delta > 0
+
+
+def test_lns_share_follows_gain_per_unit_within_bounds():
+    from hci_scheduler.rebalance import search as engine
+
+    assert engine._lns_share(1.0, 1.0) == pytest.approx(0.5)
+    assert engine._lns_share(3.0, 1.0) == pytest.approx(0.25)
+    assert engine._lns_share(1.0, 0.0) == engine.LNS_SHARE_MIN      # LNS gained nothing: it keeps a turn
+    assert engine._lns_share(0.0, 5.0) == engine.LNS_SHARE_MAX      # nor does the local search lose its own
+    assert engine._lns_share(-2.0, -1.0) == engine.LNS_SHARE       # neither gains: the starting share

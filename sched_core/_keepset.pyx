@@ -13,7 +13,10 @@ host (the largest host's room): over its own capacity a host of half the size sc
 request twice as high, so on mixed sizes the small hosts take the large requests first
 and the large hosts' room is left to the small ones (Google 2011 cell: 584 hosts over
 each capacity, 575 over one scale; keep-set of the Google 1k consolidation cell: 594,
-588). Capacity (a VM pays its request times the host's
+588). With `least_stranding` (what the packer and the repack use) a host is scored by how
+little the workload grows its stranded room, the room that load shaped like what is still
+to place cannot use, so a memory-heavy workload goes where cpu runs out first, not where
+the room is largest (Google 2011 cell: 568 hosts; 1k keep-set: 579). Capacity (a VM pays its request times the host's
 allocation ratio), host conflicts of its service and dedicated tenants hold. One that
 fits no kept host opens the allowed empty host with the most room (empty: nothing on it,
 none of its own still to place); failing that its own host is kept, with every leaving
@@ -34,8 +37,9 @@ cnp.import_array()
 
 # Score of a host the workload may not use (below every real score).
 cdef double NO_HOST = -1e300
-# With `least_stranding`, the dot product only breaks ties between hosts whose stranded
-# room grows alike: its weight keeps it below any real difference in stranding.
+# With `least_stranding`, the weight of the dot product beside the growth of the stranded
+# room (both in units of the largest host): small, so that it mostly decides between hosts
+# whose stranded room grows alike.
 cdef double TIE_WEIGHT = 1e-3
 
 

@@ -13,9 +13,10 @@ Phases
      does not raise the objective (every other round: record-to-record travel);
    - with transient dimensions (ROADEF), the priced local search instead
      (sched_core._priced): a descent on objective + price x transient load held on
-     initial hosts, the price falling from the load weight to zero by PRICE_SHARE of the
-     search, so the room a first move off a host spends goes to the moves that gain most
-     for it; it also sends moved workloads home (no transient charge there);
+     initial hosts, the price falling from the load weight to zero (twice, the second
+     time from half as high) by PRICE_SHARE of the search, so the room a first move
+     off a host spends goes to the moves that gain most for it; it also sends moved
+     workloads home (no transient charge there);
    - a return-home sweep: every moved workload whose move no longer gains goes back;
    - host emptying (when hosts have a cost): move every workload off one used host onto
      the other used hosts, kept when the objective goes down (consolidation frees hosts
@@ -35,7 +36,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from sched_core._moves import MoveState
 from sched_core._priced import home_sweep, priced_search
 
@@ -60,10 +60,12 @@ EMPTY_TRIES = 16
 # Record-to-record tolerance of the climbing rounds, as a share of the objective.
 TOLERANCE = 1e-4
 # Transient room (ROADEF): the price of a unit of transient load held on an initial host
-# starts at PRICE_START x the dimension's load weight and falls linearly to zero when
-# PRICE_SHARE of the work is spent (see sched_core/_priced.pyx).
+# starts at PRICE_START x the dimension's load weight and falls linearly to zero, twice
+# (the second time from half as high), by PRICE_SHARE of the search (_price_level,
+# sched_core/_priced.pyx).
 PRICE_START = 1.0
 PRICE_SHARE = 0.8
+PRICE_CYCLES = 2
 # Shares of swap and return-home draws in the priced search.
 PRICED_SWAPS = 40
 PRICED_HOMES = 10
@@ -177,6 +179,18 @@ def search(problem: Problem, *, time_limit_s: float = 30.0, work_budget: int | N
     return SearchResult(assignment=out, status=status, stats=engine.stats)
 
 
+def _price_level(progress: float) -> float:
+    """The price at this point of the search, in units of the load weight: PRICE_CYCLES
+    linear falls to zero within the first PRICE_SHARE of it, each starting lower (1, 1/2,
+    ...). A new cycle raises the price again, so returns home (paid the room they free) buy
+    back room the last one spent cheaply, for the moves that gain more for it."""
+    if progress >= PRICE_SHARE or PRICE_SHARE <= 0:
+        return 0.0
+    span = PRICE_SHARE / PRICE_CYCLES
+    k = min(int(progress / span), PRICE_CYCLES - 1)
+    return (1 - (progress - k * span) / span) / (k + 1) * PRICE_START
+
+
 def _smooth(old: float | None, new: float) -> float:
     """Running mean of a rate over the last few rounds."""
     return new if old is None else 0.7 * old + 0.3 * new
@@ -207,7 +221,8 @@ class _Engine:
         self.proved = False
         # Dimensions whose demand exceeds the summed targets: load cost is due on them
         # anyway, and a host left below its target there wastes room (ROADEF's load bound).
-        self._short = (problem.request.sum(axis=0) + problem.fixed.sum(axis=0) > problem.target.sum(axis=0)) & (problem.load_weight > 0)
+        demand = problem.request.sum(axis=0) + problem.fixed.sum(axis=0)
+        self._short = (demand > problem.target.sum(axis=0)) & (problem.load_weight > 0)
         self.stats = {"ls_accepted": 0, "hosts_emptied": 0, "repaired": 0, "lns_solved": 0,
                       "lns_improved": 0, "rounds": 0}
 
@@ -329,12 +344,13 @@ class _Engine:
             self.stats["rounds"] += 1
             chunk = min(LS_ROUND, self.work_left)
             wall = max(0.0, self.deadline - time.perf_counter())
-            level = PRICE_START * max(0.0, 1 - self._progress() / PRICE_SHARE) if PRICE_SHARE > 0 else 0.0
+            level = _price_level(self._progress())
             before = st.value
             if priced and (level > 0 or self.stats["rounds"] % 2 == 1):
                 # Transient room is priced while it is scarce (early); then plain descent
                 # with returns home, alternating with record-to-record travel as below.
-                evaluated, accepted, _ = priced_search(st, chunk, wall, level * unit, PRICED_SWAPS, PRICED_HOMES, True, PRICED_AWAY)
+                evaluated, accepted, _ = priced_search(st, chunk, wall, level * unit, PRICED_SWAPS,
+                                                       PRICED_HOMES, True, PRICED_AWAY)
             else:
                 # Every other round may climb (record-to-record travel): out of the local optima
                 # of pure descent (a1_2: 803.6M by descent alone, 782.5M with it, same work).
@@ -356,7 +372,8 @@ class _Engine:
                 before, t_lns, left = st.value, time.perf_counter(), self.work_left
                 go_on = self._lns(int(LS_ROUND * share / (1 - share)))
                 rate_lns = _smooth(rate_lns, (before - st.value) / max(left - self.work_left, 1))
-                self.stats["lns_seconds"] = round(self.stats.get("lns_seconds", 0.0) + time.perf_counter() - t_lns, 3)
+                lns_s = self.stats.get("lns_seconds", 0.0) + time.perf_counter() - t_lns
+                self.stats["lns_seconds"] = round(lns_s, 3)
                 if not go_on:
                     break
             if self.progress is not None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hci_scheduler.bench import roadef
+from sched_core._moves import MoveState
+from sched_core._priced import held_load, home_sweep, priced_search, priced_shift, priced_swap
 
 from hci_scheduler.rebalance import objective
 from hci_scheduler.rebalance.problem import Problem
 from hci_scheduler.rebalance.search import search
-from sched_core._moves import MoveState
-from sched_core._priced import held_load, home_sweep, priced_search, priced_shift, priced_swap
 
 from ..bench.test_roadef import TINY_INITIAL, TINY_MODEL
 
@@ -81,8 +81,8 @@ def test_priced_search_keeps_the_state_exact_and_feasible():
         state = MoveState(p, p.initial, -1, seed)
         for level, away in ((4.0, 0), (1.0, 100), (0.0, 50)):
             start = state.value
-            evaluated, accepted, gain = priced_search(state, 20_000, 10.0, level * p.load_weight, 40, 10,
-                                                      True, away)
+            evaluated, _, gain = priced_search(state, 20_000, 10.0, level * p.load_weight, 40, 10,
+                                               True, away)
             assert evaluated == 20_000
             assert gain == start - state.value
             assert state.value == objective.total(p, state.assignment)
@@ -169,3 +169,17 @@ def test_lns_share_follows_gain_per_unit_within_bounds():
     assert engine._lns_share(1.0, 0.0) == engine.LNS_SHARE_MIN      # LNS gained nothing: it keeps a turn
     assert engine._lns_share(0.0, 5.0) == engine.LNS_SHARE_MAX      # nor does the local search lose its own
     assert engine._lns_share(-2.0, -1.0) == engine.LNS_SHARE       # neither gains: the starting share
+
+
+def test_price_falls_in_cycles_to_zero_by_its_share_of_the_search():
+    from hci_scheduler.rebalance import search as engine
+
+    share, cycles = engine.PRICE_SHARE, engine.PRICE_CYCLES
+    levels = [engine._price_level(i / 1000) for i in range(1001)]
+    assert levels[0] == engine.PRICE_START
+    assert all(v == 0.0 for i, v in enumerate(levels) if i / 1000 >= share)
+    assert all(v >= 0.0 for v in levels)
+    rises = [i for i in range(1, 1001) if levels[i] > levels[i - 1]]
+    assert len(rises) == cycles - 1                       # it climbs once per new cycle...
+    for i in rises:                                       # ...to a lower start than the last
+        assert levels[i] < engine.PRICE_START

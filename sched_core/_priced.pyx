@@ -22,30 +22,12 @@ apply_shift, so the state's invariants are MoveState's own.
 """
 import numpy as np
 cimport numpy as cnp
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from ._moves cimport MoveState
+from ._search_util cimport _below, _next, _now
 from ._typedefs cimport int64_t, uint64_t, int32_t, intp_t, float64_t
 
 cnp.import_array()
-
-
-cdef inline double _now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-cdef inline uint64_t _next(uint64_t* s) noexcept nogil:
-    """xorshift64* (the state's own generator, advanced in place)."""
-    s[0] ^= s[0] >> 12
-    s[0] ^= s[0] << 25
-    s[0] ^= s[0] >> 27
-    return s[0] * <uint64_t>2685821657736338717
-
-
-cdef inline intp_t _below(uint64_t* s, intp_t n) noexcept nogil:
-    return <intp_t>((_next(s) >> 11) % <uint64_t>n)
 
 
 cdef inline double _held_price(MoveState st, intp_t w, intp_t a, intp_t b, const double* price) noexcept nogil:

@@ -64,10 +64,10 @@ def test_agent_follows_the_leader_across_a_failover(engines, images, tmp_path, e
         # What ran before the failover runs on, in the same container.
         assert _running(client, docker, "before").id == before.id
         client.release(["before"])
-        wait_for(lambda: not docker.containers.list(all=True, filters={
+        wait_for(lambda: not docker.containers.list(all=True, sparse=True, filters={
             "label": f"{runtime.LABEL_WORKLOAD}=before"}), "before removed after its release")
         client.release(["after"])
-        wait_for(lambda: not docker.containers.list(all=True, filters={
+        wait_for(lambda: not docker.containers.list(all=True, sparse=True, filters={
             "label": f"{runtime.LABEL_WORKLOAD}=after"}), "after removed after its release")
     finally:
         agent.terminate()

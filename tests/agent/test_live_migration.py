@@ -46,7 +46,7 @@ def two_hosts(engines, images, tmp_path):
                 client.release(left)
             for i, d in enumerate(dockers):
                 wait_for(lambda d=d, i=i: not d.containers.list(
-                    all=True, filters={"label": f"{runtime.LABEL_HOST}=lm{i}"}), f"lm{i}'s containers removed")
+                    all=True, sparse=True, filters={"label": f"{runtime.LABEL_HOST}=lm{i}"}), f"lm{i}'s containers removed")
         finally:
             for a in agents:
                 a.terminate()

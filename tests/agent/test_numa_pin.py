@@ -46,7 +46,8 @@ def numa_host(engines, images, tmp_path):
     finally:
         try:
             client.release([p.workload_id for p in client.allocations()] or ["-"], allow_missing=True)
-            wait_for(lambda: not docker.containers.list(all=True, filters={"label": f"{runtime.LABEL_HOST}=hn"}),
+            wait_for(lambda: not docker.containers.list(all=True, sparse=True,
+                                                         filters={"label": f"{runtime.LABEL_HOST}=hn"}),
                      "the test's VMs removed")
         finally:
             agent.terminate()

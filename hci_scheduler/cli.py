@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "N events in the background (default 50000; sooner for a small state: after half as many "
                    "events as it has placements and hosts, at least 10000; 0: only at a clean stop); restart "
                    "reads the newest snapshot plus the events after it, so N bounds what a crash restart "
-                   "replays: with the default, 200,000 live placements restart in under 1 s (about 0.8 s). A larger N "
+                   "replays: with the default, 200,000 live placements restart in about 0.8 s on a quiet 2-core machine "
+                   "(0.7-1.2 s measured as the machine's load varied). A larger N "
                    "costs less CPU while writing (a snapshot of 200,000 placements is about 0.3 s) and "
                    "restarts slower (about 5 us per event of tail)")
     s.add_argument("--snapshot-tail", type=int, help="events kept in the log before the newest snapshot when "

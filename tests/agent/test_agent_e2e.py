@@ -23,6 +23,7 @@ from hci_scheduler.agent.qmp import QmpClient
 from hci_scheduler.client import SchedulerClient
 from hci_scheduler.v1 import scheduler_pb2 as pb
 from tests.server.conftest import ServerProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -41,17 +42,6 @@ AGENT_FLAGS = [
     "--log-level",
     "info",
 ]
-
-
-def wait_for(pred, what: str, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def free_port() -> int:

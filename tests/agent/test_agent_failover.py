@@ -14,9 +14,10 @@ from hci_scheduler.agent import runtime
 from hci_scheduler.agent.processes import AgentProcess
 from hci_scheduler.client import SchedulerClient
 from hci_scheduler.v1 import scheduler_pb2 as pb
-from tests.agent.test_agent_e2e import AGENT_FLAGS, wait_for
+from tests.agent.test_agent_e2e import AGENT_FLAGS
 from tests.etcd.fixtures import etcd_prefix, etcd_server  # noqa: F401 (fixtures)
 from tests.etcd.test_failover import leader_of, replica
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.etcd]
 

@@ -18,8 +18,9 @@ from hci_scheduler.agent.hostinfo import numa_nodes
 from hci_scheduler.agent.processes import AgentProcess
 from hci_scheduler.client import SchedulerClient
 from hci_scheduler.v1 import scheduler_pb2 as pb
-from tests.agent.test_agent_e2e import AGENT_FLAGS, wait_for
+from tests.agent.test_agent_e2e import AGENT_FLAGS
 from tests.server.conftest import ServerProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.docker
 

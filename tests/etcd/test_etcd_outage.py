@@ -10,8 +10,9 @@ from hci_scheduler.client import SchedulerClient
 from hci_scheduler.ha.local_etcd import LocalEtcd, etcd_binary, free_port
 from hci_scheduler.v1 import scheduler_pb2 as pb
 from tests.server.conftest import ServerProcess
+from tests.waiting import wait_for
 
-from .test_failover import logged_events, wait_for
+from .test_failover import logged_events
 
 pytestmark = pytest.mark.etcd
 

@@ -12,8 +12,9 @@ from hci_scheduler.ha.local_etcd import EtcdTLS, LocalEtcd, etcd_binary, free_po
 from hci_scheduler.store.etcd import EtcdStore
 from hci_scheduler.v1 import scheduler_pb2 as pb
 from tests.server.conftest import ServerProcess
+from tests.waiting import wait_for
 
-from .test_failover import leader_of, wait_for, workload
+from .test_failover import leader_of, workload
 
 pytestmark = pytest.mark.etcd
 security = pytest.importorskip("tests.server.test_security")  # its certificate helpers need cryptography

@@ -20,6 +20,7 @@ from hci_scheduler.ha.local_etcd import free_port
 from hci_scheduler.store.etcd import EtcdStore
 from hci_scheduler.v1 import scheduler_pb2 as pb
 from tests.server.conftest import ServerProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -39,16 +40,6 @@ def logged_events(etcd, prefix: str) -> list[pb.Event]:
         return [pb.Event.FromString(r.body) for r in store.read()]
     finally:
         store.close()
-
-
-def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status(address: str) -> pb.GetStatusResponse | None:

@@ -12,8 +12,9 @@ from hci_scheduler.client import SchedulerClient
 from hci_scheduler.ha.local_etcd import free_port
 from hci_scheduler.v1 import scheduler_pb2 as pb
 from tests.server.conftest import ServerProcess
+from tests.waiting import wait_for
 
-from .test_failover import leader_of, status, wait_for, workload
+from .test_failover import leader_of, status, workload
 
 pytestmark = pytest.mark.etcd
 

@@ -14,23 +14,12 @@ import grpc
 import pytest
 
 from hci_scheduler.v1 import scheduler_pb2 as pb
+from tests.waiting import wait_for
 
 from .conftest import ServerProcess, in_process_server, make_host, make_workload, stub_for
 
 DOWN_AFTER_S = 0.5
-EVENTUALLY_S = 60.0
 RUNNING, EXITED, FAILED = pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_EXITED, pb.WORKLOAD_STATE_FAILED
-
-
-def eventually(check, timeout: float = EVENTUALLY_S, every: float = 0.05):
-    """Poll `check()` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, "condition not met within the timeout"
-        time.sleep(every)
 
 
 @contextlib.contextmanager
@@ -109,7 +98,7 @@ def test_heartbeat_keeps_a_host_up_silence_marks_it_down_and_a_report_brings_it_
                 assert host_states(stub)["agent-h"] == pb.HOST_STATE_READY
                 time.sleep(0.05)
         seq = stub.GetStatus(pb.GetStatusRequest()).last_sequence
-        eventually(lambda: host_states(stub)["agent-h"] == pb.HOST_STATE_DOWN)
+        wait_for(lambda: host_states(stub)["agent-h"] == pb.HOST_STATE_DOWN)
         # A host no agent ever reported for is never marked down.
         assert host_states(stub)["plain-h"] == pb.HOST_STATE_READY
         assert stub.GetStatus(pb.GetStatusRequest()).hosts_by_state["down"] == 1
@@ -130,7 +119,7 @@ def test_a_down_host_returns_to_its_own_state_and_an_operator_state_given_meanwh
                                                           make_host("r-h")]))
         report(stub, "c-h")
         report(stub, "r-h")
-        eventually(lambda: set(host_states(stub).values()) == {pb.HOST_STATE_DOWN})
+        wait_for(lambda: set(host_states(stub).values()) == {pb.HOST_STATE_DOWN})
         assert report(stub, "c-h") and host_states(stub)["c-h"] == pb.HOST_STATE_CORDONED
         # An operator's state for a DOWN host is the one it comes back to; it stays DOWN.
         resp = stub.UpdateHost(pb.UpdateHostRequest(host_id="r-h", state=pb.HOST_STATE_DRAINING))
@@ -143,7 +132,7 @@ def test_down_hosts_take_no_new_workloads(tmp_path):
     with running_server(tmp_path) as (srv, stub):
         stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("only", labels={"zone": "z"})]))
         report(stub, "only")
-        eventually(lambda: host_states(stub)["only"] == pb.HOST_STATE_DOWN)
+        wait_for(lambda: host_states(stub)["only"] == pb.HOST_STATE_DOWN)
         w = make_workload("wants-z", node_selector={"zone": "z"})
         refused = stub.Place(pb.PlaceRequest(workloads=[w])).placements[0]
         assert refused.host_id == "" and refused.sequence == 0
@@ -180,7 +169,7 @@ def test_containers_of_a_down_host_are_replaced_after_the_grace_vms_wait_nothing
         stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("dst", cpu=5000, memory=16384)]))
         seq = stub.GetStatus(pb.GetStatusRequest()).last_sequence
         report(stub, "src", *(status(p.workload_id) for p in placed))
-        eventually(lambda: sum(p.host_id == "dst" for p in allocations(stub).values()) == 3)
+        wait_for(lambda: sum(p.host_id == "dst" for p in allocations(stub).values()) == 3)
         where = {w: p.host_id for w, p in allocations(stub).items()}
         assert where["vm1"] == "src"
         assert sorted(h for w, h in where.items() if w != "vm1") == ["dst", "dst", "dst", "src"]
@@ -210,7 +199,7 @@ def test_the_host_a_container_moved_away_from_may_report_it_stopped_and_nothing_
         report(stub, "src", status("c"))
         stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("dst", cpu=4000, memory=8192),
                                                           make_host("bystander", cpu=1, memory=1)]))
-        eventually(lambda: allocations(stub)["c"].host_id == "dst")  # src went silent: re-placed
+        wait_for(lambda: allocations(stub)["c"].host_id == "dst")  # src went silent: re-placed
         seq = stub.GetStatus(pb.GetStatusRequest()).last_sequence
         resp = report(stub, "src", status("c", pb.WORKLOAD_STATE_STOPPED, message="moved to dst"))
         stopped = [e for e in events(stub, seq) if e.type == pb.EVENT_TYPE_STATUS]
@@ -313,7 +302,7 @@ def test_statuses_down_hosts_and_policy_moves_survive_a_restart(tmp_path):
         report(stub, "h2")
         # h1 goes down and its containers move to h2; h2 stays up by heartbeats.
         with Heartbeat(stub, "h2"):
-            eventually(lambda: {p.host_id for p in allocations(stub).values()} == {"h2"})
+            wait_for(lambda: {p.host_id for p in allocations(stub).values()} == {"h2"})
             report(stub, "h2", status("w0"), status("w2", EXITED, exit_code=1))
             before = (allocations(stub, include_workloads=True), host_states(stub))
             assert before[1] == {"h1": pb.HOST_STATE_DOWN, "h2": pb.HOST_STATE_READY}
@@ -433,7 +422,7 @@ def test_metrics_count_reports_and_hosts_marked_down(tmp_path):
         stub.RegisterHosts(pb.RegisterHostsRequest(hosts=[make_host("m")]))
         report(stub, "m")
         report(stub, "m")
-        eventually(lambda: host_states(stub)["m"] == pb.HOST_STATE_DOWN)
+        wait_for(lambda: host_states(stub)["m"] == pb.HOST_STATE_DOWN)
         families = {f.name: f for f in srv.metrics.registry.collect()}
         value = lambda name: families[name].samples[0].value  # noqa: E731
         assert value("hci_scheduler_status_reports") == 2
@@ -467,7 +456,7 @@ def test_cli_shows_statuses_and_down_hosts(tmp_path):
         status_column = rows["workload"].index("status")
         assert {w: rows[w][status_column] for w in ("ok", "bad", "new")} == \
             {"ok": "running", "bad": "exited(137): OOM killed", "new": "pending"}
-        eventually(lambda: host_states(stub)["cli-h"] == pb.HOST_STATE_DOWN)
+        wait_for(lambda: host_states(stub)["cli-h"] == pb.HOST_STATE_DOWN)
         assert any("cli-h" in line and " down " in line for line in cli("hosts", "list").stdout.splitlines())
         refused = cli("hosts", "update", "cli-h", "--state", "down")
         assert refused.returncode != 0

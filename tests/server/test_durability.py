@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from hci_scheduler.server.app import SERVICE_NAME, create_server, serve
 from hci_scheduler.store import MemoryStore, Record, SQLiteStore, StoreError, StoreUnwritable
 from hci_scheduler.store.mark import mark_path, read_mark
 from hci_scheduler.v1 import scheduler_pb2 as pb
+
+from tests.waiting import wait_for
 
 from .conftest import ROOT, ServerProcess, in_process_server, make_host, make_workload, stub_for
 
@@ -144,9 +145,7 @@ def test_damaged_wal_after_a_kill_starts_a_new_incarnation(tmp_path, caplog, dam
     try:
         for i in range(1, 501, 10):
             s.append([Record(j, 4, os.urandom(500)) for j in range(i, i + 10)])
-        deadline = time.monotonic() + 10
-        while read_mark(mark_path(str(path))) != (s.incarnation(), 500) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: read_mark(mark_path(str(path))) == (s.incarnation(), 500), "the mark at 500")
         old = s.incarnation()
         crash = tmp_path / "crash"  # the files as a kill leaves them (the WAL index is rebuilt)
         crash.mkdir()
@@ -174,9 +173,7 @@ def test_checkpoint_records_the_mark(tmp_path):
     s = SQLiteStore(path, checkpoint_interval_s=0.02)
     try:
         s.append([Record(i, 4, b"x") for i in range(1, 8)])
-        deadline = time.monotonic() + 10
-        while read_mark(mark_path(path)) != (s.incarnation(), 7) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: read_mark(mark_path(path)) == (s.incarnation(), 7), "the mark at 7")
         assert read_mark(mark_path(path)) == (s.incarnation(), 7)
     finally:
         s.close()
@@ -451,9 +448,7 @@ def test_full_disk_serves_reads_refuses_writes_and_resumes(small_disk):
             s.Release(pb.ReleaseRequest(workload_ids=[next(iter(acked))]))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "disk is full" in err.value.details()
         filler.unlink()
-        deadline = time.monotonic() + 10
-        while not s.GetStatus(pb.GetStatusRequest()).writable and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: s.GetStatus(pb.GetStatusRequest()).writable, "the store to take writes again")
         assert s.GetStatus(pb.GetStatusRequest()).writable
         assert service_health(health) == health_pb2.HealthCheckResponse.SERVING
         resp = s.Place(pb.PlaceRequest(workloads=[make_workload("after", cpu=1, memory=1)]))

@@ -6,7 +6,6 @@ mounts, chattr); skipped where the machine does not allow them."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hci_scheduler.server.app import SERVICE_NAME
 from hci_scheduler.v1 import scheduler_pb2 as pb
+
+from tests.waiting import wait_for
 
 from .conftest import ServerProcess, make_host, make_workload, stub_for
 
@@ -68,14 +69,9 @@ def service_health(channel) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status
 
 
-def wait_writable(s, timeout: float = 15.0) -> pb.GetStatusResponse:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = s.GetStatus(pb.GetStatusRequest())
-        if status.writable:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"still not writable: {status.unwritable_reason}")
+def wait_writable(s) -> pb.GetStatusResponse:
+    return wait_for(lambda: (status := s.GetStatus(pb.GetStatusRequest())).writable and status,
+                    "the store to take writes again")
 
 
 def allocations(s) -> dict[str, str]:

@@ -17,9 +17,14 @@ handlers (so the generated add_*Servicer_to_server functions work), server
 interceptors, insecure and TLS ports, the four call shapes, the non-blocking
 streaming handler of grpc_health, deadlines, cancellation and graceful stop.
 It is built on grpc._cython.cygrpc, grpcio's internals, which carry no
-compatibility promise: it refuses grpcio releases outside LEAN_TESTED_GRPCIO,
-and app.py serves with grpcio's own server when it refuses or when a call
-through a throwaway LeanServer fails at start-up (lean_self_check).
+compatibility promise, so it keeps the three rules of STYLE.md section 10 for a
+private API: opt-in (nothing imports this module unless `--transport lean` is
+asked for: app._grpc_server imports it there); version-guarded (it refuses
+grpcio releases outside LEAN_TESTED_GRPCIO, and a missing internal makes it
+refuse, never fail at import); with a fallback (app.py serves with grpcio's own
+server when it refuses or when a call through a throwaway LeanServer fails at
+start-up, lean_self_check, and logs a warning saying so). Its tests run on the
+tested grpcio and are skipped, saying why, on any other.
 """
 from __future__ import annotations
 

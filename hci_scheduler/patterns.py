@@ -1,0 +1,381 @@
+"""Packing by patterns: column generation over what one host of each shape can hold.
+
+A greedy packer cannot tell how far its host count is from the best possible, and
+the covering and split bounds pool capacity, so on mixed host shapes with one
+dominant request size they stay several hosts below any real packing (issue 14's
+Google 2011 cell: 548 and 561 where the best packing found needs 566). Here the
+requests are grouped into kinds (identical rows) and the hosts into shapes, and
+a *pattern* is how many requests of each kind one host of a shape holds. The
+Gilmore-Gomory master chooses how many hosts run each pattern:
+
+    min sum_p x_p   s.t.  sum_p a_jp x_p >= n_j  (every kind covered)
+                          sum_{p of shape s} x_p <= available_s,   x_p >= 0 integer.
+
+Its linear relaxation is solved by column generation: GLOP for the master, and for
+every shape a two-dimensional (or n-dimensional) bounded knapsack priced by CP-SAT
+for the pattern of most dual value. Every pricing round gives a Lagrangian lower
+bound on the integer optimum, valid whether or not the generation has converged:
+
+    L(pi) = sum_j pi_j n_j + sum_s available_s * min(0, 1 - max_p pi . a_p)
+
+computed in integers (pi rounded down to a fixed scale, the knapsack's proven
+bound standing in for its maximum). An integer master over the patterns generated
+(CP-SAT, hinted with the best seed packing) then picks the packing, which is
+realised host by host: every pattern fits its host by construction, so the result
+is feasible with no repair.
+
+It is a batch tool for a few hundred distinct request sizes and host shapes at
+most (the pricing knapsack has one variable per kind), used by the heterogeneous
+density bench to report a bound that reaches the optimum and a packing at it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bounds import distinct_rows
+from .errors import ValidationError
+
+try:
+    from ortools.linear_solver import pywraplp
+    from ortools.sat.python import cp_model
+except ImportError:  # pragma: no cover - OR-Tools is a declared dependency
+    pywraplp = cp_model = None
+
+__all__ = ["PatternPacking", "pack_by_patterns"]
+
+# Duals are rounded down to multiples of 1/SCALE for the integer pricing; rounding
+# down keeps them feasible Lagrangian multipliers, so the bound stays valid.
+SCALE = 10**9
+# A column enters the master only if its reduced cost is below -EPSILON.
+EPSILON = 1e-7
+# Weight of the best-bound duals in the point priced (Wentges smoothing).
+SMOOTHING = 0.7
+# Wall-clock cap of one pricing knapsack (its proven bound is used if it bites).
+PRICING_S = 2.0
+# Cap of one knapsack when the converged duals are priced again to prove the LP value.
+CERTIFY_S = 30.0
+
+
+@dataclass(frozen=True)
+class PatternPacking:
+    """The packing chosen by the integer master, and what the bound proves.
+
+    Attributes
+    ----------
+    hosts : int64 (n_requests,)
+        Host row of every request.
+    used : int
+        Hosts used by `hosts`.
+    bound : int
+        Proven lower bound on the hosts any packing needs (ceiling of the best
+        Lagrangian bound of the column generation).
+    lp : float
+        The last master relaxation's value (equal to the bound's real value when
+        `converged`).
+    rounds : int
+        Pricing rounds run.
+    converged : bool
+        No pattern with negative reduced cost was left: `lp` is the Gilmore-Gomory bound.
+    patterns : int
+        Patterns generated (seeds included).
+    seconds : float
+    """
+
+    hosts: np.ndarray
+    used: int
+    bound: int
+    lp: float
+    rounds: int
+    converged: bool
+    patterns: int
+    seconds: float
+
+
+def pack_by_patterns(capacity, requests, seeds=(), *, time_limit_s: float = 60.0,
+                     integer_share: float = 0.25) -> PatternPacking:
+    """Pack `requests` onto `capacity` (rows are hosts) with as few hosts as the
+    patterns generated within `time_limit_s` allow; the bound is proven either way.
+
+    Parameters
+    ----------
+    capacity : int (n_hosts, n_dims)
+        Room of each host (an empty cell).
+    requests : int (n_requests, n_dims)
+    seeds : iterable of int (n_requests,) arrays
+        Feasible packings (host row per request, as `Cluster.place_array` returns)
+        whose host contents start the master; the best of them is the integer
+        master's hint, so the result is never worse than the best seed.
+    time_limit_s : float
+        Wall clock for the whole call (generation, then the integer master).
+    integer_share : float
+        Part of the time kept for the integer master.
+
+    Raises
+    ------
+    ValidationError
+        Malformed input, a request no host can hold, or a seed that is not a
+        feasible packing of `requests`.
+    """
+    if cp_model is None:  # pragma: no cover
+        raise ValidationError("pack_by_patterns needs OR-Tools")
+    t0 = time.perf_counter()
+    capacity, requests = _check(capacity, requests)
+    problem = _Problem(capacity, requests)
+    seeds = [_check_seed(capacity, requests, s) for s in seeds]
+    for seed in seeds:
+        for host in np.unique(seed):
+            problem.add(problem.shape_of[host], np.bincount(problem.kind_of[seed == host], minlength=problem.n_kinds))
+    problem.add_single_kind()
+    deadline = t0 + time_limit_s * (1.0 - integer_share)
+    best_seed = min((len(np.unique(s)) for s in seeds), default=None)
+    bound_scaled, lp, rounds, converged = _generate(problem, best_seed, deadline, t0 + time_limit_s)
+    bound = max(-(-bound_scaled // SCALE), 0)
+    hint = min(seeds, key=lambda s: len(np.unique(s))) if seeds else None
+    counts = _integer_master(problem, hint, bound, t0 + time_limit_s)
+    if counts is None:
+        if hint is None:
+            raise ValidationError("no packing found within the time limit (give a seed packing)")
+        hosts = hint.copy()
+    else:
+        hosts = problem.realise(counts)
+        if hint is not None and len(np.unique(hint)) < len(np.unique(hosts)):
+            hosts = hint.copy()
+    return PatternPacking(hosts, int(len(np.unique(hosts))), int(bound), float(lp), rounds, converged,
+                          len(problem.columns), time.perf_counter() - t0)
+
+
+def _generate(problem: "_Problem", best_seed: int | None, deadline: float,
+              final: float) -> tuple[int, float, int, bool]:
+    """Column generation until no pattern improves the master, the bound meets the
+    best seed, or `deadline` (the certifying pass may run on to `final`). Returns the best Lagrangian bound (times SCALE), the
+    last master value, the rounds run and whether the generation converged."""
+    master = _Master(problem)
+    bound_scaled, rounds, converged, lp = -1, 0, False, float("inf")
+    centre = None  # the duals of the best Lagrangian bound so far (Wentges smoothing)
+    while time.perf_counter() < deadline:
+        lp, pi = master.solve()
+        rounds += 1
+        # Price at a point between the best-bound duals and the master's: the master's
+        # duals jump between vertices and make the generation crawl; if the smoothed
+        # point yields no column, price the master's own duals before concluding.
+        points = [pi] if centre is None else [SMOOTHING * centre + (1 - SMOOTHING) * pi, pi]
+        for point in points:
+            added, scaled = _price(problem, point, deadline)
+            if scaled > bound_scaled:
+                bound_scaled, centre = scaled, point
+            if added:
+                break
+        if not added:
+            converged = True
+            break
+        if best_seed is not None and best_seed <= -(-bound_scaled // SCALE):
+            break
+    if converged and -(-bound_scaled // SCALE) < np.ceil(lp - 1e-6):
+        # At convergence the master's duals prove the LP value itself, if every
+        # knapsack is solved to optimality: the capped pricing left slack, so price
+        # them again with time to close it.
+        _, scaled = _price(problem, pi, final, cap=CERTIFY_S)
+        bound_scaled = max(bound_scaled, scaled)
+    return bound_scaled, lp, rounds, converged
+
+
+def _check(capacity, requests) -> tuple[np.ndarray, np.ndarray]:
+    capacity = np.asarray(capacity)
+    requests = np.asarray(requests)
+    if capacity.ndim != 2 or requests.ndim != 2 or capacity.shape[1] != requests.shape[1]:
+        raise ValidationError(f"capacity (n_hosts, n_dims) and requests (n, n_dims) must share n_dims, got "
+                              f"{capacity.shape} and {requests.shape}")
+    if capacity.shape[0] == 0 or requests.shape[0] == 0:
+        raise ValidationError("capacity and requests must have at least one row each")
+    for name, a in (("capacity", capacity), ("requests", requests)):
+        if not np.issubdtype(a.dtype, np.integer) or (a < 0).any():
+            raise ValidationError(f"{name} must hold integers >= 0")
+    capacity = capacity.astype(np.int64)
+    requests = requests.astype(np.int64)
+    fits = (requests[:, None, :] <= capacity[None, :, :]).all(axis=2).any(axis=1) if len(capacity) < 4096 \
+        else (requests[:, None, :] <= np.unique(capacity, axis=0)[None, :, :]).all(axis=2).any(axis=1)
+    if not fits.all():
+        raise ValidationError(f"request row {int(np.flatnonzero(~fits)[0])} fits no host")
+    return capacity, requests
+
+
+def _check_seed(capacity: np.ndarray, requests: np.ndarray, seed) -> np.ndarray:
+    seed = np.asarray(seed)
+    if seed.shape != (requests.shape[0],) or not np.issubdtype(seed.dtype, np.integer):
+        raise ValidationError(f"a seed must be an integer array of {requests.shape[0]} host rows")
+    if (seed < 0).any() or (seed >= capacity.shape[0]).any():
+        raise ValidationError("a seed places a request on no host or outside the host rows")
+    usage = np.zeros_like(capacity)
+    np.add.at(usage, seed, requests)
+    if (usage > capacity).any():
+        raise ValidationError(f"a seed overcommits host row {int(np.flatnonzero((usage > capacity).any(axis=1))[0])}")
+    return seed.astype(np.int64)
+
+
+class _Problem:
+    """Kinds, shapes, and the patterns generated so far."""
+
+    def __init__(self, capacity: np.ndarray, requests: np.ndarray):
+        self.capacity, self.requests = capacity, requests
+        self.shapes, self.shape_of = distinct_rows(capacity)
+        self.available = np.bincount(self.shape_of, minlength=len(self.shapes))
+        self.kinds, self.kind_of = distinct_rows(requests)
+        self.n_kinds = len(self.kinds)
+        self.kind_count = np.bincount(self.kind_of, minlength=self.n_kinds)
+        # Most of a kind one host of a shape holds (each dimension, and no more than exist).
+        with np.errstate(divide="ignore"):
+            per_dim = np.where(self.kinds[None, :, :] > 0,
+                               self.shapes[:, None, :] // np.maximum(self.kinds[None, :, :], 1), np.iinfo(np.int64).max)
+        self.upper = np.minimum(per_dim.min(axis=2), self.kind_count[None, :])   # (n_shapes, n_kinds)
+        self.columns: list[tuple[int, np.ndarray]] = []
+        self._seen: set = set()
+        self.new: list[int] = []
+
+    def add(self, shape: int, counts: np.ndarray) -> bool:
+        counts = np.minimum(np.asarray(counts, dtype=np.int64), self.kind_count)
+        key = (int(shape), counts.tobytes())
+        if key in self._seen or not counts.any():
+            return False
+        self._seen.add(key)
+        self.columns.append((int(shape), counts))
+        self.new.append(len(self.columns) - 1)
+        return True
+
+    def add_single_kind(self) -> None:
+        for s in range(len(self.shapes)):
+            for j in np.flatnonzero(self.upper[s] > 0):
+                counts = np.zeros(self.n_kinds, dtype=np.int64)
+                counts[j] = self.upper[s, j]
+                self.add(s, counts)
+
+    def realise(self, counts: list[int]) -> np.ndarray:
+        """Host row per request from the integer master's pattern counts."""
+        hosts = np.full(len(self.requests), -1, dtype=np.int64)
+        pending = [list(np.flatnonzero(self.kind_of == j)) for j in range(self.n_kinds)]
+        free_hosts = [list(np.flatnonzero(self.shape_of == s)[::-1]) for s in range(len(self.shapes))]
+        for (shape, pattern), times in zip(self.columns, counts):
+            for _ in range(times):
+                host = free_hosts[shape].pop()
+                for j in np.flatnonzero(pattern):
+                    take = min(int(pattern[j]), len(pending[j]))
+                    for _ in range(take):
+                        hosts[pending[j].pop()] = host
+        if (hosts < 0).any():  # pragma: no cover - the master covers every kind
+            raise AssertionError("the integer master left requests uncovered")
+        return hosts
+
+
+class _Master:
+    """The restricted master's relaxation, kept between rounds (columns are appended)."""
+
+    def __init__(self, problem: _Problem):
+        self.problem = problem
+        self.solver = pywraplp.Solver.CreateSolver("GLOP")
+        inf = self.solver.infinity()
+        self.cover = [self.solver.Constraint(float(n), inf) for n in problem.kind_count]
+        self.avail = [self.solver.Constraint(0.0, float(a)) for a in problem.available]
+        self.objective = self.solver.Objective()
+        self.objective.SetMinimization()
+
+    def solve(self) -> tuple[float, np.ndarray]:
+        for c in self.problem.new:
+            shape, pattern = self.problem.columns[c]
+            x = self.solver.NumVar(0.0, float(self.problem.available[shape]), f"x{c}")
+            self.objective.SetCoefficient(x, 1.0)
+            self.avail[shape].SetCoefficient(x, 1.0)
+            for j in np.flatnonzero(pattern):
+                self.cover[j].SetCoefficient(x, float(pattern[j]))
+        self.problem.new.clear()
+        status = self.solver.Solve()
+        if status != pywraplp.Solver.OPTIMAL:  # pragma: no cover - single-kind columns make it feasible
+            raise ValidationError("the pattern master has no solution: the hosts cannot hold the requests")
+        pi = np.maximum([c.dual_value() for c in self.cover], 0.0)
+        return self.objective.Value(), pi
+
+
+def _price(problem: _Problem, pi: np.ndarray, deadline: float, cap: float = PRICING_S) -> tuple[bool, int]:
+    """One pricing round: the best pattern of every shape under the duals `pi`.
+
+    Returns whether a column entered, and the Lagrangian bound times SCALE.
+    """
+    w = np.floor(pi * SCALE).astype(np.int64)
+    bound = int((w * problem.kind_count).sum())
+    added = False
+    for s in range(len(problem.shapes)):
+        kinds = np.flatnonzero((problem.upper[s] > 0) & (w > 0))
+        if len(kinds) == 0:
+            continue
+        model = cp_model.CpModel()
+        a = [model.new_int_var(0, int(problem.upper[s, j]), f"a{j}") for j in kinds]
+        for d in range(problem.shapes.shape[1]):
+            size = problem.kinds[kinds, d]
+            if size.any():
+                model.add(sum(int(size[i]) * a[i] for i in np.flatnonzero(size)) <= int(problem.shapes[s, d]))
+        model.maximize(sum(int(w[j]) * a[i] for i, j in enumerate(kinds)))
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = max(0.05, min(cap, deadline - time.perf_counter()))
+        solver.parameters.num_workers = 1
+        solver.parameters.random_seed = 0
+        found = _Columns(a)
+        status = solver.solve(model, found)
+        upper = int(np.ceil(solver.best_objective_bound)) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) \
+            else int((w[kinds] * problem.upper[s, kinds]).sum())
+        bound += int(problem.available[s]) * min(0, SCALE - upper)
+        for value, solution in found.solutions:
+            if value > SCALE * (1 + EPSILON):
+                counts = np.zeros(problem.n_kinds, dtype=np.int64)
+                counts[kinds] = solution
+                added |= problem.add(s, counts)
+    return added, bound
+
+
+class _Columns(cp_model.CpSolverSolutionCallback if cp_model else object):
+    """Every improving knapsack solution CP-SAT finds: the last is the best pattern,
+    the earlier ones are good columns too, at no extra solve."""
+
+    def __init__(self, variables):
+        super().__init__()
+        self.variables = variables
+        self.solutions: list[tuple[float, list[int]]] = []
+
+    def on_solution_callback(self) -> None:
+        self.solutions.append((self.objective_value, [self.value(v) for v in self.variables]))
+
+
+def _integer_master(problem: _Problem, hint: np.ndarray | None, bound: int, deadline: float) -> list[int] | None:
+    """Pattern counts of the fewest hosts over the patterns generated (CP-SAT); the
+    proven bound lets it stop as soon as it meets it."""
+    model = cp_model.CpModel()
+    x = [model.new_int_var(0, int(problem.available[s]), f"x{c}") for c, (s, _) in enumerate(problem.columns)]
+    by_kind: list[list] = [[] for _ in range(problem.n_kinds)]
+    by_shape: list[list] = [[] for _ in range(len(problem.shapes))]
+    for c, (s, pattern) in enumerate(problem.columns):
+        by_shape[s].append(x[c])
+        for j in np.flatnonzero(pattern):
+            by_kind[j].append(int(pattern[j]) * x[c])
+    for j in range(problem.n_kinds):
+        model.add(sum(by_kind[j]) >= int(problem.kind_count[j]))
+    for s in range(len(problem.shapes)):
+        if by_shape[s]:
+            model.add(sum(by_shape[s]) <= int(problem.available[s]))
+    model.add(sum(x) >= bound)
+    model.minimize(sum(x))
+    if hint is not None:
+        index = {(s, p.tobytes()): c for c, (s, p) in enumerate(problem.columns)}
+        used = np.zeros(len(x), dtype=np.int64)
+        for host in np.unique(hint):
+            pattern = np.bincount(problem.kind_of[hint == host], minlength=problem.n_kinds)
+            used[index[(int(problem.shape_of[host]), pattern.tobytes())]] += 1
+        for c in range(len(x)):
+            model.add_hint(x[c], int(used[c]))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(1.0, deadline - time.perf_counter())
+    solver.parameters.num_workers = 2
+    solver.parameters.random_seed = 0
+    status = solver.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    return [int(solver.value(v)) for v in x]

@@ -154,3 +154,17 @@ def test_hetero_row_reports_the_rebalancer_beside_the_packer():
     assert row["rebalance_violations"] == 0
     assert row["covering_bound"] <= row["rebalanced"] <= row["rebalance_before"]
     assert row["rebalanced"] == row["covering_bound"]
+
+
+def test_hetero_row_reports_the_pattern_bound_and_packing():
+    # Six (5, 5) hosts and four (3, 3) rows: pooled capacity covers (12, 12) with 3 hosts
+    # (covering bound 3), but no host holds two rows, so 4 are needed. The patterns prove
+    # 4 and pack at 4; the packing is checked feasible by the bench and again here.
+    from hci_scheduler.bench.hetero import Cell, run_cell
+
+    capacity = np.full((6, 2), 5, dtype=np.int64)
+    live = np.full((4, 2), 3, dtype=np.int64)
+    row = run_cell(Cell("tiny", capacity, live, ("cpu", "memory")), 0.0, patterns_s=10.0)
+    assert row["covering_bound"] == 3
+    assert row["pattern_converged"] and row["pattern_bound"] == 4 == row["pattern_used"]
+    assert row["greedy"] == 4

@@ -291,7 +291,7 @@ class _Master:
         return self.objective.Value(), pi
 
 
-def _price(problem: _Problem, pi: np.ndarray, deadline: float, cap: float = PRICING_S) -> tuple[bool, int]:
+def _price(problem: _Problem, pi: np.ndarray, deadline: float) -> tuple[bool, int]:
     """One pricing round: the best pattern of every shape under the duals `pi`.
 
     Returns whether a column entered, and the Lagrangian bound times SCALE.
@@ -300,36 +300,46 @@ def _price(problem: _Problem, pi: np.ndarray, deadline: float, cap: float = PRIC
     bound = int((w * problem.kind_count).sum())
     added = False
     for s in range(len(problem.shapes)):
-        kinds = np.flatnonzero((problem.upper[s] > 0) & (w > 0))
-        if len(kinds) == 0:
-            continue
-        model = cp_model.CpModel()
-        a = [model.new_int_var(0, int(problem.upper[s, j]), f"a{j}") for j in kinds]
-        for d in range(problem.shapes.shape[1]):
-            size = problem.kinds[kinds, d]
-            if size.any():
-                model.add(sum(int(size[i]) * a[i] for i in np.flatnonzero(size)) <= int(problem.shapes[s, d]))
-        model.maximize(sum(int(w[j]) * a[i] for i, j in enumerate(kinds)))
-        solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = max(0.05, min(cap, deadline - time.perf_counter()))
-        solver.parameters.num_workers = 1
-        solver.parameters.random_seed = 0
-        found = _Columns(a)
-        status = solver.solve(model, found)
-        upper = int(np.ceil(solver.best_objective_bound)) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) \
-            else int((w[kinds] * problem.upper[s, kinds]).sum())
-        if status != cp_model.OPTIMAL:
-            # CP-SAT finds good patterns fast but can leave its bound far above them
-            # (5 % on the Google cell's 64-core machines, 5 hosts of bound); a MIP
-            # solver's cover cuts close such knapsacks in a fraction of a second.
-            upper = min(upper, _knapsack_bound(problem, s, kinds, w, deadline))
+        upper, patterns = _best_patterns(problem, s, w, deadline)
         bound += int(problem.available[s]) * min(0, SCALE - upper)
-        for value, solution in found.solutions:
-            if value > SCALE * (1 + EPSILON):
-                counts = np.zeros(problem.n_kinds, dtype=np.int64)
-                counts[kinds] = solution
-                added |= problem.add(s, counts)
+        for counts in patterns:
+            added |= problem.add(s, counts)
     return added, bound
+
+
+def _best_patterns(problem: _Problem, s: int, w: np.ndarray, deadline: float) -> tuple[int, list]:
+    """Shape `s`'s knapsack under the integer duals `w`: an upper bound on the best
+    pattern's value, and the patterns of value above one host (SCALE) found on the way."""
+    kinds = np.flatnonzero((problem.upper[s] > 0) & (w > 0))
+    if len(kinds) == 0:
+        return 0, []
+    model = cp_model.CpModel()
+    a = [model.new_int_var(0, int(problem.upper[s, j]), f"a{j}") for j in kinds]
+    for d in range(problem.shapes.shape[1]):
+        size = problem.kinds[kinds, d]
+        if size.any():
+            model.add(sum(int(size[i]) * a[i] for i in np.flatnonzero(size)) <= int(problem.shapes[s, d]))
+    model.maximize(sum(int(w[j]) * a[i] for i, j in enumerate(kinds)))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(0.05, min(PRICING_S, deadline - time.perf_counter()))
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = 0
+    found = _Columns(a)
+    status = solver.solve(model, found)
+    upper = int(np.ceil(solver.best_objective_bound)) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) \
+        else int((w[kinds] * problem.upper[s, kinds]).sum())
+    if status != cp_model.OPTIMAL:
+        # CP-SAT finds good patterns fast but can leave its bound far above them
+        # (5 % on the Google cell's 64-core machines, 5 hosts of bound); a MIP
+        # solver's cover cuts close such knapsacks in a fraction of a second.
+        upper = min(upper, _knapsack_bound(problem, s, kinds, w, deadline))
+    patterns = []
+    for value, solution in found.solutions:
+        if value > SCALE * (1 + EPSILON):
+            counts = np.zeros(problem.n_kinds, dtype=np.int64)
+            counts[kinds] = solution
+            patterns.append(counts)
+    return upper, patterns
 
 
 def _knapsack_bound(problem: _Problem, s: int, kinds: np.ndarray, w: np.ndarray, deadline: float) -> int:

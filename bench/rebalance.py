@@ -18,7 +18,9 @@ The churn leaves holes. Then, on the state at the end of the window:
 
 Reported per cell: hosts used before, after, freed; the lower bound on hosts used
 (`plan.lower_bound`: hosts that must stay plus the covering bound of the rest), so "freeable" =
-used before - bound; moves, migration cost, plan time.
+used before - bound; moves, migration cost, plan time. With `--patterns S` also the pattern
+bound (`pattern_bound`): the fewest hosts any packing of the live tasks needs, proven by
+column generation, so "freeable (pattern bound)" is what any plan can free at most.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class RebalanceConfig:
     budgets: tuple = (0.01, 0.05, None)
     time_limit_s: float = 60.0
     seed: int = 0
+    patterns_s: float = 0.0       # > 0: also the pattern bound of every cell (hci_scheduler.patterns)
 
 
 def cell(n_hosts: int, seed: int = 0) -> tuple[Cluster, int]:
@@ -114,6 +117,21 @@ def ours(c: Cluster, budget: int | None, time_limit_s: float, seed: int) -> dict
             "lower_bound": plan.lower_bound, "violations": len(violations), "status": plan.status}
 
 
+def pattern_bound(c: Cluster, time_limit_s: float) -> dict:
+    """Fewest hosts any plan can leave in use, by column generation over host patterns
+    (every live task counted movable, so it bounds every plan), seeded with the greedy
+    repack; tighter than the covering bound, which pools capacity across hosts."""
+    from hci_scheduler.patterns import pack_by_patterns
+
+    dims = c.dimensions
+    capacity = c.limits().astype(np.int64)
+    live = np.array([[c.workload(w).requests.get(d, 0) for d in dims] for w in c.assignments()], dtype=np.int64)
+    seed = Cluster.from_arrays(capacity, dimensions=dims).place_array(live, order="largest_first")
+    result = pack_by_patterns(capacity, live, [seed], time_limit_s=time_limit_s, integer_share=0.1)
+    return {"pattern_bound": result.bound, "pattern_converged": result.converged,
+            "pattern_packing": result.used, "pattern_s": round(result.seconds, 1)}
+
+
 def _utilisation(c: Cluster) -> np.ndarray:
     lim = np.maximum(c.limits(), 1)
     return (c.usage() / lim).max(axis=1)
@@ -177,13 +195,17 @@ def descheduler(c: Cluster, threshold: float = 0.5) -> dict:
 def run(cfg: RebalanceConfig, progress=None) -> list[dict]:
     rows = []
     for n_hosts in cfg.sizes:
+        exact = {}
         for budget in cfg.budgets:
             c, live = cell(n_hosts, cfg.seed)
+            if cfg.patterns_s > 0 and not exact:
+                exact = pattern_bound(c, cfg.patterns_s)
             limit = None if budget is None else max(1, int(budget * live))
             row = {"hosts": n_hosts, "live": live, "method": "ours", "budget": budget, "max_moves": limit}
             row.update(ours(c, limit, cfg.time_limit_s, cfg.seed))
             row["freed"] = row["used_before"] - row["used_after"]
             row["freeable"] = row["used_before"] - (row["lower_bound"] or 0)
+            _exact(row, exact)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
             bound = row["lower_bound"]
@@ -194,21 +216,34 @@ def run(cfg: RebalanceConfig, progress=None) -> list[dict]:
             row["freed"] = row["used_before"] - row["used_after"]
             row["lower_bound"] = bound
             row["freeable"] = row["used_before"] - (bound or 0)
+            _exact(row, exact)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     return rows
 
 
+def _exact(row: dict, exact: dict) -> None:
+    if exact:
+        row.update(exact)
+        row["freeable_exact"] = row["used_before"] - exact["pattern_bound"]
+
+
 def markdown(rows: list[dict]) -> str:
+    exact = any("freeable_exact" in r for r in rows)
     out = ["| hosts | live tasks | method | move budget | used before | used after | freed | freeable (bound) "
-           "| freed / freeable | moves | migration cost | plan s | violations |",
-           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| freed / freeable | moves | migration cost | plan s | violations |"
+           + (" freeable (pattern bound) | freed / that |" if exact else ""),
+           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if exact else "")]
     for r in rows:
         budget = "none" if r.get("budget") is None else f"{r['budget']:.0%} ({r['max_moves']})"
         ratio = f"{r['freed'] / r['freeable']:.1%}" if r.get("freeable") else "-"
-        out.append(f"| {r['hosts']:,} | {r['live']:,} | {r['method']} | {budget} | {r['used_before']:,} | "
-                   f"{r['used_after']:,} | {r['freed']:,} | {r['freeable']:,} | {ratio} | {r['moves']:,} | "
-                   f"{r.get('migration_cost', '-')} | {r['plan_s']} | {r.get('violations', '-')} |")
+        line = (f"| {r['hosts']:,} | {r['live']:,} | {r['method']} | {budget} | {r['used_before']:,} | "
+                f"{r['used_after']:,} | {r['freed']:,} | {r['freeable']:,} | {ratio} | {r['moves']:,} | "
+                f"{r.get('migration_cost', '-')} | {r['plan_s']} | {r.get('violations', '-')} |")
+        if exact:
+            f = r.get("freeable_exact")
+            line += f" {f:,} | {r['freed'] / f:.1%} |" if f else " - | - |"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -217,10 +252,12 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="1000,10000", help="cell sizes in hosts (comma separated)")
     p.add_argument("--time-limit", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patterns", type=float, default=0.0, metavar="S",
+                   help="also prove the pattern bound of each cell within S seconds (about 120-160 s converge)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     cfg = RebalanceConfig(sizes=tuple(int(s) for s in args.sizes.split(",")), time_limit_s=args.time_limit,
-                          seed=args.seed)
+                          seed=args.seed, patterns_s=args.patterns)
     rows = run(cfg)
     if args.out:
         with open(args.out, "w") as f:

@@ -226,6 +226,7 @@ class _Problem:
                                self.shapes[:, None, :] // np.maximum(self.kinds[None, :, :], 1), np.iinfo(np.int64).max)
         self.upper = np.minimum(per_dim.min(axis=2), self.kind_count[None, :])   # (n_shapes, n_kinds)
         self.columns: list[tuple[int, np.ndarray]] = []
+        self.mip_shapes: set[int] = set()   # shapes whose knapsack CP-SAT could not close
         self._seen: set = set()
         self.new: list[int] = []
 
@@ -309,10 +310,17 @@ def _price(problem: _Problem, pi: np.ndarray, deadline: float) -> tuple[bool, in
 
 def _best_patterns(problem: _Problem, s: int, w: np.ndarray, deadline: float) -> tuple[int, list]:
     """Shape `s`'s knapsack under the integer duals `w`: an upper bound on the best
-    pattern's value, and the patterns of value above one host (SCALE) found on the way."""
+    pattern's value, and the patterns of value above one host (SCALE) found on the way.
+
+    CP-SAT finds good patterns fast, every improving one a column at no extra solve,
+    but on some shapes leaves its bound far above them (3 % on the Google cell's
+    64-core machines after 30 s, 5 hosts of bound); SCIP's cover cuts close those in
+    a fraction of a second, so such a shape goes to SCIP from then on."""
     kinds = np.flatnonzero((problem.upper[s] > 0) & (w > 0))
     if len(kinds) == 0:
         return 0, []
+    if s in problem.mip_shapes:
+        return _knapsack_mip(problem, s, kinds, w, deadline)
     model = cp_model.CpModel()
     a = [model.new_int_var(0, int(problem.upper[s, j]), f"a{j}") for j in kinds]
     for d in range(problem.shapes.shape[1]):
@@ -328,22 +336,23 @@ def _best_patterns(problem: _Problem, s: int, w: np.ndarray, deadline: float) ->
     status = solver.solve(model, found)
     upper = int(np.ceil(solver.best_objective_bound)) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) \
         else int((w[kinds] * problem.upper[s, kinds]).sum())
-    if status != cp_model.OPTIMAL:
-        # CP-SAT finds good patterns fast but can leave its bound far above them
-        # (5 % on the Google cell's 64-core machines, 5 hosts of bound); a MIP
-        # solver's cover cuts close such knapsacks in a fraction of a second.
-        upper = min(upper, _knapsack_bound(problem, s, kinds, w, deadline))
     patterns = []
     for value, solution in found.solutions:
         if value > SCALE * (1 + EPSILON):
             counts = np.zeros(problem.n_kinds, dtype=np.int64)
             counts[kinds] = solution
             patterns.append(counts)
+    if status != cp_model.OPTIMAL:
+        problem.mip_shapes.add(s)
+        mip_upper, more = _knapsack_mip(problem, s, kinds, w, deadline)
+        upper = min(upper, mip_upper)
+        patterns += more
     return upper, patterns
 
 
-def _knapsack_bound(problem: _Problem, s: int, kinds: np.ndarray, w: np.ndarray, deadline: float) -> int:
-    """Upper bound on the best pattern's value for shape `s` (SCIP, tolerances allowed for)."""
+def _knapsack_mip(problem: _Problem, s: int, kinds: np.ndarray, w: np.ndarray, deadline: float) -> tuple[int, list]:
+    """The same knapsack in SCIP: its dual bound (raised by MIP_SAFETY for its
+    tolerances) and its best pattern, kept only if it fits in integers."""
     solver = _mip()
     a = [solver.IntVar(0, int(problem.upper[s, j]), f"a{j}") for j in kinds]
     for d in range(problem.shapes.shape[1]):
@@ -353,8 +362,13 @@ def _knapsack_bound(problem: _Problem, s: int, kinds: np.ndarray, w: np.ndarray,
     parameters = pywraplp.MPSolverParameters()
     parameters.SetDoubleParam(parameters.RELATIVE_MIP_GAP, 0.0)
     if solver.Solve(parameters) not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-        return int((w[kinds] * problem.upper[s, kinds]).sum())
-    return int(np.ceil(solver.Objective().BestBound() * (1 + MIP_SAFETY)))
+        return int((w[kinds] * problem.upper[s, kinds]).sum()), []
+    upper = int(np.ceil(solver.Objective().BestBound() * (1 + MIP_SAFETY)))
+    counts = np.zeros(problem.n_kinds, dtype=np.int64)
+    counts[kinds] = np.rint([v.solution_value() for v in a]).astype(np.int64)
+    fits = (counts <= problem.upper[s]).all() and (counts >= 0).all() \
+        and (counts @ problem.kinds <= problem.shapes[s]).all()
+    return upper, [counts] if fits and int(w @ counts) > SCALE * (1 + EPSILON) else []
 
 
 def _mip() -> "pywraplp.Solver":

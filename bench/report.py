@@ -53,6 +53,12 @@ def _jsonable(o):
     raise TypeError(type(o))
 
 
+def _pattern_bound(cell: dict) -> str:
+    if cell.get("pattern_bound") is None:
+        return "-"
+    return f"{cell['pattern_bound']}" + ("" if cell.get("pattern_converged") else " (not converged)")
+
+
 def _f(x, fmt="{:.4f}"):
     return "—" if x is None else fmt.format(x)
 
@@ -106,12 +112,15 @@ def markdown(results: dict) -> str:
         cells = s.get("heterogeneous") or []
         if cells:
             lines += ["### Heterogeneous cells (hosts used / covering bound)", "",
-                      "| cell | hosts | live | shapes | covering bound | split bound | greedy | improved "
-                      "| best / covering | FFD memory-rich first / covering |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "| cell | hosts | live | shapes | covering bound | split bound | pattern bound | greedy "
+                      "| improved | packed by patterns | best / covering | FFD memory-rich first / covering |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             lines += [f"| {c['cell']} | {c['n_hosts']} | {c['n_live']} | {c['n_shapes']} | {c['covering_bound']} | "
-                      f"{c['split_bound']} | {c['greedy']} | {c['improved']} | {_f(c['best_over_covering'])} | "
+                      f"{c['split_bound']} | {_pattern_bound(c)} | {c['greedy']} | {c['improved']} | "
+                      f"{c.get('pattern_used') or '-'} | {_f(c['best_over_covering'])} | "
                       f"{_f(c['ffd_over_covering'])} |" for c in cells]
+            lines += ["", "Pattern bound: fewest hosts any packing needs (column generation over host "
+                      "patterns, hci_scheduler.patterns); the optimum itself where it meets a packing."]
             lines.append("")
         g = d.get("gate")
         if g:

@@ -170,6 +170,8 @@ def _generate(problem: "_Problem", best_seed: int | None, deadline: float) -> tu
             if added:
                 break
         if not added:
+            if master.uncovered() > 1e-6:
+                raise ValidationError("the hosts cannot hold the requests together (no packing covers them)")
             converged = True
             break
         if best_seed is not None and best_seed <= -(-bound_scaled // SCALE):
@@ -275,6 +277,18 @@ class _Master:
         self.avail = [self.solver.Constraint(0.0, float(a)) for a in problem.available]
         self.objective = self.solver.Objective()
         self.objective.SetMinimization()
+        # Requests left uncovered, each priced above any whole packing, keep the master
+        # feasible whatever the columns so far (single-kind patterns alone may not fit in
+        # the hosts available); they leave it once patterns can cover the requests.
+        penalty = float(len(problem.shape_of) + 1)
+        self.left = [self.solver.NumVar(0.0, float(n), f"left{j}") for j, n in enumerate(problem.kind_count)]
+        for j, var in enumerate(self.left):
+            self.objective.SetCoefficient(var, penalty)
+            self.cover[j].SetCoefficient(var, 1.0)
+
+    def uncovered(self) -> float:
+        """Requests the last relaxation left uncovered (none once it covers them all)."""
+        return sum(var.solution_value() for var in self.left)
 
     def solve(self) -> tuple[float, np.ndarray]:
         for c in self.problem.new:
@@ -286,8 +300,8 @@ class _Master:
                 self.cover[j].SetCoefficient(x, float(pattern[j]))
         self.problem.new.clear()
         status = self.solver.Solve()
-        if status != pywraplp.Solver.OPTIMAL:  # pragma: no cover - single-kind columns make it feasible
-            raise ValidationError("the pattern master has no solution: the hosts cannot hold the requests")
+        if status != pywraplp.Solver.OPTIMAL:  # pragma: no cover - the left variables make it feasible
+            raise RuntimeError(f"GLOP returned status {status} on the pattern master")
         pi = np.maximum([c.dual_value() for c in self.cover], 0.0)
         return self.objective.Value(), pi
 

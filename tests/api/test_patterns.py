@@ -98,3 +98,16 @@ def test_never_worse_than_the_seed_and_bound_stays_below_it():
 def test_bad_input_is_a_validation_error(capacity, requests, seeds, message):
     with pytest.raises(ValidationError, match=message):
         pack_by_patterns(capacity, requests, seeds, time_limit_s=5)
+
+
+def test_without_a_seed_patterns_that_share_a_host_are_found():
+    # One host: the single-kind patterns need two, so only a mixed pattern covers both.
+    result = pack_by_patterns(np.array([[10, 10]]), np.array([[6, 6], [4, 4]]), time_limit_s=5)
+    assert result.converged and result.bound == 1 == result.used
+    assert result.hosts.tolist() == [0, 0]
+
+
+def test_requests_that_no_packing_holds_are_a_validation_error():
+    # Each request fits the host alone, never both together.
+    with pytest.raises(ValidationError, match="cannot hold the requests together"):
+        pack_by_patterns(np.array([[10, 10]]), np.array([[6, 6], [6, 6]]), time_limit_s=5)

@@ -168,3 +168,19 @@ def test_hetero_row_reports_the_pattern_bound_and_packing():
     assert row["covering_bound"] == 3
     assert row["pattern_converged"] and row["pattern_bound"] == 4 == row["pattern_used"]
     assert row["greedy"] == 4
+
+
+def test_density_summary_carries_the_pattern_bound(shared_data):
+    # The suite's summary keeps each cell's pattern bound and packing beside the covering
+    # bound (the report's heterogeneous table reads them from there).
+    from hci_scheduler.bench import density
+    from hci_scheduler.bench.hetero import Cell, run_cell
+
+    name = next(datasets.iter_vbp(known_optimum=True)).name
+    (vbp,) = density.run(density.DensityConfig(improve_s=0, cpsat_max_items=0, names=[name]))
+    capacity = np.full((6, 2), 5, dtype=np.int64)
+    live = np.full((4, 2), 3, dtype=np.int64)
+    cell = density.suite_row(run_cell(Cell("tiny", capacity, live, ("cpu", "memory")), 0.0, patterns_s=10.0))
+    (summary,) = density.summarise([vbp, cell])["heterogeneous"]
+    assert summary["covering_bound"] == 3
+    assert summary["pattern_bound"] == 4 == summary["pattern_used"] and summary["pattern_converged"]

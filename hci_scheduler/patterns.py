@@ -128,8 +128,8 @@ def pack_by_patterns(capacity, requests, seeds=(), *, time_limit_s: float = 60.0
     problem = _Problem(capacity, requests)
     seeds = [_check_seed(capacity, requests, s) for s in seeds]
     for seed in seeds:
-        for host in np.unique(seed):
-            problem.add(problem.shape_of[host], np.bincount(problem.kind_of[seed == host], minlength=problem.n_kinds))
+        for host, counts in problem.contents(seed):
+            problem.add(problem.shape_of[host], counts)
     problem.add_single_kind()
     deadline = t0 + time_limit_s * (1.0 - integer_share)
     best_seed = min((len(np.unique(s)) for s in seeds), default=None)
@@ -241,6 +241,13 @@ class _Problem:
         self.columns.append((int(shape), counts))
         self.new.append(len(self.columns) - 1)
         return True
+
+    def contents(self, hosts: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(host, count of each kind on it) for every host a packing uses."""
+        used, row = np.unique(hosts, return_inverse=True)
+        counts = np.zeros((len(used), self.n_kinds), dtype=np.int64)
+        np.add.at(counts, (row.ravel(), self.kind_of), 1)
+        return list(zip(used.tolist(), counts))
 
     def add_single_kind(self) -> None:
         for s in range(len(self.shapes)):
@@ -428,8 +435,7 @@ def _integer_master(problem: _Problem, hint: np.ndarray | None, bound: int, dead
     if hint is not None:
         index = {(s, p.tobytes()): c for c, (s, p) in enumerate(problem.columns)}
         used = np.zeros(len(x))
-        for host in np.unique(hint):
-            pattern = np.bincount(problem.kind_of[hint == host], minlength=problem.n_kinds)
+        for host, pattern in problem.contents(hint):
             used[index[(int(problem.shape_of[host]), pattern.tobytes())]] += 1
         solver.SetHint(x, used.tolist())
     solver.SetTimeLimit(int(1000 * max(1.0, deadline - time.perf_counter())))

@@ -10,10 +10,11 @@ conflicts, spread, dependencies, dedicated tenants, transient dimensions, VMs ch
 above their request, or hosts that must stay in use, and one host price.
 
 The packing is then laid onto the hosts so that as much as possible stays: within a
-shape, each host content of the packing goes to the free host whose current workloads
-it shares most (largest contents first), and identical workloads trade places
-(`keepset.stay_home`). The caller checks the result independently, as it does the
-keep-set's.
+shape, the largest host contents go to the hosts carrying the most workloads now, and
+identical workloads trade places (`keepset.stay_home`). Matching each content to the
+host it shares most with instead saved 1 % of the moves on the Google cell (8,452
+against 8,540) and took 14 s at 50,000 hosts. The caller checks the result
+independently, as it does the keep-set's.
 """
 from __future__ import annotations
 
@@ -65,26 +66,18 @@ def _applies(problem: Problem, fixed_use: np.ndarray, hosts: np.ndarray) -> bool
 
 
 def _lay_out(problem: Problem, hosts: np.ndarray, room: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """`target` (a host per workload) with each host's content moved, within its shape,
-    to the host whose current workloads it shares most."""
-    _, kind = distinct_rows(problem.request)
-    n_kinds = int(kind.max()) + 1
+    """`target` (a host per workload) with its host contents moved, within each shape, onto
+    the hosts that carry the most workloads now, the largest content onto the fullest."""
     _, shape = distinct_rows(room)
     shape_of = np.full(problem.n_hosts, -1, dtype=np.int64)
     shape_of[hosts] = shape
-    current = np.zeros((problem.n_hosts, n_kinds), dtype=np.int64)
-    np.add.at(current, (problem.initial, kind), 1)
-    wanted = np.zeros((problem.n_hosts, n_kinds), dtype=np.int64)
-    np.add.at(wanted, (target, kind), 1)
+    carried = np.bincount(problem.initial, minlength=problem.n_hosts)
+    wanted = np.bincount(target, minlength=problem.n_hosts)
     moved_to = np.arange(problem.n_hosts)
     for s in range(int(shape.max()) + 1):
-        free = hosts[shape == s]
-        contents = np.unique(target[shape_of[target] == s])
-        contents = contents[np.argsort(-wanted[contents].sum(axis=1), kind="stable")]
-        for t in contents:
-            kinds = np.flatnonzero(wanted[t])
-            shared = np.minimum(current[np.ix_(free, kinds)], wanted[t, kinds]).sum(axis=1)
-            pick = int(np.argmax(shared))
-            moved_to[t] = free[pick]
-            free = np.delete(free, pick)
+        of_shape = hosts[shape == s]
+        contents = of_shape[wanted[of_shape] > 0]
+        contents = contents[np.argsort(-wanted[contents], kind="stable")]
+        fullest = of_shape[np.argsort(-carried[of_shape], kind="stable")]
+        moved_to[contents] = fullest[:len(contents)]
     return moved_to[target]

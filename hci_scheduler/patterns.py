@@ -123,6 +123,10 @@ def pack_by_patterns(capacity, requests, seeds=(), *, time_limit_s: float = 60.0
     """
     if cp_model is None:  # pragma: no cover
         raise ValidationError("pack_by_patterns needs OR-Tools")
+    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or not time_limit_s > 0:
+        raise ValidationError(f"time_limit_s must be a positive number, got {time_limit_s!r}")
+    if isinstance(integer_share, bool) or not isinstance(integer_share, (int, float)) or not 0 <= integer_share < 1:
+        raise ValidationError(f"integer_share must be a number in [0, 1), got {integer_share!r}")
     t0 = time.perf_counter()
     capacity, requests = _check(capacity, requests)
     problem = _Problem(capacity, requests)

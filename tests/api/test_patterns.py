@@ -111,3 +111,14 @@ def test_requests_that_no_packing_holds_are_a_validation_error():
     # Each request fits the host alone, never both together.
     with pytest.raises(ValidationError, match="cannot hold the requests together"):
         pack_by_patterns(np.array([[10, 10]]), np.array([[6, 6], [6, 6]]), time_limit_s=5)
+
+
+@pytest.mark.parametrize("limits, message", [
+    ({"time_limit_s": 0}, "time_limit_s"),
+    ({"time_limit_s": "5"}, "time_limit_s"),
+    ({"integer_share": 1.0}, "integer_share"),
+    ({"integer_share": -0.1}, "integer_share"),
+])
+def test_bad_limits_are_a_validation_error(limits, message):
+    with pytest.raises(ValidationError, match=message):
+        pack_by_patterns(np.ones((1, 2), dtype=np.int64), np.ones((1, 2), dtype=np.int64), **limits)

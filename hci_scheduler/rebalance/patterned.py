@@ -69,8 +69,6 @@ def _lay_out(problem: Problem, hosts: np.ndarray, room: np.ndarray, target: np.n
     """`target` (a host per workload) with its host contents moved, within each shape, onto
     the hosts that carry the most workloads now, the largest content onto the fullest."""
     _, shape = distinct_rows(room)
-    shape_of = np.full(problem.n_hosts, -1, dtype=np.int64)
-    shape_of[hosts] = shape
     carried = np.bincount(problem.initial, minlength=problem.n_hosts)
     wanted = np.bincount(target, minlength=problem.n_hosts)
     moved_to = np.arange(problem.n_hosts)

@@ -130,16 +130,19 @@ def pack_by_patterns(capacity, requests, seeds=(), *, time_limit_s: float = 60.0
     t0 = time.perf_counter()
     capacity, requests = _check(capacity, requests)
     problem = _Problem(capacity, requests)
+    unfit = np.flatnonzero(problem.upper.max(axis=0) == 0)    # kinds no shape holds one of
+    if len(unfit):
+        raise ValidationError(f"request row {int(np.flatnonzero(problem.kind_of == unfit[0])[0])} fits no host")
     seeds = [_check_seed(capacity, requests, s) for s in seeds]
     for seed in seeds:
         for host, counts in problem.contents(seed):
             problem.add(problem.shape_of[host], counts)
     problem.add_single_kind()
     deadline = t0 + time_limit_s * (1.0 - integer_share)
-    best_seed = min((len(np.unique(s)) for s in seeds), default=None)
+    hint = min(seeds, key=lambda s: len(np.unique(s))) if seeds else None
+    best_seed = None if hint is None else len(np.unique(hint))
     bound_scaled, lp, rounds, converged = _generate(problem, best_seed, deadline)
     bound = max(-(-bound_scaled // SCALE), 0)
-    hint = min(seeds, key=lambda s: len(np.unique(s))) if seeds else None
     counts = _integer_master(problem, hint, bound, t0 + time_limit_s)
     if counts is None:
         if hint is None:
@@ -147,7 +150,7 @@ def pack_by_patterns(capacity, requests, seeds=(), *, time_limit_s: float = 60.0
         hosts = hint.copy()
     else:
         hosts = problem.realise(counts)
-        if hint is not None and len(np.unique(hint)) < len(np.unique(hosts)):
+        if hint is not None and best_seed < len(np.unique(hosts)):
             hosts = hint.copy()
     return PatternPacking(hosts, int(len(np.unique(hosts))), int(bound), float(lp), rounds, converged,
                           len(problem.columns), time.perf_counter() - t0)
@@ -194,13 +197,7 @@ def _check(capacity, requests) -> tuple[np.ndarray, np.ndarray]:
     for name, a in (("capacity", capacity), ("requests", requests)):
         if not np.issubdtype(a.dtype, np.integer) or (a < 0).any():
             raise ValidationError(f"{name} must hold integers >= 0")
-    capacity = capacity.astype(np.int64)
-    requests = requests.astype(np.int64)
-    fits = (requests[:, None, :] <= capacity[None, :, :]).all(axis=2).any(axis=1) if len(capacity) < 4096 \
-        else (requests[:, None, :] <= np.unique(capacity, axis=0)[None, :, :]).all(axis=2).any(axis=1)
-    if not fits.all():
-        raise ValidationError(f"request row {int(np.flatnonzero(~fits)[0])} fits no host")
-    return capacity, requests
+    return capacity.astype(np.int64), requests.astype(np.int64)
 
 
 def _check_seed(capacity: np.ndarray, requests: np.ndarray, seed) -> np.ndarray:
